@@ -1,0 +1,16 @@
+"""kvcompress: compress the KV cache of HuggingFace causal LMs, with exact memory accounting.
+
+    import kvcompress
+    model, tokenizer = kvcompress.load_model()
+    cache = kvcompress.make_cache("streaming:window=1024+kivi:bits=4", model)
+    model.generate(**inputs, past_key_values=cache)
+    print(cache.nbytes)
+"""
+
+from kvcompress.cache import CompressedCache, make_cache
+from kvcompress.generation import generate
+from kvcompress.models import load_model
+from kvcompress.registry import SpecError, methods, register
+
+__all__ = ["CompressedCache", "SpecError", "generate", "load_model", "make_cache", "methods", "register"]
+__version__ = "0.1.0"

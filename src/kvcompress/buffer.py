@@ -1,0 +1,121 @@
+"""Full-precision K/V storage that grows in place, the way a decode loop wants it.
+
+transformers' ``DynamicCache`` concatenates at every step (a full copy of the layer per token). This
+buffer instead reserves capacity in chunks of ``chunk`` tokens and writes new tokens in place, so
+attention reads a view with no copy. Compaction (eviction) reallocates to the exact size. What it
+reports as its size is the capacity it holds, since that is the memory it occupies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 64  # default tokens of capacity reserved at a time
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row gather index that moves kept slots to the front, preserving their order.
+
+    Args:
+        keep: ``(B, S)`` bool.
+
+    Returns:
+        ``index`` ``(B, n)`` with ``n`` the largest kept count of any row, and ``valid`` ``(B, n)``:
+        rows that keep fewer than ``n`` slots are filled with dropped slots marked invalid.
+    """
+    n = int(keep.sum(1).max()) if keep.numel() else 0
+    # A stable sort of ~keep lists kept slots first, each group in its original order.
+    index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]  # (B, n)
+    return index, keep.gather(1, index)
+
+
+class FullPrecisionBuffer:
+    """Keys and values ``(B, H, capacity, D)`` in the model dtype, plus a validity mask when needed.
+
+    Implements the :class:`kvcompress.methods.base.Store` protocol with ``block = 1``.
+    """
+
+    block = 1
+
+    def __init__(self, chunk: int = CHUNK):
+        self.chunk = chunk
+        self.k: torch.Tensor | None = None  # (B, H, capacity, D)
+        self.v: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # (B, capacity) bool, None: all valid
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.k, self.v, self._valid) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, exact: bool = False) -> None:
+        """Write ``(B, H, n, D)`` tokens after the held ones; ``exact`` reserves no spare capacity."""
+        batch, heads, new, dim = keys.shape
+        if self.k is None or self.n + new > self.k.shape[2]:
+            capacity = self.n + new if exact else _round_up(self.n + new, self.chunk)
+            self._reserve(batch, heads, dim, keys.dtype, keys.device, capacity)
+        self.k[:, :, self.n : self.n + new] = keys
+        self.v[:, :, self.n : self.n + new] = values
+        if valid is not None and not bool(valid.all()):
+            if self._valid is None:
+                self._valid = torch.ones(batch, self.k.shape[2], dtype=torch.bool, device=keys.device)
+            self._valid[:, self.n : self.n + new] = valid
+        elif self._valid is not None:
+            self._valid[:, self.n : self.n + new] = True
+        self.n += new
+
+    def _reserve(self, batch, heads, dim, dtype, device, capacity) -> None:
+        k = torch.empty(batch, heads, capacity, dim, dtype=dtype, device=device)
+        v = torch.empty_like(k)
+        if self.n:
+            k[:, :, : self.n] = self.k[:, :, : self.n]
+            v[:, :, : self.n] = self.v[:, :, : self.n]
+        if self._valid is not None:
+            valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+            valid[:, : self.n] = self._valid[:, : self.n]
+            self._valid = valid
+        self.k, self.v = k, v
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.n], self.v[:, :, : self.n]
+
+    def valid(self) -> torch.Tensor | None:
+        return None if self._valid is None else self._valid[:, : self.n]
+
+    def compact(self, keep: torch.Tensor) -> None:
+        index, valid = compaction_index(keep)
+        n = index.shape[1]
+        batch, heads, _, dim = self.k.shape
+        gather = index[:, None, :, None].expand(batch, heads, n, dim)  # (B, H, n, D)
+        k = self.k[:, :, : self.n].gather(2, gather)
+        v = self.v[:, :, : self.n].gather(2, gather)
+        self.k = self.v = self._valid = None
+        self.n = 0
+        self.append(k, v, valid, exact=True)
+
+    def take_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Remove and return the oldest ``count`` slots (keys, values, valid)."""
+        k, v = self.keys_values()
+        valid = self.valid()
+        front = (k[:, :, :count].clone(), v[:, :, :count].clone(), None if valid is None else valid[:, :count].clone())
+        rest_valid = None if valid is None else valid[:, count:]
+        rest_k, rest_v = k[:, :, count:], v[:, :, count:]
+        self.k = self.v = self._valid = None
+        self.n = 0
+        if rest_k.shape[2]:
+            self.append(rest_k, rest_v, rest_valid, exact=True)
+        return front
+
+    def map_batch(self, fn) -> None:
+        if self.k is not None:
+            self.k, self.v = fn(self.k), fn(self.v)
+        if self._valid is not None:
+            self._valid = fn(self._valid)

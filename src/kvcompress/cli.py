@@ -1,0 +1,124 @@
+"""The ``kvcompress`` command: ``info`` and ``generate``.
+
+Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+
+
+def _load(name: str | None):
+    from kvcompress.models import ModelNotAvailableError, load_model
+
+    try:
+        return load_model(name)
+    except ModelNotAvailableError as err:
+        raise UsageError(str(err)) from None
+
+
+def _read_context(args) -> str:
+    if args.context is not None:
+        text = args.context
+    else:
+        path = Path(args.context_file)
+        if not path.is_file():
+            raise UsageError(f"context file {str(path)!r} does not exist; pass an existing text file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"context file {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+    if not text.strip():
+        raise UsageError("the context is empty; pass some text with --context or --context-file")
+    return text
+
+
+def cmd_info(args) -> None:
+    from kvcompress.models import model_summary
+
+    model, _ = _load(args.model)
+    for key, value in model_summary(model).items():
+        print(f"{key:>20}: {value}")
+
+
+def cmd_generate(args) -> None:
+    from kvcompress.cache import make_cache
+    from kvcompress.generation import ContextTooLongError, answer
+    from kvcompress.models import model_summary
+    from kvcompress.registry import SpecError
+
+    try:  # check the spec before the model loads, so a typo fails fast
+        from kvcompress.registry import parse_spec
+
+        parse_spec(args.method)
+    except SpecError as err:
+        raise UsageError(str(err)) from None
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    context = _read_context(args)
+    model, tokenizer = _load(args.model)
+    try:
+        cache = make_cache(args.method, model)
+        text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
+    except (SpecError, ContextTooLongError) as err:
+        raise UsageError(str(err)) from None
+    tokens = cache.get_seq_length()
+    per_token = model_summary(model)["kv_bytes_per_token"]
+    print(text)
+    print(
+        f"[kvcompress] {args.method}: KV cache holds {_human(cache.nbytes)} for {tokens} tokens "
+        f"({cache.nbytes / tokens:.0f} B/token, uncompressed {per_token} B/token, "
+        f"{per_token * tokens / cache.nbytes:.2f}x smaller)",
+        file=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcompress", description="Compress the KV cache of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "model: smollm2-135m (default), gemma3-270m, a local folder, or a hub id"
+
+    info = sub.add_parser("info", help="model shape and uncompressed KV bytes per token")
+    info.add_argument("--model", default=None, help=model_help)
+    info.set_defaults(run=cmd_info)
+
+    gen = sub.add_parser("generate", help="compress a context, ask a question, print the answer")
+    gen.add_argument("--method", default="none", help="compression spec, e.g. 'streaming:window=1024+kivi:bits=4'")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context", help="context text")
+    source.add_argument("--context-file", help="file with the context (UTF-8)")
+    gen.add_argument("--question", default=None, help="asked after the compressed context (not compressed)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--model", default=None, help=model_help)
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    try:
+        args.run(args)
+    except UsageError as err:
+        print(f"kvcompress: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""KIVI: asymmetric low-bit quantization of the KV cache.
+
+Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024,
+https://arxiv.org/abs/2402.02750.
+
+Keys are quantized per channel (min/max over a group of ``group`` tokens, one scale per channel),
+because key outliers sit in fixed channels; values are quantized per token (min/max over groups of
+``group`` channels). The ``residual`` most recent tokens stay in full precision. Codes are
+bit-packed into uint8, so 2-bit storage costs 2 bits per element plus scales and zero points.
+
+Departures from the paper:
+- Tokens leave the full-precision window one group at a time, as soon as ``residual + group``
+  tokens are waiting, so at least ``residual`` recent tokens are always full precision (the paper
+  flushes the whole residual once it reaches ``residual`` tokens).
+- Scales and zero points are stored in float16 (bfloat16 for bfloat16 models).
+- Keys are dequantized for attention in plain PyTorch (no fused kernel): memory is saved, decode
+  speed is not.
+- Padding and evicted slots are excluded from a key group's min/max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcompress.methods.base import Representation
+from kvcompress.registry import register
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``< 2**bits`` along the last dim: ``(..., D)`` -> ``(..., D * bits / 8)`` uint8."""
+    per_byte = 8 // bits
+    codes = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))  # (..., D/per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``(..., D * bits / 8)`` uint8 -> ``(..., D)`` uint8 codes."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None):
+    """Asymmetric min/max quantization of ``x`` with statistics reduced over ``dim``.
+
+    Args:
+        x: tensor to quantize.
+        bits: code width.
+        dim: dimension the min and max are taken over (kept with size 1 in the outputs).
+        valid: bool broadcastable to ``x``; False entries are ignored by the min/max.
+
+    Returns:
+        ``(codes, scale, minimum)``: uint8 codes shaped like ``x``, and ``scale``/``minimum`` in
+        ``x``'s dtype with ``dim`` of size 1, so that ``x ~= codes * scale + minimum``.
+    """
+    levels = 2**bits - 1
+    if valid is None:
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    else:
+        lo = torch.where(valid, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(valid, x, -torch.inf).amax(dim, keepdim=True)
+        empty = torch.isinf(lo)  # every entry invalid: any finite statistics will do
+        lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    scale = (hi - lo).clamp_min(1e-8) / levels
+    codes = ((x - lo) / scale).round_().clamp_(0, levels)
+    return codes.to(torch.uint8), scale, lo
+
+
+@register("kivi")
+@dataclass
+class KIVI(Representation):
+    """KIVI quantization: ``kivi:bits=2,group=32,residual=128``.
+
+    Args:
+        bits: code width, 2, 4 or 8.
+        group: tokens per key group and channels per value group; must divide the head dim.
+        residual: most recent tokens kept in full precision.
+    """
+
+    bits: int = 2
+    group: int = 32
+    residual: int = 128
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {self.bits}")
+        if self.group < 1:
+            raise ValueError(f"group must be >= 1, got {self.group}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+
+    def new_store(self, head_dim: int, dtype: torch.dtype) -> KIVIStore:
+        if head_dim % self.group:
+            raise ValueError(
+                f"kivi: group={self.group} must divide the model's head dim {head_dim}; "
+                f"use a divisor such as group={_largest_divisor(head_dim, self.group)}"
+            )
+        meta_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+        return KIVIStore(self.bits, self.group, dtype, meta_dtype)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+class KIVIStore:
+    """Quantized keys and values of one layer, in blocks of ``group`` tokens.
+
+    Tensors held (``N`` tokens, ``G`` group, ``P = D * bits / 8`` packed bytes):
+    ``key_codes (B, H, N, P)`` uint8, ``key_scale``/``key_min (B, H, N/G, D)``,
+    ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``, and a
+    ``(B, N)`` bool validity mask only while some slot is padding or evicted.
+    """
+
+    def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype):
+        self.bits, self.block, self.dtype, self.meta_dtype = bits, group, dtype, meta_dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._valid: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tensors["key_codes"].shape[2] if self.tensors else 0
+
+    @property
+    def nbytes(self) -> int:
+        held = list(self.tensors.values()) + ([self._valid] if self._valid is not None else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        batch, heads, n, dim = keys.shape
+        g = self.block
+        # Keys: per channel, statistics over each group of g tokens.
+        blocks = keys.unflatten(2, (n // g, g))  # (B, H, n/g, g, D)
+        token_valid = None if valid is None else valid[:, None, :, None].unflatten(2, (n // g, g))
+        key_codes, key_scale, key_min = quantize(blocks, self.bits, dim=3, valid=token_valid)
+        # Values: per token, statistics over each group of g channels.
+        chans = values.unflatten(3, (dim // g, g))  # (B, H, n, D/g, g)
+        value_codes, value_scale, value_min = quantize(chans, self.bits, dim=4)
+        new = {
+            "key_codes": pack(key_codes.flatten(2, 3), self.bits),  # (B, H, n, P)
+            "key_scale": key_scale.squeeze(3).to(self.meta_dtype),  # (B, H, n/g, D)
+            "key_min": key_min.squeeze(3).to(self.meta_dtype),
+            "value_codes": pack(value_codes.flatten(3, 4), self.bits),  # (B, H, n, P)
+            "value_scale": value_scale.squeeze(4).to(self.meta_dtype),  # (B, H, n, D/g)
+            "value_min": value_min.squeeze(4).to(self.meta_dtype),
+        }
+        old_n = len(self)
+        self.tensors = {k: torch.cat([self.tensors[k], t], 2) if self.tensors else t for k, t in new.items()}
+        self._set_valid(old_n, n, valid, batch, keys.device)
+
+    def _set_valid(self, old_n, n, valid, batch, device) -> None:
+        if valid is None or bool(valid.all()):
+            if self._valid is not None:
+                self._valid = torch.cat([self._valid, self._valid.new_ones(batch, n)], 1)
+            return
+        if self._valid is None:
+            self._valid = torch.ones(batch, old_n, dtype=torch.bool, device=device)
+        self._valid = torch.cat([self._valid, valid], 1)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t, g = self.tensors, self.block
+        key_codes = unpack(t["key_codes"], self.bits).unflatten(2, (-1, g))  # (B, H, N/g, g, D)
+        keys = key_codes.to(self.dtype) * t["key_scale"][:, :, :, None].to(self.dtype) + t["key_min"][
+            :, :, :, None
+        ].to(self.dtype)
+        value_codes = unpack(t["value_codes"], self.bits).unflatten(3, (-1, g))  # (B, H, N, D/g, g)
+        values = value_codes.to(self.dtype) * t["value_scale"][..., None].to(self.dtype) + t["value_min"][
+            ..., None
+        ].to(self.dtype)
+        return keys.flatten(2, 3), values.flatten(3, 4)
+
+    def valid(self) -> torch.Tensor | None:
+        return self._valid
+
+    def compact(self, keep: torch.Tensor) -> None:
+        g = self.block
+        live_blocks = keep.unflatten(1, (-1, g)).any(2).any(0)  # (N/g,) a block lives if any row keeps a token
+        tokens = live_blocks.repeat_interleave(g)  # (N,)
+        for name, t in self.tensors.items():
+            index = live_blocks if name == "key_scale" or name == "key_min" else tokens
+            self.tensors[name] = t[:, :, index]
+        self._valid = None
+        valid = keep[:, tokens]
+        if not bool(valid.all()):
+            self._valid = valid
+
+    def map_batch(self, fn) -> None:
+        self.tensors = {k: fn(t) for k, t in self.tensors.items()}
+        if self._valid is not None:
+            self._valid = fn(self._valid)

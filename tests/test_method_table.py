@@ -1,0 +1,190 @@
+"""The shared table: every method passes the same assertions on the real default model.
+
+A new method adds one row to ``TABLE``: a spec with compression off, a spec that compresses, and the
+exact bytes its cache must hold after ``tokens`` tokens (batch 1, fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvcompress
+from kvcompress.buffer import CHUNK
+from kvcompress.generation import cache_kwarg, prefill
+
+LAYERS, KV_HEADS, HEAD_DIM, FP32 = 30, 3, 64, 4
+FP_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * FP32  # K and V, every layer: 46,080 B
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def none_bytes(tokens):
+    return FP_TOKEN * _round_up(tokens, CHUNK)  # the window reserves capacity one chunk at a time
+
+
+def streaming_bytes(sink, window):
+    def formula(tokens):
+        # After eviction the window is reallocated to exactly the kept tokens.
+        return FP_TOKEN * min(tokens, sink + window) if tokens > sink + window else none_bytes(tokens)
+
+    return formula
+
+
+def kivi_bytes(bits, group, residual):
+    def formula(tokens):
+        settled = max(0, (tokens - residual) // group * group)
+        full_precision = FP_TOKEN * (tokens - settled)  # the residual window, no spare capacity
+        per_layer_head = (
+            2 * settled * HEAD_DIM * bits // 8  # packed key and value codes
+            + 2 * (settled // group) * HEAD_DIM * 2  # key scale and min: fp16 per channel per group
+            + 2 * settled * (HEAD_DIM // group) * 2  # value scale and min: fp16 per token per group
+        )
+        return full_precision + LAYERS * KV_HEADS * per_layer_head
+
+    return formula
+
+
+@dataclass
+class Row:
+    name: str
+    off: str  # compression configured but inactive at the test lengths: must equal the baseline
+    on: str  # compresses at the test lengths
+    nbytes: Callable[[int], int] | None  # exact bytes held by `on` after that many tokens (None: own test)
+    # Quantization groups are formed over a layer's slots, shared by the whole batch, so a padded
+    # row's groups do not start where they start when it runs alone: its low-bit codes differ.
+    padding_exact: bool = True
+
+
+TABLE = [
+    Row("none", off="none", on="none", nbytes=none_bytes),
+    Row("streaming", off="streaming:window=100000", on="streaming:sink=4,window=48", nbytes=streaming_bytes(4, 48)),
+    Row("kivi-2", off="kivi:bits=2,residual=100000", on="kivi:bits=2,group=32,residual=32", nbytes=kivi_bytes(2, 32, 32), padding_exact=False),
+    Row("kivi-4", off="kivi:bits=4,residual=100000", on="kivi:bits=4,group=32,residual=32", nbytes=kivi_bytes(4, 32, 32), padding_exact=False),
+    Row("kivi-8", off="kivi:bits=8,residual=100000", on="kivi:bits=8,group=16,residual=16", nbytes=kivi_bytes(8, 16, 16), padding_exact=False),
+    Row(
+        "streaming+kivi",
+        off="streaming:window=100000+kivi:bits=4,residual=100000",
+        on="streaming:sink=4,window=64+kivi:bits=4,group=32,residual=32",
+        nbytes=None,  # depends on which blocks still hold a kept token: test_nbytes_of_streaming_with_kivi
+        padding_exact=False,
+    ),
+]
+IDS = [row.name for row in TABLE]
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def prompt(smol):
+    _, tokenizer = smol
+    text = "The history of the city begins with a small harbour and a market. " * 12
+    return tokenizer(text, return_tensors="pt")["input_ids"][:, :120]
+
+
+def _decode_logits(model, cache, prompt, steps):
+    """Prefill ``prompt`` then greedily decode ``steps`` tokens one at a time; all logits."""
+    kwarg = {cache_kwarg(model): cache}
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, **kwarg)
+        logits = [out.logits[:, -1]]
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(token, use_cache=True, **kwarg)
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    return out, torch.stack(logits, 1)
+
+
+@pytest.fixture(scope="module")
+def baseline(smol, prompt):
+    model, _ = smol
+    return _decode_logits(model, DynamicCache(config=model.config), prompt, 20)[1]
+
+
+@pytest.mark.parametrize("row", TABLE, ids=IDS)
+def test_compression_off_equals_uncompressed(row, smol, prompt, baseline):
+    model, _ = smol
+    _, logits = _decode_logits(model, kvcompress.make_cache(row.off, model), prompt, 20)
+    torch.testing.assert_close(logits, baseline, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", [r for r in TABLE if r.nbytes is not None], ids=lambda r: r.name)
+@pytest.mark.parametrize("tokens", [120, 150])
+def test_nbytes_equals_formula(row, tokens, smol, prompt):
+    model, _ = smol
+    cache = kvcompress.make_cache(row.on, model)
+    _decode_logits(model, cache, prompt, tokens - prompt.shape[1])
+    assert cache.get_seq_length() == tokens
+    assert cache.nbytes == row.nbytes(tokens)
+
+
+def test_nbytes_of_streaming_with_kivi(smol, prompt):
+    """4 sinks + 64 recent of 150 tokens over 32-token KIVI blocks and a 32-token residual."""
+    model, _ = smol
+    cache = kvcompress.make_cache("streaming:sink=4,window=64+kivi:bits=4,group=32,residual=32", model)
+    _decode_logits(model, cache, prompt, 150 - prompt.shape[1])
+    # Kept positions: 0-3 and 86-149. Residual (full precision): the newest 32..63 tokens, whole
+    # blocks of 32 leave it. Blocks held: [0,32) for the sinks, then every block touching 86-149.
+    layer = cache.compressed_layers[0]
+    assert layer.valid().sum().item() == 4 + 64
+    held_quantized = len(layer.store)
+    window = len(layer.window)
+    assert 32 <= window < 64
+    assert held_quantized % 32 == 0
+    quantized_bytes = kivi_bytes(4, 32, 0)(held_quantized)
+    expected = FP_TOKEN * window + quantized_bytes + LAYERS * held_quantized  # + (1, N) bool mask per layer
+    assert cache.nbytes == expected
+    assert cache.nbytes < none_bytes(150) / 3
+
+
+@pytest.mark.parametrize("row", TABLE, ids=IDS)
+def test_left_padded_batch_matches_each_sequence_alone(row, smol):
+    model, tokenizer = smol
+    prompts = [
+        "Write one sentence about the sea. The sea is wide, the waves are tall, and the sailors " * 2,
+        "List three colours: red,",
+    ]
+    batched = kvcompress.generate(model, tokenizer, prompts, method=row.on, max_new_tokens=12)
+    alone = [kvcompress.generate(model, tokenizer, p, method=row.on, max_new_tokens=12) for p in prompts]
+    assert batched[0] == alone[0]  # the longest prompt has no padding
+    if row.padding_exact:
+        assert batched[1] == alone[1]
+    else:  # quantized: same first words, since padding itself is masked and kept out of the statistics
+        assert batched[1].split()[:2] == alone[1].split()[:2]
+
+
+def test_eviction_keeps_true_positions(smol, prompt):
+    """After eviction, new tokens see exactly the kept entries, at their true positions."""
+    model, _ = smol
+    sink, window, new = 4, 48, 5
+    cache = kvcompress.make_cache(f"streaming:sink={sink},window={window}", model)
+    continuation = torch.tensor([[504, 1876, 282, 260, 3465]])
+    with torch.no_grad():
+        prefill(model, prompt, torch.ones_like(prompt), cache)
+        ours = model(continuation, use_cache=True, **{cache_kwarg(model): cache}).logits
+
+        n = prompt.shape[1]
+        kept = torch.tensor(list(range(sink)) + list(range(n - window, n)))
+        reference = DynamicCache(config=model.config)
+        model(prompt, use_cache=True, **{cache_kwarg(model): reference})
+        for layer in reference.layers:  # evict by hand: keep the same entries
+            layer.keys, layer.values = layer.keys[:, :, kept], layer.values[:, :, kept]
+        true_positions = torch.arange(n, n + new)[None]
+        expected = model(continuation, position_ids=true_positions, use_cache=True, **{cache_kwarg(model): reference}).logits
+        for layer in reference.layers:
+            layer.keys, layer.values = layer.keys[:, :, : len(kept)], layer.values[:, :, : len(kept)]
+        wrong = model(
+            continuation, position_ids=torch.arange(len(kept), len(kept) + new)[None], use_cache=True,
+            **{cache_kwarg(model): reference},
+        ).logits
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    assert (ours - wrong).abs().max() > 1e-2
+    assert cache.stored_tokens == sink + window
+    assert cache.get_seq_length() == n + new

@@ -1,0 +1,41 @@
+"""Method specs: parsing, defaults, and errors that list what is valid."""
+
+import pytest
+
+import kvcompress
+from kvcompress.methods.kivi import KIVI
+from kvcompress.methods.streaming import StreamingLLM
+from kvcompress.registry import SpecError, parse_spec
+
+
+def test_parse_named_positional_and_combined():
+    assert parse_spec("none") == []
+    assert parse_spec("streaming:sink=2,window=512") == [StreamingLLM(window=512, sink=2)]
+    assert parse_spec("kivi:4") == [KIVI(bits=4)]
+    assert parse_spec("kivi:bits=2,group=32,residual=128") == [KIVI(bits=2, group=32, residual=128)]
+    assert parse_spec(" streaming:window=2048 + kivi:bits=4 ") == [StreamingLLM(window=2048), KIVI(bits=4)]
+
+
+def test_methods_lists_parameters_and_defaults():
+    listed = kvcompress.methods()
+    assert listed["kivi"] == {"bits": 2, "group": 32, "residual": 128}
+    assert listed["streaming"] == {"window": 1024, "sink": 4}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("snapkvv:0.5", "valid methods: none,.*kivi.*streaming"),
+        ("kivi:bitz=2", "valid parameters: bits=2, group=32, residual=128"),
+        ("kivi:bits=3", "bits must be 2, 4 or 8"),
+        ("kivi:bits=two", "expects int"),
+        ("streaming:window=0", "window must be >= 1"),
+        ("streaming:window=8,window=9", "given twice"),
+        ("kivi:group=32,4", "only the first parameter"),
+        ("", "use 'none'"),
+        ("kivi:bits=4+kivi:bits=2", "at most one storage method"),
+    ],
+)
+def test_bad_specs_raise_errors_naming_the_fix(spec, message, tiny):
+    with pytest.raises(SpecError, match=message):
+        kvcompress.make_cache(spec, tiny)
