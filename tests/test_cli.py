@@ -1,0 +1,81 @@
+"""The command line: answers, the memory summary, and one-line errors (exit 2, no traceback)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kvcompress.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--method", "snapkvv", "--context", "x"], "unknown method 'snapkvv'"),
+        (["generate", "--method", "kivi:bits=3", "--context", "x"], "bits must be 2, 4 or 8"),
+        (["generate", "--method", "kivi:colour=1", "--context", "x"], "valid parameters: bits=2"),
+        (["generate", "--context-file", "/nonexistent/ctx.txt"], "does not exist"),
+        (["generate", "--context", "   "], "the context is empty"),
+        (["generate", "--context", "x", "--max-new-tokens", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("kvcompress: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_empty_and_non_utf8_files(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    assert "the context is empty" in _run(capsys, "generate", "--context-file", str(empty))[2]
+    code, _, err = _run(capsys, "generate", "--context-file", str(latin))
+    assert code == 2 and "is not UTF-8" in err
+
+
+@pytest.mark.model
+def test_context_longer_than_the_model_limit(capsys, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 9000)  # > 8,192 positions
+    code, _, err = _run(capsys, "generate", "--context-file", str(long))
+    assert code == 2 and "at most 8192" in err and "shorten the context" in err
+
+
+@pytest.mark.model
+def test_info_reports_shape_and_bytes_per_token(capsys):
+    code, out, _ = _run(capsys, "info")
+    assert code == 0
+    fields = dict(line.strip().split(": ", 1) for line in out.splitlines())
+    assert fields["layers"] == "30" and fields["kv_heads"] == "3" and fields["head_dim"] == "64"
+    assert fields["kv_bytes_per_token"] == "46080"  # 2 * 30 * 3 * 64 * 4 bytes
+
+
+@pytest.mark.model
+def test_generate_answers_and_reports_memory(capsys):
+    context = "The meeting is on Tuesday. The room is 4B. Bring the blue folder."
+    code, out, err = _run(
+        capsys, "generate", "--method", "kivi:bits=4,residual=8", "--context", context,
+        "--question", "Which room is the meeting in?", "--max-new-tokens", "12",
+    )
+    assert code == 0
+    assert "4B" in out
+    assert "kivi:bits=4,residual=8: KV cache holds" in err and "x smaller" in err
+
+
+def test_console_script_error_has_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvcompress.cli", "generate", "--method", "nope", "--context", "x"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("kvcompress: error: unknown method 'nope'")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,59 @@
+"""Decoding-time compression: a long generation runs in bounded cache memory."""
+
+import torch
+from transformers import StoppingCriteria
+
+import kvcompress
+from kvcompress.generation import cache_kwarg
+
+
+class RecordBytes(StoppingCriteria):
+    """Records ``cache.nbytes`` after every decode step; never stops generation."""
+
+    def __init__(self, cache):
+        self.cache, self.history = cache, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.history.append(self.cache.nbytes)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model, spec, new_tokens):
+    cache = kvcompress.make_cache(spec, model)
+    record = RecordBytes(cache)
+    prompt = torch.randint(3, 128, (1, 16))
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            stopping_criteria=[record],
+            **{cache_kwarg(model): cache},
+        )
+    return out, cache, record.history
+
+
+def test_10k_token_streaming_generation_stays_bounded(tiny):
+    sink, window = 4, 256
+    out, cache, history = _generate(tiny, f"streaming:sink={sink},window={window}", 10_000)
+    assert out.shape[1] == 16 + 10_000
+    assert cache.get_seq_length() == 16 + 10_000 - 1  # the last token is produced, not yet cached
+    assert cache.stored_tokens == sink + window
+    # K and V, 2 layers, 2 KV heads, head dim 32, fp32: bytes of exactly sink + window tokens.
+    bound = 2 * 2 * 2 * 32 * 4 * (sink + window)
+    assert max(history[window:]) == bound
+    assert history[-1] == bound
+
+
+def test_long_generation_with_kivi_grows_at_the_quantized_rate(tiny):
+    _, cache, history = _generate(tiny, "kivi:bits=2,group=32,residual=32", 2_000)
+    full_precision = 2 * 2 * 2 * 32 * 4  # bytes per token, uncompressed
+    # Growth over 1,024 steps (a whole number of groups) is the quantized cost per token.
+    growth = (history[-1] - history[-1 - 1024]) / 1024
+    # Per layer and head: 2-bit key and value codes (8 + 8 B), key scale + min per channel per 32
+    # tokens (2 * 32 * 2 B / 32 = 4 B), value scale + min per token for one 32-channel group (4 B).
+    per_token_2bit = 2 * 2 * (8 + 8 + 4 + 4)
+    assert growth == per_token_2bit
+    assert growth < full_precision / 5
