@@ -36,18 +36,25 @@ def split_prompt(tokenizer, context: str, question: str | None) -> tuple[str, st
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
+def prefill(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache, logits_to_keep: int = 0
+) -> torch.Tensor:
     """Run ``input_ids`` through the model into ``cache`` (compressing it); return the logits.
 
     Positions come from the padding mask, so a left-padded row gets the positions it has alone.
+    ``logits_to_keep=n`` computes only the last ``n`` positions' logits (0: all), which spares a
+    ``(B, T, vocab)`` tensor when only the next token matters.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    kwargs = {cache_kwarg(model): cache}
+    if logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        **{cache_kwarg(model): cache},
+        **kwargs,
     )
     return out.logits
 
@@ -104,7 +111,7 @@ def answer(
         raise ContextTooLongError(
             f"the prompt is {total} tokens but the model accepts at most {limit}; shorten the context"
         )
-    prefill(model, ctx_ids, ctx_mask, cache)
+    prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
     out = model.generate(
         input_ids=input_ids,
