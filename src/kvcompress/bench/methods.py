@@ -1,0 +1,96 @@
+"""What the harness compares: a method spec resolved into a way to build and fill a cache.
+
+Every row of a benchmark is a :class:`BenchMethod`. kvcompress specs (``none``, ``kivi:bits=2``,
+any registered method or combination) resolve to :class:`KVCompressMethod`; specs that start with
+``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`. The harness
+knows no method by name apart from ``none`` (the baseline) and that prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import ContextManager, Protocol
+
+import torch
+
+from kvcompress.cache import make_cache
+from kvcompress.generation import answer, cache_kwarg, prefill
+from kvcompress.registry import parse_spec
+
+BASELINE = "none"
+KVPRESS_PREFIX = "kvpress:"
+
+
+class BenchMethod(Protocol):
+    """One row of the benchmark: how to build its cache and compress a context into it."""
+
+    spec: str  # as the user typed it
+    source: str  # "kvcompress" or "kvpress": which library compresses
+
+    def new_cache(self, model):
+        """An empty cache for one sequence."""
+
+    def compressing(self, model) -> ContextManager:
+        """Context manager active while the context is prefilled (a press's hooks); may do nothing."""
+
+    def nbytes(self, cache) -> int:
+        """Exact bytes of every tensor ``cache`` holds."""
+
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
+        """Compress ``context``, ask ``question`` after it (not compressed), and answer greedily."""
+
+
+@dataclass(frozen=True)
+class KVCompressMethod:
+    """A kvcompress spec such as ``streaming:window=512+kivi:bits=4``; compression lives in the cache."""
+
+    spec: str
+    source: str = "kvcompress"
+
+    def new_cache(self, model):
+        return make_cache(self.spec, model)
+
+    def compressing(self, model) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def nbytes(self, cache) -> int:
+        return cache.nbytes
+
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
+        return answer(model, tokenizer, context, question, self.new_cache(model), max_new_tokens)[0]
+
+
+def resolve(spec: str) -> BenchMethod:
+    """Turn a spec into a :class:`BenchMethod`, checking it before any model loads.
+
+    Raises:
+        SpecError: a bad kvcompress spec.
+        kvcompress.bench.kvpress_adapter.KVPressUnavailable: a ``kvpress:`` spec that cannot run here.
+    """
+    spec = spec.strip()
+    if spec.startswith(KVPRESS_PREFIX):
+        from kvcompress.bench.kvpress_adapter import resolve_press
+
+        return resolve_press(spec)
+    parse_spec(spec)
+    return KVCompressMethod(spec)
+
+
+@torch.no_grad()
+def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits."""
+    with method.compressing(model):
+        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1)
+
+
+@torch.no_grad()
+def step(model, cache, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Feed ``(1, q)`` tokens at their true positions ``start .. start + q - 1``; return ``(1, q, V)`` logits.
+
+    Positions are passed explicitly, so a cache that evicts (and reports fewer stored tokens than it
+    has seen) still gives each token its index in the sequence.
+    """
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, q)
+    out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_kwarg(model): cache})
+    return out.logits

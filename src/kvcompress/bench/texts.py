@@ -1,0 +1,74 @@
+"""Texts the harness reads: built-in English prose and Python code, or any UTF-8 file.
+
+Both built-in texts ship with every CPython, so a benchmark runs offline and the same everywhere a
+Python version is the same (the version is recorded with every result):
+
+- ``prose``: the English help topics of ``pydoc_data.topics`` (~113k tokens for SmolLM2).
+- ``code``: the sources of a fixed list of standard-library modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_TEXTS = ("prose", "code")
+CODE_MODULES = ("argparse", "dataclasses", "enum", "functools", "inspect", "shutil", "subprocess", "textwrap", "typing")
+
+
+class TextError(ValueError):
+    """A text cannot be read, or is too short for what was asked."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """A named text. ``name`` is ``prose``, ``code`` or ``<file stem>-<8 hex of its content hash>``."""
+
+    name: str
+    body: str
+
+
+def load_text(source: str) -> Text:
+    """Return the built-in text ``source`` (``prose`` or ``code``) or the UTF-8 file at that path.
+
+    Raises:
+        TextError: the file is missing, not UTF-8, or empty.
+    """
+    if source == "prose":
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        return Text("prose", "\n\n".join(topics[key] for key in sorted(topics)))
+    if source == "code":
+        parts = []
+        for module in CODE_MODULES:
+            origin = importlib.util.find_spec(module).origin
+            parts.append(f"# ---- {module} ----\n" + Path(origin).read_text(encoding="utf-8"))
+        return Text("code", "\n\n".join(parts))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise TextError(f"--text {source!r} is neither {' nor '.join(BUILTIN_TEXTS)} nor an existing file")
+    try:
+        body = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TextError(f"text file {source!r} is not UTF-8; convert it with iconv -t UTF-8") from None
+    if not body.strip():
+        raise TextError(f"text file {source!r} is empty")
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()[:8]
+    return Text(f"{path.stem}-{digest}", body)
+
+
+def spread_offsets(total: int, span: int, count: int) -> list[int]:
+    """``count`` start offsets of windows of ``span`` tokens, evenly spread over ``total`` tokens.
+
+    Raises:
+        TextError: the text is shorter than one window.
+    """
+    room = total - span
+    if room < 0:
+        raise TextError(f"the text has {total} tokens but a window needs {span}; pass a longer --text")
+    if count == 1:
+        return [0]
+    return [round(i * room / (count - 1)) for i in range(count)]
