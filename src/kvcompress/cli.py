@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info`` and ``generate``.
+"""The ``kvcompress`` command: ``info``, ``generate`` and ``bench``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -88,6 +88,12 @@ def cmd_generate(args) -> None:
     )
 
 
+def cmd_bench(args) -> None:
+    from kvcompress.bench.cli import run_from_args
+
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Compress the KV cache of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--model", default=None, help=model_help)
     gen.set_defaults(run=cmd_generate)
+
+    from kvcompress.bench.cli import add_arguments
+
+    bench = sub.add_parser("bench", help="measure methods: KV bytes, perplexity, retrieval, speed, peak memory")
+    add_arguments(bench, model_help)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

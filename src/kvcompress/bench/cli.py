@@ -1,0 +1,149 @@
+"""``kvcompress bench``: arguments, presets, and errors turned into one-line usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULTS = {
+    "methods": "none,streaming:window=512,kivi:bits=4,kivi:bits=2",
+    "contexts": "1024,4096",
+    "ppl_tokens": 64,
+    "ppl_windows": 3,
+    "cases": 9,
+    "decode_tokens": 32,
+}
+# --quick: about 3 minutes on 2 CPU cores.
+QUICK = {
+    "methods": "none,streaming:window=256,kivi:bits=2",
+    "contexts": "1024",
+    "ppl_tokens": 32,
+    "ppl_windows": 2,
+    "cases": 3,
+    "decode_tokens": 32,
+}
+MIN_DECODE_TOKENS = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    def preset(key):
+        return f"(default {DEFAULTS[key]}; --quick: {QUICK[key]})"
+
+    parser.add_argument("--methods", help=f"comma-separated specs; 'kvpress:<Press>:<ratio>' runs a kvpress press {preset('methods')}")
+    parser.add_argument("--contexts", help=f"comma-separated context lengths in tokens {preset('contexts')}")
+    parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument("--text", default="prose", help="perplexity text: prose (pydoc topics), code (stdlib sources) or a UTF-8 file")
+    parser.add_argument("--out", default="bench-results", help="results root; a folder per configuration goes inside")
+    parser.add_argument("--plot", action="store_true", help="also write frontier.png (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="short contexts, few cases: about 3 minutes on 2 CPU cores")
+    parser.add_argument("--force", action="store_true", help="measure again what the results folder already holds")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--ppl-tokens", type=int, help=f"tokens scored per perplexity window {preset('ppl_tokens')}")
+    parser.add_argument("--ppl-windows", type=int, help=f"perplexity windows spread over the text {preset('ppl_windows')}")
+    parser.add_argument("--cases", type=int, help=f"retrieval cases per context length {preset('cases')}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval cases")
+    parser.add_argument("--decode-tokens", type=int, help=f"greedy tokens timed for decode speed {preset('decode_tokens')}")
+
+
+def _contexts(raw: str, usage_error) -> tuple[int, ...]:
+    try:
+        contexts = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        contexts = ()
+    if not contexts or any(c < 1 for c in contexts):
+        raise usage_error(f"--contexts takes comma-separated positive token counts such as 1024,4096, not {raw!r}")
+    return contexts
+
+
+def config_from_args(args, usage_error):
+    """Build a :class:`~kvcompress.bench.runner.BenchConfig`, checking every argument before any model loads."""
+    import torch
+
+    from kvcompress.bench.kvpress_adapter import KVPressUnavailable
+    from kvcompress.bench.methods import resolve
+    from kvcompress.bench.runner import BenchConfig
+    from kvcompress.registry import SpecError
+
+    preset = QUICK if args.quick else DEFAULTS
+    value = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in DEFAULTS}
+    specs = tuple(s.strip() for s in value["methods"].split(",") if s.strip())
+    if not specs:
+        raise usage_error("--methods is empty; pass specs such as none,kivi:bits=2")
+    # A spec's own parameters are comma-separated too: re-join pieces that are not a method start.
+    specs = _join_params(specs)
+    for spec in specs:
+        try:
+            resolve(spec)
+        except (SpecError, KVPressUnavailable) as err:
+            raise usage_error(str(err)) from None
+    for key in ("ppl_tokens", "ppl_windows", "cases"):
+        if value[key] < 1:
+            raise usage_error(f"--{key.replace('_', '-')} must be at least 1")
+    if value["decode_tokens"] < MIN_DECODE_TOKENS:
+        raise usage_error(f"--decode-tokens must be at least {MIN_DECODE_TOKENS}")
+    if args.threads is not None and args.threads < 1:
+        raise usage_error("--threads must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise usage_error("--device cuda but no CUDA device is available; use --device cpu")
+    from kvcompress.models import DEFAULT_MODEL
+
+    return BenchConfig(
+        methods=specs,
+        contexts=_contexts(value["contexts"], usage_error),
+        model=args.model or DEFAULT_MODEL,
+        dtype=args.dtype,
+        device=device,
+        threads=args.threads or torch.get_num_threads(),
+        text=args.text,
+        ppl_tokens=value["ppl_tokens"],
+        ppl_windows=value["ppl_windows"],
+        cases=value["cases"],
+        seed=args.seed,
+        decode_tokens=value["decode_tokens"],
+    )
+
+
+def _join_params(pieces: tuple[str, ...]) -> tuple[str, ...]:
+    """``("kivi:bits=2", "group=32", "none")`` -> ``("kivi:bits=2,group=32", "none")``.
+
+    A piece whose first ``+``-part is ``key=value`` (no ``:``) continues the previous spec's parameters,
+    as in ``streaming:sink=4,window=512+kivi:bits=2``.
+    """
+    specs: list[str] = []
+    for piece in pieces:
+        head = piece.split("+", 1)[0]
+        if specs and "=" in head and ":" not in head:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return tuple(specs)
+
+
+def run_from_args(args) -> None:
+    from kvcompress.bench.plot import PlotUnavailable, plot_frontier, require_matplotlib
+    from kvcompress.bench.runner import BenchError, run
+    from kvcompress.bench.speed import MeasurementError
+    from kvcompress.bench.texts import TextError
+    from kvcompress.cli import UsageError
+    from kvcompress.models import ModelNotAvailableError
+
+    config = config_from_args(args, UsageError)
+    if args.plot:
+        try:
+            require_matplotlib()
+        except PlotUnavailable as err:
+            raise UsageError(str(err)) from None
+    try:
+        result = run(config, Path(args.out), force=args.force)
+    except (BenchError, TextError, ModelNotAvailableError, MeasurementError) as err:
+        raise UsageError(str(err)) from None
+    print(result.header, result.table, result.retrieval_table, sep="\n\n")
+    if args.plot:
+        title = "\n".join(result.header.splitlines()[:2])
+        result.paths["plot"] = plot_frontier(result.rows, result.folder / "frontier.png", title)
+    print("\n" + "\n".join(f"{kind}: {path}" for kind, path in result.paths.items()))
+    sys.stdout.flush()
