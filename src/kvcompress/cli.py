@@ -91,7 +91,7 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from kvcompress.bench.cli import run_from_args
 
-    run_from_args(args)
+    run_from_args(args, UsageError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,12 +123,13 @@ def _join_params(pieces: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(specs)
 
 
-def run_from_args(args) -> None:
+def run_from_args(args, UsageError) -> None:
+    """Run ``kvcompress bench``; bad input raises ``UsageError`` (the CLI's, passed in: under
+    ``python -m kvcompress.cli`` that module is ``__main__``, so importing it would make a second class)."""
     from kvcompress.bench.plot import PlotUnavailable, plot_frontier, require_matplotlib
     from kvcompress.bench.runner import BenchError, run
     from kvcompress.bench.speed import MeasurementError
     from kvcompress.bench.texts import TextError
-    from kvcompress.cli import UsageError
     from kvcompress.models import ModelNotAvailableError
 
     config = config_from_args(args, UsageError)
