@@ -14,8 +14,8 @@ Scoring is exact match on numbers: the distinct numbers of the reply, in order o
 must start with the expected ones (one, or two for ``two-part``).
 
 The wording and the haystack were chosen so that the uncompressed SmolLM2-135M-Instruct solves
-most cases at 1k-4k tokens (on the 9 cases of seed 0: 8 at 1k and 2k, 7 at 4k; facts at depth 0.1
-are the ones it misses). A 135M model echoes the planted sentence ("The first half of the pass
+most cases at 1k-4k tokens (seed 0: 3/3 at 1k, 8/9 at 2k, 7/9 at 4k; the misses are facts at
+depth 0.1). A 135M model echoes the planted sentence ("The first half of the pass
 key is 42. Remember it."), which the scoring accepts. With Python documentation as the haystack it
 solved about half the cases at 2k tokens (its numbers and code distract it), so the haystack is
 generated; chains (``A -> B``, ``B -> number``) failed even uncompressed, so the two halves of a
