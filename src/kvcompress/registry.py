@@ -85,6 +85,9 @@ def _parse_part(part: str, spec: str):
 
 
 def _convert(method: str, key: str, raw: str, typ) -> object:
+    args = typing.get_args(typ)
+    if type(None) in args and len(args) == 2:  # ``float | None``: None means unset and is never typed
+        typ = next(a for a in args if a is not type(None))
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
