@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info``, ``generate`` and ``bench``.
+"""The ``kvcompress`` command: ``info``, ``generate``, ``bench`` and ``calibrate``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -94,6 +94,30 @@ def cmd_bench(args) -> None:
     run_from_args(args, UsageError)
 
 
+def cmd_calibrate(args) -> None:
+    from kvcompress.calibration import MIN_TOKENS, CalibrationError, calibrate, default_path
+
+    if args.tokens < MIN_TOKENS:
+        raise UsageError(f"--tokens must be at least {MIN_TOKENS}")
+    text = None
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UsageError(f"--text {str(path)!r} does not exist; pass a UTF-8 text file, or omit it for the default text")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"--text {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+    model, tokenizer = _load(args.model)
+    out = Path(args.out) if args.out else default_path(model)
+    try:
+        calibration = calibrate(model, tokenizer, text, tokens=args.tokens, text_name=Path(args.text).name if args.text else None)
+    except CalibrationError as err:
+        raise UsageError(str(err)) from None
+    calibration.save(out)
+    print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text} -> {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Compress the KV cache of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure methods: KV bytes, perplexity, retrieval, speed, peak memory")
     add_arguments(bench, model_help)
     bench.set_defaults(run=cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="measure a model's K/V statistics for lowrank and share_heads")
+    cal.add_argument("--model", default=None, help=model_help)
+    cal.add_argument("--text", default=None, help="UTF-8 text file (default: standard-library code the benchmarks never score)")
+    cal.add_argument("--tokens", type=int, default=4096, help="tokens measured, in one sequence (default 4096)")
+    cal.add_argument("--out", default=None, help="safetensors file to write (default: the model's default calibration, used by make_cache)")
+    cal.set_defaults(run=cmd_calibrate)
     return parser
 
 
