@@ -55,8 +55,8 @@ def test_nbytes_is_exact(bits):
 def test_padding_is_excluded_from_key_statistics():
     torch.manual_seed(0)
     keys = torch.randn(1, 1, 32, 64)
-    valid = torch.ones(1, 32, dtype=torch.bool)
-    valid[0, :4] = False
+    valid = torch.ones(1, 1, 32, dtype=torch.bool)
+    valid[..., :4] = False
     padded = keys.clone()
     padded[..., :4, :] = 1e4  # garbage in padding slots must not widen the scale
     k, _ = _store_with(4, padded, torch.randn(1, 1, 32, 64), valid).keys_values()
@@ -66,13 +66,14 @@ def test_padding_is_excluded_from_key_statistics():
 def test_compact_frees_only_whole_blocks():
     store = _store_with(4, torch.randn(1, 2, 96, 64), torch.randn(1, 2, 96, 64))
     per_block = store.nbytes // 3
-    keep = torch.ones(1, 96, dtype=torch.bool)
-    keep[0, 32:64] = False  # the whole second block
-    keep[0, 70] = False  # one token of the third
-    store.compact(keep)
+    keep = torch.ones(1, 2, 96, dtype=torch.bool)
+    keep[..., 32:64] = False  # the whole second block
+    keep[0, 1, 70] = False  # one token of the third, in one head
+    index = store.compact(keep)
     assert len(store) == 64
-    assert store.valid().sum() == 63 and not store.valid()[0, 32 + 6]
-    assert store.nbytes == 2 * per_block + 64  # plus the (1, 64) bool validity mask
+    assert index[0, 0].tolist() == list(range(32)) + list(range(64, 96))
+    assert store.valid().sum() == 127 and not store.valid()[0, 1, 32 + 6]
+    assert store.nbytes == 2 * per_block + 2 * 64  # plus the (1, 2, 64) bool validity mask
 
 
 def test_quantize_all_invalid_group_is_finite():

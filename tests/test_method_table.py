@@ -6,6 +6,7 @@ exact bytes its cache must hold after ``tokens`` tokens (batch 1, fp32).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 import kvcompress
 from kvcompress.buffer import CHUNK
 from kvcompress.generation import cache_kwarg, prefill
+from kvcompress.methods.scored import pyramid_budgets
 
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 30, 3, 64, 4
 FP_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * FP32  # K and V, every layer: 46,080 B
@@ -51,6 +53,53 @@ def kivi_bytes(bits, group, residual):
     return formula
 
 
+def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
+    """Bytes of a score-based eviction cache: cut to its budget after the prompt, then recompressed
+    each time ``block`` tokens have collected; its window reserves capacity a chunk at a time
+    between compressions, and methods that score by attention hold a float32 score per slot."""
+
+    def formula(tokens):
+        total = 0
+        for budget in budgets or [math.ceil(prompt * (1 - ratio))] * LAYERS:
+            count = budget
+            for _ in range(tokens - prompt):
+                count = budget if count + 1 > budget + block - 1 else count + 1
+            capacity = count if count == budget else _round_up(count, CHUNK)
+            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0)
+        return total
+
+    return formula
+
+
+def lowrank_bytes(rank, residual, sink=4, bits=None, group=None):
+    """``lowrank`` with one joint basis per layer (``E = 192``) and key rank = value rank = ``rank``:
+    a full-precision window plus its int32 positions; stored latents (full precision, 64 tokens
+    reserved at a time, or KIVI-quantized in blocks of ``group``), their int32 positions, and
+    full-precision copies of the first ``sink`` tokens."""
+
+    def formula(tokens):
+        ready = max(0, tokens - residual)
+        stored = ready - ready % (group or 1)
+        window = tokens - stored
+        if bits is None:
+            latents = _round_up(stored, CHUNK) * 2 * rank * FP32
+        else:
+            latents = 2 * stored * rank * bits // 8 + 2 * (stored // group) * rank * 2 + 2 * stored * (rank // group) * 2
+        sinks = (2 * KV_HEADS * sink * HEAD_DIM * FP32 + KV_HEADS * sink * 8) if stored else 0  # + int64 slots
+        per_layer = latents + KV_HEADS * stored * 4 + sinks
+        return FP_TOKEN * window + LAYERS * (KV_HEADS * window * 4 + per_layer)
+
+    return formula
+
+
+def share_heads_bytes(groups, residual):
+    def formula(tokens):
+        stored = max(0, tokens - residual)  # merged heads, 64 tokens reserved at a time
+        return FP_TOKEN * (tokens - stored) + LAYERS * 2 * groups * _round_up(stored, CHUNK) * HEAD_DIM * FP32
+
+    return formula
+
+
 @dataclass
 class Row:
     name: str
@@ -74,6 +123,40 @@ TABLE = [
         on="streaming:sink=4,window=64+kivi:bits=4,group=32,residual=32",
         nbytes=None,  # depends on which blocks still hold a kept token: test_nbytes_of_streaming_with_kivi
         padding_exact=False,
+    ),
+    Row("snapkv", off="snapkv:ratio=0", on="snapkv:ratio=0.5,window=16", nbytes=scored_bytes(0.5, 32, True)),
+    Row("h2o", off="h2o:ratio=0", on="h2o:ratio=0.5", nbytes=scored_bytes(0.5, 1, True)),
+    Row("tova", off="tova:ratio=0", on="tova:ratio=0.5", nbytes=scored_bytes(0.5, 1, True)),
+    Row("knorm", off="knorm:ratio=0", on="knorm:ratio=0.5,window=16", nbytes=scored_bytes(0.5, 32, False)),
+    Row(
+        "pyramidkv",
+        off="pyramidkv:ratio=0",
+        on="pyramidkv:ratio=0.5,window=16",
+        nbytes=scored_bytes(0.5, 32, True, budgets=[max(b, 16) for b in pyramid_budgets(60, LAYERS, 20)]),
+    ),
+    Row(
+        "snapkv+kivi",
+        off="snapkv:ratio=0+kivi:bits=4,residual=100000",
+        on="snapkv:ratio=0.5,window=16+kivi:bits=4,group=16,residual=16",
+        nbytes=None,  # blocks live while any head keeps a token: covered by the exactness of each part
+        padding_exact=False,
+    ),
+    Row("lowrank", off="lowrank:ratio=0", on="lowrank:ratio=0.5,residual=32", nbytes=lowrank_bytes(96, 32)),
+    Row(
+        "lowrank+kivi",
+        off="lowrank:ratio=0+kivi:bits=4,residual=100000",
+        on="lowrank:ratio=0.5,residual=32+kivi:bits=4,group=32,residual=32",
+        nbytes=lowrank_bytes(96, 32, bits=4, group=32),
+        padding_exact=False,
+    ),
+    Row("share_heads", off="share_heads:groups=3", on="share_heads:groups=2,residual=32", nbytes=share_heads_bytes(2, 32)),
+    # residual=0: after eviction a batch's window length is its longest row's, so with a residual a
+    # padded row would keep a different number of its tokens in full precision than alone.
+    Row(
+        "snapkv+lowrank",
+        off="snapkv:ratio=0+lowrank:ratio=0",
+        on="snapkv:ratio=0.5,window=16+lowrank:ratio=0.5,residual=0",
+        nbytes=None,  # each part's bytes are exact (test_lowrank); which tokens live depends on scores
     ),
 ]
 IDS = [row.name for row in TABLE]
@@ -133,13 +216,13 @@ def test_nbytes_of_streaming_with_kivi(smol, prompt):
     # Kept positions: 0-3 and 86-149. Residual (full precision): the newest 32..63 tokens, whole
     # blocks of 32 leave it. Blocks held: [0,32) for the sinks, then every block touching 86-149.
     layer = cache.compressed_layers[0]
-    assert layer.valid().sum().item() == 4 + 64
+    assert layer.valid().sum().item() == KV_HEADS * (4 + 64)
     held_quantized = len(layer.store)
     window = len(layer.window)
     assert 32 <= window < 64
     assert held_quantized % 32 == 0
     quantized_bytes = kivi_bytes(4, 32, 0)(held_quantized)
-    expected = FP_TOKEN * window + quantized_bytes + LAYERS * held_quantized  # + (1, N) bool mask per layer
+    expected = FP_TOKEN * window + quantized_bytes + LAYERS * KV_HEADS * held_quantized  # + (1, H, N) bool masks
     assert cache.nbytes == expected
     assert cache.nbytes < none_bytes(150) / 3
 

@@ -33,7 +33,7 @@ def test_methods_lists_parameters_and_defaults():
         ("streaming:window=8,window=9", "given twice"),
         ("kivi:group=32,4", "only the first parameter"),
         ("", "use 'none'"),
-        ("kivi:bits=4+kivi:bits=2", "at most one storage method"),
+        ("kivi:bits=4+kivi:bits=2", "cannot hand them to kivi"),
     ],
 )
 def test_bad_specs_raise_errors_naming_the_fix(spec, message, tiny):

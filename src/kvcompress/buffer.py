@@ -18,23 +18,25 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row gather index that moves kept slots to the front, preserving their order.
+    """Per-row (and per-head) gather index that moves kept slots to the front, preserving order.
 
     Args:
-        keep: ``(B, S)`` bool.
+        keep: ``(..., S)`` bool, e.g. ``(B, H, S)``.
 
     Returns:
-        ``index`` ``(B, n)`` with ``n`` the largest kept count of any row, and ``valid`` ``(B, n)``:
-        rows that keep fewer than ``n`` slots are filled with dropped slots marked invalid.
+        ``index`` ``(..., n)`` with ``n`` the largest kept count of any row, and ``valid``
+        ``(..., n)``: rows that keep fewer than ``n`` slots are filled with dropped slots marked
+        invalid.
     """
-    n = int(keep.sum(1).max()) if keep.numel() else 0
+    n = int(keep.sum(-1).max()) if keep.numel() else 0
     # A stable sort of ~keep lists kept slots first, each group in its original order.
-    index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]  # (B, n)
-    return index, keep.gather(1, index)
+    index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]  # (..., n)
+    return index, keep.gather(-1, index)
 
 
 class FullPrecisionBuffer:
-    """Keys and values ``(B, H, capacity, D)`` in the model dtype, plus a validity mask when needed.
+    """Keys and values ``(B, H, capacity, D)`` in the model dtype, plus a ``(B, H, capacity)``
+    validity mask while some slot is padding or evicted.
 
     Implements the :class:`kvcompress.methods.base.Store` protocol with ``block = 1``.
     """
@@ -45,7 +47,7 @@ class FullPrecisionBuffer:
         self.chunk = chunk
         self.k: torch.Tensor | None = None  # (B, H, capacity, D)
         self.v: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None  # (B, capacity) bool, None: all valid
+        self._valid: torch.Tensor | None = None  # (B, H, capacity) bool, None: all valid
         self.n = 0
 
     def __len__(self) -> int:
@@ -57,30 +59,33 @@ class FullPrecisionBuffer:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, exact: bool = False) -> None:
-        """Write ``(B, H, n, D)`` tokens after the held ones; ``exact`` reserves no spare capacity."""
+        """Write ``(B, H, n, D)`` tokens after the held ones; ``valid`` is ``(B, H, n)`` or None.
+
+        ``exact`` reserves no spare capacity.
+        """
         batch, heads, new, dim = keys.shape
         if self.k is None or self.n + new > self.k.shape[2]:
             capacity = self.n + new if exact else _round_up(self.n + new, self.chunk)
-            self._reserve(batch, heads, dim, keys.dtype, keys.device, capacity)
+            self._reserve(batch, heads, (dim, values.shape[3]), keys.dtype, keys.device, capacity)
         self.k[:, :, self.n : self.n + new] = keys
         self.v[:, :, self.n : self.n + new] = values
         if valid is not None and not bool(valid.all()):
             if self._valid is None:
-                self._valid = torch.ones(batch, self.k.shape[2], dtype=torch.bool, device=keys.device)
-            self._valid[:, self.n : self.n + new] = valid
+                self._valid = torch.ones(batch, heads, self.k.shape[2], dtype=torch.bool, device=keys.device)
+            self._valid[:, :, self.n : self.n + new] = valid
         elif self._valid is not None:
-            self._valid[:, self.n : self.n + new] = True
+            self._valid[:, :, self.n : self.n + new] = True
         self.n += new
 
-    def _reserve(self, batch, heads, dim, dtype, device, capacity) -> None:
-        k = torch.empty(batch, heads, capacity, dim, dtype=dtype, device=device)
-        v = torch.empty_like(k)
+    def _reserve(self, batch, heads, dims, dtype, device, capacity) -> None:
+        k = torch.empty(batch, heads, capacity, dims[0], dtype=dtype, device=device)
+        v = torch.empty(batch, heads, capacity, dims[1], dtype=dtype, device=device)  # values may be narrower
         if self.n:
             k[:, :, : self.n] = self.k[:, :, : self.n]
             v[:, :, : self.n] = self.v[:, :, : self.n]
         if self._valid is not None:
-            valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-            valid[:, : self.n] = self._valid[:, : self.n]
+            valid = torch.ones(batch, heads, capacity, dtype=torch.bool, device=device)
+            valid[:, :, : self.n] = self._valid[:, :, : self.n]
             self._valid = valid
         self.k, self.v = k, v
 
@@ -88,25 +93,25 @@ class FullPrecisionBuffer:
         return self.k[:, :, : self.n], self.v[:, :, : self.n]
 
     def valid(self) -> torch.Tensor | None:
-        return None if self._valid is None else self._valid[:, : self.n]
+        return None if self._valid is None else self._valid[:, :, : self.n]
 
-    def compact(self, keep: torch.Tensor) -> None:
-        index, valid = compaction_index(keep)
-        n = index.shape[1]
-        batch, heads, _, dim = self.k.shape
-        gather = index[:, None, :, None].expand(batch, heads, n, dim)  # (B, H, n, D)
-        k = self.k[:, :, : self.n].gather(2, gather)
-        v = self.v[:, :, : self.n].gather(2, gather)
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Keep the slots where ``keep`` ``(B, H, S)`` is True; return the ``(B, H, n)`` old slot of each."""
+        index, valid = compaction_index(keep)  # (B, H, n)
+        batch, heads, n = index.shape
+        k = self.k[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.k.shape[3]))  # (B, H, n, D)
+        v = self.v[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.v.shape[3]))
         self.k = self.v = self._valid = None
         self.n = 0
         self.append(k, v, valid, exact=True)
+        return index
 
     def take_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Remove and return the oldest ``count`` slots (keys, values, valid)."""
         k, v = self.keys_values()
         valid = self.valid()
-        front = (k[:, :, :count].clone(), v[:, :, :count].clone(), None if valid is None else valid[:, :count].clone())
-        rest_valid = None if valid is None else valid[:, count:]
+        front = (k[:, :, :count].clone(), v[:, :, :count].clone(), None if valid is None else valid[..., :count].clone())
+        rest_valid = None if valid is None else valid[..., count:]
         rest_k, rest_v = k[:, :, count:], v[:, :, count:]
         self.k = self.v = self._valid = None
         self.n = 0

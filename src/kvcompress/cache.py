@@ -19,56 +19,113 @@ padding from a forward pre-hook on the model (a public PyTorch extension point) 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
+from kvcompress import attention
+from kvcompress.attention import summed_attention
 from kvcompress.buffer import FullPrecisionBuffer
-from kvcompress.methods.base import Representation, Selection
+from kvcompress.methods.base import LayerView, Representation, Selection
 from kvcompress.registry import SpecError, parse_spec
 
 
 class CompressedLayer(CacheLayerMixin):
     """One full-attention layer: a full-precision window plus an optional compressed store.
 
-    Slots are ordered ``[store | window]``, each in position order per row.
+    Slots are ordered ``[store | window]``, each in position order per row and head.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, selection: Selection | None = None, representation: Representation | None = None):
+    def __init__(
+        self,
+        selection: Selection | None = None,
+        representation: Representation | None = None,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+    ):
         super().__init__()
         self.selection, self.representation = selection, representation
+        self.layer_idx, self.num_layers = layer_idx, num_layers
         # With a store, the window never holds more than residual + block - 1 tokens between steps.
         self.window = FullPrecisionBuffer() if representation is None else FullPrecisionBuffer(chunk=1)
         self.store = None
+        self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the store needs them
         self.seen = 0
         self.evicted = False  # until the first eviction, slot j holds the token at position j
+        self.scores: torch.Tensor | None = None  # (B, H, S) float32 attention accumulated for the selection
+        self.state: dict = {}  # the selection's per-layer state
+        self.hold = False  # question-aware: compress after the next step, not this one
+        self._pending = False  # compression waits for this step's queries (see after_attention)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.representation is not None:
-            self.store = self.representation.new_store(key_states.shape[-1], key_states.dtype)
+            self.store = self.representation.new_store(key_states.shape[-1], key_states.dtype, self.layer_idx)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, new_valid: torch.Tensor | None = None, **kwargs):
+    def update(
+        self, key_states, value_states, *args, new_valid: torch.Tensor | None = None, new_positions: torch.Tensor | None = None, **kwargs
+    ):
         """Add ``(B, H, q, D)`` new keys/values; return the keys/values this step attends to.
 
         Args:
             new_valid: ``(B, q)`` bool, False for padding tokens; None when all are real.
+            new_positions: ``(B, q)`` or ``(1, q)`` positions the model gave the tokens; None for
+                ``seen .. seen + q - 1``. Kept only for a representation that ``needs_positions``.
         """
+        if self._pending:
+            raise RuntimeError(
+                f"{self.selection.name} scores tokens by attention and needs the model's attention "
+                "implementation to be 'kvcompress' (make_cache sets it; something changed it back)"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        batch, heads, new, _ = key_states.shape
+        if new_valid is not None:
+            new_valid = new_valid[:, None, :].expand(batch, heads, new)  # (B, H, q)
         self.window.append(key_states, value_states, new_valid)
-        self.seen += key_states.shape[-2]
+        if self.representation is not None and self.representation.needs_positions:
+            if new_positions is None:
+                new_positions = torch.arange(self.seen, self.seen + new, device=self.device)[None]
+            positions = new_positions.to(self.device, torch.int32)[:, None, :].expand(batch, heads, new)  # (B, H, q)
+            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        self.seen += new
+        if self.selection is not None and self.selection.observe:
+            zeros = torch.zeros(batch, heads, new, dtype=torch.float32, device=self.device)
+            self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], -1)
         keys, values = self._attention_inputs()
-        self._evict(batch=key_states.shape[0])
-        self._settle()
+        # What the kvcompress attention masks with: this step's slots, before compression.
+        self.step_valid = self.valid()
+        self.step_needs_mask = self.evicted or self.step_valid is not None
+        if self.selection is not None and self.selection.observe and not self.hold:
+            self._pending = True  # compress once attention has given this step's queries
+        elif not self.hold:
+            self._compress(keys)
         return keys, values
+
+    def after_attention(self, queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
+        """Called by the ``kvcompress`` attention with this step's ``(B, Hq, q, D)`` queries."""
+        if not self._pending:
+            return
+        self._pending = False
+        observe = self.selection.observe
+        last = queries if observe < 0 else queries[:, :, -observe:]
+        valid = self.valid()
+        if valid is None:
+            valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+        self.scores += summed_attention(last, keys, valid, scaling)
+        self._compress(keys)
+
+    def _compress(self, keys: torch.Tensor) -> None:
+        self._evict(keys)
+        self._settle()
 
     def _parts(self):
         return [part for part in (self.store, self.window) if part is not None and len(part)]
@@ -80,31 +137,37 @@ class CompressedLayer(CacheLayerMixin):
         return torch.cat([k for k, _ in kvs], 2), torch.cat([v for _, v in kvs], 2)
 
     def valid(self) -> torch.Tensor | None:
-        """``(B, S)`` bool validity of every slot, or None when all are real tokens."""
+        """``(B, H, S)`` bool validity of every slot, or None when all are real tokens."""
         parts = self._parts()
         masks = [part.valid() for part in parts]
         if all(m is None for m in masks):
             return None
-        batch = next(m for m in masks if m is not None).shape[0]
+        shape = next(m for m in masks if m is not None).shape[:2]
         return torch.cat(
-            [m if m is not None else torch.ones(batch, len(p), dtype=torch.bool, device=self.device) for m, p in zip(masks, parts)],
-            1,
+            [m if m is not None else torch.ones(*shape, len(p), dtype=torch.bool, device=self.device) for m, p in zip(masks, parts)],
+            -1,
         )
 
-    def _evict(self, batch: int) -> None:
+    def _evict(self, keys: torch.Tensor) -> None:
         if self.selection is None:
             return
         valid = self.valid()
         if valid is None:
-            valid = torch.ones(batch, len(self), dtype=torch.bool, device=self.device)
-        keep = self.selection.select(valid)
+            valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=self.device)
+        view = LayerView(valid, keys, self.scores, self.layer_idx, self.num_layers, self.state)
+        keep = self.selection.select(view)
         if keep is None:
             return
         self.evicted = True
         stored = len(self.store) if self.store is not None else 0
-        if stored:
-            self.store.compact(keep[:, :stored])
-        self.window.compact(keep[:, stored:])
+        kept = [self.store.compact(keep[..., :stored])] if stored else []
+        window_index = self.window.compact(keep[..., stored:])  # (B, H, n) old window slot of each
+        if self.positions is not None:
+            self.positions = self.positions.gather(-1, window_index)
+        kept.append(window_index + stored)
+        if self.scores is not None:
+            index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
+            self.scores = torch.zeros(index.shape, device=self.device) if self.selection.reset_scores else self.scores.gather(-1, index)
 
     def _settle(self) -> None:
         """Move the oldest window tokens into the store, whole blocks at a time."""
@@ -113,14 +176,19 @@ class CompressedLayer(CacheLayerMixin):
         ready = len(self.window) - self.representation.residual
         count = ready - ready % self.store.block
         if count > 0:
-            self.store.append(*self.window.take_front(count))
+            extra = {}
+            if self.positions is not None:
+                extra["positions"], self.positions = self.positions[..., :count], self.positions[..., count:]
+            self.store.append(*self.window.take_front(count), **extra)
 
     def __len__(self) -> int:
         return sum(len(part) for part in self._parts())
 
     @property
     def nbytes(self) -> int:
-        return self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
+        held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
+        held += self.positions.numel() * self.positions.element_size() if self.positions is not None else 0
+        return held + (self.scores.numel() * self.scores.element_size() if self.scores is not None else 0)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -135,11 +203,15 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.selection, self.representation)
+        self.__init__(self.selection, self.representation, self.layer_idx, self.num_layers)
 
     def map_batch(self, fn) -> None:
         for part in self._parts():
             part.map_batch(fn)
+        if self.scores is not None:
+            self.scores = fn(self.scores)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -175,14 +247,30 @@ class CompressedCache(Cache):
         layers = []
         for layer_type in types:
             if layer_type == "full_attention":
-                layers.append(CompressedLayer(selection, representation))
+                layers.append(CompressedLayer(selection, representation, len(layers), len(types)))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             else:
                 raise ValueError(f"kvcompress supports full and sliding attention layers, not {layer_type!r}")
         super().__init__(layers=layers)
         self.spec = spec
+        self.query_heads = text_config.num_attention_heads
+        self.needs_attention = selection is not None and selection.observe != 0
+        self.representation = representation
         self._incoming_valid: torch.Tensor | None = None
+        self.incoming_positions: torch.Tensor | None = None  # position_ids of this forward, set by the pre-hook
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Question-aware compression: tokens fed inside this block are compressed together with
+        the next step (the question), so attention-based scores see the question's queries."""
+        for layer in self.compressed_layers:
+            layer.hold = True
+        try:
+            yield self
+        finally:
+            for layer in self.compressed_layers:
+                layer.hold = False
 
     @property
     def compressed_layers(self) -> list[CompressedLayer]:
@@ -191,7 +279,7 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
-            return layer.update(key_states, value_states, new_valid=self._incoming_valid)
+            return layer.update(key_states, value_states, new_valid=self._incoming_valid, new_positions=self.incoming_positions)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     @property
@@ -200,19 +288,25 @@ class CompressedCache(Cache):
         return sum(_layer_nbytes(layer) for layer in self.layers)
 
     @property
+    def fixed_nbytes(self) -> int:
+        """Bytes held once per cache whatever its length (low-rank bases, rotary tables), not in ``nbytes``."""
+        return self.representation.fixed_nbytes if self.representation is not None else 0
+
+    @property
     def stored_tokens(self) -> int:
         """Slots held by the first compressed layer (tokens seen are ``get_seq_length()``)."""
         return len(self.compressed_layers[0])
 
-    def observe_inputs(self, attention_mask: torch.Tensor | None, query_length: int):
+    def observe_inputs(self, attention_mask: torch.Tensor | None, query_length: int, build_mask: bool = True):
         """Record which incoming tokens are padding; return a 4D mask when the cache must supply one.
 
         Args:
             attention_mask: the forward's ``(B, seen + q)`` padding mask, or None.
             query_length: ``q``, tokens in this forward.
+            build_mask: False when the ``kvcompress`` attention builds each layer's mask itself.
 
         Returns:
-            None (transformers' own mask is right), or a ``(B, 1, q, stored + q)`` bool mask.
+            None (transformers' own mask is right), or a ``(B, Hq, q, stored + q)`` bool mask.
         """
         if attention_mask is not None and attention_mask.dim() == 2:
             incoming = attention_mask[:, -query_length:].bool()
@@ -220,6 +314,8 @@ class CompressedCache(Cache):
         else:
             self._incoming_valid = None
         layers = self.compressed_layers
+        if not build_mask:
+            return None
         stored_valid = layers[0].valid() if layers[0].is_initialized else None
         if stored_valid is None or not layers[0].evicted:
             return None  # every slot is real, or slots still map to sequence positions one to one
@@ -228,25 +324,30 @@ class CompressedCache(Cache):
                 "padded batches after eviction need all layers to hold the same tokens; "
                 "run sequences one at a time for this model or method"
             )
-        batch = stored_valid.shape[0]
+        batch, heads, _ = stored_valid.shape
         incoming = self._incoming_valid
         if incoming is None:
             incoming = torch.ones(batch, query_length, dtype=torch.bool, device=stored_valid.device)
-        causal = torch.ones(query_length, query_length, dtype=torch.bool, device=stored_valid.device).tril()
-        # A query always sees itself, so a padding query never gets an all-masked row (NaN in softmax).
-        new = (causal & incoming[:, None, :]) | torch.eye(query_length, dtype=torch.bool, device=causal.device)
-        old = stored_valid[:, None, :].expand(batch, query_length, stored_valid.shape[1])
-        return torch.cat([old, new], 2)[:, None]  # (B, 1, q, S + q)
+        valid = torch.cat([stored_valid, incoming[:, None, :].expand(batch, heads, query_length)], -1)
+        return attention.allowed(valid, query_length).repeat_interleave(self.query_heads // heads, dim=1)
+
 
 
 def _split_pipeline(spec: str, methods: list) -> tuple[Selection | None, Representation | None]:
     selections = [m for m in methods if isinstance(m, Selection)]
     representations = [m for m in methods if isinstance(m, Representation)]
-    if len(selections) > 1 or len(representations) > 1:
+    if len(selections) > 1 or len(representations) > 2:
         raise SpecError(
-            f"{spec!r}: combine at most one eviction method with at most one storage method "
-            f"(e.g. 'streaming:window=2048+kivi:bits=4')"
+            f"{spec!r}: combine at most one eviction method with at most one storage method, or a transform "
+            f"and a storage method (e.g. 'streaming:window=2048+kivi:bits=4', 'lowrank:ratio=0.5+kivi:bits=4')"
         )
+    if len(representations) == 2:  # a transform (lowrank) whose output the second one stores (kivi)
+        if representations[1].takes_inner:
+            raise SpecError(f"{spec!r}: {representations[1].name} transforms tokens and cannot store another method's output")
+        try:
+            representations[0].chain(representations[1])
+        except ValueError as err:
+            raise SpecError(f"{spec!r}: {err}") from None
     return (selections[0] if selections else None), (representations[0] if representations else None)
 
 
@@ -263,8 +364,12 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict):
     inputs = kwargs.get("input_ids")
     if inputs is None:
         inputs = kwargs["inputs_embeds"]
-    mask = cache.observe_inputs(kwargs.get("attention_mask"), inputs.shape[1])
-    if mask is not None:
+    cache.incoming_positions = kwargs.get("position_ids")  # None: the model numbers them from seen
+    own_attention = module.config._attn_implementation == attention.NAME
+    mask = cache.observe_inputs(kwargs.get("attention_mask"), inputs.shape[1], build_mask=not own_attention)
+    if own_attention:
+        kwargs["kvcompress_cache"] = cache  # that attention builds each layer's mask itself
+    elif mask is not None:
         if module.config._attn_implementation == "eager":
             mask = torch.zeros(mask.shape, dtype=module.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(module.dtype).min
@@ -290,12 +395,18 @@ def make_cache(method: str, model) -> CompressedCache:
     Args:
         method: a spec such as ``"streaming:sink=4,window=1024"``, ``"kivi:bits=2"``,
             ``"streaming:window=2048+kivi:bits=4"`` or ``"none"``.
-        model: a transformers causal LM.
+        model: a transformers causal LM. Methods that score tokens by attention switch it to the
+            ``kvcompress`` attention implementation (same results as ``sdpa``).
 
     Raises:
         SpecError: unknown method or parameter, or a bad value.
+        kvcompress.calibration.CalibrationError: a method's calibration is missing or for another model.
     """
     cache = CompressedCache(method, model.config)
+    if cache.representation is not None:
+        cache.representation.prepare(model)  # e.g. lowrank loads (or builds) the model's calibration
+    if cache.needs_attention and model.config._attn_implementation != attention.NAME:
+        model.set_attn_implementation(attention.NAME)
     if model not in _HOOKED_MODELS:
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
         _HOOKED_MODELS.add(model)

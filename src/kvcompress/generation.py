@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -66,6 +67,7 @@ def generate(
     question: str | None = None,
     method: str = "none",
     max_new_tokens: int = 64,
+    question_aware: bool = False,
 ) -> str | list[str]:
     """Compress ``context`` with ``method``, then ask ``question`` (not compressed) and answer greedily.
 
@@ -76,6 +78,10 @@ def generate(
         question: asked after each context; None to continue the context.
         method: compression spec, e.g. ``"streaming:window=1024+kivi:bits=4"``.
         max_new_tokens: answer length limit.
+        question_aware: compress the context only once the question has been read, so methods
+            that score tokens by attention (SnapKV, H2O, ...) see the question (SnapKV's original
+            setting, for one-shot document Q&A). The default compresses the context on its own,
+            so the compressed context could serve any question.
 
     Returns:
         The answer, or a list of answers for a list of contexts.
@@ -84,12 +90,18 @@ def generate(
         ContextTooLongError: the prompt exceeds the model's maximum position.
         SpecError: bad method spec.
     """
-    answers = answer(model, tokenizer, context, question, make_cache(method, model), max_new_tokens)
+    answers = answer(model, tokenizer, context, question, make_cache(method, model), max_new_tokens, question_aware)
     return answers[0] if isinstance(context, str) else answers
 
 
 def answer(
-    model, tokenizer, context: str | list[str], question: str | None, cache: CompressedCache, max_new_tokens: int
+    model,
+    tokenizer,
+    context: str | list[str],
+    question: str | None,
+    cache: CompressedCache,
+    max_new_tokens: int,
+    question_aware: bool = False,
 ) -> list[str]:
     """:func:`generate` with a cache the caller made (and can inspect afterwards); always returns a list."""
     contexts = [context] if isinstance(context, str) else list(context)
@@ -111,7 +123,8 @@ def answer(
         raise ContextTooLongError(
             f"the prompt is {total} tokens but the model accepts at most {limit}; shorten the context"
         )
-    prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
+    with cache.deferred() if question_aware else contextlib.nullcontext():
+        prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
     out = model.generate(
         input_ids=input_ids,

@@ -91,7 +91,7 @@ class KIVI(Representation):
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
 
-    def new_store(self, head_dim: int, dtype: torch.dtype) -> KIVIStore:
+    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int = 0) -> KIVIStore:
         if head_dim % self.group:
             raise ValueError(
                 f"kivi: group={self.group} must divide the model's head dim {head_dim}; "
@@ -111,7 +111,7 @@ class KIVIStore:
     Tensors held (``N`` tokens, ``G`` group, ``P = D * bits / 8`` packed bytes):
     ``key_codes (B, H, N, P)`` uint8, ``key_scale``/``key_min (B, H, N/G, D)``,
     ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``, and a
-    ``(B, N)`` bool validity mask only while some slot is padding or evicted.
+    ``(B, H, N)`` bool validity mask only while some slot is padding or evicted.
     """
 
     def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype):
@@ -132,10 +132,10 @@ class KIVIStore:
         g = self.block
         # Keys: per channel, statistics over each group of g tokens.
         blocks = keys.unflatten(2, (n // g, g))  # (B, H, n/g, g, D)
-        token_valid = None if valid is None else valid[:, None, :, None].unflatten(2, (n // g, g))
+        token_valid = None if valid is None else valid[..., None].unflatten(2, (n // g, g))  # (B, H, n/g, g, 1)
         key_codes, key_scale, key_min = quantize(blocks, self.bits, dim=3, valid=token_valid)
         # Values: per token, statistics over each group of g channels.
-        chans = values.unflatten(3, (dim // g, g))  # (B, H, n, D/g, g)
+        chans = values.unflatten(3, (values.shape[3] // g, g))  # (B, H, n, Dv/g, g); Dv may differ from D
         value_codes, value_scale, value_min = quantize(chans, self.bits, dim=4)
         new = {
             "key_codes": pack(key_codes.flatten(2, 3), self.bits),  # (B, H, n, P)
@@ -147,16 +147,16 @@ class KIVIStore:
         }
         old_n = len(self)
         self.tensors = {k: torch.cat([self.tensors[k], t], 2) if self.tensors else t for k, t in new.items()}
-        self._set_valid(old_n, n, valid, batch, keys.device)
+        self._set_valid(old_n, n, valid, batch, heads, keys.device)
 
-    def _set_valid(self, old_n, n, valid, batch, device) -> None:
+    def _set_valid(self, old_n, n, valid, batch, heads, device) -> None:
         if valid is None or bool(valid.all()):
             if self._valid is not None:
-                self._valid = torch.cat([self._valid, self._valid.new_ones(batch, n)], 1)
+                self._valid = torch.cat([self._valid, self._valid.new_ones(batch, heads, n)], 2)
             return
         if self._valid is None:
-            self._valid = torch.ones(batch, old_n, dtype=torch.bool, device=device)
-        self._valid = torch.cat([self._valid, valid], 1)
+            self._valid = torch.ones(batch, heads, old_n, dtype=torch.bool, device=device)
+        self._valid = torch.cat([self._valid, valid], 2)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         t, g = self.tensors, self.block
@@ -173,17 +173,20 @@ class KIVIStore:
     def valid(self) -> torch.Tensor | None:
         return self._valid
 
-    def compact(self, keep: torch.Tensor) -> None:
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Free the blocks no row or head keeps a token of; return the ``(B, H, n)`` old slot of each slot."""
         g = self.block
-        live_blocks = keep.unflatten(1, (-1, g)).any(2).any(0)  # (N/g,) a block lives if any row keeps a token
+        # (N/g,): a block lives while any row or head keeps one of its tokens
+        live_blocks = keep.unflatten(2, (-1, g)).any(3).flatten(0, 1).any(0)
         tokens = live_blocks.repeat_interleave(g)  # (N,)
         for name, t in self.tensors.items():
             index = live_blocks if name == "key_scale" or name == "key_min" else tokens
             self.tensors[name] = t[:, :, index]
         self._valid = None
-        valid = keep[:, tokens]
+        valid = keep[:, :, tokens]
         if not bool(valid.all()):
             self._valid = valid
+        return tokens.nonzero().flatten().expand(*keep.shape[:2], -1)
 
     def map_batch(self, fn) -> None:
         self.tensors = {k: fn(t) for k, t in self.tensors.items()}

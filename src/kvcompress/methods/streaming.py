@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.base import Selection
+from kvcompress.methods.base import LayerView, Selection
 from kvcompress.registry import register
 
 
@@ -42,9 +42,10 @@ class StreamingLLM(Selection):
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
 
-    def select(self, valid: torch.Tensor) -> torch.Tensor | None:
-        count = valid.sum(1, keepdim=True)  # (B, 1) real tokens per row
+    def select(self, view: LayerView) -> torch.Tensor | None:
+        valid = view.valid
+        count = valid.sum(-1, keepdim=True)  # (B, H, 1) real tokens per row and head
         if bool((count <= self.sink + self.window).all()):
             return None
-        rank = valid.cumsum(1) - 1  # (B, S) age rank of each real token, 0 = oldest
+        rank = valid.cumsum(-1) - 1  # (B, H, S) age rank of each real token, 0 = oldest
         return valid & ((rank < self.sink) | (rank >= count - self.window))

@@ -1,0 +1,423 @@
+"""Low-rank K/V ("multi-head compression"): the cache stores coordinates on a calibrated basis.
+
+Shapes: ``B`` batch, ``H`` KV heads, ``N`` stored tokens, ``D`` head dim. Heads are projected in
+``G`` groups of ``E = H / G * D`` dims: by default one group per layer (the layer's KV heads
+concatenated, ``G = 1``), or one per head (``per_head``, ``G = H``). ``r_k``/``r_v`` are the
+layer's key and value ranks.
+
+Per layer, keys and values are projected onto the leading principal directions of their
+calibration statistics (:mod:`kvcompress.calibration`): ``z = (x - mu) U`` with ``U (E, r)``
+orthonormal, and rebuilt as ``x ~ mu + z Uᵀ``. The store holds ``z``, ``(B, G, N, r)``, and rebuilds
+``(B, H, N, D)`` keys and values transiently for attention.
+
+Keys use a **pre-rotary** basis: the store undoes the rotary rotation at each token's position,
+projects, and rotates back when it rebuilds; it keeps the ``(B, H, N)`` int32 positions for that.
+Measured on SmolLM2-135M (``experiments/lowrank_key_basis.py``; calibrated on code, 2,048 prose
+tokens compressed, 256 scored), keeping half the key dims per head costs +1.6% perplexity with a
+pre-rotary basis against +50% with a post-rotary one (joint heads: -0.7% against +12.9%): rotation
+spreads a key's energy over every channel pair at a rate that depends on its position, so
+post-rotary keys are far from low-rank. The price: rebuilding costs a rotation per key per step,
+and queries cannot be projected into the key latent space (the rotation differs per key), so only
+the value half of attention can run in latent space (:func:`latent_attention`).
+
+Values are mixed in latent space where attention allows it: ``softmax(q Kᵀ) (mu + Z Uᵀ) =
+mu + (softmax(q Kᵀ) Z) Uᵀ``, exactly (softmax rows sum to one). :func:`latent_attention` computes
+that; the model's attention currently gets rebuilt values from :meth:`LowRankStore.keys_values`.
+
+Composition: ``lowrank+kivi`` hands the latents to KIVI's store, which quantizes them like keys
+and values of head dim ``r_k``/``r_v`` (its ``group`` must divide both ranks). The pipeline's
+full-precision window keeps the larger of the two ``residual`` s. An eviction method before it
+(``snapkv+lowrank``) works as usual; with per-head eviction, heads of one group may hold different
+tokens in one slot, which a joint basis was not calibrated for (a quality cost, not an error).
+
+Related work: EigenAttention (Saxena et al. 2024, https://arxiv.org/abs/2408.05646) projects K/V
+on PCA bases from calibration activations; Palu (Chang et al. 2024, https://arxiv.org/abs/2407.21118)
+factorises the K/V projection weights with group-head low rank and reconstructs keys before rotary.
+
+Departures:
+- Training-free PCA of calibration activations (as EigenAttention), not Palu's SVD of the weights;
+  bases are per layer and per head group (joint by default: on SmolLM2 per-head bases cost ~2-3x
+  more perplexity at the same bytes, the gap Palu reports for its group-head decomposition).
+- The first ``sink`` tokens of each row are also kept in full precision: attention-sink keys are
+  outliers that no basis fits (SmolLM2, ``key_ratio=0.75,value_ratio=0.25``: +28% perplexity
+  with ``sink=0``, +3% with the default 4).
+- Keys are rebuilt (and rotated) for attention in plain PyTorch: the memory is saved, decode speed
+  is not (measurements in ``experiments/README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.methods.base import Representation, Store
+from kvcompress.methods.grouping import GroupedSlots
+from kvcompress.registry import SpecError, register
+
+ENERGY_ALIGN = 8  # ranks chosen by energy are rounded up to a multiple of this (KIVI groups, matmuls)
+
+
+@dataclass
+class LayerBasis:
+    """One layer's bases: ``*_mean (G, E)``, ``*_basis (G, E, r)`` with orthonormal columns.
+
+    A full-rank side (``r = E``) has no basis (None): its tokens are stored as they come, which is
+    exactly "compression off" (a full orthonormal basis would rebuild them only to ~1e-6).
+    """
+
+    groups: int
+    key_mean: torch.Tensor | None
+    key_basis: torch.Tensor | None
+    value_mean: torch.Tensor | None
+    value_basis: torch.Tensor | None
+
+    @property
+    def ranks(self) -> tuple[int | None, int | None]:
+        """``(r_k, r_v)``, None for a full-rank side."""
+        return tuple(None if b is None else b.shape[-1] for b in (self.key_basis, self.value_basis))
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.key_mean, self.key_basis, self.value_mean, self.value_basis) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def principal(mean: torch.Tensor, cov: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Principal directions of each head group from a layer's joint statistics.
+
+    Args:
+        mean: ``(H*D,)``; cov: ``(H*D, H*D)``; groups: ``G``, which must divide ``H*D`` into equal
+            blocks of whole heads.
+
+    Returns:
+        ``mean (G, E)``, ``basis (G, E, E)`` columns by decreasing variance, ``variance (G, E)``.
+    """
+    e = mean.shape[0] // groups
+    blocks = cov.double().unflatten(0, (groups, e)).unflatten(2, (groups, e))  # (G, E, G, E)
+    diag = torch.stack([blocks[g, :, g] for g in range(groups)])  # (G, E, E)
+    variance, basis = torch.linalg.eigh(diag)  # ascending
+    return mean.view(groups, e), basis.flip(-1).float(), variance.flip(-1).clamp_min(0).float()
+
+
+def energy_rank(variance: torch.Tensor, energy: float) -> int:
+    """Smallest rank (rounded up to :data:`ENERGY_ALIGN`) keeping ``energy`` of every group's variance."""
+    kept = variance.cumsum(-1) / variance.sum(-1, keepdim=True).clamp_min(1e-30)  # (G, E)
+    rank = int((kept < energy - 1e-9).sum(-1).max()) + 1
+    dims = variance.shape[-1]
+    return min(dims, math.ceil(rank / ENERGY_ALIGN) * ENERGY_ALIGN)
+
+
+@register("lowrank")
+@dataclass
+class LowRank(Representation):
+    """Low-rank K/V on calibrated bases: ``lowrank:ratio=0.5`` or ``lowrank:energy=0.95``.
+
+    Args:
+        ratio: fraction of each group's dims dropped, for keys and values alike (default 0.5 when
+            no other rank parameter is given); ``0`` keeps every dim (no compression).
+        key_ratio: fraction of key dims dropped; overrides ``ratio`` for keys.
+        value_ratio: fraction of value dims dropped; overrides ``ratio`` for values.
+        energy: instead of ratios, per layer the smallest ranks keeping this fraction of the
+            calibration variance of every group, for keys and values separately (rounded up to a
+            multiple of 8).
+        per_head: one basis per KV head instead of one per layer's KV heads jointly.
+        residual: most recent tokens kept in full precision.
+        sink: first tokens held also kept in full precision (attention sinks).
+        calibration: a calibration file (``kvcompress calibrate``); empty for the model's default
+            one, built on first use.
+    """
+
+    ratio: float | None = None
+    key_ratio: float | None = None
+    value_ratio: float | None = None
+    energy: float | None = None
+    per_head: bool = False
+    residual: int = 128
+    sink: int = 4
+    calibration: str = ""
+
+    takes_inner = True
+    needs_positions = True
+
+    def __post_init__(self):
+        for name in ("ratio", "key_ratio", "value_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1) (the fraction of dims dropped), got {value}")
+        if self.energy is not None:
+            if not 0 < self.energy <= 1:
+                raise ValueError(f"energy must be in (0, 1] (the fraction of variance kept), got {self.energy}")
+            if any(getattr(self, n) is not None for n in ("ratio", "key_ratio", "value_ratio")):
+                raise ValueError("give energy or ratios (ratio, key_ratio, value_ratio), not both")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        self.inner: Representation | None = None
+        self.heads = 0
+        self.bases: dict[int, LayerBasis] = {}
+        self.rotary = None
+
+    def chain(self, inner: Representation) -> None:
+        self.inner = inner
+        self.residual = max(self.residual, inner.residual)  # one window serves both
+
+    def prepare(self, model) -> None:
+        from kvcompress.calibration import Rotary, load_or_build
+
+        calibration = load_or_build(model, self.calibration or None)
+        heads, dim = calibration.heads, calibration.head_dim
+        groups = heads if self.per_head else 1
+        dtype, device = model.dtype, model.device
+        self.heads = heads
+        self.rotary = Rotary(model)
+        self.bases = {}
+        for layer in range(calibration.keys_mean.shape[0]):
+            parts = []
+            for kind, ratio in (("keys", self.key_ratio), ("values", self.value_ratio)):
+                mean, basis, variance = principal(
+                    getattr(calibration, f"{kind}_mean")[layer], getattr(calibration, f"{kind}_cov")[layer], groups
+                )
+                rank = self.rank(variance, ratio)
+                if rank == basis.shape[-1]:
+                    parts += [None, None]
+                else:
+                    parts += [mean.to(device, dtype), basis[..., :rank].to(device, dtype).contiguous()]
+            self.bases[layer] = LayerBasis(groups, *parts)
+        if self.inner is not None:
+            self.inner.prepare(model)
+            for layer in self.bases:  # fail now, not in the middle of a forward
+                self.new_store(dim, dtype, layer)
+
+    def rank(self, variance: torch.Tensor, ratio: float | None) -> int:
+        """Rank of one layer's keys or values from ``(G, E)`` variances and the spec."""
+        dims = variance.shape[-1]
+        if self.energy is not None:
+            return energy_rank(variance, self.energy)
+        ratio = ratio if ratio is not None else (self.ratio if self.ratio is not None else 0.5)
+        return max(1, round(dims * (1 - ratio)))
+
+    @property
+    def fixed_nbytes(self) -> int:
+        return sum(b.nbytes for b in self.bases.values()) + (self.rotary.nbytes if self.rotary is not None else 0)
+
+    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int) -> LowRankStore:
+        if layer_idx not in self.bases:
+            raise ValueError(
+                "lowrank needs the model's calibration: build the cache with kvcompress.make_cache(spec, model), "
+                "not CompressedCache(spec, config)"
+            )
+        basis = self.bases[layer_idx]
+        width = head_dim * self.heads // basis.groups  # E
+        ranks = tuple(width if r is None else r for r in basis.ranks)
+        if self.inner is None:
+            inner = FullPrecisionBuffer()
+        else:
+            try:
+                for rank in ranks:  # the inner store sees latents of width r_k and r_v as its "head dim"
+                    inner = self.inner.new_store(rank, dtype, layer_idx)
+            except ValueError as err:
+                raise SpecError(
+                    f"lowrank+{self.inner.name}: layer {layer_idx} stores latents of {ranks[0]} (keys) and {ranks[1]} "
+                    f"(values) dims, which {self.inner.name} must accept as its head dim: {err}"
+                ) from None
+        return LowRankStore(basis, self.rotary, inner, self.sink)
+
+
+class LowRankStore:
+    """Latent keys and values of one layer, stored by an inner store, plus what rebuilding needs.
+
+    Tensors held: the inner store's (``(B, G, N, r_k)``/``(B, G, N, r_v)`` latents, full precision
+    or quantized), ``positions (B, H, N)`` int32, a ``(B, H, N)`` bool validity mask while some slot
+    is padding or evicted, and the :class:`Sinks`.
+    """
+
+    def __init__(self, basis: LayerBasis, rotary, inner: Store, sink: int):
+        self.basis, self.rotary, self.inner = basis, rotary, inner
+        self.block = inner.block
+        self.positions: torch.Tensor | None = None  # (B, H, N) int32
+        self.slots: GroupedSlots | None = None  # per-head validity, made at the first append
+        self.sinks = Sinks(sink)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    @property
+    def nbytes(self) -> int:
+        held = self.positions.numel() * self.positions.element_size() if self.positions is not None else 0
+        return self.inner.nbytes + held + self.sinks.nbytes + (self.slots.nbytes if self.slots else 0)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        batch, heads, n, dim = x.shape
+        groups = self.basis.groups
+        return x.view(batch, groups, heads // groups, n, dim).transpose(2, 3).flatten(3)  # (B, G, n, E)
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, groups, n, e = x.shape
+        return x.view(batch, groups, n, heads // groups, e * groups // heads).transpose(2, 3).flatten(1, 2)  # (B, H, n, D)
+
+    def _project(self, x: torch.Tensor, valid: torch.Tensor | None, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, G, n, r)`` of ``(B, H, n, D)`` vectors; a head's padding or evicted slot counts as
+        its mean, so what it holds (a filler) cannot leak into the latent of the group's other heads."""
+        centered = self._grouped(x) - mean[:, None]  # (B, G, n, E)
+        if valid is not None:
+            centered = centered * self._grouped(valid[..., None].to(x.dtype).expand_as(x))
+        return centered @ basis
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor | None = None) -> None:
+        """Add ``(B, H, n, D)`` post-rotary keys and values at ``positions`` ``(B, H, n)``."""
+        batch, heads, n, _ = keys.shape
+        if positions is None:
+            raise ValueError("LowRankStore.append needs the tokens' positions (lowrank.needs_positions)")
+        self.sinks.add(keys, values, valid, len(self.inner))
+        b = self.basis
+        z_k, z_v = self._grouped(keys), self._grouped(values)  # (B, G, n, E)
+        if b.key_basis is not None:
+            z_k = self._project(self.rotary.unrotate(keys, positions), valid, b.key_mean, b.key_basis)  # (B, G, n, r_k)
+        if b.value_basis is not None:
+            z_v = self._project(values, valid, b.value_mean, b.value_basis)  # (B, G, n, r_v)
+        if self.slots is None:
+            self.slots = GroupedSlots(torch.arange(heads) // (heads // b.groups), b.groups)  # contiguous groups
+        group_valid = self.slots.append(valid, batch, heads, len(self.inner), n, keys.device)  # (B, G, n)
+        self.inner.append(z_k, z_v, group_valid)
+        positions = positions.to(torch.int32)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.basis
+        z_k, z_v = self.inner.keys_values()  # (B, G, N, r)
+        heads = self.positions.shape[1]
+        if b.key_basis is None:
+            keys = self._heads(z_k, heads)
+        else:
+            keys = self._heads(z_k @ b.key_basis.transpose(1, 2) + b.key_mean[:, None], heads)  # (B, H, N, D)
+            keys = self.rotary.rotate(keys, self.positions)
+        if b.value_basis is None:
+            values = self._heads(z_v, heads)
+        else:
+            values = self._heads(z_v @ b.value_basis.transpose(1, 2) + b.value_mean[:, None], heads)
+        if self.sinks.keys is not None:  # (a full-rank side is a view of the inner store: copy it first)
+            keys, values = keys.clone() if b.key_basis is None else keys, values.clone() if b.value_basis is None else values
+            self.sinks.write(keys, values)
+        return keys, values
+
+    def valid(self) -> torch.Tensor | None:
+        return self.slots.valid if self.slots else None
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Keep the slots some head of a group keeps; return the ``(B, H, n)`` old slot of each."""
+        old = len(self.inner)
+        index = self.slots.compact(self.inner, keep)  # (B, H, n)
+        self.positions = self.positions.gather(-1, index)
+        self.sinks.compact(index, old)
+        return index
+
+    def map_batch(self, fn) -> None:
+        self.inner.map_batch(fn)
+        if self.slots:
+            self.slots.map_batch(fn)
+        self.sinks.map_batch(fn)
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+
+
+class Sinks:
+    """Full-precision copies of the first ``count`` valid tokens of every row and head of a store.
+
+    Tensors held: ``keys``/``values (B, H, m, D)`` and ``slot (B, H, m)`` int64, the store slot of
+    each copy (-1 while unfilled, or once an eviction dropped its token). Tokens reach the store in
+    position order, so these are each sequence's first tokens whatever its padding; copying stops
+    at the first eviction (later tokens are not sinks).
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.slot: torch.Tensor | None = None
+        self.open = count > 0
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.keys, self.values, self.slot) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, first_slot: int) -> None:
+        """Copy the sinks among ``(B, H, n, D)`` tokens about to occupy slots ``first_slot ..``."""
+        if not self.open:
+            return
+        batch, heads, n, dim = keys.shape
+        if self.slot is None:
+            self.slot = torch.full((batch, heads, self.count), -1, dtype=torch.long, device=keys.device)
+            self.keys = keys.new_zeros(batch, heads, self.count, dim)
+            self.values = values.new_zeros(batch, heads, self.count, dim)
+        real = torch.ones(batch, heads, n, dtype=torch.bool, device=keys.device) if valid is None else valid
+        rank = (self.slot >= 0).sum(-1, keepdim=True) + real.long().cumsum(-1) - 1  # (B, H, n) sink index
+        b, h, j = (real & (rank < self.count)).nonzero(as_tuple=True)
+        r = rank[b, h, j]
+        self.slot[b, h, r] = first_slot + j
+        self.keys[b, h, r], self.values[b, h, r] = keys[b, h, j], values[b, h, j]
+        self.open = bool((self.slot < 0).any())
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` keys and values with the copies."""
+        b, h, j = (self.slot >= 0).nonzero(as_tuple=True)
+        keys[b, h, self.slot[b, h, j]] = self.keys[b, h, j]
+        values[b, h, self.slot[b, h, j]] = self.values[b, h, j]
+
+    def compact(self, index: torch.Tensor, old: int) -> None:
+        """Follow a compaction that kept ``index`` ``(B, H, n)`` (old slots) of ``old`` slots."""
+        self.open = False
+        if self.slot is None:
+            return
+        position = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+        new_slot = torch.full((*index.shape[:2], old), -1, dtype=torch.long, device=index.device).scatter_(-1, index, position)
+        self.slot = torch.where(self.slot >= 0, new_slot.gather(-1, self.slot.clamp_min(0)), -1)
+
+    def map_batch(self, fn) -> None:
+        if self.slot is not None:
+            self.keys, self.values, self.slot = fn(self.keys), fn(self.values), fn(self.slot)
+
+
+def latent_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    value_latent: torch.Tensor,
+    value_basis: torch.Tensor,
+    value_mean: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention whose values are mixed in latent space and projected back once per query.
+
+    ``softmax(q Kᵀ) (mu + Z Uᵀ) = mu + (softmax(q Kᵀ) Z) Uᵀ``: with ``N`` tokens and ``q`` queries it
+    costs ``N r`` per query head instead of rebuilding ``N D`` values per KV head.
+
+    Args:
+        query: ``(B, Hq, q, D)``.
+        keys: ``(B, H, N, D)`` (rebuilt and rotated: the key basis is pre-rotary).
+        value_latent: ``(B, G, N, r)``; value_basis: ``(G, E, r)``; value_mean: ``(G, E)`` with
+            ``E = H / G * D``.
+        mask: ``(B, Hq, q, N)`` bool (True: attend), or None.
+        scaling: softmax scale.
+
+    Returns:
+        ``(B, Hq, q, D)``, equal to attention on the rebuilt values.
+    """
+    batch, q_heads, q, dim = query.shape
+    heads, groups = keys.shape[1], value_latent.shape[1]
+    rep = q_heads // heads
+    scores = query @ keys.repeat_interleave(rep, 1).transpose(2, 3) * scaling  # (B, Hq, q, N)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    per_group = q_heads // groups
+    mixed = weights.view(batch, groups, per_group, q, -1) @ value_latent[:, :, None]  # (B, G, Hq/G, q, r)
+    # Query head j of group g reads KV head j // rep of the group: its D rows of the group's basis.
+    basis = value_basis.view(groups, heads // groups, dim, -1).repeat_interleave(rep, 1)  # (G, Hq/G, D, r)
+    mean = value_mean.view(groups, heads // groups, dim).repeat_interleave(rep, 1)  # (G, Hq/G, D)
+    out = mixed @ basis.transpose(-1, -2) + mean[:, :, None]  # (B, G, Hq/G, q, D)
+    return out.view(batch, q_heads, q, dim)

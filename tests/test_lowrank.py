@@ -1,0 +1,218 @@
+"""Low-rank K/V: reconstruction vs rank, latent-space attention, exact bytes, composition.
+
+Tensor tests use a random 2-layer Llama (``tiny``) for its rotary embedding and calibration; model
+tests use the default model and its default calibration (built once into the user cache).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvcompress
+from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.calibration import Calibration, Rotary, _moments, model_identity
+from kvcompress.generation import cache_kwarg
+from kvcompress.methods.lowrank import LayerBasis, LowRank, LowRankStore, latent_attention, principal
+from kvcompress.registry import SpecError, parse_spec
+
+H, D = 2, 32  # the tiny model's KV heads and head dim
+
+
+def _data(tokens=256, seed=0):
+    """``(1, H, T, D)`` keys/values with a decaying spectrum (most variance in few directions)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, H * D)
+    mix = torch.linalg.qr(torch.randn(H * D, H * D, generator=g))[0]
+    x = (torch.randn(tokens, H * D, generator=g) * scales) @ mix.T + 0.3
+    return x.view(tokens, H, D).transpose(0, 1)[None].contiguous()  # (1, H, T, D)
+
+
+def _store(tiny, keys, values, key_rank, value_rank, groups=1, sink=0, inner=None):
+    """A LowRankStore with PCA bases fitted on ``keys``/``values`` themselves (pre-rotary keys)."""
+    rotary = Rotary(tiny)
+    positions = torch.arange(keys.shape[2])
+    parts = []
+    for x, rank in ((rotary.unrotate(keys, positions), key_rank), (values, value_rank)):
+        mean, cov = _moments(x[0])
+        mean, basis, _ = principal(mean, cov, groups)
+        parts += [None, None] if rank == basis.shape[-1] else [mean, basis[..., :rank].contiguous()]
+    return LowRankStore(LayerBasis(groups, *parts), rotary, inner or FullPrecisionBuffer(), sink)
+
+
+def _positions(keys):
+    return torch.arange(keys.shape[2]).expand(*keys.shape[:2], -1)
+
+
+@pytest.mark.parametrize("groups", [1, H])
+def test_reconstruction_error_falls_as_rank_rises(tiny, groups):
+    keys, values = _data(), _data(seed=1)
+    keys = Rotary(tiny).rotate(keys, torch.arange(keys.shape[2]))  # what the cache receives
+    errors = []
+    width = H * D // groups  # E
+    for rank in (width // 16, width // 4, width // 2, width * 3 // 4):
+        store = _store(tiny, keys, values, rank, rank, groups)
+        store.append(keys, values, None, positions=_positions(keys))
+        k, v = store.keys_values()
+        errors.append(((k - keys).norm() / keys.norm() + (v - values).norm() / values.norm()).item())
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.2
+
+
+def test_full_rank_basis_rebuilds_exactly(tiny):
+    """A full orthonormal basis (forced, not the identity shortcut) rebuilds to float precision."""
+    keys, values = _data(), _data(seed=1)
+    keys = Rotary(tiny).rotate(keys, torch.arange(keys.shape[2]))
+    rotary = Rotary(tiny)
+    stats = [principal(*_moments(x[0]), 1) for x in (rotary.unrotate(keys, torch.arange(256)), values)]
+    store = LowRankStore(LayerBasis(1, stats[0][0], stats[0][1], stats[1][0], stats[1][1]), rotary, FullPrecisionBuffer(), 0)
+    store.append(keys, values, None, positions=_positions(keys))
+    k, v = store.keys_values()
+    torch.testing.assert_close(k, keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, H])
+def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups):
+    keys, values = _data(), _data(seed=1)
+    store = _store(tiny, keys, values, 16 // groups, 24 // groups, groups)
+    store.append(keys, values, None, positions=_positions(keys))
+    k, v = store.keys_values()
+    z_v = store.inner.keys_values()[1]  # (B, G, N, r_v)
+    query = torch.randn(1, 4, 3, D)  # 4 query heads over 2 KV heads, 3 queries
+    mask = torch.rand(1, 4, 3, keys.shape[2]) > 0.3
+    reference = F.scaled_dot_product_attention(
+        query, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.2
+    )
+    ours = latent_attention(query, k, z_v, store.basis.value_basis, store.basis.value_mean, mask, 0.2)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
+    keys, values = _data(96), _data(96, seed=1)
+    store = _store(tiny, keys, values, 8, 24, sink=4)
+    store.append(keys, values, None, positions=_positions(keys) + 10)
+    capacity = 128  # the latent buffer reserves 64 tokens at a time
+    latents = capacity * (8 + 24) * 4
+    sinks = 2 * H * 4 * D * 4 + H * 4 * 8  # fp32 copies and their int64 slots
+    assert store.nbytes == latents + H * 96 * 4 + sinks  # + int32 positions
+    keep = torch.ones(1, H, 96, dtype=torch.bool)
+    keep[:, 0, 50:60] = False  # head 0 drops 10 tokens, head 1 keeps them: the joint slot stays
+    keep[:, :, 70:80] = False
+    index = store.compact(keep)
+    assert index.shape == (1, H, 86) and len(store) == 86
+    assert torch.equal(store.positions, (index + 10).to(torch.int32))
+    assert store.valid()[0, 0].sum() == 76 and store.valid()[0, 1].all()
+    assert store.sinks.slot.tolist() == [[[0, 1, 2, 3]] * H]  # the first slots did not move
+    keep = store.valid().clone()  # a selection keeps a subset of the valid slots
+    keep[:, :, 1] = False
+    store.compact(keep)
+    assert store.sinks.slot.tolist() == [[[0, -1, 1, 2]] * H]  # sink 1 evicted, the others moved up
+    # Compaction reallocates exactly: latents, int32 positions, the (1, H, 85) bool mask of head 0's holes.
+    assert store.nbytes == 85 * 32 * 4 + H * 85 * 4 + H * 85 + sinks
+
+
+def test_sinks_are_each_rows_first_tokens_in_full_precision(tiny):
+    keys, values = _data(64), _data(64, seed=1)
+    keys[:, :, 0] *= 30  # an attention-sink-like outlier
+    keys, values = torch.cat([keys, keys.roll(3, 2)]), torch.cat([values, values.roll(3, 2)])  # row 1: 3 pads first
+    valid = torch.ones(2, H, 64, dtype=torch.bool)
+    valid[1, :, :3] = False
+    store = _store(tiny, keys[:1], values[:1], 4, 4, sink=2)
+    store.append(keys, values, valid, positions=(_positions(keys) - 3 * valid[:, :, :1].logical_not()).clamp_min(0))
+    k, v = store.keys_values()
+    assert torch.equal(k[0, :, :2], keys[0, :, :2]) and torch.equal(v[0, :, :2], values[0, :, :2])
+    assert torch.equal(k[1, :, 3:5], keys[1, :, 3:5]) and torch.equal(v[1, :, 3:5], values[1, :, 3:5])
+    torch.testing.assert_close(k[1, :, 3:], k[0, :, :-3])  # the padded row rebuilds as it does alone
+
+
+def test_spec_validation_names_the_fix():
+    with pytest.raises(SpecError, match=r"ratio must be in \[0, 1\)"):
+        parse_spec("lowrank:ratio=1")
+    with pytest.raises(SpecError, match="energy or ratios"):
+        parse_spec("lowrank:energy=0.9,ratio=0.5")
+    with pytest.raises(SpecError, match=r"energy must be in \(0, 1\]"):
+        parse_spec("lowrank:energy=0")
+    with pytest.raises(SpecError, match="cannot store another method's output"):
+        kvcompress.CompressedCache("kivi:bits=4+lowrank:ratio=0.5", _config())
+    with pytest.raises(SpecError, match="at most one"):
+        kvcompress.CompressedCache("lowrank+kivi+kivi", _config())
+    assert LowRank(key_ratio=0.75).rank(torch.ones(1, 64), 0.75) == 16
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+
+
+def test_cache_without_calibration_says_how_to_build_it(tiny):
+    cache = kvcompress.CompressedCache("lowrank:ratio=0.5,residual=0", tiny.config)
+    with pytest.raises(ValueError, match="make_cache"):
+        tiny(torch.tensor([[3, 4, 5]]), use_cache=True, **{cache_kwarg(tiny): cache})
+
+
+class _Tokenizer:
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])}
+
+
+def test_calibration_round_trips_and_rejects_another_model(tiny, tmp_path):
+    from kvcompress.calibration import CalibrationError, calibrate
+
+    calibration = calibrate(tiny, _Tokenizer(), "abcdefgh " * 60, tokens=512, progress=False)
+    path = calibration.save(tmp_path / "tiny.safetensors")
+    loaded = Calibration.load(path, tiny)
+    assert loaded.identity == model_identity(tiny) and loaded.tokens == 512 - 4
+    for name in ("keys_mean", "keys_cov", "values_mean", "values_cov"):
+        assert torch.equal(getattr(loaded, name), getattr(calibration, name))
+    other = type(tiny)(tiny.config)  # same shapes, other weights
+    with pytest.raises(CalibrationError, match=r"made for another model \(weights"):
+        Calibration.load(path, other)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        Calibration.load(tmp_path / "missing.safetensors", tiny)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a calibration")
+    with pytest.raises(CalibrationError, match="not a safetensors file"):
+        Calibration.load(tmp_path / "junk.safetensors", tiny)
+
+
+def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
+    from kvcompress.calibration import calibrate
+
+    path = calibrate(tiny, _Tokenizer(), "abcdefgh " * 60, tokens=512, progress=False).save(tmp_path / "c.safetensors")
+    with pytest.raises(SpecError, match="group=32 must divide"):
+        kvcompress.make_cache(f"lowrank:ratio=0.75,calibration={path}+kivi:bits=4", tiny)
+    cache = kvcompress.make_cache(f"lowrank:ratio=0.75,residual=8,calibration={path}+kivi:bits=4,group=16,residual=0", tiny)
+    ids = torch.randint(3, 128, (1, 70))
+    with torch.no_grad():
+        tiny(ids, use_cache=True, **{cache_kwarg(tiny): cache})
+    layer = cache.compressed_layers[0]
+    assert layer.representation.residual == 8 and len(layer.window) == 22 and len(layer.store) == 48
+    # Latents (G=1, E=64, r=16) as 4-bit KIVI: codes, key scale/min per channel per 16 tokens,
+    # value scale/min per token per 16 channels; plus int32 positions and 4 fp32 sinks with int64 slots.
+    kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2
+    assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8
+    assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + layer.representation.rotary.nbytes
+
+
+@pytest.mark.model
+def test_reconstruction_of_real_keys_improves_with_rank(smol):
+    """On the default model's real keys, calibrated on other text: error falls as rank rises."""
+    model, tokenizer = smol
+    from transformers import DynamicCache
+
+    from kvcompress.generation import cache_kwarg
+
+    ids = tokenizer("Rivers carry sediment to the sea, where deltas form over centuries. " * 20, return_tensors="pt")["input_ids"]
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{cache_kwarg(model): reference})
+    keys, values = reference.layers[10].keys, reference.layers[10].values
+    errors = []
+    for ratio in (0.75, 0.5, 0.25):
+        representation = parse_spec(f"lowrank:ratio={ratio},sink=0")[0]
+        representation.prepare(model)
+        store = representation.new_store(64, torch.float32, 10)
+        store.append(keys, values, None, positions=_positions(keys))
+        k, v = store.keys_values()
+        errors.append(((k - keys).norm() / keys.norm()).item() + ((v - values).norm() / values.norm()).item())
+    assert errors[0] > errors[1] > errors[2], errors
