@@ -32,17 +32,22 @@ def _load(name: str | None):
         raise UsageError(str(err)) from None
 
 
+def _read_utf8(name: str, what: str, missing_fix: str) -> str:
+    """The text of file ``name``, or a UsageError naming ``what`` it is and how to fix it."""
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"{what} {str(path)!r} does not exist; {missing_fix}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+
+
 def _read_context(args) -> str:
     if args.context is not None:
         text = args.context
     else:
-        path = Path(args.context_file)
-        if not path.is_file():
-            raise UsageError(f"context file {str(path)!r} does not exist; pass an existing text file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"context file {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+        text = _read_utf8(args.context_file, "context file", "pass an existing text file")
     if not text.strip():
         raise UsageError("the context is empty; pass some text with --context or --context-file")
     return text
@@ -101,13 +106,7 @@ def cmd_calibrate(args) -> None:
         raise UsageError(f"--tokens must be at least {MIN_TOKENS}")
     text = None
     if args.text is not None:
-        path = Path(args.text)
-        if not path.is_file():
-            raise UsageError(f"--text {str(path)!r} does not exist; pass a UTF-8 text file, or omit it for the default text")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"--text {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+        text = _read_utf8(args.text, "--text", "pass a UTF-8 text file, or omit it for the default text")
     model, tokenizer = _load(args.model)
     out = Path(args.out) if args.out else default_path(model)
     try:
