@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.generation import cache_kwarg, prefill
+from kvcompress.methods.adakv import AdaKV
 from kvcompress.methods.base import LayerView
 from kvcompress.methods.knorm import KNorm
 from kvcompress.methods.scored import pyramid_budgets
@@ -102,8 +103,10 @@ def _kept_keys(cache, layer_idx):
 def _assert_keeps(cache, ref_keys, expected_per_head, layer_idx):
     """The layer holds exactly the reference keys at the expected positions, in order."""
     held = _kept_keys(cache, layer_idx)
+    valid = cache.compressed_layers[layer_idx].valid()  # None: every slot of every head is a kept token
     for h, positions in enumerate(expected_per_head):
-        torch.testing.assert_close(held[0, h], ref_keys[layer_idx][0, h, sorted(positions)], atol=1e-4, rtol=0)
+        keys = held[0, h] if valid is None else held[0, h][valid[0, h]]
+        torch.testing.assert_close(keys, ref_keys[layer_idx][0, h, sorted(positions)], atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,79 @@ def ids(smol):
     _, tokenizer = smol
     text = "A lighthouse keeper logs every ship. The ship Aurora passed at dawn with a red flag. " * 6
     return tokenizer(text, return_tensors="pt")["input_ids"][:, :90]
+
+
+def _snapkv_scores(attention, window, kernel):
+    """SnapKV's scores from eager weights ``(1, Hq, S, S)``: the last ``window`` queries' attention,
+    averaged over the query heads of each KV head, average-pooled (edges averaged over real slots)."""
+    n = attention.shape[-1]
+    per_kv = attention[0, :, -window:].sum(1).view(3, 3, n).mean(1)  # (H, S); GQA: 3 query heads per KV head
+    pad = kernel // 2
+    pooled = torch.nn.functional.avg_pool1d(per_kv[:, None], kernel, stride=1, padding=pad, count_include_pad=True)[:, 0]
+    return pooled / torch.nn.functional.avg_pool1d(torch.ones(1, 1, n), kernel, 1, pad, count_include_pad=True)[0]
+
+
+def _adakv_reference(scores, budget, window, alpha):
+    """Plain-Python AdaKV on ``(H, S)`` scores: every head keeps its window and its top
+    ``ceil(alpha * budget)``; the rest of ``H * budget`` goes to the best remaining scores of any head."""
+    heads, n = scores.shape
+    floor = math.ceil(alpha * budget)
+    kept = []
+    for h in range(heads):
+        order = sorted(range(n - window), key=lambda s: -float(scores[h, s]))
+        kept.append(set(range(n - window, n)) | set(order[: max(0, floor - window)]))
+    rest = sorted(
+        ((h, s) for h in range(heads) for s in range(n) if s not in kept[h]), key=lambda hs: -float(scores[hs])
+    )
+    for h, s in rest[: heads * budget - sum(map(len, kept))]:
+        kept[h].add(s)
+    return kept
+
+
+def test_adakv_shares_the_layer_budget_between_heads():
+    torch.manual_seed(0)
+    scores = torch.rand(2, 3, 40)
+    scores[:, 0] *= 0.1  # head 0's attention is weak everywhere: it should give most of its share away
+    keep = AdaKV(ratio=0.5, window=4, kernel=1, alpha=0.25).select(_view(scores))
+    for b in range(2):
+        expected = _adakv_reference(scores[b], budget=20, window=4, alpha=0.25)
+        assert [set(keep[b, h].nonzero().flatten().tolist()) for h in range(3)] == expected
+    counts = keep.sum(-1)  # (B, H)
+    assert (counts.sum(-1) == 3 * 20).all()
+    assert (counts[:, 0] == 5).all() and (counts[:, 1:] > 20).all()  # head 0 keeps only its safeguard
+
+
+def test_adakv_with_alpha_one_is_snapkv():
+    scores = torch.rand(1, 3, 50)
+    ada = AdaKV(ratio=0.5, window=4, alpha=1.0).select(_view(scores))
+    assert torch.equal(ada, SnapKV(ratio=0.5, window=4).select(_view(scores)))
+
+
+@pytest.mark.model
+def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
+    model, _ = smol
+    ref_keys, attentions = _reference(model, ids)
+    cache = kvcompress.make_cache("adakv:ratio=0.5,window=16,kernel=5,alpha=0.2", model)
+    with torch.no_grad():
+        prefill(model, ids, torch.ones_like(ids), cache)
+    n, budget, window = ids.shape[1], math.ceil(ids.shape[1] * 0.5), 16
+    ragged = 0
+    for layer_idx in (0, 17):
+        expected = _adakv_reference(_snapkv_scores(attentions[layer_idx], window, 5), budget, window, 0.2)
+        _assert_keeps(cache, ref_keys, expected, layer_idx)
+        store = cache.compressed_layers[layer_idx].store
+        assert store.lengths[0].tolist() == [len(e) for e in expected]
+        ragged += len(set(store.lengths[0].tolist())) > 1
+    assert ragged  # the heads really hold different numbers of tokens
+    # Only the kept tokens are held: K and V fp32 per kept token of every head, the (B, H) int64
+    # counts, and the float32 scores of the padded view (the window is empty right after the cut).
+    layers = cache.compressed_layers
+    expected_bytes = sum(
+        int(layer.store.lengths.sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) for layer in layers
+    )
+    assert all(len(layer.window) == 0 for layer in layers)
+    assert cache.nbytes == expected_bytes
+    assert sum(int(layer.store.lengths.sum()) for layer in layers) == 30 * 3 * budget
 
 
 @pytest.mark.model
@@ -122,10 +198,7 @@ def test_snapkv_keeps_the_top_pooled_window_attention(smol, ids, layer_idx):
     with torch.no_grad():
         prefill(model, ids, torch.ones_like(ids), cache)
     n, budget, window = ids.shape[1], math.ceil(ids.shape[1] * 0.5), 16
-    weights = attentions[layer_idx][0, :, -window:].sum(1)  # (Hq, S) attention of the last 16 queries
-    per_kv = weights.view(3, 3, n).mean(1)  # GQA: average the 3 query heads of each KV head
-    pooled = torch.nn.functional.avg_pool1d(per_kv[:, None], 5, stride=1, padding=2, count_include_pad=True)[:, 0]
-    pooled = pooled / torch.nn.functional.avg_pool1d(torch.ones(1, 1, n), 5, 1, 2, count_include_pad=True)[0]
+    pooled = _snapkv_scores(attentions[layer_idx], window, kernel=5)
     expected = [set(pooled[h, : n - window].topk(budget - window).indices.tolist()) | set(range(n - window, n)) for h in range(3)]
     _assert_keeps(cache, ref_keys, expected, layer_idx)
 

@@ -1,10 +1,12 @@
 """Decoding-time compression: a long generation runs in bounded cache memory."""
 
+import pytest
 import torch
 from transformers import StoppingCriteria
 
 import kvcompress
 from kvcompress.generation import cache_kwarg
+from kvcompress.methods.scored import pyramid_budgets
 
 
 class RecordBytes(StoppingCriteria):
@@ -57,3 +59,26 @@ def test_long_generation_with_kivi_grows_at_the_quantized_rate(tiny):
     per_token_2bit = 2 * 2 * (8 + 8 + 4 + 4)
     assert growth == per_token_2bit
     assert growth < full_precision / 5
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "tova", "knorm", "pyramidkv", "adakv"])
+def test_long_generation_with_eviction_stays_bounded(tiny, method):
+    budget, block = 64, 32
+    _, cache, history = _generate(tiny, f"{method}:budget={budget},block={block}", 800)
+    assert cache.get_seq_length() == 16 + 800 - 1
+    # PyramidKV: budgets shrink with depth, but no layer keeps fewer than its 32-token window.
+    budgets = [max(b, 32) for b in pyramid_budgets(budget, 2, 20)] if method == "pyramidkv" else [budget, budget]
+    bound = 0
+    for layer, layer_budget in zip(cache.compressed_layers, budgets):  # cut back every `block` tokens
+        valid = layer.valid()
+        real = int(valid.sum()) if valid is not None else 2 * len(layer)
+        assert real <= 2 * (layer_budget + block - 1)  # 2 KV heads (AdaKV: shared between them)
+        # Per KV head at most budget + block - 1 tokens, capacity reserved 64 slots at a time, of
+        # K and V (2 x 32 fp32) and a float32 score; plus AdaKV's int64 count per head.
+        bound += 2 * _round_up(layer_budget + block - 1, 64) * (2 * 32 * 4 + 4) + 2 * 8
+    assert max(history[200:]) <= bound
+    assert history[-1] < 2 * 2 * (16 + 800) * 2 * 32 * 4 / 5  # under a fifth of the uncompressed cache
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple

@@ -135,6 +135,20 @@ TABLE = [
         nbytes=scored_bytes(0.5, 32, True, budgets=[max(b, 16) for b in pyramid_budgets(60, LAYERS, 20)]),
     ),
     Row(
+        "adakv",
+        off="adakv:ratio=0",
+        on="adakv:ratio=0.5,window=16",
+        nbytes=None,  # heads hold what their scores earn: test_adakv_keeps_the_reference_allocation_and_frees_the_rest
+    ),
+    Row(
+        "adakv+kivi",
+        off="adakv:ratio=0+kivi:bits=4,residual=100000",
+        # 8-bit: at 4 bits the shifted quantization groups of the padded row alone flip its second word
+        on="adakv:ratio=0.5,window=16+kivi:bits=8,group=16,residual=16",
+        nbytes=None,  # blocks live while any head keeps a token: covered by the exactness of each part
+        padding_exact=False,
+    ),
+    Row(
         "snapkv+kivi",
         off="snapkv:ratio=0+kivi:bits=4,residual=100000",
         on="snapkv:ratio=0.5,window=16+kivi:bits=4,group=16,residual=16",

@@ -124,3 +124,64 @@ class FullPrecisionBuffer:
             self.k, self.v = fn(self.k), fn(self.v)
         if self._valid is not None:
             self._valid = fn(self._valid)
+
+
+class RaggedBuffer:
+    """Full-precision K/V whose heads hold different numbers of tokens, stored without padding.
+
+    The tokens of every (row, head) are concatenated, row-major, into ``(T, D)`` tensors, ``T``
+    the total tokens held, with a ``(B, H)`` count per head; nothing is reserved for the heads that
+    hold fewer tokens than the longest. Attention reads a transient padded ``(B, H, n, D)`` view,
+    ``n`` the longest head, with a validity mask (as a quantized store dequantizes for attention).
+
+    Implements the :class:`kvcompress.methods.base.Store` protocol with ``block = 1``; it is filled
+    by :meth:`assign` when a layer is compressed, not by ``append``.
+    """
+
+    block = 1
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None  # (T, D)
+        self.v: torch.Tensor | None = None  # (T, Dv)
+        self.lengths: torch.Tensor | None = None  # (B, H) int64 tokens held per head
+
+    def __len__(self) -> int:
+        return int(self.lengths.max()) if self.lengths is not None and self.lengths.numel() else 0
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.k, self.v, self.lengths) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Hold exactly the slots of ``(B, H, S, D)`` keys/values where ``keep`` ``(B, H, S)`` is True,
+        in order; return the ``(B, H, n)`` old slot index of each padded slot held afterwards."""
+        index, valid = compaction_index(keep)  # (B, H, n)
+        self.k = keys.gather(2, index[..., None].expand(*index.shape, keys.shape[3]))[valid]  # (T, D)
+        self.v = values.gather(2, index[..., None].expand(*index.shape, values.shape[3]))[valid]
+        self.lengths = valid.sum(-1)  # (B, H)
+        return index
+
+    def _mask(self) -> torch.Tensor:
+        slot = torch.arange(len(self), device=self.lengths.device)
+        return slot < self.lengths[..., None]  # (B, H, n)
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self._mask()
+        keys = self.k.new_zeros(*mask.shape, self.k.shape[1])
+        values = self.v.new_zeros(*mask.shape, self.v.shape[1])
+        keys[mask], values[mask] = self.k, self.v
+        return keys, values
+
+    def valid(self) -> torch.Tensor | None:
+        if self.lengths is None or bool((self.lengths == len(self)).all()):
+            return None
+        return self._mask()
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        return self.assign(*self.keys_values(), keep & self._mask())
+
+    def map_batch(self, fn) -> None:
+        if self.lengths is not None:
+            keys, values = self.keys_values()
+            self.assign(fn(keys), fn(values), fn(self._mask()))

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvcompress import attention
 from kvcompress.attention import summed_attention
-from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.buffer import FullPrecisionBuffer, RaggedBuffer
 from kvcompress.methods.base import LayerView, Representation, Selection
 from kvcompress.registry import SpecError, parse_spec
 
@@ -68,6 +68,8 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.representation is not None:
             self.store = self.representation.new_store(key_states.shape[-1], key_states.dtype, self.layer_idx)
+        elif self.selection is not None and self.selection.ragged:
+            self.store = RaggedBuffer()  # heads keep different numbers of tokens: held without padding
         self.is_initialized = True
 
     def update(
@@ -159,19 +161,23 @@ class CompressedLayer(CacheLayerMixin):
         if keep is None:
             return
         self.evicted = True
-        stored = len(self.store) if self.store is not None else 0
-        kept = [self.store.compact(keep[..., :stored])] if stored else []
-        window_index = self.window.compact(keep[..., stored:])  # (B, H, n) old window slot of each
-        if self.positions is not None:
-            self.positions = self.positions.gather(-1, window_index)
-        kept.append(window_index + stored)
+        if isinstance(self.store, RaggedBuffer):  # every kept token moves to the flattened store
+            kept = [self.store.assign(*self._attention_inputs(), keep)]
+            self.window = FullPrecisionBuffer(chunk=self.selection.block)  # holds one block until the next cut
+        else:
+            stored = len(self.store) if self.store is not None else 0
+            kept = [self.store.compact(keep[..., :stored])] if stored else []
+            window_index = self.window.compact(keep[..., stored:])  # (B, H, n) old window slot of each
+            if self.positions is not None:
+                self.positions = self.positions.gather(-1, window_index)
+            kept.append(window_index + stored)
         if self.scores is not None:
             index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
             self.scores = torch.zeros(index.shape, device=self.device) if self.selection.reset_scores else self.scores.gather(-1, index)
 
     def _settle(self) -> None:
         """Move the oldest window tokens into the store, whole blocks at a time."""
-        if self.store is None:
+        if self.representation is None:
             return
         ready = len(self.window) - self.representation.residual
         count = ready - ready % self.store.block

@@ -83,11 +83,14 @@ class Selection:
             attention implementation, which :func:`kvcompress.make_cache` installs.
         reset_scores: zero the accumulated scores after each eviction (False: accumulate over
             the whole generation, as H2O does).
+        ragged: the heads of a layer keep different numbers of tokens (AdaKV); the layer then
+            stores its kept tokens flattened per head, so no padding slot is held.
     """
 
     name: ClassVar[str]
     observe: ClassVar[int] = 0
     reset_scores: ClassVar[bool] = True
+    ragged: ClassVar[bool] = False
 
     def select(self, view: LayerView) -> torch.Tensor | None:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None."""

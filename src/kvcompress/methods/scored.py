@@ -71,14 +71,28 @@ class ScoredSelection(Selection):
         else:
             slack = self.block - 1
         budget = view.state["budget"]
-        if bool((count <= budget + slack).all()):
+        if not self.over_budget(count, budget + slack):
             return None
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = oldest real token
         protected = valid & ((age < self.sink) | (age >= count - self.recent(budget)))
         scores = self.score(view).float().masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        return protected | (valid & (rank < budget))  # sinks and the window stay even past the budget
+        return self.allocate(scores, valid, protected, budget)
+
+    def over_budget(self, count: torch.Tensor, limit: torch.Tensor) -> bool:
+        """Whether any head holds more than ``limit`` ``(B, H, 1)`` tokens, so the layer is cut back."""
+        return bool((count > limit).any())
+
+    def allocate(self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """``(B, H, S)`` slots kept: per head, the protected ones and the best scores up to the budget
+        (protected slots score +inf, so they count toward it; they stay even past it)."""
+        return protected | (valid & (rank(scores) < budget))
+
+
+def rank(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last dimension, 0 for the highest; ties go to the older slot."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:
