@@ -142,3 +142,19 @@ def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
     assert {"json", "csv", "table"} <= set(result.paths) and all(p.is_file() for p in result.paths.values())
     with pytest.raises(AssertionError, match="nothing should be measured"):
         runner.run(config, tmp_path, force=True)
+
+
+def test_question_aware_row_measures_retrieval_only(tmp_path):
+    from kvcompress.bench.methods import resolve
+
+    method = resolve("snapkv:ratio=0.75@question-aware")
+    assert method.question_aware and method.parts == ("retrieval",)
+    assert method.cache_spec == "snapkv:ratio=0.75"
+    assert not resolve("snapkv:ratio=0.75").question_aware
+    store = PartStore(tmp_path)
+    specs = ["none", "snapkv:ratio=0.75@question-aware"]
+    todo = plan(store, specs, (1024,), force=True, parts={s: resolve(s).parts for s in specs})
+    assert todo["snapkv:ratio=0.75@question-aware", 1024] == ["retrieval"]
+    assert todo["none", 1024] == list(runner.PARTS)
+    with pytest.raises(Exception, match="unknown method"):
+        resolve("nosuch:ratio=0.5@question-aware")

@@ -99,3 +99,19 @@ def test_run_retrieval_counts_by_form(tokenizer):
     assert result["by_form"] == {"passkey": [2, 2], "kv": [0, 2], "two-part": [0, 2]}
     assert [r["form"] for r in result["results"]] == [c.form for c in cases]
     assert all("context" not in r and "reply" in r for r in result["results"])
+
+
+@pytest.mark.model
+def test_question_aware_row_answers_as_generate_does(smol):
+    import kvcompress
+    from kvcompress.bench.methods import resolve
+
+    model, tokenizer = smol
+    context = "The keeper's log says the ship Aurora carried the code 4172. " + "The sea was calm all day. " * 20
+    question = "What code did the Aurora carry? Answer with the number."
+    spec = "snapkv:ratio=0.75,window=8"
+    aware = resolve(spec + "@question-aware").answer(model, tokenizer, context, question, 8)
+    assert aware == kvcompress.generate(model, tokenizer, context, question, spec, 8, question_aware=True)
+    agnostic = resolve(spec).answer(model, tokenizer, context, question, 8)
+    assert agnostic == kvcompress.generate(model, tokenizer, context, question, spec, 8)
+    assert aware != agnostic  # the question changed which tokens were kept, so the flag reached the cache

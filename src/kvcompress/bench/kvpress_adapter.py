@@ -25,7 +25,7 @@ from typing import ContextManager
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from kvcompress.bench.methods import KVPRESS_PREFIX
+from kvcompress.bench.methods import ALL_PARTS, KVPRESS_PREFIX
 
 DIST = "kvpress"
 
@@ -131,6 +131,7 @@ class KVPressMethod:
     spec: str
     press: object
     source: str = "kvpress"
+    parts: tuple[str, ...] = ALL_PARTS
 
     def new_cache(self, model):
         from transformers import DynamicCache

@@ -4,6 +4,10 @@ Every row of a benchmark is a :class:`BenchMethod`. kvcompress specs (``none``, 
 any registered method or combination) resolve to :class:`KVCompressMethod`; specs that start with
 ``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`. The harness
 knows no method by name apart from ``none`` (the baseline) and that prefix.
+
+A kvcompress spec ending in ``@question-aware`` is the same method compressing the context only
+once the question has been read (``kvcompress.generate(..., question_aware=True)``): a separate row
+that measures retrieval only, since perplexity and speed involve no question.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from kvcompress.registry import parse_spec
 
 BASELINE = "none"
 KVPRESS_PREFIX = "kvpress:"
+QUESTION_AWARE = "@question-aware"
+ALL_PARTS = ("speed", "perplexity", "retrieval")
 
 
 class BenchMethod(Protocol):
@@ -27,6 +33,7 @@ class BenchMethod(Protocol):
 
     spec: str  # as the user typed it
     source: str  # "kvcompress" or "kvpress": which library compresses
+    parts: tuple[str, ...]  # what this row measures, among ALL_PARTS
 
     def new_cache(self, model):
         """An empty cache for one sequence."""
@@ -47,9 +54,16 @@ class KVCompressMethod:
 
     spec: str
     source: str = "kvcompress"
+    question_aware: bool = False
+    parts: tuple[str, ...] = ALL_PARTS
+
+    @property
+    def cache_spec(self) -> str:
+        """The spec of the cache, without the row's ``@question-aware`` mark."""
+        return self.spec.removesuffix(QUESTION_AWARE)
 
     def new_cache(self, model):
-        return make_cache(self.spec, model)
+        return make_cache(self.cache_spec, model)
 
     def compressing(self, model) -> ContextManager:
         return contextlib.nullcontext()
@@ -58,7 +72,8 @@ class KVCompressMethod:
         return cache.nbytes
 
     def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
-        return answer(model, tokenizer, context, question, self.new_cache(model), max_new_tokens)[0]
+        cache = self.new_cache(model)
+        return answer(model, tokenizer, context, question, cache, max_new_tokens, self.question_aware)[0]
 
 
 def resolve(spec: str) -> BenchMethod:
@@ -73,6 +88,9 @@ def resolve(spec: str) -> BenchMethod:
         from kvcompress.bench.kvpress_adapter import resolve_press
 
         return resolve_press(spec)
+    if spec.endswith(QUESTION_AWARE):
+        parse_spec(spec.removesuffix(QUESTION_AWARE))
+        return KVCompressMethod(spec, question_aware=True, parts=("retrieval",))
     parse_spec(spec)
     return KVCompressMethod(spec)
 

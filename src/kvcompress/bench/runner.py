@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 import kvcompress
 from kvcompress.bench import report
-from kvcompress.bench.methods import BASELINE, BenchMethod, resolve
+from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, resolve
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
 from kvcompress.bench.speed import measure_in_subprocess
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.models import DEFAULT_MODEL
 
-PARTS = ("speed", "perplexity", "retrieval")
+PARTS = ALL_PARTS
 QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
 
 
@@ -98,16 +98,21 @@ class PartStore:
         tmp.replace(path)
 
 
-def plan(store: PartStore, specs: list[str], contexts: tuple[int, ...], force: bool) -> dict[tuple[str, int], list[str]]:
+def plan(
+    store: PartStore, specs: list[str], contexts: tuple[int, ...], force: bool, parts: dict[str, tuple[str, ...]] | None = None
+) -> dict[tuple[str, int], list[str]]:
     """Which parts each (spec, context) must measure: missing ones, or all with ``force``.
 
-    The baseline's speed at ``C`` is remeasured whenever another method's speed at ``C`` is, so
-    that speed and memory ratios never compare two runs.
+    ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
+    default every spec measures all. The baseline's speed at ``C`` is remeasured whenever another
+    method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
     """
+    parts = parts or {}
     todo = {}
     for context in contexts:
         for spec in specs:
-            todo[spec, context] = [p for p in PARTS if force or store.load(spec, context, p) is None]
+            wanted = parts.get(spec, PARTS)
+            todo[spec, context] = [p for p in PARTS if p in wanted and (force or store.load(spec, context, p) is None)]
         if any("speed" in todo[s, context] for s in specs if s != BASELINE) and "speed" not in todo[BASELINE, context]:
             todo[BASELINE, context].insert(0, "speed")
     return todo
@@ -235,7 +240,7 @@ def run(config: BenchConfig, out: Path, force: bool = False) -> BenchResult:
     store = PartStore(folder)
     found_versions = versions(list(methods.values()))
     conditions = conditions_of(config, text.name, found_versions)
-    todo = plan(store, specs, config.contexts, force)
+    todo = plan(store, specs, config.contexts, force, {spec: m.parts for spec, m in methods.items()})
     inputs = _Inputs(config, text)
     total = sum(len(parts) for parts in todo.values())
     if total:
