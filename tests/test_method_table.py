@@ -100,6 +100,22 @@ def share_heads_bytes(groups, residual):
     return formula
 
 
+def share_layers_bytes(residual, pairs=7, unpaired=16):
+    """``share_layers:start=0.5,threshold=-1``: of 30 layers, 15..28 form 7 pairs that store one fp32
+    direction per token for K and for V plus each layer's norm (2 + 2 values) and a bool retained flag
+    (none is retained at threshold -1); the other 16 layers store their settled tokens as they are,
+    64 tokens reserved at a time; every layer keeps the ``residual`` newest in full precision."""
+
+    def formula(tokens):
+        settled = max(0, tokens - residual)
+        capacity = _round_up(settled, CHUNK)
+        per_pair = KV_HEADS * (capacity * (2 * HEAD_DIM + 4) * FP32 + settled)
+        per_unpaired = KV_HEADS * capacity * 2 * HEAD_DIM * FP32
+        return FP_TOKEN * (tokens - settled) + pairs * per_pair + unpaired * per_unpaired
+
+    return formula
+
+
 @dataclass
 class Row:
     name: str
@@ -164,6 +180,7 @@ TABLE = [
         padding_exact=False,
     ),
     Row("share_heads", off="share_heads:groups=3", on="share_heads:groups=2,residual=32", nbytes=share_heads_bytes(2, 32)),
+    Row("share_layers", off="share_layers:threshold=1", on="share_layers:threshold=-1,residual=32", nbytes=share_layers_bytes(32)),
     # residual=0: after eviction a batch's window length is its longest row's, so with a residual a
     # padded row would keep a different number of its tokens in full precision than alone.
     Row(

@@ -347,6 +347,9 @@ def _split_pipeline(spec: str, methods: list) -> tuple[Selection | None, Represe
             f"{spec!r}: combine at most one eviction method with at most one storage method, or a transform "
             f"and a storage method (e.g. 'streaming:window=2048+kivi:bits=4', 'lowrank:ratio=0.5+kivi:bits=4')"
         )
+    if len(methods) > 1 and any(r.standalone for r in representations):
+        names = ", ".join(r.name for r in representations if r.standalone)
+        raise SpecError(f"{spec!r}: {names} combines with no other method (its storage is shared between layers)")
     if len(representations) == 2:  # a transform (lowrank) whose output the second one stores (kivi)
         if representations[1].takes_inner:
             raise SpecError(f"{spec!r}: {representations[1].name} transforms tokens and cannot store another method's output")

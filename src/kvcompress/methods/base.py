@@ -108,11 +108,14 @@ class Representation:
             plain representation that stores them, as in ``lowrank+kivi`` (see :meth:`chain`).
         needs_positions: its store's ``append`` takes a ``positions`` keyword, the ``(B, H, n)``
             true sequence positions of the tokens (e.g. to undo rotary embeddings).
+        standalone: its stores are shared between layers (``share_layers``), so it combines with
+            no other method.
     """
 
     name: ClassVar[str]
     takes_inner: ClassVar[bool] = False
     needs_positions: ClassVar[bool] = False
+    standalone: ClassVar[bool] = False
 
     def prepare(self, model) -> None:
         """Called once by :func:`kvcompress.make_cache` with the model, before any store exists."""
