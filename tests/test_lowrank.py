@@ -12,7 +12,8 @@ import kvcompress
 from kvcompress.buffer import FullPrecisionBuffer
 from kvcompress.calibration import Calibration, Rotary, _moments, model_identity
 from kvcompress.generation import cache_kwarg
-from kvcompress.methods.lowrank import LayerBasis, LowRank, LowRankStore, latent_attention, principal
+from kvcompress.attention import latent_value_attention
+from kvcompress.methods.lowrank import LayerBasis, LowRank, LowRankStore, principal
 from kvcompress.registry import SpecError, parse_spec
 
 H, D = 2, 32  # the tiny model's KV heads and head dim
@@ -72,19 +73,44 @@ def test_full_rank_basis_rebuilds_exactly(tiny):
 
 
 @pytest.mark.parametrize("groups", [1, H])
-def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups):
+@pytest.mark.parametrize("sink", [0, 3])
+def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink):
     keys, values = _data(), _data(seed=1)
-    store = _store(tiny, keys, values, 16 // groups, 24 // groups, groups)
+    store = _store(tiny, keys, values, 16 // groups, 24 // groups, groups, sink=sink)
     store.append(keys, values, None, positions=_positions(keys))
-    k, v = store.keys_values()
-    z_v = store.inner.keys_values()[1]  # (B, G, N, r_v)
+    k, v = store.keys_values()  # rebuilt; the sinks exact
+    window_k, window_v = _data(5, seed=2), _data(5, seed=3)  # a full-precision window after the store
+    all_k, all_v = torch.cat([k, window_k], 2), torch.cat([v, window_v], 2)
     query = torch.randn(1, 4, 3, D)  # 4 query heads over 2 KV heads, 3 queries
-    mask = torch.rand(1, 4, 3, keys.shape[2]) > 0.3
+    mask = torch.rand(1, 4, 3, all_k.shape[2]) > 0.3
     reference = F.scaled_dot_product_attention(
-        query, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.2
+        query, all_k.repeat_interleave(2, 1), all_v.repeat_interleave(2, 1), attn_mask=mask, scale=0.2
     )
-    ours = latent_attention(query, k, z_v, store.basis.value_basis, store.basis.value_mean, mask, 0.2)
+    assert torch.equal(store.keys(), k)
+    ours = latent_value_attention(query, all_k, window_v, mask, 0.2, store.latent_values())
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.model
+def test_model_with_latent_values_equals_rebuilt_values(smol):
+    """The kvcompress attention (latent values) gives the logits of sdpa on rebuilt values."""
+    model, tokenizer = smol
+    ids = tokenizer("Rivers carry sediment to the sea, where deltas form over centuries. " * 10, return_tensors="pt")["input_ids"]
+    spec = "lowrank:key_ratio=0.75,value_ratio=0.5,residual=16"
+    logits = {}
+    for implementation in ("kvcompress", "sdpa"):
+        cache = kvcompress.make_cache(spec, model)  # installs the kvcompress attention
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            steps = [model(ids[:, :-8], use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1:]]
+            steps.append(model(ids[:, -8:-4], use_cache=True, **{cache_kwarg(model): cache}).logits)  # several tokens
+            for i in range(-4, 0):
+                steps.append(model(ids[:, i:][:, :1], use_cache=True, **{cache_kwarg(model): cache}).logits)
+        used_latent = [layer.step_latent is not None for layer in cache.compressed_layers]
+        assert all(used_latent) == (implementation == "kvcompress")
+        logits[implementation] = torch.cat(steps, 1)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits["kvcompress"], logits["sdpa"], atol=1e-4, rtol=1e-4)
 
 
 def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):

@@ -77,6 +77,35 @@ def summed_attention(queries, keys, valid, scaling) -> torch.Tensor:
     return total
 
 
+def latent_value_attention(query, keys, window_values, mask, scaling, latent) -> torch.Tensor:
+    """Attention whose stored values stay latent: one softmax over ``[stored | window]`` slots, then
+    the stored part mixed in latent space (:meth:`kvcompress.methods.lowrank.LatentValues.mix`) and
+    the window part on its full-precision values.
+
+    Args:
+        query: ``(B, Hq, q, D)``; keys: ``(B, H, S, D)``, all slots; window_values: ``(B, H, n, D)``,
+            the last ``n`` slots' values; mask: bool, broadcastable to ``(B, Hq, q, S)``, or None.
+
+    Returns:
+        ``(B, Hq, q, D)``, as sdpa on the rebuilt values.
+    """
+    batch, q_heads, q, dim = query.shape
+    heads, slots = keys.shape[1], keys.shape[2]
+    rep = q_heads // heads
+    # The rep query heads of a KV head are consecutive: stack them as rows (no copy of the keys).
+    scores = query.reshape(batch, heads, rep * q, dim) @ keys.transpose(-1, -2)  # (B, H, rep*q, S)
+    scores = scores.view(batch, q_heads, q, slots) * scaling
+    if mask is None and q > 1:  # new tokens see each other causally
+        mask = allowed(torch.ones(batch, heads, slots, dtype=torch.bool, device=keys.device), q).repeat_interleave(rep, 1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    weights = scores.float().softmax(-1).to(query.dtype)
+    stored = slots - window_values.shape[2]
+    out = latent.mix(weights[..., :stored], heads)
+    window = weights[..., stored:].reshape(batch, heads, rep * q, -1) @ window_values  # (B, H, rep*q, D)
+    return out + window.view(batch, q_heads, q, dim)
+
+
 def kvcompress_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Drop-in attention function: ``(B, Hq, q, D)`` queries over the cache's ``(B, H, S, D)`` K/V."""
     from kvcompress.cache import CompressedLayer  # the cache imports this module
@@ -96,9 +125,13 @@ def kvcompress_attention(module, query, key, value, attention_mask, scaling=None
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     elif attention_mask is None:
         is_causal = q_len > 1 and q_len == key.shape[2]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling, enable_gqa=True
-    )
+    latent = layer.step_latent if isinstance(layer, CompressedLayer) else None
+    if latent is not None:
+        out = latent_value_attention(query, key, value, attention_mask, scaling, latent)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling, enable_gqa=True
+        )
     if isinstance(layer, CompressedLayer):
         layer.after_attention(query, key, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -63,6 +63,7 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict = {}  # the selection's per-layer state
         self.hold = False  # question-aware: compress after the next step, not this one
         self._pending = False  # compression waits for this step's queries (see after_attention)
+        self.step_latent = None  # this step's stored values as latents, for the kvcompress attention
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -73,7 +74,14 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(
-        self, key_states, value_states, *args, new_valid: torch.Tensor | None = None, new_positions: torch.Tensor | None = None, **kwargs
+        self,
+        key_states,
+        value_states,
+        *args,
+        new_valid: torch.Tensor | None = None,
+        new_positions: torch.Tensor | None = None,
+        latent: bool = False,
+        **kwargs,
     ):
         """Add ``(B, H, q, D)`` new keys/values; return the keys/values this step attends to.
 
@@ -81,6 +89,8 @@ class CompressedLayer(CacheLayerMixin):
             new_valid: ``(B, q)`` bool, False for padding tokens; None when all are real.
             new_positions: ``(B, q)`` or ``(1, q)`` positions the model gave the tokens; None for
                 ``seen .. seen + q - 1``. Kept only for a representation that ``needs_positions``.
+            latent: the ``kvcompress`` attention will run; when the store offers latent values,
+                the returned values are the window's only and ``step_latent`` holds the store's.
         """
         if self._pending:
             raise RuntimeError(
@@ -102,7 +112,14 @@ class CompressedLayer(CacheLayerMixin):
         if self.selection is not None and self.selection.observe:
             zeros = torch.zeros(batch, heads, new, dtype=torch.float32, device=self.device)
             self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], -1)
-        keys, values = self._attention_inputs()
+        self.step_latent = self._latent_values() if latent else None
+        if self.step_latent is None:
+            keys, values = self._attention_inputs()
+        else:  # values of the stored tokens stay latent: the attention mixes them (LatentValues.mix)
+            keys, values = self.store.keys(), key_states[:, :, :0]
+            if len(self.window):
+                window_keys, values = self.window.keys_values()
+                keys = torch.cat([keys, window_keys], 2)
         # What the kvcompress attention masks with: this step's slots, before compression.
         self.step_valid = self.valid()
         self.step_needs_mask = self.evicted or self.step_valid is not None
@@ -124,6 +141,11 @@ class CompressedLayer(CacheLayerMixin):
             valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
         self.scores += summed_attention(last, keys, valid, scaling)
         self._compress(keys)
+
+    def _latent_values(self):
+        if self.store is None or not len(self.store) or not hasattr(self.store, "latent_values"):
+            return None
+        return self.store.latent_values()
 
     def _compress(self, keys: torch.Tensor) -> None:
         self._evict(keys)
@@ -265,6 +287,7 @@ class CompressedCache(Cache):
         self.representation = representation
         self._incoming_valid: torch.Tensor | None = None
         self.incoming_positions: torch.Tensor | None = None  # position_ids of this forward, set by the pre-hook
+        self.own_attention = False  # this forward runs the kvcompress attention (set by the pre-hook)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -285,7 +308,10 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
-            return layer.update(key_states, value_states, new_valid=self._incoming_valid, new_positions=self.incoming_positions)
+            return layer.update(
+                key_states, value_states, new_valid=self._incoming_valid, new_positions=self.incoming_positions,
+                latent=self.own_attention,
+            )
         return layer.update(key_states, value_states, *args, **kwargs)
 
     @property
@@ -375,6 +401,7 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict):
         inputs = kwargs["inputs_embeds"]
     cache.incoming_positions = kwargs.get("position_ids")  # None: the model numbers them from seen
     own_attention = module.config._attn_implementation == attention.NAME
+    cache.own_attention = own_attention
     mask = cache.observe_inputs(kwargs.get("attention_mask"), inputs.shape[1], build_mask=not own_attention)
     if own_attention:
         kwargs["kvcompress_cache"] = cache  # that attention builds each layer's mask itself
@@ -404,8 +431,9 @@ def make_cache(method: str, model) -> CompressedCache:
     Args:
         method: a spec such as ``"streaming:sink=4,window=1024"``, ``"kivi:bits=2"``,
             ``"streaming:window=2048+kivi:bits=4"`` or ``"none"``.
-        model: a transformers causal LM. Methods that score tokens by attention switch it to the
-            ``kvcompress`` attention implementation (same results as ``sdpa``).
+        model: a transformers causal LM. Methods that score tokens by attention, or mix low-rank
+            values in latent space, switch it to the ``kvcompress`` attention implementation (same
+            results as ``sdpa``).
 
     Raises:
         SpecError: unknown method or parameter, or a bad value.
@@ -414,7 +442,8 @@ def make_cache(method: str, model) -> CompressedCache:
     cache = CompressedCache(method, model.config)
     if cache.representation is not None:
         cache.representation.prepare(model)  # e.g. lowrank loads (or builds) the model's calibration
-    if cache.needs_attention and model.config._attn_implementation != attention.NAME:
+    latent = cache.representation is not None and cache.representation.mixes_latent_values
+    if (cache.needs_attention or latent) and model.config._attn_implementation != attention.NAME:
         model.set_attn_implementation(attention.NAME)
     if model not in _HOOKED_MODELS:
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True)

@@ -215,6 +215,11 @@ class Rotary:
             if cos.shape[-1] != self.head_dim:
                 raise ValueError(f"partial rotary embeddings ({cos.shape[-1]} of {self.head_dim} dims) are not supported")
             self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        if positions.dim() and all(size == 1 for size in positions.shape[:-1]) and positions.shape[-1] > 1:
+            first, n = int(positions.flatten()[0]), positions.shape[-1]
+            if int(positions.flatten()[-1]) == first + n - 1 and bool((positions.diff(dim=-1) == 1).all()):
+                shape = (*positions.shape, self.cos.shape[-1])  # consecutive positions: a view, no gather
+                return self.cos[first : first + n].expand(shape), self.sin[first : first + n].expand(shape)
         return self.cos[positions], self.sin[positions]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -110,12 +110,15 @@ class Representation:
             true sequence positions of the tokens (e.g. to undo rotary embeddings).
         standalone: its stores are shared between layers (``share_layers``), so it combines with
             no other method.
+        mixes_latent_values: its store has ``latent_values()``, which the ``kvcompress`` attention
+            mixes in latent space instead of rebuilding the values (``lowrank``).
     """
 
     name: ClassVar[str]
     takes_inner: ClassVar[bool] = False
     needs_positions: ClassVar[bool] = False
     standalone: ClassVar[bool] = False
+    mixes_latent_values: ClassVar[bool] = False
 
     def prepare(self, model) -> None:
         """Called once by :func:`kvcompress.make_cache` with the model, before any store exists."""

@@ -18,11 +18,14 @@ pre-rotary basis against +50% with a post-rotary one (joint heads: -0.7% against
 spreads a key's energy over every channel pair at a rate that depends on its position, so
 post-rotary keys are far from low-rank. The price: rebuilding costs a rotation per key per step,
 and queries cannot be projected into the key latent space (the rotation differs per key), so only
-the value half of attention can run in latent space (:func:`latent_attention`).
+the value half of attention runs in latent space (:class:`LatentValues`).
 
 Values are mixed in latent space where attention allows it: ``softmax(q Kᵀ) (mu + Z Uᵀ) =
-mu + (softmax(q Kᵀ) Z) Uᵀ``, exactly (softmax rows sum to one). :func:`latent_attention` computes
-that; the model's attention currently gets rebuilt values from :meth:`LowRankStore.keys_values`.
+mu + (softmax(q Kᵀ) Z) Uᵀ``, exactly (softmax rows sum to one). The ``kvcompress`` attention
+implementation (which :func:`kvcompress.make_cache` installs for ``lowrank``) does that for the
+stored tokens (:meth:`LowRankStore.latent_values`) and attends to the full-precision window as
+usual, in one softmax; other attention implementations get rebuilt values from
+:meth:`LowRankStore.keys_values`.
 
 Composition: ``lowrank+kivi`` hands the latents to KIVI's store, which quantizes them like keys
 and values of head dim ``r_k``/``r_v`` (its ``group`` must divide both ranks). The pipeline's
@@ -141,6 +144,7 @@ class LowRank(Representation):
 
     takes_inner = True
     needs_positions = True
+    mixes_latent_values = True
 
     def __post_init__(self):
         for name in ("ratio", "key_ratio", "value_ratio"):
@@ -286,23 +290,58 @@ class LowRankStore:
         positions = positions.to(torch.int32)
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
 
-    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self) -> torch.Tensor:
+        """Transient rebuilt ``(B, H, N, D)`` keys, rotated to their positions, sinks exact."""
         b = self.basis
-        z_k, z_v = self.inner.keys_values()  # (B, G, N, r)
+        z_k = self.inner.keys_values()[0]  # (B, G, N, r_k)
         heads = self.positions.shape[1]
         if b.key_basis is None:
             keys = self._heads(z_k, heads)
         else:
             keys = self._heads(z_k @ b.key_basis.transpose(1, 2) + b.key_mean[:, None], heads)  # (B, H, N, D)
-            keys = self.rotary.rotate(keys, self.positions)
+            positions = self.positions
+            if positions.shape[1] > 1 and bool((positions == positions[:, :1]).all()):
+                positions = positions[:, :1]  # heads hold the same positions: one (B, 1, N, D) table
+            keys = self.rotary.rotate(keys, positions)
+        if self.sinks.keys is not None:  # (a full-rank side is a view of the inner store: copy it first)
+            keys = keys.clone() if b.key_basis is None else keys
+            self.sinks.write_keys(keys)
+        return keys
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.basis
+        z_v = self.inner.keys_values()[1]  # (B, G, N, r_v)
+        heads = self.positions.shape[1]
         if b.value_basis is None:
             values = self._heads(z_v, heads)
         else:
-            values = self._heads(z_v @ b.value_basis.transpose(1, 2) + b.value_mean[:, None], heads)
-        if self.sinks.keys is not None:  # (a full-rank side is a view of the inner store: copy it first)
-            keys, values = keys.clone() if b.key_basis is None else keys, values.clone() if b.value_basis is None else values
-            self.sinks.write(keys, values)
-        return keys, values
+            values = self._heads(z_v @ b.value_basis.transpose(1, 2) + b.value_mean[:, None], heads)  # (B, H, N, D)
+        if self.sinks.values is not None:
+            values = values.clone() if b.value_basis is None else values
+            self.sinks.write_values(values)
+        return self.keys(), values
+
+    def latent_values(self) -> LatentValues | None:
+        """The stored values as latents, for attention that mixes them in latent space (None when the
+        value side is full rank: there is nothing to gain)."""
+        b = self.basis
+        if b.value_basis is None:
+            return None
+        z_v = self.inner.keys_values()[1]  # (B, G, N, r_v)
+        heads = self.positions.shape[1]
+        sink_slot = sink_error = None
+        if self.sinks.slot is not None and bool((self.sinks.slot >= 0).any()):
+            sink_slot = self.sinks.slot.clone()  # (B, H, m); a copy: settling more tokens fills it in place
+            group = torch.arange(heads, device=z_v.device) // (heads // b.groups)  # (H,)
+            slot = sink_slot.clamp_min(0)
+            picked = z_v[:, group].gather(2, slot[..., None].expand(*slot.shape, z_v.shape[-1]))  # (B, H, m, r_v)
+            rebuilt = picked @ b.value_basis[group].transpose(1, 2)[None] + b.value_mean[group][None, :, None]  # (B, H, m, E)
+            within = torch.arange(heads, device=z_v.device) % (heads // b.groups)  # (H,) place of the head in its group
+            dim = self.sinks.values.shape[-1]
+            index = (within[:, None] * dim + torch.arange(dim, device=z_v.device))[None, :, None].expand(*slot.shape, dim)
+            rebuilt = rebuilt.gather(-1, index)  # (B, H, m, D) this head's part of the group's vector
+            sink_error = (self.sinks.values - rebuilt) * (sink_slot >= 0)[..., None]
+        return LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error)
 
     def valid(self) -> torch.Tensor | None:
         return self.slots.valid if self.slots else None
@@ -362,10 +401,14 @@ class Sinks:
         self.keys[b, h, r], self.values[b, h, r] = keys[b, h, j], values[b, h, j]
         self.open = bool((self.slot < 0).any())
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` keys and values with the copies."""
+    def write_keys(self, keys: torch.Tensor) -> None:
+        """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` keys with the copies."""
         b, h, j = (self.slot >= 0).nonzero(as_tuple=True)
         keys[b, h, self.slot[b, h, j]] = self.keys[b, h, j]
+
+    def write_values(self, values: torch.Tensor) -> None:
+        """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` values with the copies."""
+        b, h, j = (self.slot >= 0).nonzero(as_tuple=True)
         values[b, h, self.slot[b, h, j]] = self.values[b, h, j]
 
     def compact(self, index: torch.Tensor, old: int) -> None:
@@ -382,42 +425,42 @@ class Sinks:
             self.keys, self.values, self.slot = fn(self.keys), fn(self.values), fn(self.slot)
 
 
-def latent_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    value_latent: torch.Tensor,
-    value_basis: torch.Tensor,
-    value_mean: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention whose values are mixed in latent space and projected back once per query.
+@dataclass
+class LatentValues:
+    """A store's values as latents, for attention that mixes them before projecting back.
 
-    ``softmax(q Kᵀ) (mu + Z Uᵀ) = mu + (softmax(q Kᵀ) Z) Uᵀ``: with ``N`` tokens and ``q`` queries it
-    costs ``N r`` per query head instead of rebuilding ``N D`` values per KV head.
-
-    Args:
-        query: ``(B, Hq, q, D)``.
-        keys: ``(B, H, N, D)`` (rebuilt and rotated: the key basis is pre-rotary).
-        value_latent: ``(B, G, N, r)``; value_basis: ``(G, E, r)``; value_mean: ``(G, E)`` with
-            ``E = H / G * D``.
-        mask: ``(B, Hq, q, N)`` bool (True: attend), or None.
-        scaling: softmax scale.
-
-    Returns:
-        ``(B, Hq, q, D)``, equal to attention on the rebuilt values.
+    Attributes:
+        latent: ``(B, G, N, r)``; basis: ``(G, E, r)``; mean: ``(G, E)``, ``E = H / G * D``.
+        sink_slot: ``(B, H, m)`` slots of the sinks (exact full-precision values; -1: none), or None.
+        sink_error: ``(B, H, m, D)`` exact minus rebuilt value of each sink (0 where none), or None.
     """
-    batch, q_heads, q, dim = query.shape
-    heads, groups = keys.shape[1], value_latent.shape[1]
-    rep = q_heads // heads
-    scores = query @ keys.repeat_interleave(rep, 1).transpose(2, 3) * scaling  # (B, Hq, q, N)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(-1)
-    per_group = q_heads // groups
-    mixed = weights.view(batch, groups, per_group, q, -1) @ value_latent[:, :, None]  # (B, G, Hq/G, q, r)
-    # Query head j of group g reads KV head j // rep of the group: its D rows of the group's basis.
-    basis = value_basis.view(groups, heads // groups, dim, -1).repeat_interleave(rep, 1)  # (G, Hq/G, D, r)
-    mean = value_mean.view(groups, heads // groups, dim).repeat_interleave(rep, 1)  # (G, Hq/G, D)
-    out = mixed @ basis.transpose(-1, -2) + mean[:, :, None]  # (B, G, Hq/G, q, D)
-    return out.view(batch, q_heads, q, dim)
+
+    latent: torch.Tensor
+    basis: torch.Tensor
+    mean: torch.Tensor
+    sink_slot: torch.Tensor | None
+    sink_error: torch.Tensor | None
+
+    def mix(self, weights: torch.Tensor, heads: int) -> torch.Tensor:
+        """``weights @ values`` for ``(B, Hq, q, N)`` attention weights on the stored slots: ``(B, Hq, q, D)``.
+
+        ``w (mu + Z Uᵀ) = (Σw) mu + (w Z) Uᵀ``: ``N r`` multiply-adds per query head, instead of
+        rebuilding ``N E`` values per group; sinks add ``w (exact - rebuilt)`` at their slots.
+        """
+        batch, q_heads, q, n = weights.shape
+        groups, r = self.latent.shape[1], self.latent.shape[-1]
+        rep, per_group = q_heads // heads, q_heads // groups
+        dim = self.mean.shape[-1] * groups // heads
+        grouped = weights.reshape(batch, groups, per_group * q, n)  # a group's query heads as rows
+        mixed = (grouped @ self.latent).view(batch, groups, per_group, q, r)  # (B, G, Hq/G, q, r)
+        # Query head j of group g reads KV head j // rep of the group: its D rows of the group's basis.
+        basis = self.basis.view(groups, heads // groups, dim, r).repeat_interleave(rep, 1)  # (G, Hq/G, D, r)
+        mean = self.mean.view(groups, heads // groups, dim).repeat_interleave(rep, 1)  # (G, Hq/G, D)
+        total = grouped.sum(-1).view(batch, groups, per_group, q, 1)  # weight on the stored slots
+        out = mixed @ basis.transpose(-1, -2) + total * mean[:, :, None]  # (B, G, Hq/G, q, D)
+        out = out.view(batch, q_heads, q, dim)
+        if self.sink_slot is not None:
+            slot = self.sink_slot.clamp_min(0).repeat_interleave(rep, 1)  # (B, Hq, m)
+            at_sinks = weights.gather(-1, slot[:, :, None].expand(batch, q_heads, q, slot.shape[-1]))  # (B, Hq, q, m)
+            out = out + at_sinks @ self.sink_error.repeat_interleave(rep, 1)
+        return out
