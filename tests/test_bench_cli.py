@@ -36,6 +36,7 @@ def no_measuring(monkeypatch):
         (["--methods", "kivi:bits=3"], "bits must be 2, 4 or 8"),
         (["--methods", ","], "--methods is empty"),
         (["--contexts", "abc"], "--contexts takes comma-separated positive token counts"),
+        (["--parts", "speed,latency"], "--parts takes a comma-separated subset of speed, perplexity, retrieval"),
         (["--contexts", "1024,0"], "--contexts takes comma-separated positive token counts"),
         (["--contexts", "1024,"], "--contexts takes comma-separated positive token counts"),
         (["--decode-tokens", "8"], "--decode-tokens must be at least 32"),
@@ -74,3 +75,22 @@ def test_plot_without_matplotlib_names_the_pip_command(capsys, tmp_path, monkeyp
     monkeypatch.setattr(builtins, "__import__", without_matplotlib)
     code, _, err = _run(capsys, "--out", str(tmp_path), "--plot")
     assert code == 2 and "pip install 'kvcompress[bench]'" in err and err.count("\n") == 1
+
+
+@pytest.mark.model
+def test_parts_limits_what_is_measured(tmp_path, monkeypatch, no_measuring):
+    """``--parts speed`` measures speed only (of the method and of the baseline it is compared with)."""
+    from kvcompress.bench import runner
+
+    measured = []
+
+    def fake_speed(request):
+        measured.append(request["spec"])
+        return {"prefill_s": 1.0, "decode_ms_per_token": 2.0, "context_tokens": 64, "kv_bytes_after_prefill": 640,
+                "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
+
+    monkeypatch.setattr(runner, "measure_in_subprocess", fake_speed)  # perplexity and retrieval still refuse
+    config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1)
+    result = runner.run(config, tmp_path, only=("speed",))
+    assert measured == ["none", "kivi:bits=4"]
+    assert [("perplexity" in row, "decode_ms_per_token" in row) for row in result.rows] == [(False, True)] * 2

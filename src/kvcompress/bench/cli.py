@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--plot", action="store_true", help="also write frontier.png (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="short contexts, few cases: about 3 minutes on 2 CPU cores")
     parser.add_argument("--force", action="store_true", help="measure again what the results folder already holds")
+    parser.add_argument(
+        "--parts", default="speed,perplexity,retrieval",
+        help="what to measure, among speed, perplexity, retrieval (default: all); e.g. --parts speed --force "
+        "remeasures speed alone on a quiet machine, reusing the rest",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -107,6 +112,16 @@ def config_from_args(args, usage_error):
     )
 
 
+def _parts(raw: str, usage_error) -> tuple[str, ...]:
+    from kvcompress.bench.methods import ALL_PARTS
+
+    parts = tuple(p.strip() for p in raw.split(",") if p.strip())
+    unknown = [p for p in parts if p not in ALL_PARTS]
+    if unknown or not parts:
+        raise usage_error(f"--parts takes a comma-separated subset of {', '.join(ALL_PARTS)}, got {raw!r}")
+    return parts
+
+
 def _join_params(pieces: tuple[str, ...]) -> tuple[str, ...]:
     """``("kivi:bits=2", "group=32", "none")`` -> ``("kivi:bits=2,group=32", "none")``.
 
@@ -139,7 +154,7 @@ def run_from_args(args, UsageError) -> None:
         except PlotUnavailable as err:
             raise UsageError(str(err)) from None
     try:
-        result = run(config, Path(args.out), force=args.force)
+        result = run(config, Path(args.out), force=args.force, only=_parts(args.parts, UsageError))
     except (BenchError, TextError, ModelNotAvailableError, MeasurementError) as err:
         raise UsageError(str(err)) from None
     print(result.header, result.table, result.retrieval_table, sep="\n\n")

@@ -224,8 +224,11 @@ class _Inputs:
                 )
 
 
-def run(config: BenchConfig, out: Path, force: bool = False) -> BenchResult:
+def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ...] = PARTS) -> BenchResult:
     """Measure what is missing, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
+
+    ``only`` limits what is measured (and, with ``force``, remeasured) to some parts; the table
+    shows every part stored.
 
     Raises:
         BenchError: bad contexts or text, or a context longer than the model accepts.
@@ -240,7 +243,8 @@ def run(config: BenchConfig, out: Path, force: bool = False) -> BenchResult:
     store = PartStore(folder)
     found_versions = versions(list(methods.values()))
     conditions = conditions_of(config, text.name, found_versions)
-    todo = plan(store, specs, config.contexts, force, {spec: m.parts for spec, m in methods.items()})
+    wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
+    todo = plan(store, specs, config.contexts, force, wanted)
     inputs = _Inputs(config, text)
     total = sum(len(parts) for parts in todo.values())
     if total:
