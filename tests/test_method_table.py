@@ -33,8 +33,8 @@ def none_bytes(tokens):
 
 def streaming_bytes(sink, window):
     def formula(tokens):
-        # After eviction the window is reallocated to exactly the kept tokens.
-        return FP_TOKEN * min(tokens, sink + window) if tokens > sink + window else none_bytes(tokens)
+        # After eviction the window's capacity is the kept tokens rounded up to a chunk.
+        return none_bytes(min(tokens, sink + window))
 
     return formula
 
@@ -55,8 +55,8 @@ def kivi_bytes(bits, group, residual):
 
 def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
     """Bytes of a score-based eviction cache: cut to its budget after the prompt, then recompressed
-    each time ``block`` tokens have collected; its window reserves capacity a chunk at a time
-    between compressions, and methods that score by attention hold a float32 score per slot."""
+    each time ``block`` tokens have collected; its window reserves capacity a chunk at a time (also
+    when compacted), and methods that score by attention hold a float32 score per slot."""
 
     def formula(tokens):
         total = 0
@@ -64,7 +64,7 @@ def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
             count = budget
             for _ in range(tokens - prompt):
                 count = budget if count + 1 > budget + block - 1 else count + 1
-            capacity = count if count == budget else _round_up(count, CHUNK)
+            capacity = _round_up(count, CHUNK)  # compaction keeps the capacity a chunk multiple
             total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0)
         return total
 

@@ -95,15 +95,24 @@ class FullPrecisionBuffer:
     def valid(self) -> torch.Tensor | None:
         return None if self._valid is None else self._valid[:, :, : self.n]
 
-    def compact(self, keep: torch.Tensor) -> torch.Tensor:
-        """Keep the slots where ``keep`` ``(B, H, S)`` is True; return the ``(B, H, n)`` old slot of each."""
+    def compact(self, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Keep the slots where ``keep`` ``(B, H, S)`` is True; return the ``(B, H, n)`` old slot of each.
+
+        The capacity becomes the kept count rounded up to a chunk: freed memory is released, and the
+        next tokens fit without reallocating. ``in_place`` reuses the storage when its capacity is
+        already that, for callers that hold no view of it (views from :meth:`keys_values` would
+        then see the compacted tokens): a decode loop that evicts about as many tokens as it adds
+        (H2O, TOVA) then never reallocates.
+        """
         index, valid = compaction_index(keep)  # (B, H, n)
         batch, heads, n = index.shape
         k = self.k[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.k.shape[3]))  # (B, H, n, D)
         v = self.v[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.v.shape[3]))
-        self.k = self.v = self._valid = None
+        if not in_place or self.k.shape[:2] != (batch, heads) or _round_up(n, self.chunk) != self.k.shape[2]:
+            self.k = self.v = None  # reallocated by append below
         self.n = 0
-        self.append(k, v, valid, exact=True)
+        self._valid = None
+        self.append(k, v, valid)
         return index
 
     def take_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

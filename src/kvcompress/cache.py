@@ -140,15 +140,15 @@ class CompressedLayer(CacheLayerMixin):
         if valid is None:
             valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
         self.scores += summed_attention(last, keys, valid, scaling)
-        self._compress(keys)
+        self._compress(keys, in_place=True)  # attention is done: no view of the window is in use
 
     def _latent_values(self):
         if self.store is None or not len(self.store) or not hasattr(self.store, "latent_values"):
             return None
         return self.store.latent_values()
 
-    def _compress(self, keys: torch.Tensor) -> None:
-        self._evict(keys)
+    def _compress(self, keys: torch.Tensor, in_place: bool = False) -> None:
+        self._evict(keys, in_place)
         self._settle()
 
     def _parts(self):
@@ -172,7 +172,7 @@ class CompressedLayer(CacheLayerMixin):
             -1,
         )
 
-    def _evict(self, keys: torch.Tensor) -> None:
+    def _evict(self, keys: torch.Tensor, in_place: bool = False) -> None:
         if self.selection is None:
             return
         valid = self.valid()
@@ -189,7 +189,7 @@ class CompressedLayer(CacheLayerMixin):
         else:
             stored = len(self.store) if self.store is not None else 0
             kept = [self.store.compact(keep[..., :stored])] if stored else []
-            window_index = self.window.compact(keep[..., stored:])  # (B, H, n) old window slot of each
+            window_index = self.window.compact(keep[..., stored:], in_place)  # (B, H, n) old slot of each
             if self.positions is not None:
                 self.positions = self.positions.gather(-1, window_index)
             kept.append(window_index + stored)
