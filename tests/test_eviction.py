@@ -94,6 +94,15 @@ def _reference(model, ids):
     return [layer.keys for layer in cache.layers], out.attentions
 
 
+def _compressed(model, ids, spec):
+    """The reference run's keys and attentions, and ``spec``'s cache after prefilling ``ids``."""
+    ref_keys, attentions = _reference(model, ids)
+    cache = kvcompress.make_cache(spec, model)
+    with torch.no_grad():
+        prefill(model, ids, torch.ones_like(ids), cache)
+    return ref_keys, attentions, cache
+
+
 def _kept_keys(cache, layer_idx):
     layer = cache.compressed_layers[layer_idx]
     keys, _ = layer._attention_inputs()
@@ -165,10 +174,7 @@ def test_adakv_with_alpha_one_is_snapkv():
 @pytest.mark.model
 def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
     model, _ = smol
-    ref_keys, attentions = _reference(model, ids)
-    cache = kvcompress.make_cache("adakv:ratio=0.5,window=16,kernel=5,alpha=0.2", model)
-    with torch.no_grad():
-        prefill(model, ids, torch.ones_like(ids), cache)
+    ref_keys, attentions, cache = _compressed(model, ids, "adakv:ratio=0.5,window=16,kernel=5,alpha=0.2")
     n, budget, window = ids.shape[1], math.ceil(ids.shape[1] * 0.5), 16
     ragged = 0
     for layer_idx in (0, 17):
@@ -193,10 +199,7 @@ def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
 @pytest.mark.parametrize("layer_idx", [0, 17])
 def test_snapkv_keeps_the_top_pooled_window_attention(smol, ids, layer_idx):
     model, _ = smol
-    ref_keys, attentions = _reference(model, ids)
-    cache = kvcompress.make_cache("snapkv:ratio=0.5,window=16,kernel=5", model)
-    with torch.no_grad():
-        prefill(model, ids, torch.ones_like(ids), cache)
+    ref_keys, attentions, cache = _compressed(model, ids, "snapkv:ratio=0.5,window=16,kernel=5")
     n, budget, window = ids.shape[1], math.ceil(ids.shape[1] * 0.5), 16
     pooled = _snapkv_scores(attentions[layer_idx], window, kernel=5)
     expected = [set(pooled[h, : n - window].topk(budget - window).indices.tolist()) | set(range(n - window, n)) for h in range(3)]
@@ -206,10 +209,7 @@ def test_snapkv_keeps_the_top_pooled_window_attention(smol, ids, layer_idx):
 @pytest.mark.model
 def test_h2o_keeps_heavy_hitters_of_all_prompt_queries(smol, ids):
     model, _ = smol
-    ref_keys, attentions = _reference(model, ids)
-    cache = kvcompress.make_cache("h2o:ratio=0.5", model)
-    with torch.no_grad():
-        prefill(model, ids, torch.ones_like(ids), cache)
+    ref_keys, attentions, cache = _compressed(model, ids, "h2o:ratio=0.5")
     n = ids.shape[1]
     budget = math.ceil(n * 0.5)
     recent = budget // 2
@@ -221,10 +221,7 @@ def test_h2o_keeps_heavy_hitters_of_all_prompt_queries(smol, ids):
 @pytest.mark.model
 def test_knorm_keeps_the_smallest_key_norms(smol, ids):
     model, _ = smol
-    ref_keys, _ = _reference(model, ids)
-    cache = kvcompress.make_cache("knorm:ratio=0.75,window=8", model)
-    with torch.no_grad():
-        prefill(model, ids, torch.ones_like(ids), cache)
+    ref_keys, _, cache = _compressed(model, ids, "knorm:ratio=0.75,window=8")
     n, budget = ids.shape[1], math.ceil(ids.shape[1] * 0.25)
     norms = ref_keys[3][0].norm(dim=-1)  # (H, S)
     expected = [set((-norms[h, : n - 8]).topk(budget - 8).indices.tolist()) | set(range(n - 8, n)) for h in range(3)]
