@@ -133,8 +133,9 @@ def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
     keep[:, :, 1] = False
     store.compact(keep)
     assert store.sinks.slot.tolist() == [[[0, -1, 1, 2]] * H]  # sink 1 evicted, the others moved up
-    # Compaction reallocates exactly: latents, int32 positions, the (1, H, 85) bool mask of head 0's holes.
-    assert store.nbytes == 85 * 32 * 4 + H * 85 * 4 + H * 85 + sinks
+    # Latents in a capacity of 85 tokens rounded up to a chunk (128), int32 positions and the
+    # (1, H, 85) bool mask of head 0's holes, both exact.
+    assert store.nbytes == 128 * 32 * 4 + H * 85 * 4 + H * 85 + sinks
 
 
 def test_sinks_are_each_rows_first_tokens_in_full_precision(tiny):

@@ -33,15 +33,29 @@ def test_compaction_index_keeps_order_and_marks_fillers_invalid():
 
 def test_buffer_compaction_frees_memory_and_keeps_rows():
     buf = FullPrecisionBuffer()
-    k = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 1, 10, 1).expand(2, 1, 10, 4).contiguous()
+    k = torch.arange(2 * 200, dtype=torch.float32).reshape(2, 1, 200, 1).expand(2, 1, 200, 4).contiguous()
     buf.append(k, -k, None)
-    assert buf.nbytes == 2 * 2 * 64 * 4 * 4  # capacity rounded up to one chunk of 64 tokens
-    keep = torch.zeros(2, 1, 10, dtype=torch.bool)
+    assert buf.nbytes == 2 * 2 * 256 * 4 * 4  # capacity rounded up to chunks of 64 tokens
+    keep = torch.zeros(2, 1, 200, dtype=torch.bool)
     keep[..., [0, 7, 9]] = True
     buf.compact(keep)
     keys, values = buf.keys_values()
     assert keys[0, 0, :, 0].tolist() == [0.0, 7.0, 9.0]
-    assert keys[1, 0, :, 0].tolist() == [10.0, 17.0, 19.0]
+    assert keys[1, 0, :, 0].tolist() == [200.0, 207.0, 209.0]
     assert torch.equal(values, -keys)
     assert buf.valid() is None
-    assert buf.nbytes == 2 * 2 * 3 * 4 * 4  # exactly the kept tokens
+    assert buf.nbytes == 2 * 2 * 64 * 4 * 4  # freed down to one chunk for the 3 kept tokens
+
+
+def test_buffer_compaction_in_place_reuses_storage_that_fits():
+    buf = FullPrecisionBuffer()
+    k = torch.arange(60, dtype=torch.float32).reshape(1, 1, 60, 1).expand(1, 1, 60, 4).contiguous()
+    buf.append(k, -k, None)
+    storage = buf.k.data_ptr()
+    keep = torch.ones(1, 1, 60, dtype=torch.bool)
+    keep[..., 5] = False
+    buf.compact(keep, in_place=True)  # 59 tokens still need the same 64-token chunk
+    assert buf.k.data_ptr() == storage and len(buf) == 59
+    assert buf.keys_values()[0][0, 0, :, 0].tolist() == [float(i) for i in range(60) if i != 5]
+    buf.compact(torch.ones(1, 1, 59, dtype=torch.bool))  # not in place: a fresh tensor (views stay valid)
+    assert buf.k.data_ptr() != storage
