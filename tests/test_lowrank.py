@@ -86,8 +86,9 @@ def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink)
     reference = F.scaled_dot_product_attention(
         query, all_k.repeat_interleave(2, 1), all_v.repeat_interleave(2, 1), attn_mask=mask, scale=0.2
     )
-    assert torch.equal(store.keys(), k)
-    ours = latent_value_attention(query, all_k, window_v, mask, 0.2, store.latent_values())
+    stored_keys, latent = store.latent_inputs()
+    assert torch.equal(stored_keys, k)
+    ours = latent_value_attention(query, all_k, window_v, mask, 0.2, latent)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 

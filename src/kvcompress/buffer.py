@@ -34,6 +34,11 @@ def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, keep.gather(-1, index)
 
 
+def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, H, n, D)`` slots ``index`` ``(B, H, n)`` of ``x`` ``(B, H, S, D)``."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[3]))
+
+
 class FullPrecisionBuffer:
     """Keys and values ``(B, H, capacity, D)`` in the model dtype, plus a ``(B, H, capacity)``
     validity mask while some slot is padding or evicted.
@@ -106,8 +111,7 @@ class FullPrecisionBuffer:
         """
         index, valid = compaction_index(keep)  # (B, H, n)
         batch, heads, n = index.shape
-        k = self.k[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.k.shape[3]))  # (B, H, n, D)
-        v = self.v[:, :, : self.n].gather(2, index[..., None].expand(batch, heads, n, self.v.shape[3]))
+        k, v = gather_slots(self.k[:, :, : self.n], index), gather_slots(self.v[:, :, : self.n], index)  # (B, H, n, D)
         if not in_place or self.k.shape[:2] != (batch, heads) or _round_up(n, self.chunk) != self.k.shape[2]:
             self.k = self.v = None  # reallocated by append below
         self.n = 0
@@ -166,8 +170,7 @@ class RaggedBuffer:
         """Hold exactly the slots of ``(B, H, S, D)`` keys/values where ``keep`` ``(B, H, S)`` is True,
         in order; return the ``(B, H, n)`` old slot index of each padded slot held afterwards."""
         index, valid = compaction_index(keep)  # (B, H, n)
-        self.k = keys.gather(2, index[..., None].expand(*index.shape, keys.shape[3]))[valid]  # (T, D)
-        self.v = values.gather(2, index[..., None].expand(*index.shape, values.shape[3]))[valid]
+        self.k, self.v = gather_slots(keys, index)[valid], gather_slots(values, index)[valid]  # (T, D)
         self.lengths = valid.sum(-1)  # (B, H)
         return index
 

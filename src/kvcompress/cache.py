@@ -112,11 +112,12 @@ class CompressedLayer(CacheLayerMixin):
         if self.selection is not None and self.selection.observe:
             zeros = torch.zeros(batch, heads, new, dtype=torch.float32, device=self.device)
             self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], -1)
-        self.step_latent = self._latent_values() if latent else None
-        if self.step_latent is None:
+        inputs = self._latent_inputs() if latent else None
+        self.step_latent = None if inputs is None else inputs[1]
+        if inputs is None:
             keys, values = self._attention_inputs()
         else:  # values of the stored tokens stay latent: the attention mixes them (LatentValues.mix)
-            keys, values = self.store.keys(), key_states[:, :, :0]
+            keys, values = inputs[0], key_states[:, :, :0]
             if len(self.window):
                 window_keys, values = self.window.keys_values()
                 keys = torch.cat([keys, window_keys], 2)
@@ -136,16 +137,17 @@ class CompressedLayer(CacheLayerMixin):
         self._pending = False
         observe = self.selection.observe
         last = queries if observe < 0 else queries[:, :, -observe:]
-        valid = self.valid()
+        valid = self.step_valid  # the slots attention just saw: nothing changed since update
         if valid is None:
             valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
         self.scores += summed_attention(last, keys, valid, scaling)
         self._compress(keys, in_place=True)  # attention is done: no view of the window is in use
 
-    def _latent_values(self):
-        if self.store is None or not len(self.store) or not hasattr(self.store, "latent_values"):
+    def _latent_inputs(self):
+        """The store's rebuilt keys and latent values, when its representation mixes values in latent space."""
+        if self.store is None or not len(self.store) or not self.representation.mixes_latent_values:
             return None
-        return self.store.latent_values()
+        return self.store.latent_inputs()
 
     def _compress(self, keys: torch.Tensor, in_place: bool = False) -> None:
         self._evict(keys, in_place)

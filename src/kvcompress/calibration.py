@@ -205,7 +205,13 @@ class Rotary:
         return 0 if self.cos is None else 2 * self.cos.numel() * self.cos.element_size()
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` of shape ``positions.shape + (D,)``."""
+        """``cos``, ``sin`` broadcastable to ``positions.shape + (D,)``.
+
+        Positions shared by every head (``(B, H, N)`` equal along ``H``) give ``(B, 1, N, D)``
+        tables, and consecutive positions of one row a view of the table: no gather.
+        """
+        if positions.dim() >= 3 and positions.shape[-2] > 1 and bool((positions == positions[..., :1, :]).all()):
+            positions = positions[..., :1, :]
         top = int(positions.max()) + 1 if positions.numel() else 1
         if self.cos is None or top > self.cos.shape[0] or self.cos.dtype != dtype:
             size = max(256, 1 << (top - 1).bit_length())

@@ -110,8 +110,9 @@ class Representation:
             true sequence positions of the tokens (e.g. to undo rotary embeddings).
         standalone: its stores are shared between layers (``share_layers``), so it combines with
             no other method.
-        mixes_latent_values: its store has ``latent_values()``, which the ``kvcompress`` attention
-            mixes in latent space instead of rebuilding the values (``lowrank``).
+        mixes_latent_values: its store has ``latent_inputs()`` (rebuilt keys, latent values), and the
+            ``kvcompress`` attention mixes the values in latent space instead of rebuilding them
+            (``lowrank``).
     """
 
     name: ClassVar[str]

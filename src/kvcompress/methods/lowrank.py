@@ -23,7 +23,7 @@ the value half of attention runs in latent space (:class:`LatentValues`).
 Values are mixed in latent space where attention allows it: ``softmax(q Kᵀ) (mu + Z Uᵀ) =
 mu + (softmax(q Kᵀ) Z) Uᵀ``, exactly (softmax rows sum to one). The ``kvcompress`` attention
 implementation (which :func:`kvcompress.make_cache` installs for ``lowrank``) does that for the
-stored tokens (:meth:`LowRankStore.latent_values`) and attends to the full-precision window as
+stored tokens (:meth:`LowRankStore.latent_inputs`) and attends to the full-precision window as
 usual, in one softmax; other attention implementations get rebuilt values from
 :meth:`LowRankStore.keys_values`.
 
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.buffer import FullPrecisionBuffer, gather_slots
 from kvcompress.methods.base import Representation, Store
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.registry import SpecError, register
@@ -290,19 +290,17 @@ class LowRankStore:
         positions = positions.to(torch.int32)
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
 
-    def keys(self) -> torch.Tensor:
-        """Transient rebuilt ``(B, H, N, D)`` keys, rotated to their positions, sinks exact."""
-        b = self.basis
-        z_k = self.inner.keys_values()[0]  # (B, G, N, r_k)
+    def _rebuild(self, z: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
+        """``(B, H, N, D)`` vectors of one side from its ``(B, G, N, r)`` latents (a view of them when
+        the side is full rank)."""
         heads = self.positions.shape[1]
-        if b.key_basis is None:
-            keys = self._heads(z_k, heads)
-        else:
-            keys = self._heads(z_k @ b.key_basis.transpose(1, 2) + b.key_mean[:, None], heads)  # (B, H, N, D)
-            positions = self.positions
-            if positions.shape[1] > 1 and bool((positions == positions[:, :1]).all()):
-                positions = positions[:, :1]  # heads hold the same positions: one (B, 1, N, D) table
-            keys = self.rotary.rotate(keys, positions)
+        return self._heads(z if basis is None else z @ basis.transpose(1, 2) + mean[:, None], heads)
+
+    def _keys(self, z_k: torch.Tensor) -> torch.Tensor:
+        b = self.basis
+        keys = self._rebuild(z_k, b.key_basis, b.key_mean)
+        if b.key_basis is not None:
+            keys = self.rotary.rotate(keys, self.positions)
         if self.sinks.keys is not None:  # (a full-rank side is a view of the inner store: copy it first)
             keys = keys.clone() if b.key_basis is None else keys
             self.sinks.write_keys(keys)
@@ -310,38 +308,34 @@ class LowRankStore:
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.basis
-        z_v = self.inner.keys_values()[1]  # (B, G, N, r_v)
-        heads = self.positions.shape[1]
-        if b.value_basis is None:
-            values = self._heads(z_v, heads)
-        else:
-            values = self._heads(z_v @ b.value_basis.transpose(1, 2) + b.value_mean[:, None], heads)  # (B, H, N, D)
+        z_k, z_v = self.inner.keys_values()  # (B, G, N, r_k), (B, G, N, r_v)
+        values = self._rebuild(z_v, b.value_basis, b.value_mean)
         if self.sinks.values is not None:
             values = values.clone() if b.value_basis is None else values
             self.sinks.write_values(values)
-        return self.keys(), values
+        return self._keys(z_k), values
 
-    def latent_values(self) -> LatentValues | None:
-        """The stored values as latents, for attention that mixes them in latent space (None when the
-        value side is full rank: there is nothing to gain)."""
+    def latent_inputs(self) -> tuple[torch.Tensor, LatentValues] | None:
+        """Rebuilt keys and the stored values as latents, for attention that mixes values in latent
+        space; None when the value side is full rank (nothing to gain)."""
         b = self.basis
         if b.value_basis is None:
             return None
-        z_v = self.inner.keys_values()[1]  # (B, G, N, r_v)
+        z_k, z_v = self.inner.keys_values()  # dequantized once for both
         heads = self.positions.shape[1]
         sink_slot = sink_error = None
         if self.sinks.slot is not None and bool((self.sinks.slot >= 0).any()):
             sink_slot = self.sinks.slot.clone()  # (B, H, m); a copy: settling more tokens fills it in place
             group = torch.arange(heads, device=z_v.device) // (heads // b.groups)  # (H,)
             slot = sink_slot.clamp_min(0)
-            picked = z_v[:, group].gather(2, slot[..., None].expand(*slot.shape, z_v.shape[-1]))  # (B, H, m, r_v)
+            picked = gather_slots(z_v[:, group], slot)  # (B, H, m, r_v)
             rebuilt = picked @ b.value_basis[group].transpose(1, 2)[None] + b.value_mean[group][None, :, None]  # (B, H, m, E)
             within = torch.arange(heads, device=z_v.device) % (heads // b.groups)  # (H,) place of the head in its group
             dim = self.sinks.values.shape[-1]
             index = (within[:, None] * dim + torch.arange(dim, device=z_v.device))[None, :, None].expand(*slot.shape, dim)
             rebuilt = rebuilt.gather(-1, index)  # (B, H, m, D) this head's part of the group's vector
             sink_error = (self.sinks.values - rebuilt) * (sink_slot >= 0)[..., None]
-        return LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error)
+        return self._keys(z_k), LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error)
 
     def valid(self) -> torch.Tensor | None:
         return self.slots.valid if self.slots else None
