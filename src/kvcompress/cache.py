@@ -145,7 +145,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def _latent_inputs(self):
         """The store's rebuilt keys and latent values, when its representation mixes values in latent space."""
-        if self.store is None or not len(self.store) or not self.representation.mixes_latent_values:
+        representation = self.representation  # None with a store of its own (AdaKV's ragged heads)
+        if representation is None or not representation.mixes_latent_values or not len(self.store):
             return None
         return self.store.latent_inputs()
 
