@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+import transformers
 from packaging.requirements import Requirement
 
 from kvcompress.bench import kvpress_adapter
@@ -14,11 +15,17 @@ from kvcompress.bench.methods import fill_context, resolve
 from kvcompress.bench.perplexity import perplexity
 
 
+INSTALLED = transformers.__version__
+
+
 def _pretend(monkeypatch, kvpress_version, transformers_range):
-    versions = {"kvpress": kvpress_version, "transformers": "5.24.0"}
-    monkeypatch.setattr(kvpress_adapter, "_installed_version", versions.get)
-    requirements = {"kvpress": Requirement(f"transformers{transformers_range}"), "kvcompress": Requirement("transformers>=5.5,<6")}
-    monkeypatch.setattr(kvpress_adapter, "_requirement", lambda dist, name: requirements[dist])
+    """kvpress installed at ``kvpress_version``, requiring ``transformers_range``; everything else real."""
+    real_version, real_requirement = kvpress_adapter._installed_version, kvpress_adapter._requirement
+    monkeypatch.setattr(kvpress_adapter, "_installed_version", lambda dist: kvpress_version if dist == "kvpress" else real_version(dist))
+    monkeypatch.setattr(
+        kvpress_adapter, "_requirement",
+        lambda dist, name: Requirement(f"transformers{transformers_range}") if dist == "kvpress" else real_requirement(dist, name),
+    )
 
 
 def test_not_installed(monkeypatch):
@@ -28,18 +35,22 @@ def test_not_installed(monkeypatch):
 
 
 def test_transformers_out_of_range(monkeypatch):
-    """kvpress 0.5.5 (the latest release) pins transformers>=4.56.0,<5.3."""
+    """kvpress 0.5.5 (the latest release) pins transformers>=4.56.0,<5.3; the installed transformers and
+    kvcompress's own requirement are read from the real package metadata."""
     _pretend(monkeypatch, "0.5.5", "<5.3,>=4.56.0")
     with pytest.raises(KVPressUnavailable) as err:
         resolve("kvpress:SnapKVPress:0.5")
     message = str(err.value)
-    assert "kvpress 0.5.5 supports transformers<5.3,>=4.56.0 but transformers 5.24.0 is installed" in message
-    assert "kvcompress needs transformers<6,>=5.5" in message
+    assert f"kvpress 0.5.5 supports transformers<5.3,>=4.56.0 but transformers {INSTALLED} is installed" in message
+    assert "kvcompress needs transformers<6,>=5.16" in message  # pyproject.toml's pin, as installed
 
 
-def test_in_range_passes_the_version_check(monkeypatch):
-    _pretend(monkeypatch, "9.0.0", ">=5.0")
+def test_the_range_check_is_inclusive_at_the_installed_release(monkeypatch):
+    _pretend(monkeypatch, "9.0.0", f">={INSTALLED}")
     assert check_kvpress() == "9.0.0"
+    _pretend(monkeypatch, "9.0.0", f"<{INSTALLED}")
+    with pytest.raises(KVPressUnavailable, match=f"but transformers {INSTALLED} is installed"):
+        check_kvpress()
 
 
 @pytest.mark.parametrize(

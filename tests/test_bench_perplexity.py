@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from kvcompress.bench.methods import resolve
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.texts import load_text, spread_offsets
-from kvcompress.generation import cache_kwarg
+from kvcompress.models import cache_kwarg
 
 CONTEXT, TOKENS, WINDOWS = 48, 6, 2
 

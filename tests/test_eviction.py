@@ -8,23 +8,24 @@ import torch
 from transformers import DynamicCache
 
 import kvcompress
-from kvcompress.generation import cache_kwarg, prefill
+from kvcompress.generation import prefill
 from kvcompress.methods.adakv import AdaKV
-from kvcompress.methods.base import LayerView
+from kvcompress.methods.budgets import pyramid_budgets
 from kvcompress.methods.knorm import KNorm
-from kvcompress.methods.scored import pyramid_budgets
 from kvcompress.methods.snapkv import SnapKV
+from kvcompress.models import cache_kwarg
+from kvcompress.protocols import LayerView
 
 
-def _view(scores, valid=None, keys=None):
+def _view(scores, valid=None, keys=None, budget=None):
     valid = torch.ones(scores.shape, dtype=torch.bool) if valid is None else valid
-    return LayerView(valid, keys, scores, layer_idx=0, num_layers=1, state={})
+    return LayerView(valid, scores, None, None, budget, layer_idx=0, num_layers=1, dense=lambda: (keys, None))
 
 
 def test_kept_slots_are_window_plus_top_scores():
     torch.manual_seed(0)
     scores = torch.rand(2, 3, 40)
-    keep = SnapKV(ratio=0.5, window=4, kernel=1).select(_view(scores))
+    keep = SnapKV(ratio=0.5, window=4, kernel=1).select(_view(scores)).keep
     for b in range(2):
         for h in range(3):
             others = scores[b, h, :36]
@@ -34,28 +35,25 @@ def test_kept_slots_are_window_plus_top_scores():
 
 def test_budget_is_fixed_at_first_compression_and_block_sets_when_to_recompress():
     selection = SnapKV(ratio=0.5, window=2, kernel=1, block=4)
-    view = _view(torch.rand(1, 1, 20))
-    assert selection.select(view).sum() == 10
-    assert view.state["budget"].item() == 10
-    grown = _view(torch.rand(1, 1, 13))
-    grown.state = view.state
-    assert selection.select(grown) is None  # 13 <= 10 + block - 1
-    grown = _view(torch.rand(1, 1, 14))
-    grown.state = view.state
-    assert selection.select(grown).sum() == 10
+    first = selection.select(_view(torch.rand(1, 1, 20)))
+    assert first.keep.sum() == 10
+    assert first.budget.item() == 10
+    grown = selection.select(_view(torch.rand(1, 1, 13), budget=first.budget))
+    assert grown.keep is None and grown.budget is first.budget  # 13 <= 10 + block - 1
+    assert selection.select(_view(torch.rand(1, 1, 14), budget=first.budget)).keep.sum() == 10
 
 
 def test_padding_is_never_kept_and_rows_get_their_own_budget():
     scores = torch.rand(2, 1, 30)
     valid = torch.ones(2, 1, 30, dtype=torch.bool)
     valid[1, :, :10] = False
-    keep = KNorm(ratio=0.5, window=2).select(_view(scores, valid, keys=torch.randn(2, 1, 30, 8)))
+    keep = KNorm(ratio=0.5, window=2).select(_view(scores, valid, keys=torch.randn(2, 1, 30, 8))).keep
     assert keep[0].sum() == 15 and keep[1].sum() == 10
     assert not keep[1, :, :10].any()
 
 
 def test_ratio_zero_keeps_everything():
-    assert SnapKV(ratio=0).select(_view(torch.rand(1, 1, 50))) is None
+    assert SnapKV(ratio=0).select(_view(torch.rand(1, 1, 50))).keep is None
 
 
 def test_pyramid_budgets_shrink_with_depth_and_keep_the_average():
@@ -98,14 +96,13 @@ def _compressed(model, ids, spec):
     """The reference run's keys and attentions, and ``spec``'s cache after prefilling ``ids``."""
     ref_keys, attentions = _reference(model, ids)
     cache = kvcompress.make_cache(spec, model)
-    with torch.no_grad():
+    with torch.no_grad(), kvcompress.attach(model, cache):
         prefill(model, ids, torch.ones_like(ids), cache)
     return ref_keys, attentions, cache
 
 
 def _kept_keys(cache, layer_idx):
-    layer = cache.compressed_layers[layer_idx]
-    keys, _ = layer._attention_inputs()
+    keys, _ = cache.compressed_layers[layer_idx]._dense()
     return keys
 
 
@@ -156,7 +153,7 @@ def test_adakv_shares_the_layer_budget_between_heads():
     torch.manual_seed(0)
     scores = torch.rand(2, 3, 40)
     scores[:, 0] *= 0.1  # head 0's attention is weak everywhere: it should give most of its share away
-    keep = AdaKV(ratio=0.5, window=4, kernel=1, alpha=0.25).select(_view(scores))
+    keep = AdaKV(ratio=0.5, window=4, kernel=1, alpha=0.25).select(_view(scores)).keep
     for b in range(2):
         expected = _adakv_reference(scores[b], budget=20, window=4, alpha=0.25)
         assert [set(keep[b, h].nonzero().flatten().tolist()) for h in range(3)] == expected
@@ -167,8 +164,8 @@ def test_adakv_shares_the_layer_budget_between_heads():
 
 def test_adakv_with_alpha_one_is_snapkv():
     scores = torch.rand(1, 3, 50)
-    ada = AdaKV(ratio=0.5, window=4, alpha=1.0).select(_view(scores))
-    assert torch.equal(ada, SnapKV(ratio=0.5, window=4).select(_view(scores)))
+    ada = AdaKV(ratio=0.5, window=4, alpha=1.0).select(_view(scores)).keep
+    assert torch.equal(ada, SnapKV(ratio=0.5, window=4).select(_view(scores)).keep)
 
 
 @pytest.mark.model
@@ -181,18 +178,19 @@ def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
         expected = _adakv_reference(_snapkv_scores(attentions[layer_idx], window, 5), budget, window, 0.2)
         _assert_keeps(cache, ref_keys, expected, layer_idx)
         store = cache.compressed_layers[layer_idx].store
-        assert store.lengths[0].tolist() == [len(e) for e in expected]
-        ragged += len(set(store.lengths[0].tolist())) > 1
+        assert store.lengths()[0].tolist() == [len(e) for e in expected]
+        ragged += len(set(store.lengths()[0].tolist())) > 1
     assert ragged  # the heads really hold different numbers of tokens
-    # Only the kept tokens are held: K and V fp32 per kept token of every head, the (B, H) int64
-    # counts, and the float32 scores of the padded view (the window is empty right after the cut).
+    # Only the kept tokens are held: K and V fp32 per kept token of every head (each head in its
+    # own buffer, no spare capacity), the (B, H) int64 budget, and the float32 scores of the longest
+    # head's slots (the window is empty right after the cut).
     layers = cache.compressed_layers
     expected_bytes = sum(
-        int(layer.store.lengths.sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) for layer in layers
+        int(layer.store.lengths().sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) for layer in layers
     )
     assert all(len(layer.window) == 0 for layer in layers)
     assert cache.nbytes == expected_bytes
-    assert sum(int(layer.store.lengths.sum()) for layer in layers) == 30 * 3 * budget
+    assert sum(int(layer.store.lengths().sum()) for layer in layers) == 30 * 3 * budget
 
 
 @pytest.mark.model
@@ -232,7 +230,7 @@ def test_knorm_keeps_the_smallest_key_norms(smol, ids):
 def test_pyramidkv_layers_hold_their_budgets(smol, ids):
     model, _ = smol
     cache = kvcompress.make_cache("pyramidkv:ratio=0.5,window=4,beta=4", model)
-    with torch.no_grad():
+    with torch.no_grad(), kvcompress.attach(model, cache):
         prefill(model, ids, torch.ones_like(ids), cache)
     budgets = [max(b, 4) for b in pyramid_budgets(math.ceil(ids.shape[1] * 0.5), 30, 4)]
     assert [len(layer) for layer in cache.compressed_layers] == budgets
@@ -240,7 +238,9 @@ def test_pyramidkv_layers_hold_their_budgets(smol, ids):
     step = ids[:, :6]
     other = kvcompress.make_cache("pyramidkv:ratio=0.5,window=4,beta=4", model)
     with torch.no_grad():
-        prefill(model, ids, torch.ones_like(ids), other)
-        together = model(step, use_cache=True, **{cache_kwarg(model): cache}).logits
-        one_by_one = torch.cat([model(step[:, i : i + 1], use_cache=True, **{cache_kwarg(model): other}).logits for i in range(6)], 1)
+        with kvcompress.attach(model, other):
+            prefill(model, ids, torch.ones_like(ids), other)
+            one_by_one = torch.cat([model(step[:, i : i + 1], use_cache=True, **{cache_kwarg(model): other}).logits for i in range(6)], 1)
+        with kvcompress.attach(model, cache):
+            together = model(step, use_cache=True, **{cache_kwarg(model): cache}).logits
     torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=0)

@@ -15,8 +15,8 @@ def test_pack_roundtrip_and_packed_size(bits):
 
 
 def _store_with(bits, keys, values, valid=None):
-    store = KIVI(bits=bits, group=32).new_store(keys.shape[-1], keys.dtype)
-    store.append(keys, values, valid)
+    store = KIVI(bits=bits, group=32).new_store(0, keys.shape[-1], keys.dtype)
+    store.append(keys, values, valid, None)
     return store
 
 

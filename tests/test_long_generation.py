@@ -5,8 +5,8 @@ import torch
 from transformers import StoppingCriteria
 
 import kvcompress
-from kvcompress.generation import cache_kwarg
-from kvcompress.methods.scored import pyramid_budgets
+from kvcompress.methods.budgets import pyramid_budgets
+from kvcompress.models import cache_kwarg
 
 
 class RecordBytes(StoppingCriteria):
@@ -24,7 +24,7 @@ def _generate(model, spec, new_tokens):
     cache = kvcompress.make_cache(spec, model)
     record = RecordBytes(cache)
     prompt = torch.randint(3, 128, (1, 16))
-    with torch.no_grad():
+    with torch.no_grad(), kvcompress.attach(model, cache):
         out = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
@@ -75,7 +75,7 @@ def test_long_generation_with_eviction_stays_bounded(tiny, method):
         real = int(valid.sum()) if valid is not None else 2 * len(layer)
         assert real <= 2 * (layer_budget + block - 1)  # 2 KV heads (AdaKV: shared between them)
         # Per KV head at most budget + block - 1 tokens, capacity reserved 64 slots at a time, of
-        # K and V (2 x 32 fp32) and a float32 score; plus AdaKV's int64 count per head.
+        # K and V (2 x 32 fp32) and a float32 score; plus the layer's int64 budget per head.
         bound += 2 * _round_up(layer_budget + block - 1, 64) * (2 * 32 * 4 + 4) + 2 * 8
     assert max(history[200:]) <= bound
     assert history[-1] < 2 * 2 * (16 + 800) * 2 * 32 * 4 / 5  # under a fifth of the uncompressed cache

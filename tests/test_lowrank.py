@@ -4,17 +4,20 @@ Tensor tests use a random 2-layer Llama (``tiny``) for its rotary embedding and 
 tests use the default model and its default calibration (built once into the user cache).
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kvcompress
+from kvcompress.attention import allowed, attend_segments, reference_path
 from kvcompress.buffer import FullPrecisionBuffer
-from kvcompress.calibration import Calibration, Rotary, _moments, model_identity
-from kvcompress.generation import cache_kwarg
-from kvcompress.attention import latent_value_attention
+from kvcompress.calibration import Calibration, Rotary, _moments
 from kvcompress.methods.lowrank import LayerBasis, LowRank, LowRankStore, principal
+from kvcompress.models import cache_kwarg, model_identity
 from kvcompress.registry import SpecError, parse_spec
+from kvcompress.step import DenseSegment, Operands
 
 H, D = 2, 32  # the tiny model's KV heads and head dim
 
@@ -81,37 +84,36 @@ def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink)
     k, v = store.keys_values()  # rebuilt; the sinks exact
     window_k, window_v = _data(5, seed=2), _data(5, seed=3)  # a full-precision window after the store
     all_k, all_v = torch.cat([k, window_k], 2), torch.cat([v, window_v], 2)
-    query = torch.randn(1, 4, 3, D)  # 4 query heads over 2 KV heads, 3 queries
-    mask = torch.rand(1, 4, 3, all_k.shape[2]) > 0.3
+    query = torch.randn(1, 4, 3, D)  # 4 query heads over 2 KV heads, 3 queries: the window's last 3 tokens
+    valid = torch.rand(1, H, all_k.shape[2], generator=torch.Generator().manual_seed(4)) > 0.3
+    mask = allowed(valid, 3).repeat_interleave(2, 1)  # (1, 4, 3, S)
     reference = F.scaled_dot_product_attention(
         query, all_k.repeat_interleave(2, 1), all_v.repeat_interleave(2, 1), attn_mask=mask, scale=0.2
     )
-    stored_keys, latent = store.latent_inputs()
-    assert torch.equal(stored_keys, k)
-    ours = latent_value_attention(query, all_k, window_v, mask, 0.2, latent)
+    segment = store.segment()
+    assert torch.equal(segment.keys, k) and not segment.dense_only
+    ours = attend_segments(query, Operands((segment, DenseSegment(window_k, window_v)), valid, H), 0.2).output
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.model
 def test_model_with_latent_values_equals_rebuilt_values(smol):
-    """The kvcompress attention (latent values) gives the logits of sdpa on rebuilt values."""
+    """Attention that mixes stored values in latent space gives the logits of sdpa on rebuilt values."""
     model, tokenizer = smol
     ids = tokenizer("Rivers carry sediment to the sea, where deltas form over centuries. " * 10, return_tensors="pt")["input_ids"]
     spec = "lowrank:key_ratio=0.75,value_ratio=0.5,residual=16"
     logits = {}
-    for implementation in ("kvcompress", "sdpa"):
-        cache = kvcompress.make_cache(spec, model)  # installs the kvcompress attention
-        model.set_attn_implementation(implementation)
-        with torch.no_grad():
+    for path in ("segments", "reference"):
+        cache = kvcompress.make_cache(spec, model)
+        with torch.no_grad(), kvcompress.attach(model, cache), reference_path() if path == "reference" else contextlib.nullcontext():
             steps = [model(ids[:, :-8], use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1:]]
             steps.append(model(ids[:, -8:-4], use_cache=True, **{cache_kwarg(model): cache}).logits)  # several tokens
             for i in range(-4, 0):
                 steps.append(model(ids[:, i:][:, :1], use_cache=True, **{cache_kwarg(model): cache}).logits)
-        used_latent = [layer.step_latent is not None for layer in cache.compressed_layers]
-        assert all(used_latent) == (implementation == "kvcompress")
-        logits[implementation] = torch.cat(steps, 1)
-    model.set_attn_implementation("sdpa")
-    torch.testing.assert_close(logits["kvcompress"], logits["sdpa"], atol=1e-4, rtol=1e-4)
+            latent = [not layer.store.segment().dense_only for layer in cache.compressed_layers]
+        assert all(latent)  # every layer stores values it mixes in latent space
+        logits[path] = torch.cat(steps, 1)
+    torch.testing.assert_close(logits["segments"], logits["reference"], atol=1e-4, rtol=1e-4)
 
 
 def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
@@ -160,23 +162,11 @@ def test_spec_validation_names_the_fix():
         parse_spec("lowrank:energy=0.9,ratio=0.5")
     with pytest.raises(SpecError, match=r"energy must be in \(0, 1\]"):
         parse_spec("lowrank:energy=0")
-    with pytest.raises(SpecError, match="cannot store another method's output"):
-        kvcompress.CompressedCache("kivi:bits=4+lowrank:ratio=0.5", _config())
+    with pytest.raises(SpecError, match="stores tokens itself and cannot hand them to lowrank"):
+        parse_spec("kivi:bits=4+lowrank:ratio=0.5")
     with pytest.raises(SpecError, match="at most one"):
-        kvcompress.CompressedCache("lowrank+kivi+kivi", _config())
+        parse_spec("lowrank+kivi+kivi")
     assert LowRank(key_ratio=0.75).rank(torch.ones(1, 64), 0.75) == 16
-
-
-def _config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
-
-
-def test_cache_without_calibration_says_how_to_build_it(tiny):
-    cache = kvcompress.CompressedCache("lowrank:ratio=0.5,residual=0", tiny.config)
-    with pytest.raises(ValueError, match="make_cache"):
-        tiny(torch.tensor([[3, 4, 5]]), use_cache=True, **{cache_kwarg(tiny): cache})
 
 
 class _Tokenizer:
@@ -211,15 +201,15 @@ def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
         kvcompress.make_cache(f"lowrank:ratio=0.75,calibration={path}+kivi:bits=4", tiny)
     cache = kvcompress.make_cache(f"lowrank:ratio=0.75,residual=8,calibration={path}+kivi:bits=4,group=16,residual=0", tiny)
     ids = torch.randint(3, 128, (1, 70))
-    with torch.no_grad():
+    with torch.no_grad(), kvcompress.attach(tiny, cache):
         tiny(ids, use_cache=True, **{cache_kwarg(tiny): cache})
     layer = cache.compressed_layers[0]
-    assert layer.representation.residual == 8 and len(layer.window) == 22 and len(layer.store) == 48
+    assert layer.residual == 8 and len(layer.window) == 22 and len(layer.store) == 48
     # Latents (G=1, E=64, r=16) as 4-bit KIVI: codes, key scale/min per channel per 16 tokens,
     # value scale/min per token per 16 channels; plus int32 positions and 4 fp32 sinks with int64 slots.
     kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2
     assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8
-    assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + layer.representation.rotary.nbytes
+    assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + cache.storage.rotary.nbytes
 
 
 @pytest.mark.model
@@ -228,8 +218,6 @@ def test_reconstruction_of_real_keys_improves_with_rank(smol):
     model, tokenizer = smol
     from transformers import DynamicCache
 
-    from kvcompress.generation import cache_kwarg
-
     ids = tokenizer("Rivers carry sediment to the sea, where deltas form over centuries. " * 20, return_tensors="pt")["input_ids"]
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -237,9 +225,8 @@ def test_reconstruction_of_real_keys_improves_with_rank(smol):
     keys, values = reference.layers[10].keys, reference.layers[10].values
     errors = []
     for ratio in (0.75, 0.5, 0.25):
-        representation = parse_spec(f"lowrank:ratio={ratio},sink=0")[0]
-        representation.prepare(model)
-        store = representation.new_store(64, torch.float32, 10)
+        storage = parse_spec(f"lowrank:ratio={ratio},sink=0").representation.prepare(model)
+        store = storage.new_store(10, 64, torch.float32)
         store.append(keys, values, None, positions=_positions(keys))
         k, v = store.keys_values()
         errors.append(((k - keys).norm() / keys.norm()).item() + ((v - values).norm() / values.norm()).item())

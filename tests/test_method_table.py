@@ -6,6 +6,7 @@ exact bytes its cache must hold after ``tokens`` tokens (batch 1, fp32).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -16,8 +17,9 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress.buffer import CHUNK
-from kvcompress.generation import cache_kwarg, prefill
-from kvcompress.methods.scored import pyramid_budgets
+from kvcompress.generation import prefill
+from kvcompress.methods.budgets import pyramid_budgets
+from kvcompress.models import cache_kwarg
 
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 30, 3, 64, 4
 FP_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * FP32  # K and V, every layer: 46,080 B
@@ -56,7 +58,8 @@ def kivi_bytes(bits, group, residual):
 def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
     """Bytes of a score-based eviction cache: cut to its budget after the prompt, then recompressed
     each time ``block`` tokens have collected; its window reserves capacity a chunk at a time (also
-    when compacted), and methods that score by attention hold a float32 score per slot."""
+    when compacted), methods that score by attention hold a float32 score per slot, and every layer
+    holds its int64 budget per head."""
 
     def formula(tokens):
         total = 0
@@ -65,7 +68,7 @@ def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
             for _ in range(tokens - prompt):
                 count = budget if count + 1 > budget + block - 1 else count + 1
             capacity = _round_up(count, CHUNK)  # compaction keeps the capacity a chunk multiple
-            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0)
+            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0) + 8 * KV_HEADS
         return total
 
     return formula
@@ -205,7 +208,8 @@ def prompt(smol):
 def _decode_logits(model, cache, prompt, steps):
     """Prefill ``prompt`` then greedily decode ``steps`` tokens one at a time; all logits."""
     kwarg = {cache_kwarg(model): cache}
-    with torch.no_grad():
+    attached = kvcompress.attach(model, cache) if isinstance(cache, kvcompress.CompressedCache) else contextlib.nullcontext()
+    with torch.no_grad(), attached:
         out = model(prompt, use_cache=True, **kwarg)
         logits = [out.logits[:, -1]]
         token = out.logits[:, -1:].argmax(-1)
@@ -281,8 +285,9 @@ def test_eviction_keeps_true_positions(smol, prompt):
     cache = kvcompress.make_cache(f"streaming:sink={sink},window={window}", model)
     continuation = torch.tensor([[504, 1876, 282, 260, 3465]])
     with torch.no_grad():
-        prefill(model, prompt, torch.ones_like(prompt), cache)
-        ours = model(continuation, use_cache=True, **{cache_kwarg(model): cache}).logits
+        with kvcompress.attach(model, cache):
+            prefill(model, prompt, torch.ones_like(prompt), cache)
+            ours = model(continuation, use_cache=True, **{cache_kwarg(model): cache}).logits
 
         n = prompt.shape[1]
         kept = torch.tensor(list(range(sink)) + list(range(n - window, n)))

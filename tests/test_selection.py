@@ -3,25 +3,25 @@
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer, compaction_index
-from kvcompress.methods.base import LayerView
 from kvcompress.methods.streaming import StreamingLLM
+from kvcompress.protocols import LayerView
 
 
 def view(valid):
     """A layer view with only validity: what position-based selections need."""
-    return LayerView(valid, keys=None, scores=None, layer_idx=0, num_layers=1, state={})
+    return LayerView(valid, None, None, None, None, layer_idx=0, num_layers=1, dense=lambda: (None, None))
 
 
 def test_streaming_keeps_sinks_and_recent_window_per_row():
     valid = torch.ones(2, 1, 12, dtype=torch.bool)
     valid[1, :, :5] = False  # row 1 is left-padded: its sinks are its first real tokens
-    keep = StreamingLLM(window=3, sink=2).select(view(valid))
+    keep = StreamingLLM(window=3, sink=2).select(view(valid)).keep
     assert keep[0, 0].nonzero().flatten().tolist() == [0, 1, 9, 10, 11]
     assert keep[1, 0].nonzero().flatten().tolist() == [5, 6, 9, 10, 11]
 
 
 def test_streaming_keeps_everything_under_budget():
-    assert StreamingLLM(window=8, sink=4).select(view(torch.ones(3, 2, 12, dtype=torch.bool))) is None
+    assert StreamingLLM(window=8, sink=4).select(view(torch.ones(3, 2, 12, dtype=torch.bool))).keep is None
 
 
 def test_compaction_index_keeps_order_and_marks_fillers_invalid():

@@ -25,7 +25,7 @@ def test_ward_groups_merges_the_most_similar_heads():
 def test_one_group_per_head_stores_every_head_exactly():
     keys, values = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
     store = ShareHeadsStore(torch.arange(3), 3, FullPrecisionBuffer())
-    store.append(keys, values, None)
+    store.append(keys, values, None, None)
     k, v = store.keys_values()
     assert torch.equal(k, keys) and torch.equal(v, values)
 
@@ -35,7 +35,7 @@ def test_merged_heads_share_the_mean_of_their_valid_heads():
     valid = torch.ones(1, 3, 8, dtype=torch.bool)
     valid[0, 2, 5] = False  # head 2 evicted token 5: the group's slot holds head 0's alone
     store = ShareHeadsStore(torch.tensor([0, 1, 0]), 2, FullPrecisionBuffer())
-    store.append(keys, values, valid)
+    store.append(keys, values, valid, None)
     k, _ = store.keys_values()
     expected = (keys[:, 0] + keys[:, 2]) / 2
     expected[:, 5] = keys[:, 0, 5]
@@ -67,5 +67,5 @@ def test_more_groups_than_heads_names_the_range(smol):
 def test_grouping_of_the_default_model(smol):
     model, _ = smol
     cache = kvcompress.make_cache("share_heads:groups=2", model)
-    groups = cache.representation.group_of
+    groups = cache.storage.group_of
     assert len(groups) == 30 and all(sorted(set(g.tolist())) == [0, 1] for g in groups.values())

@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache
 
 import kvcompress
-from kvcompress.generation import cache_kwarg
 from kvcompress.methods.share_layers import slerp_merge
+from kvcompress.models import cache_kwarg
 
 
 def test_slerp_merge_interpolates_directions_and_keeps_norms():
@@ -33,8 +33,9 @@ def test_layers_read_back_their_norms_on_a_shared_direction(smol):
     cache = kvcompress.make_cache("share_layers:start=0.5,t=0,threshold=0,residual=0", model)
     with torch.no_grad():
         model(ids, use_cache=True, **{cache_kwarg(model): reference})
-        model(ids, use_cache=True, **{cache_kwarg(model): cache})
-    pair = cache.representation.pairs[15]
+        with kvcompress.attach(model, cache):
+            model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    pair = cache.storage.pairs[15]
     assert 0 < pair.retained.float().mean() < 1  # some tokens merge, some are kept as they are
     first, second = (cache.compressed_layers[i].store.keys_values()[0] for i in (15, 16))
     true_first, true_second = reference.layers[15].keys, reference.layers[16].keys

@@ -4,16 +4,25 @@ import pytest
 
 import kvcompress
 from kvcompress.methods.kivi import KIVI
+from kvcompress.methods.lowrank import LowRank
 from kvcompress.methods.streaming import StreamingLLM
-from kvcompress.registry import SpecError, parse_spec
+from kvcompress.registry import Pipeline, SpecError, parse_spec
 
 
 def test_parse_named_positional_and_combined():
-    assert parse_spec("none") == []
-    assert parse_spec("streaming:sink=2,window=512") == [StreamingLLM(window=512, sink=2)]
-    assert parse_spec("kivi:4") == [KIVI(bits=4)]
-    assert parse_spec("kivi:bits=2,group=32,residual=128") == [KIVI(bits=2, group=32, residual=128)]
-    assert parse_spec(" streaming:window=2048 + kivi:bits=4 ") == [StreamingLLM(window=2048), KIVI(bits=4)]
+    assert parse_spec("none") == Pipeline("none")
+    assert parse_spec("streaming:sink=2,window=512").selection == StreamingLLM(window=512, sink=2)
+    assert parse_spec("kivi:4").representation == KIVI(bits=4)
+    assert parse_spec("kivi:bits=2,group=32,residual=128").methods == (KIVI(bits=2, group=32, residual=128),)
+    both = parse_spec(" streaming:window=2048 + kivi:bits=4 ")
+    assert (both.selection, both.representation, both.inner) == (StreamingLLM(window=2048), KIVI(bits=4), None)
+    chained = parse_spec("lowrank:ratio=0.5+kivi:bits=4")
+    assert (chained.representation, chained.inner) == (LowRank(ratio=0.5), KIVI(bits=4))
+
+
+def test_methods_are_frozen():
+    with pytest.raises(AttributeError):
+        parse_spec("kivi:4").representation.bits = 2
 
 
 def test_methods_lists_parameters_and_defaults():

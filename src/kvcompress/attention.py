@@ -1,45 +1,57 @@
-"""The ``kvcompress`` attention implementation: per-layer masks and attention scores for eviction.
+"""Attention over a compressed layer's :class:`~kvcompress.step.Operands`, with masks from slot validity.
 
-Registered through transformers' public ``AttentionInterface`` (and ``AttentionMaskInterface``)
-under the name ``"kvcompress"``; :func:`kvcompress.make_cache` switches a model to it when the
-method needs it. It computes the same attention as ``sdpa``, with two additions:
+Every compressed layer builds its own mask from its own slots (valid slots, the step's new tokens
+causally, each token always seeing itself), so layers and heads may hold different tokens
+(per-layer budgets, ragged heads, padding after eviction): there is no other mask path.
 
-- the mask comes from the layer's own slot validity, so layers (and heads) may hold different
-  tokens (per-layer budgets, padding after eviction);
-- after attending, it hands the step's queries to the layer, which turns them into the attention
-  weights its eviction policy scores with (SnapKV's observation window, H2O's accumulated
-  attention, TOVA's current query) and then compresses.
+Two paths compute the same result (tests compare them):
 
-The cache reaches this function as the ``kvcompress_cache`` keyword, which the forward pre-hook
-of :mod:`kvcompress.cache` adds to the model call; transformers forwards such keywords to every
-attention call.
+- **dense**: when every segment is full precision and the step needs no attention weights from
+  the pass (or has more than :data:`SEGMENT_QUERIES` queries, as a prefill does): the segments'
+  keys and values go to torch's ``scaled_dot_product_attention``; the weights of observed queries,
+  if any, come from a second pass over those queries only (:func:`summed_attention`).
+- **segments**: each segment computes its logits from the queries and mixes its own values from
+  the weights (a quantized or latent segment without rebuilding full-precision keys or values),
+  with one softmax over all of them; queries go in chunks so the ``(G, S)`` weights stay bounded,
+  and the observed queries' weights come from the same pass.
+
+:func:`reference_path` forces the dense path with observed attention from a separate pass, the
+plain-PyTorch reference the other paths are tested against.
+
+Shapes as in :mod:`kvcompress.step`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "kvcompress"
-QUERY_CHUNK = 256  # queries per chunk when scoring many of them (bounds the (q, S) weight matrix)
+from kvcompress.step import Attended, Operands
+
+QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
+SEGMENT_QUERIES = 64  # above this many queries, all-dense operands go to sdpa even when observed
+LOGITS_BUDGET = 1 << 24  # elements of one chunk's (B, Hq, chunk, S) weights in the segment path
 
 
-def allowed(valid: torch.Tensor, new: int) -> torch.Tensor:
-    """Which slots the last ``new`` tokens may attend to.
+def allowed(valid: torch.Tensor, new: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Which slots the step's queries ``start .. stop - 1`` (of its ``new`` tokens) may attend to.
 
     Args:
         valid: ``(B, H, S)`` bool validity of every slot; the last ``new`` slots are the new tokens.
         new: tokens of this step.
+        start, stop: the queries asked for (default: all ``new``).
 
     Returns:
-        ``(B, H, new, S)`` bool: valid past slots, the new tokens causally, and always the token
-        itself (so a padding query never has an empty row).
+        ``(B, H, stop - start, S)`` bool: valid past slots, the new tokens causally, and always the
+        token itself (so a padding query never has an empty row).
     """
+    stop = new if stop is None else stop
     slots = valid.shape[-1]
     slot = torch.arange(slots, device=valid.device)
-    own = torch.arange(slots - new, slots, device=valid.device)[:, None]  # (new, 1) each query's slot
-    causal = slot[None, :] <= own  # (new, S)
+    own = torch.arange(slots - new + start, slots - new + stop, device=valid.device)[:, None]  # (c, 1)
+    causal = slot[None, :] <= own  # (c, S)
     return (valid[:, :, None, :] & causal) | (slot[None, :] == own)
 
 
@@ -77,65 +89,90 @@ def summed_attention(queries, keys, valid, scaling) -> torch.Tensor:
     return total
 
 
-def latent_value_attention(query, keys, window_values, mask, scaling, latent) -> torch.Tensor:
-    """Attention whose stored values stay latent: one softmax over ``[stored | window]`` slots, then
-    the stored part mixed in latent space (:meth:`kvcompress.methods.lowrank.LatentValues.mix`) and
-    the window part on its full-precision values.
+def observed_count(observe: int, new: int) -> int:
+    """How many of the step's ``new`` queries are observed (``observe``: 0 none, -1 all, else the last k)."""
+    return new if observe < 0 else min(observe, new)
 
-    Args:
-        query: ``(B, Hq, q, D)``; keys: ``(B, H, S, D)``, all slots; window_values: ``(B, H, n, D)``,
-            the last ``n`` slots' values; mask: bool, broadcastable to ``(B, Hq, q, S)``, or None.
 
-    Returns:
-        ``(B, Hq, q, D)``, as sdpa on the rebuilt values.
-    """
-    batch, q_heads, q, dim = query.shape
+_REFERENCE = contextvars.ContextVar("kvcompress_reference_path", default=False)
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Inside this block every step takes the reference path: full-precision keys and values rebuilt
+    from every segment, torch's sdpa, and observed attention from a separate pass."""
+    token = _REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
+def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
+    """``(B, Hq, q, D)`` queries over a layer's operands: the output and, if asked, observed attention."""
+    dense_only = all(segment.dense_only for segment in operands.segments)
+    if _REFERENCE.get() or (dense_only and (operands.observe == 0 or query.shape[2] > SEGMENT_QUERIES)):
+        return attend_dense(query, operands, scaling)
+    return attend_segments(query, operands, scaling)
+
+
+def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:
+    if operands.valid is not None:
+        return operands.valid
+    return torch.ones(batch, heads, len(operands), dtype=torch.bool, device=device)
+
+
+def attend_dense(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
+    """The dense path (see the module docstring), and the reference for every other."""
+    kvs = [segment.dense() for segment in operands.segments]
+    keys = torch.cat([k for k, _ in kvs], 2) if len(kvs) > 1 else kvs[0][0]  # (B, H, S, D)
+    values = torch.cat([v for _, v in kvs], 2) if len(kvs) > 1 else kvs[0][1]
+    batch, q_heads, new, _ = query.shape
     heads, slots = keys.shape[1], keys.shape[2]
+    mask, is_causal = None, False
+    if operands.valid is not None:
+        mask = allowed(operands.valid, new).repeat_interleave(q_heads // heads, dim=1)  # (B, Hq, q, S)
+    elif new == slots and new > 1:
+        is_causal = True  # torch aligns its causal mask top-left: right only when q == S
+    elif new > 1:
+        mask = allowed(torch.ones(1, 1, slots, dtype=torch.bool, device=keys.device), new)  # (1, 1, q, S)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
+    )
+    observed = None
+    if operands.observe:
+        m = observed_count(operands.observe, new)
+        observed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, heads, keys.device), scaling)
+    return Attended(out, observed)
+
+
+def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
+    """The segment path (see the module docstring); usable on any operands, dense ones included."""
+    batch, q_heads, new, dim = query.shape
+    segments = operands.segments
+    heads, slots = operands.heads, len(operands)
     rep = q_heads // heads
-    # The rep query heads of a KV head are consecutive: stack them as rows (no copy of the keys).
-    scores = query.reshape(batch, heads, rep * q, dim) @ keys.transpose(-1, -2)  # (B, H, rep*q, S)
-    scores = scores.view(batch, q_heads, q, slots) * scaling
-    if mask is None and q > 1:  # new tokens see each other causally
-        mask = allowed(torch.ones(batch, heads, slots, dtype=torch.bool, device=keys.device), q).repeat_interleave(rep, 1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -torch.inf)
-    weights = scores.float().softmax(-1).to(query.dtype)
-    stored = slots - window_values.shape[2]
-    out = latent.mix(weights[..., :stored], heads)
-    window = weights[..., stored:].reshape(batch, heads, rep * q, -1) @ window_values  # (B, H, rep*q, D)
-    return out + window.view(batch, q_heads, q, dim)
-
-
-def kvcompress_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Drop-in attention function: ``(B, Hq, q, D)`` queries over the cache's ``(B, H, S, D)`` K/V."""
-    from kvcompress.cache import CompressedLayer  # the cache imports this module
-
-    cache = kwargs.get("kvcompress_cache")
-    layer = cache.layers[module.layer_idx] if cache is not None else None
-    q_len = query.shape[2]
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    is_causal = False
-    if isinstance(layer, CompressedLayer) and layer.step_needs_mask:
-        valid = layer.step_valid
-        if valid is None:
-            valid = torch.ones(key.shape[:3], dtype=torch.bool, device=key.device)
-        groups = query.shape[1] // key.shape[1]
-        attention_mask = allowed(valid, q_len).repeat_interleave(groups, dim=1)  # (B, Hq, q, S)
-    elif attention_mask is not None and attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    elif attention_mask is None:
-        is_causal = q_len > 1 and q_len == key.shape[2]
-    latent = layer.step_latent if isinstance(layer, CompressedLayer) else None
-    if latent is not None:
-        out = latent_value_attention(query, key, value, attention_mask, scaling, latent)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling, enable_gqa=True
-        )
-    if isinstance(layer, CompressedLayer):
-        layer.after_attention(query, key, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(NAME, kvcompress_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+    valid = _valid_or_ones(operands, batch, heads, query.device)
+    m = observed_count(operands.observe, new)
+    observed = torch.zeros(batch, heads, slots, dtype=torch.float32, device=query.device) if m else None
+    chunk = max(1, LOGITS_BUDGET // max(1, batch * q_heads * slots))
+    bounds = torch.tensor([0] + [len(s) for s in segments]).cumsum(0).tolist()
+    outputs = []
+    for start in range(0, new, chunk):
+        stop = min(start + chunk, new)
+        c = stop - start
+        grouped = query[:, :, start:stop].reshape(batch, heads, rep * c, dim)  # (B, H, rep*c, D): rows (head, query)
+        logits = torch.cat([segment.logits(grouped) for segment in segments], -1).float() * scaling
+        mask = allowed(valid, new, start, stop)  # (B, H, c, S)
+        logits = logits.view(batch, heads, rep, c, slots).masked_fill(~mask[:, :, None], -torch.inf)
+        weights = logits.softmax(-1)  # (B, H, rep, c, S) float32
+        flat = weights.view(batch, heads, rep * c, slots).to(query.dtype)
+        out = sum(segment.mix(flat[..., lo:hi]) for segment, lo, hi in zip(segments, bounds[:-1], bounds[1:]))
+        outputs.append(out.view(batch, q_heads, c, -1))
+        first = max(start, new - m) if m else stop
+        if first < stop:  # observed queries in this chunk: rows of padding queries count zero
+            rows = weights[:, :, :, first - start :].mean(2)  # (B, H, c', S)
+            real = valid[..., slots - new + first : slots - new + stop, None]  # (B, H, c', 1)
+            observed += (rows * real).sum(2)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+    return Attended(output, observed)

@@ -1,14 +1,22 @@
-"""Full-precision K/V storage that grows in place, the way a decode loop wants it.
+"""Full-precision K/V storage that grows in place, and stores whose heads hold different tokens.
 
-transformers' ``DynamicCache`` concatenates at every step (a full copy of the layer per token). This
-buffer instead reserves capacity in chunks of ``chunk`` tokens and writes new tokens in place, so
-attention reads a view with no copy. Compaction (eviction) reallocates to the exact size. What it
-reports as its size is the capacity it holds, since that is the memory it occupies.
+transformers' ``DynamicCache`` concatenates at every step (a full copy of the layer per token).
+:class:`FullPrecisionBuffer` instead reserves capacity in chunks of ``chunk`` tokens and writes new
+tokens in place, so attention reads a view with no copy. What it reports as its size is the
+capacity it holds, since that is the memory it occupies.
+
+:class:`RaggedStore` holds each KV head of each row in its own inner store (full precision or
+quantized), so heads that keep different numbers of tokens (adaptive budgets) hold no padding.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import Callable
+
 import torch
+
+from kvcompress.step import DenseSegment
 
 CHUNK = 64  # default tokens of capacity reserved at a time
 
@@ -63,10 +71,12 @@ class FullPrecisionBuffer:
         tensors = [t for t in (self.k, self.v, self._valid) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, exact: bool = False) -> None:
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None, exact: bool = False
+    ) -> None:
         """Write ``(B, H, n, D)`` tokens after the held ones; ``valid`` is ``(B, H, n)`` or None.
 
-        ``exact`` reserves no spare capacity.
+        ``exact`` reserves no spare capacity; ``positions`` is not needed (see the Store protocol).
         """
         batch, heads, new, dim = keys.shape
         if self.k is None or self.n + new > self.k.shape[2]:
@@ -96,6 +106,9 @@ class FullPrecisionBuffer:
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.n], self.v[:, :, : self.n]
+
+    def segment(self) -> DenseSegment:
+        return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
         return None if self._valid is None else self._valid[:, :, : self.n]
@@ -139,61 +152,118 @@ class FullPrecisionBuffer:
             self._valid = fn(self._valid)
 
 
-class RaggedBuffer:
-    """Full-precision K/V whose heads hold different numbers of tokens, stored without padding.
+class RaggedStore:
+    """Tokens of one layer whose heads hold different numbers of them, each head in its own store.
 
-    The tokens of every (row, head) are concatenated, row-major, into ``(T, D)`` tensors, ``T``
-    the total tokens held, with a ``(B, H)`` count per head; nothing is reserved for the heads that
-    hold fewer tokens than the longest. Attention reads a transient padded ``(B, H, n, D)`` view,
-    ``n`` the longest head, with a validity mask (as a quantized store dequantizes for attention).
-
-    Implements the :class:`kvcompress.methods.base.Store` protocol with ``block = 1``; it is filled
-    by :meth:`assign` when a layer is compressed, not by ``append``.
+    One inner store per row and KV head (``(1, 1, n_bh, D)``, made by ``new_store``: a
+    :class:`FullPrecisionBuffer`, or a quantized store for ``adakv+kivi``), so nothing is held for
+    the heads that keep fewer tokens than the longest. Attention reads one :class:`RaggedSegment`
+    (per-head logits and mixing; no padded copy of the keys or values). Implements the
+    :class:`kvcompress.protocols.Store` protocol, except that :meth:`append` takes, per head, the
+    tokens its ``valid`` marks: a multiple of ``block`` in every head.
     """
 
-    block = 1
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None  # (T, D)
-        self.v: torch.Tensor | None = None  # (T, Dv)
-        self.lengths: torch.Tensor | None = None  # (B, H) int64 tokens held per head
+    def __init__(self, new_store: Callable[[], object]):
+        self.new_store = new_store
+        self.block = new_store().block
+        self.rows: list[list] = []  # [B][H] inner stores
+        self.device = None
 
     def __len__(self) -> int:
-        return int(self.lengths.max()) if self.lengths is not None and self.lengths.numel() else 0
+        return max((len(s) for row in self.rows for s in row), default=0)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.k, self.v, self.lengths) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(s.nbytes for row in self.rows for s in row)
 
-    def assign(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Hold exactly the slots of ``(B, H, S, D)`` keys/values where ``keep`` ``(B, H, S)`` is True,
-        in order; return the ``(B, H, n)`` old slot index of each padded slot held afterwards."""
-        index, valid = compaction_index(keep)  # (B, H, n)
-        self.k, self.v = gather_slots(keys, index)[valid], gather_slots(values, index)[valid]  # (T, D)
-        self.lengths = valid.sum(-1)  # (B, H)
-        return index
+    def lengths(self) -> torch.Tensor:
+        """``(B, H)`` slots held per head."""
+        return torch.tensor([[len(s) for s in row] for row in self.rows], dtype=torch.long)
 
-    def _mask(self) -> torch.Tensor:
-        slot = torch.arange(len(self), device=self.lengths.device)
-        return slot < self.lengths[..., None]  # (B, H, n)
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
+        batch, heads = keys.shape[:2]
+        if not self.rows:
+            self.rows = [[self.new_store() for _ in range(heads)] for _ in range(batch)]
+            self.device = keys.device
+        for b in range(batch):
+            for h in range(heads):
+                take = slice(None) if valid is None else valid[b, h]
+                k, v = keys[b, h, take][None, None], values[b, h, take][None, None]  # (1, 1, n_bh, D)
+                if k.shape[2]:
+                    self.rows[b][h].append(k, v, None, None)
 
-    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = self._mask()
-        keys = self.k.new_zeros(*mask.shape, self.k.shape[1])
-        values = self.v.new_zeros(*mask.shape, self.v.shape[1])
-        keys[mask], values[mask] = self.k, self.v
-        return keys, values
+    def segment(self) -> RaggedSegment:
+        return RaggedSegment([[s.segment() if len(s) else None for s in row] for row in self.rows], len(self))
 
     def valid(self) -> torch.Tensor | None:
-        if self.lengths is None or bool((self.lengths == len(self)).all()):
-            return None
-        return self._mask()
+        valid = torch.zeros(len(self.rows), len(self.rows[0]), len(self), dtype=torch.bool, device=self.device)
+        for b, row in enumerate(self.rows):
+            for h, s in enumerate(row):
+                own = s.valid()
+                valid[b, h, : len(s)] = True if own is None else own[0, 0]
+        return None if bool(valid.all()) else valid
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor:
-        return self.assign(*self.keys_values(), keep & self._mask())
+        indices = []
+        for b, row in enumerate(self.rows):
+            for h, s in enumerate(row):
+                indices.append(s.compact(keep[b, h, : len(s)][None, None])[0, 0] if len(s) else keep.new_zeros(0, dtype=torch.long))
+        n = max((len(i) for i in indices), default=0)
+        index = torch.zeros(len(indices), n, dtype=torch.long, device=keep.device)
+        for i, kept in enumerate(indices):
+            index[i, : len(kept)] = kept
+        return index.view(keep.shape[0], keep.shape[1], n)
 
     def map_batch(self, fn) -> None:
-        if self.lengths is not None:
-            keys, values = self.keys_values()
-            self.assign(fn(keys), fn(values), fn(self._mask()))
+        if not self.rows:
+            return
+        order = fn(torch.arange(len(self.rows))).tolist()  # the old row of every new row
+        seen, rows = set(), []
+        for i in order:  # a row used twice (repeat_interleave) gets its own copy
+            rows.append(self.rows[i] if i not in seen else copy.deepcopy(self.rows[i]))
+            seen.add(i)
+        self.rows = rows
+
+
+class RaggedSegment:
+    """Per-head segments of a :class:`RaggedStore` (None for an empty head): logits and mixing one head
+    at a time, padded to the longest head only in the ``(B, H, G, S)`` weights (the padding is masked
+    by the store's validity)."""
+
+    dense_only = False
+
+    def __init__(self, rows: list[list], length: int):
+        self.rows, self.length = rows, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [[s.dense() if s is not None else None for s in row] for row in self.rows]
+        k0, v0 = next(kv for row in parts for kv in row if kv is not None)
+        keys = k0.new_zeros(len(parts), len(parts[0]), self.length, k0.shape[-1])
+        values = v0.new_zeros(len(parts), len(parts[0]), self.length, v0.shape[-1])
+        for b, row in enumerate(parts):
+            for h, kv in enumerate(row):
+                if kv is not None:
+                    keys[b, h, : kv[0].shape[2]], values[b, h, : kv[1].shape[2]] = kv[0][0, 0], kv[1][0, 0]
+        return keys, values
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        out = query.new_zeros(*query.shape[:3], self.length)  # (B, H, G, S)
+        for b, row in enumerate(self.rows):
+            for h, s in enumerate(row):
+                if s is not None:
+                    out[b, h, :, : len(s)] = s.logits(query[b, h][None, None])[0, 0]
+        return out
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        out = None
+        for b, row in enumerate(self.rows):
+            for h, s in enumerate(row):
+                if s is not None:
+                    mixed = s.mix(weights[b, h, :, : len(s)][None, None])[0, 0]  # (G, D)
+                    if out is None:
+                        out = mixed.new_zeros(*weights.shape[:3], mixed.shape[-1])
+                    out[b, h] = mixed
+        return out

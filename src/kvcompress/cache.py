@@ -1,36 +1,44 @@
 """The compressed KV cache: a transformers ``Cache`` whose layers hold only compressed K/V.
 
 Each :class:`CompressedLayer` holds a full-precision window of recent tokens and, when the pipeline
-has a representation (e.g. KIVI), a store of older tokens in that representation. After every
-``update`` the layer evicts (if the pipeline has a selection) and moves tokens that left the window
-into the store. Attention gets a transient full-precision view; nothing dequantized is kept.
+has a storage method (e.g. KIVI), a store of older tokens in that representation. One step of a
+layer is :meth:`CompressedLayer.attend`, called by the ``kvcompress`` attention (installed by
+:func:`kvcompress.attach`) with the step's queries, new keys and values, and
+:class:`~kvcompress.step.StepInputs`:
+
+1. :meth:`~CompressedLayer.append` adds the new tokens to the window and returns the
+   :class:`~kvcompress.step.Operands` attention reads: a segment per part (store, window), the
+   validity of every slot, and how many queries the selection observes;
+2. :func:`kvcompress.attention.attend` returns :class:`~kvcompress.step.Attended`: the output and
+   the observed attention;
+3. :meth:`~CompressedLayer.compress` accumulates what the selection scores, evicts, and moves tokens
+   that left the window into the store.
+
+``Cache.update``, which transformers calls before attention, is a pass-through for these layers:
+the step happens in attention, where the queries are. Nothing dequantized is kept.
 
 Tokens *seen* (for positions) are tracked apart from tokens *stored* (for masks): a new token's
 position is its true index in the sequence, and ``get_mask_sizes`` reports the stored length.
-
-Padding. transformers builds the attention mask from the 2D padding mask by indexing it with slot
-positions ``seen - stored + j``. That is right as long as every stored slot holds a real token or
-slots still line up with sequence positions (nothing evicted). When eviction leaves padding or
-evicted-but-held slots (a row with fewer tokens than the budget, a partly evicted quantized block),
-the cache builds the 4D mask itself from its per-slot validity. It learns which incoming tokens are
-padding from a forward pre-hook on the model (a public PyTorch extension point) that reads the
-``attention_mask`` argument; the hook is attached by :func:`make_cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.attention import summed_attention
-from kvcompress.buffer import FullPrecisionBuffer, RaggedBuffer
-from kvcompress.methods.base import LayerView, Representation, Selection
-from kvcompress.registry import SpecError, parse_spec
+from kvcompress.buffer import CHUNK, FullPrecisionBuffer, RaggedStore
+from kvcompress.calibration import rotary_of
+from kvcompress.models import identity_differences, model_identity, model_name
+from kvcompress.protocols import LayerView, Selection, Storage
+from kvcompress.registry import Pipeline, SpecError, parse_spec
+from kvcompress.step import ATTENTION, Attended, Operands, StepInputs
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -46,119 +54,190 @@ class CompressedLayer(CacheLayerMixin):
     def __init__(
         self,
         selection: Selection | None = None,
-        representation: Representation | None = None,
+        storage: Storage | None = None,
         layer_idx: int = 0,
         num_layers: int = 1,
+        rotary=None,
     ):
         super().__init__()
-        self.selection, self.representation = selection, representation
-        self.layer_idx, self.num_layers = layer_idx, num_layers
-        # With a store, the window never holds more than residual + block - 1 tokens between steps.
-        self.window = FullPrecisionBuffer() if representation is None else FullPrecisionBuffer(chunk=1)
+        self.selection, self.storage = selection, storage
+        self.layer_idx, self.num_layers, self.rotary = layer_idx, num_layers, rotary
+        self.ragged = selection is not None and selection.ragged
+        # With a store, the window never holds more than residual + block - 1 tokens between steps;
+        # a ragged layer's window collects the tokens of one block of decoding.
+        chunk = selection.block if self.ragged else (CHUNK if storage is None else 1)
+        self.window = FullPrecisionBuffer(chunk=chunk)
         self.store = None
-        self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the store needs them
+        self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the storage needs them
         self.seen = 0
-        self.evicted = False  # until the first eviction, slot j holds the token at position j
-        self.scores: torch.Tensor | None = None  # (B, H, S) float32 attention accumulated for the selection
-        self.state: dict = {}  # the selection's per-layer state
-        self.hold = False  # question-aware: compress after the next step, not this one
-        self._pending = False  # compression waits for this step's queries (see after_attention)
-        self.step_latent = None  # this step's stored values as latents, for the kvcompress attention
+        self.attention: torch.Tensor | None = None  # (B, H, S) float32 attention observed for the selection
+        self.queries: torch.Tensor | None = None  # (B, Hq, m, D) queries since the last compression, if asked
+        self.query_positions: torch.Tensor | None = None  # (B, m)
+        self.held: torch.Tensor | None = None  # (B, Hq, k, D) last queries of held steps (question-aware)
+        self.budget: torch.Tensor | None = None  # (B, H, 1) the selection's budget, set at the first compression
+
+    @property
+    def residual(self) -> int:
+        return self.storage.residual if self.storage is not None else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self.representation is not None:
-            self.store = self.representation.new_store(key_states.shape[-1], key_states.dtype, self.layer_idx)
-        elif self.selection is not None and self.selection.ragged:
-            self.store = RaggedBuffer()  # heads keep different numbers of tokens: held without padding
+        head_dim = key_states.shape[-1]
+        if self.ragged:  # heads keep different numbers of tokens: each head stored apart
+            storage = self.storage
+            self.store = RaggedStore(
+                (lambda: storage.new_store(self.layer_idx, head_dim, self.dtype))
+                if storage is not None
+                else (lambda: FullPrecisionBuffer(chunk=1))
+            )
+        elif self.storage is not None:
+            self.store = self.storage.new_store(self.layer_idx, head_dim, self.dtype)
         self.is_initialized = True
 
-    def update(
-        self,
-        key_states,
-        value_states,
-        *args,
-        new_valid: torch.Tensor | None = None,
-        new_positions: torch.Tensor | None = None,
-        latent: bool = False,
-        **kwargs,
-    ):
-        """Add ``(B, H, q, D)`` new keys/values; return the keys/values this step attends to.
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' per-layer update: the layer's step happens in attention (:meth:`attend`)."""
+        return key_states, value_states
 
-        Args:
-            new_valid: ``(B, q)`` bool, False for padding tokens; None when all are real.
-            new_positions: ``(B, q)`` or ``(1, q)`` positions the model gave the tokens; None for
-                ``seen .. seen + q - 1``. Kept only for a representation that ``needs_positions``.
-            latent: the ``kvcompress`` attention will run; when the store offers latent values,
-                the returned values are the window's only and ``step_latent`` holds the store's.
-        """
-        if self._pending:
-            raise RuntimeError(
-                f"{self.selection.name} scores tokens by attention and needs the model's attention "
-                "implementation to be 'kvcompress' (make_cache sets it; something changed it back)"
-            )
+    # ---- one step ---------------------------------------------------------------------------
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
+        """One step: store ``(B, H, q, D)`` new keys/values, attend ``(B, Hq, q, D)`` queries over every
+        slot, then compress; returns the ``(B, Hq, q, D)`` attention output."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        batch, heads, new, _ = key_states.shape
-        if new_valid is not None:
-            new_valid = new_valid[:, None, :].expand(batch, heads, new)  # (B, H, q)
-        self.window.append(key_states, value_states, new_valid)
-        if self.representation is not None and self.representation.needs_positions:
-            if new_positions is None:
-                new_positions = torch.arange(self.seen, self.seen + new, device=self.device)[None]
-            positions = new_positions.to(self.device, torch.int32)[:, None, :].expand(batch, heads, new)  # (B, H, q)
+            self.lazy_initialization(keys, values)
+        operands = self.append(keys, values, inputs)
+        attended = attention.attend(query, operands, scaling)
+        self.compress(attended, query, inputs, scaling)
+        return attended.output
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs) -> Operands:
+        """Add the step's tokens to the window; return what attention reads."""
+        batch, heads, new, _ = keys.shape
+        valid = None if inputs.valid is None else inputs.valid[:, None, :].expand(batch, heads, new)  # (B, H, q)
+        self.window.append(keys, values, valid)
+        if self.storage is not None and self.storage.needs_positions:
+            positions = self._positions(inputs.positions, self.seen, new)[:, None, :].expand(batch, heads, new).to(torch.int32)
             self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
         self.seen += new
-        if self.selection is not None and self.selection.observe:
-            zeros = torch.zeros(batch, heads, new, dtype=torch.float32, device=self.device)
-            self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], -1)
-        inputs = self._latent_inputs() if latent else None
-        self.step_latent = None if inputs is None else inputs[1]
-        if inputs is None:
-            keys, values = self._attention_inputs()
-        else:  # values of the stored tokens stay latent: the attention mixes them (LatentValues.mix)
-            keys, values = inputs[0], key_states[:, :, :0]
-            if len(self.window):
-                window_keys, values = self.window.keys_values()
-                keys = torch.cat([keys, window_keys], 2)
-        # What the kvcompress attention masks with: this step's slots, before compression.
-        self.step_valid = self.valid()
-        self.step_needs_mask = self.evicted or self.step_valid is not None
-        if self.selection is not None and self.selection.observe and not self.hold:
-            self._pending = True  # compress once attention has given this step's queries
-        elif not self.hold:
-            self._compress(keys)
-        return keys, values
+        observe = self.selection.observe if self.selection is not None else 0
+        if inputs.hold and observe > 0:
+            observe = 0  # a window of queries is observed once the step that compresses has come
+        return Operands(tuple(part.segment() for part in self._parts()), self.valid(), heads, observe)
 
-    def after_attention(self, queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
-        """Called by the ``kvcompress`` attention with this step's ``(B, Hq, q, D)`` queries."""
-        if not self._pending:
+    def compress(self, attended: Attended, query: torch.Tensor, inputs: StepInputs, scaling: float) -> None:
+        """Keep what the selection scores with, then (unless the step is held) evict and settle."""
+        selection = self.selection
+        if selection is not None and selection.queries:
+            positions = self._positions(inputs.positions, self.seen - query.shape[2], query.shape[2])
+            self.queries = query if self.queries is None else torch.cat([self.queries, query], 2)
+            self.query_positions = positions if self.query_positions is None else torch.cat([self.query_positions, positions], -1)
+        if attended.observed is not None:
+            self._observe(attended.observed)
+        if inputs.hold:
+            if selection is not None and selection.observe > 0:  # carry the window of queries to the next step
+                held = query if self.held is None else torch.cat([self.held, query], 2)
+                self.held = held[:, :, -selection.observe :]
             return
-        self._pending = False
-        observe = self.selection.observe
-        last = queries if observe < 0 else queries[:, :, -observe:]
-        valid = self.step_valid  # the slots attention just saw: nothing changed since update
+        if self.held is not None:
+            self._observe_held(query.shape[2], scaling)
+        evicted = self._evict()
+        self._settle(evicted)
+
+    def _positions(self, given: torch.Tensor | None, start: int, new: int) -> torch.Tensor:
+        """``(B or 1, q)`` positions of the step's tokens: the model's, or ``start .. start + q - 1``."""
+        if given is None:
+            return torch.arange(start, start + new, device=self.device)[None]
+        return given.to(self.device)
+
+    def _observe(self, observed: torch.Tensor) -> None:
+        """Add a step's ``(B, H, S)`` observed attention (its new slots start at zero)."""
+        if self.attention is None:
+            self.attention = observed
+            return
+        grow = observed.shape[-1] - self.attention.shape[-1]
+        self.attention = torch.nn.functional.pad(self.attention, (0, grow)) + observed
+
+    def _observe_held(self, new: int, scaling: float) -> None:
+        """Question-aware: the observation window spans the held steps and this one; score the held
+        queries it still needs against the slots they could see (all but this step's)."""
+        held, self.held = self.held, None
+        need = self.selection.observe - min(self.selection.observe, new)
+        if need <= 0:
+            return
+        keys, _ = self._dense()
+        slots = keys.shape[2] - new
+        valid = self.valid()
+        valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device) if valid is None else valid
+        earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
+        self._observe(torch.nn.functional.pad(earlier, (0, new)))
+
+    def _evict(self) -> bool:
+        """Apply the selection; True when it evicted."""
+        if self.selection is None:
+            return False
+        valid = self.valid()
         if valid is None:
-            valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
-        self.scores += summed_attention(last, keys, valid, scaling)
-        self._compress(keys, in_place=True)  # attention is done: no view of the window is in use
+            valid = torch.ones(*self.window.k.shape[:2], len(self), dtype=torch.bool, device=self.device)
+        view = LayerView(
+            valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
+            dense=self._dense, rotary=self.rotary,
+        )
+        selected = self.selection.select(view)
+        self.budget = selected.budget
+        keep = selected.keep
+        if keep is None:
+            return False
+        stored = len(self.store) if self.store is not None else 0
+        kept = [self.store.compact(keep[..., :stored])] if stored else []
+        window_index = self.window.compact(keep[..., stored:], in_place=True)  # (B, H, n) old slot of each
+        if self.positions is not None:
+            self.positions = self.positions.gather(-1, window_index)
+        kept.append(window_index + stored)
+        if self.attention is not None:
+            index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
+            self.attention = self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device)
+        self.queries = self.query_positions = None
+        return True
 
-    def _latent_inputs(self):
-        """The store's rebuilt keys and latent values, when its representation mixes values in latent space."""
-        representation = self.representation  # None with a store of its own (AdaKV's ragged heads)
-        if representation is None or not representation.mixes_latent_values or not len(self.store):
-            return None
-        return self.store.latent_inputs()
+    def _settle(self, evicted: bool) -> None:
+        """Move the oldest window tokens into the store, whole blocks at a time."""
+        if self.store is None:
+            return
+        if isinstance(self.store, RaggedStore):
+            if evicted:  # heads hold different tokens from now on: each moves its own
+                self._settle_ragged()
+            return
+        ready = len(self.window) - self.residual
+        count = ready - ready % self.store.block
+        if count > 0:
+            positions = None
+            if self.positions is not None:
+                positions, self.positions = self.positions[..., :count], self.positions[..., count:]
+            self.store.append(*self.window.take_front(count), positions)
 
-    def _compress(self, keys: torch.Tensor, in_place: bool = False) -> None:
-        self._evict(keys, in_place)
-        self._settle()
+    def _settle_ragged(self) -> None:
+        """Per head, move the oldest valid window tokens beyond the residual, a multiple of the block."""
+        valid = self.window.valid()
+        if valid is None:
+            valid = torch.ones(*self.window.k.shape[:2], len(self.window), dtype=torch.bool, device=self.device)
+        count = valid.sum(-1, keepdim=True)  # (B, H, 1)
+        ready = (count - self.residual).clamp_min(0)
+        ready = ready - ready % self.store.block
+        take = valid & (valid.cumsum(-1) <= ready)  # (B, H, n) the oldest `ready` valid tokens of each head
+        if not bool(take.any()):
+            return
+        keys, values = self.window.keys_values()
+        self.store.append(keys, values, take, None)
+        self.window.compact(valid & ~take, in_place=True)
+
+    # ---- what the layer holds ---------------------------------------------------------------
 
     def _parts(self):
         return [part for part in (self.store, self.window) if part is not None and len(part)]
 
-    def _attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        kvs = [part.keys_values() for part in self._parts()]
+    def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""
+        kvs = [part.segment().dense() for part in self._parts()]
         if len(kvs) == 1:
             return kvs[0]
         return torch.cat([k for k, _ in kvs], 2), torch.cat([v for _, v in kvs], 2)
@@ -175,51 +254,13 @@ class CompressedLayer(CacheLayerMixin):
             -1,
         )
 
-    def _evict(self, keys: torch.Tensor, in_place: bool = False) -> None:
-        if self.selection is None:
-            return
-        valid = self.valid()
-        if valid is None:
-            valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=self.device)
-        view = LayerView(valid, keys, self.scores, self.layer_idx, self.num_layers, self.state)
-        keep = self.selection.select(view)
-        if keep is None:
-            return
-        self.evicted = True
-        if isinstance(self.store, RaggedBuffer):  # every kept token moves to the flattened store
-            kept = [self.store.assign(*self._attention_inputs(), keep)]
-            self.window = FullPrecisionBuffer(chunk=self.selection.block)  # holds one block until the next cut
-        else:
-            stored = len(self.store) if self.store is not None else 0
-            kept = [self.store.compact(keep[..., :stored])] if stored else []
-            window_index = self.window.compact(keep[..., stored:], in_place)  # (B, H, n) old slot of each
-            if self.positions is not None:
-                self.positions = self.positions.gather(-1, window_index)
-            kept.append(window_index + stored)
-        if self.scores is not None:
-            index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
-            self.scores = torch.zeros(index.shape, device=self.device) if self.selection.reset_scores else self.scores.gather(-1, index)
-
-    def _settle(self) -> None:
-        """Move the oldest window tokens into the store, whole blocks at a time."""
-        if self.representation is None:
-            return
-        ready = len(self.window) - self.representation.residual
-        count = ready - ready % self.store.block
-        if count > 0:
-            extra = {}
-            if self.positions is not None:
-                extra["positions"], self.positions = self.positions[..., :count], self.positions[..., count:]
-            self.store.append(*self.window.take_front(count), **extra)
-
     def __len__(self) -> int:
         return sum(len(part) for part in self._parts())
 
     @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
-        held += self.positions.numel() * self.positions.element_size() if self.positions is not None else 0
-        return held + (self.scores.numel() * self.scores.element_size() if self.scores is not None else 0)
+        return held + _nbytes(self.positions, self.attention, self.queries, self.query_positions, self.held, self.budget)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -234,15 +275,14 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.selection, self.representation, self.layer_idx, self.num_layers)
+        self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary)
 
     def map_batch(self, fn) -> None:
         for part in self._parts():
             part.map_batch(fn)
-        if self.scores is not None:
-            self.scores = fn(self.scores)
-        if self.positions is not None:
-            self.positions = fn(self.positions)
+        for name in ("attention", "positions", "queries", "query_positions", "held", "budget"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -257,52 +297,50 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
 
 
-def _layer_nbytes(layer) -> int:
+def layer_nbytes(layer) -> int:
+    """Bytes of every tensor a cache layer holds (a compressed layer, or one of transformers' own)."""
     if isinstance(layer, CompressedLayer):
         return layer.nbytes
-    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return _nbytes(layer.keys, layer.values)
 
 
 class CompressedCache(Cache):
     """A ``Cache`` of :class:`CompressedLayer` s, one per full-attention layer of the model.
 
     Sliding-window layers of hybrid models (Gemma 3) keep transformers' own sliding-window layer:
-    they already hold a bounded window.
+    they already hold a bounded window. Build one with :func:`make_cache`; use it inside
+    :func:`kvcompress.attach`.
     """
 
-    def __init__(self, spec: str, config):
-        methods = parse_spec(spec)
-        selection, representation = _split_pipeline(spec, methods)
+    def __init__(self, pipeline: Pipeline, config, storage: Storage | None = None, identity: dict | None = None, rotary=None):
         text_config = config.get_text_config()
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         layers = []
         for layer_type in types:
             if layer_type == "full_attention":
-                layers.append(CompressedLayer(selection, representation, len(layers), len(types)))
+                layers.append(CompressedLayer(pipeline.selection, storage, len(layers), len(types), rotary))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             else:
                 raise ValueError(f"kvcompress supports full and sliding attention layers, not {layer_type!r}")
         super().__init__(layers=layers)
-        self.spec = spec
-        self.query_heads = text_config.num_attention_heads
-        self.needs_attention = selection is not None and selection.observe != 0
-        self.representation = representation
-        self._incoming_valid: torch.Tensor | None = None
-        self.incoming_positions: torch.Tensor | None = None  # position_ids of this forward, set by the pre-hook
-        self.own_attention = False  # this forward runs the kvcompress attention (set by the pre-hook)
+        self.pipeline, self.storage, self.identity = pipeline, storage, identity
+        self.attached_to = None  # the model this cache is attached to (kvcompress.attach), if any
+        self.deferring = False  # question-aware: hold compression (see deferred)
+
+    @property
+    def spec(self) -> str:
+        return self.pipeline.spec
 
     @contextlib.contextmanager
     def deferred(self):
         """Question-aware compression: tokens fed inside this block are compressed together with
         the next step (the question), so attention-based scores see the question's queries."""
-        for layer in self.compressed_layers:
-            layer.hold = True
+        self.deferring = True
         try:
             yield self
         finally:
-            for layer in self.compressed_layers:
-                layer.hold = False
+            self.deferring = False
 
     @property
     def compressed_layers(self) -> list[CompressedLayer]:
@@ -311,144 +349,64 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
-            return layer.update(
-                key_states, value_states, new_valid=self._incoming_valid, new_positions=self.incoming_positions,
-                latent=self.own_attention,
-            )
+            model = self.attached_to
+            if model is None or model.config._attn_implementation != ATTENTION:
+                raise RuntimeError(
+                    "a kvcompress cache runs only inside `with kvcompress.attach(model, cache):` (kvcompress.generate "
+                    "does this for you); there the model's attention implementation must stay 'kvcompress'"
+                )
+            return layer.update(key_states, value_states)
         return layer.update(key_states, value_states, *args, **kwargs)
+
+    def check_model(self, model) -> None:
+        """Raise ValueError unless ``model`` is the model this cache was made for."""
+        if self.identity is None:
+            return
+        differ = identity_differences(self.identity, model_identity(model))
+        if differ:
+            raise ValueError(
+                f"this cache was made for another model than {model_name(model)} ({'; '.join(differ)}); "
+                "make one for this model with kvcompress.make_cache(spec, model)"
+            )
 
     @property
     def nbytes(self) -> int:
         """Exact bytes of every tensor the cache holds: codes, scales, zero points, masks, windows."""
-        return sum(_layer_nbytes(layer) for layer in self.layers)
+        return sum(layer_nbytes(layer) for layer in self.layers)
 
     @property
     def fixed_nbytes(self) -> int:
         """Bytes held once per cache whatever its length (low-rank bases, rotary tables), not in ``nbytes``."""
-        return self.representation.fixed_nbytes if self.representation is not None else 0
+        return self.storage.fixed_nbytes if self.storage is not None else 0
 
     @property
     def stored_tokens(self) -> int:
         """Slots held by the first compressed layer (tokens seen are ``get_seq_length()``)."""
         return len(self.compressed_layers[0])
 
-    def observe_inputs(self, attention_mask: torch.Tensor | None, query_length: int, build_mask: bool = True):
-        """Record which incoming tokens are padding; return a 4D mask when the cache must supply one.
-
-        Args:
-            attention_mask: the forward's ``(B, seen + q)`` padding mask, or None.
-            query_length: ``q``, tokens in this forward.
-            build_mask: False when the ``kvcompress`` attention builds each layer's mask itself.
-
-        Returns:
-            None (transformers' own mask is right), or a ``(B, Hq, q, stored + q)`` bool mask.
-        """
-        if attention_mask is not None and attention_mask.dim() == 2:
-            incoming = attention_mask[:, -query_length:].bool()
-            self._incoming_valid = None if bool(incoming.all()) else incoming
-        else:
-            self._incoming_valid = None
-        layers = self.compressed_layers
-        if not build_mask:
-            return None
-        stored_valid = layers[0].valid() if layers[0].is_initialized else None
-        if stored_valid is None or not layers[0].evicted:
-            return None  # every slot is real, or slots still map to sequence positions one to one
-        if any(len(layer) != len(layers[0]) for layer in layers) or len(layers) != len(self.layers):
-            raise NotImplementedError(
-                "padded batches after eviction need all layers to hold the same tokens; "
-                "run sequences one at a time for this model or method"
-            )
-        batch, heads, _ = stored_valid.shape
-        incoming = self._incoming_valid
-        if incoming is None:
-            incoming = torch.ones(batch, query_length, dtype=torch.bool, device=stored_valid.device)
-        valid = torch.cat([stored_valid, incoming[:, None, :].expand(batch, heads, query_length)], -1)
-        return attention.allowed(valid, query_length).repeat_interleave(self.query_heads // heads, dim=1)
-
-
-
-def _split_pipeline(spec: str, methods: list) -> tuple[Selection | None, Representation | None]:
-    selections = [m for m in methods if isinstance(m, Selection)]
-    representations = [m for m in methods if isinstance(m, Representation)]
-    if len(selections) > 1 or len(representations) > 2:
-        raise SpecError(
-            f"{spec!r}: combine at most one eviction method with at most one storage method, or a transform "
-            f"and a storage method (e.g. 'streaming:window=2048+kivi:bits=4', 'lowrank:ratio=0.5+kivi:bits=4')"
-        )
-    if len(methods) > 1 and any(r.standalone for r in representations):
-        names = ", ".join(r.name for r in representations if r.standalone)
-        raise SpecError(f"{spec!r}: {names} combines with no other method (its storage is shared between layers)")
-    if len(representations) == 2:  # a transform (lowrank) whose output the second one stores (kivi)
-        if representations[1].takes_inner:
-            raise SpecError(f"{spec!r}: {representations[1].name} transforms tokens and cannot store another method's output")
-        try:
-            representations[0].chain(representations[1])
-        except ValueError as err:
-            raise SpecError(f"{spec!r}: {err}") from None
-    return (selections[0] if selections else None), (representations[0] if representations else None)
-
-
-_HOOKED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-
-
-def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict):
-    if args:  # positional call: bind to names so the mask and cache are found wherever they are
-        kwargs = _bind_to_names(module.forward, args, kwargs)
-        args = ()
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not isinstance(cache, CompressedCache):
-        return None
-    inputs = kwargs.get("input_ids")
-    if inputs is None:
-        inputs = kwargs["inputs_embeds"]
-    cache.incoming_positions = kwargs.get("position_ids")  # None: the model numbers them from seen
-    own_attention = module.config._attn_implementation == attention.NAME
-    cache.own_attention = own_attention
-    mask = cache.observe_inputs(kwargs.get("attention_mask"), inputs.shape[1], build_mask=not own_attention)
-    if own_attention:
-        kwargs["kvcompress_cache"] = cache  # that attention builds each layer's mask itself
-    elif mask is not None:
-        if module.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=module.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(module.dtype).min
-            )
-        kwargs["attention_mask"] = mask
-    return args, kwargs
-
-
-def _bind_to_names(forward, args: tuple, kwargs: dict) -> dict:
-    signature = inspect.signature(forward)
-    named = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(named.pop(name, {}))
-    return named
-
 
 def make_cache(method: str, model) -> CompressedCache:
-    """Build a compressed cache for ``model`` from a method spec.
+    """Build a compressed cache for ``model`` from a method spec; use it inside :func:`kvcompress.attach`.
 
-    Usable as ``model.generate(**inputs, past_key_values=cache)`` and in a plain forward loop.
+    The model is not changed: its calibration (for ``lowrank``, ``share_heads``) is read, built and
+    saved on first use if needed, and what the cache needs of it is prepared and owned by the cache.
 
     Args:
         method: a spec such as ``"streaming:sink=4,window=1024"``, ``"kivi:bits=2"``,
             ``"streaming:window=2048+kivi:bits=4"`` or ``"none"``.
-        model: a transformers causal LM. Methods that score tokens by attention, or mix low-rank
-            values in latent space, switch it to the ``kvcompress`` attention implementation (same
-            results as ``sdpa``).
+        model: a transformers causal LM.
 
     Raises:
-        SpecError: unknown method or parameter, or a bad value.
+        SpecError: unknown method or parameter, a bad value, or a value the model cannot take.
         kvcompress.calibration.CalibrationError: a method's calibration is missing or for another model.
     """
-    cache = CompressedCache(method, model.config)
-    if cache.representation is not None:
-        cache.representation.prepare(model)  # e.g. lowrank loads (or builds) the model's calibration
-    latent = cache.representation is not None and cache.representation.mixes_latent_values
-    if (cache.needs_attention or latent) and model.config._attn_implementation != attention.NAME:
-        model.set_attn_implementation(attention.NAME)
-    if model not in _HOOKED_MODELS:
-        model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-        _HOOKED_MODELS.add(model)
-    return cache
+    pipeline = parse_spec(method)
+    storage = None
+    if pipeline.representation is not None:
+        storage = pipeline.representation.prepare(model, pipeline.inner)
+    rotary = None
+    if pipeline.selection is not None and pipeline.selection.queries:
+        rotary = rotary_of(model)
+        if rotary is None:
+            raise SpecError(f"{pipeline.selection.name} extrapolates rotary embeddings, which {model_name(model)} has none of")
+    return CompressedCache(pipeline, model.config, storage, model_identity(model), rotary)

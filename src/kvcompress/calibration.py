@@ -20,7 +20,6 @@ never evaluates on the text its calibration saw.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -31,7 +30,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import DynamicCache
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, DynamicCache
+
+from kvcompress.models import cache_dir, cache_kwarg, identity_differences, model_identity, model_name
 
 FORMAT = "1"
 # Modules the benchmark harness never reads (kvcompress.bench.texts.CODE_MODULES are others).
@@ -39,7 +41,6 @@ CALIBRATION_MODULES = ("statistics", "heapq", "collections", "logging", "configp
 DEFAULT_TOKENS = 4096
 MIN_TOKENS = 256
 SINK = 4  # the first tokens of a sequence (attention sinks) are outliers: left out of the statistics
-_IDENTITY_KEYS = ("model_type", "layers", "kv_heads", "q_heads", "head_dim", "hidden_size", "vocab_size", "weights")
 
 
 class CalibrationError(ValueError):
@@ -50,31 +51,6 @@ def calibration_text() -> str:
     """The default calibration text: the sources of :data:`CALIBRATION_MODULES`, concatenated."""
     parts = [Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in CALIBRATION_MODULES]
     return "\n\n".join(parts)
-
-
-def model_identity(model) -> dict[str, object]:
-    """Shapes that decide the cache layout plus a hash of a sample of the weights.
-
-    Weights are hashed after rounding to bfloat16, so the same model in fp32, fp16 or bf16 has one
-    identity (and one calibration).
-    """
-    cfg = model.config.get_text_config()
-    heads = cfg.num_attention_heads
-    digest = hashlib.sha256()
-    params = list(model.named_parameters())
-    for name, p in params[:: max(1, len(params) // 16)]:
-        digest.update(name.encode())
-        digest.update(p.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return {
-        "model_type": cfg.model_type,
-        "layers": cfg.num_hidden_layers,
-        "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "q_heads": heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-        "weights": digest.hexdigest()[:16],
-    }
 
 
 @dataclass
@@ -156,8 +132,7 @@ class Calibration:
 
     def check(self, model, path: str | Path = "<memory>") -> None:
         """Raise :class:`CalibrationError` unless this calibration was made for ``model``."""
-        ours = model_identity(model)
-        differ = [f"{k} {self.identity.get(k)!r} != {ours[k]!r}" for k in _IDENTITY_KEYS if self.identity.get(k) != ours[k]]
+        differ = identity_differences(self.identity, model_identity(model))
         if differ:
             raise CalibrationError(
                 f"calibration {str(path)!r} was made for another model ({'; '.join(differ)}); "
@@ -168,8 +143,6 @@ class Calibration:
 
 def default_path(model) -> Path:
     """Where the default calibration of ``model`` lives: ``<cache_dir>/calibration/<identity>.safetensors``."""
-    from kvcompress.models import cache_dir
-
     ident = model_identity(model)
     stem = f"{ident['model_type']}-{ident['layers']}x{ident['kv_heads']}x{ident['head_dim']}-{ident['weights']}"
     return cache_dir() / "calibration" / f"{stem}.safetensors"
@@ -239,6 +212,14 @@ class Rotary:
         return x * cos - self.rotate_half(x) * sin
 
 
+def rotary_of(model) -> Rotary | None:
+    """The model's :class:`Rotary`, or None when it has no rotary embedding kvcompress can undo."""
+    try:
+        return Rotary(model)
+    except ValueError:
+        return None
+
+
 class _CountingCache(DynamicCache):
     """A DynamicCache that advances a progress bar as each layer's K/V arrive."""
 
@@ -276,10 +257,6 @@ def calibrate(model, tokenizer, text: str | None = None, tokens: int = DEFAULT_T
     Raises:
         CalibrationError: the text is shorter than :data:`MIN_TOKENS` tokens.
     """
-    from tqdm.auto import tqdm
-
-    from kvcompress.generation import cache_kwarg
-
     if text is None:
         text, text_name = calibration_text(), "stdlib:" + ",".join(CALIBRATION_MODULES)
     cfg = model.config.get_text_config()
@@ -332,13 +309,7 @@ def load_or_build(model, path: str | Path | None = None) -> Calibration:
     return calibration
 
 
-def model_name(model) -> str:
-    return getattr(model, "kvcompress_name", None) or model.config._name_or_path or type(model).__name__
-
-
 def _tokenizer_of(model):
-    from transformers import AutoTokenizer
-
     source = model.config._name_or_path
     try:
         return AutoTokenizer.from_pretrained(source)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 
+from kvcompress.attach import attach
 from kvcompress.cache import CompressedCache, make_cache
+from kvcompress.models import cache_kwarg
 
 
 class ContextTooLongError(ValueError):
-    """The prompt does not fit in the model's position range."""
-
-
-def cache_kwarg(model) -> str:
-    """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The prompt (with the answer's tokens) does not fit in the model's position range."""
 
 
 def split_prompt(tokenizer, context: str, question: str | None) -> tuple[str, str]:
@@ -42,7 +38,8 @@ def prefill(
 ) -> torch.Tensor:
     """Run ``input_ids`` through the model into ``cache`` (compressing it); return the logits.
 
-    Positions come from the padding mask, so a left-padded row gets the positions it has alone.
+    Call it inside :func:`kvcompress.attach`. Positions come from the padding mask, so a
+    left-padded row gets the positions it has alone.
     ``logits_to_keep=n`` computes only the last ``n`` positions' logits (0: all), which spares a
     ``(B, T, vocab)`` tensor when only the next token matters.
     """
@@ -72,8 +69,8 @@ def generate(
     """Compress ``context`` with ``method``, then ask ``question`` (not compressed) and answer greedily.
 
     Args:
-        model: a transformers causal LM.
-        tokenizer: its tokenizer (padding side is set to left for batches).
+        model: a transformers causal LM (left as it was: see :func:`kvcompress.attach`).
+        tokenizer: its tokenizer (batches are padded on the left; the tokenizer is not changed).
         context: one context, or a list of contexts answered as a batch.
         question: asked after each context; None to continue the context.
         method: compression spec, e.g. ``"streaming:window=1024+kivi:bits=4"``.
@@ -81,14 +78,16 @@ def generate(
         question_aware: compress the context only once the question has been read, so methods
             that score tokens by attention (SnapKV, H2O, ...) see the question (SnapKV's original
             setting, for one-shot document Q&A). The default compresses the context on its own,
-            so the compressed context could serve any question.
+            so the compressed context could serve any question. Refused for methods that do not
+            score by attention (it would change nothing but when they compress).
 
     Returns:
         The answer, or a list of answers for a list of contexts.
 
     Raises:
-        ContextTooLongError: the prompt exceeds the model's maximum position.
+        ContextTooLongError: the prompt and ``max_new_tokens`` exceed the model's maximum position.
         SpecError: bad method spec.
+        ValueError: ``question_aware`` with a method that does not score by attention.
     """
     answers = answer(model, tokenizer, context, question, make_cache(method, model), max_new_tokens, question_aware)
     return answers[0] if isinstance(context, str) else answers
@@ -103,15 +102,32 @@ def answer(
     max_new_tokens: int,
     question_aware: bool = False,
 ) -> list[str]:
-    """:func:`generate` with a cache the caller made (and can inspect afterwards); always returns a list."""
+    """:func:`generate` with an empty cache the caller made (and can inspect afterwards); always returns a list.
+
+    Raises:
+        ValueError: the cache already holds a context (make a new one, or ``cache.reset()``), or as
+            :func:`generate`.
+    """
     contexts = [context] if isinstance(context, str) else list(context)
     if not contexts or any(not isinstance(c, str) or not c for c in contexts):
         raise ValueError("context must be a non-empty string or a list of non-empty strings")
+    if cache.get_seq_length():
+        raise ValueError(
+            f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
+            "(kvcompress.make_cache) or empty this one with cache.reset()"
+        )
+    selection = cache.pipeline.selection
+    if question_aware and (selection is None or not selection.observe):
+        raise ValueError(
+            f"question_aware=True changes only methods that score tokens by attention (snapkv, h2o, tova, pyramidkv, "
+            f"adakv); {cache.spec!r} does not, so the question could not change what it keeps: drop question_aware"
+        )
     parts = [split_prompt(tokenizer, c, question) for c in contexts]
-    tokenizer.padding_side = "left"
     device = model.device
-    ctx = tokenizer([p[0] for p in parts], return_tensors="pt", padding=True).to(device)
-    asked = tokenizer([p[1] for p in parts], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ctx = tokenizer([p[0] for p in parts], return_tensors="pt", padding=True, padding_side="left").to(device)
+    asked = tokenizer(
+        [p[1] for p in parts], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    ).to(device)
     ctx_ids, ctx_mask = ctx["input_ids"], ctx["attention_mask"]
     ask_ids, ask_mask = asked["input_ids"], asked["attention_mask"]
     if ask_ids.shape[1] == 0:  # nothing follows the context: hold back its last token to start decoding
@@ -119,19 +135,22 @@ def answer(
         ctx_mask, ask_mask = ctx_mask[:, :-1], ctx_mask[:, -1:]
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     total = ctx_ids.shape[1] + ask_ids.shape[1]
-    if limit is not None and total > limit:
+    if limit is not None and total + max_new_tokens > limit:
+        fix = "shorten the context" if total >= limit else f"lower max_new_tokens to {limit - total} or shorten the context"
         raise ContextTooLongError(
-            f"the prompt is {total} tokens but the model accepts at most {limit}; shorten the context"
+            f"the prompt is {total} tokens and the answer may take {max_new_tokens} more, but the model accepts at "
+            f"most {limit} positions; {fix}"
         )
-    with cache.deferred() if question_aware else contextlib.nullcontext():
-        prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.cat([ctx_mask, ask_mask], 1),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        **{cache_kwarg(model): cache},
-    )
+    with attach(model, cache):
+        with cache.deferred() if question_aware else contextlib.nullcontext():
+            prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.cat([ctx_mask, ask_mask], 1),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **{cache_kwarg(model): cache},
+        )
     return [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]

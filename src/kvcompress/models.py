@@ -16,8 +16,10 @@ transformers release can tokenize differently under another.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -206,6 +208,49 @@ def model_summary(model: PreTrainedModel) -> dict:
         summary["layer_types"] = list(config.layer_types)
         summary["sliding_window"] = getattr(config, "sliding_window", None)
     return summary
+
+
+def model_identity(model) -> dict[str, object]:
+    """Shapes that decide the cache layout plus a hash of a sample of the weights.
+
+    Weights are hashed after rounding to bfloat16, so the same model in fp32, fp16 or bf16 has one
+    identity (and one calibration).
+    """
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    digest = hashlib.sha256()
+    params = list(model.named_parameters())
+    for name, p in params[:: max(1, len(params) // 16)]:
+        digest.update(name.encode())
+        digest.update(p.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "q_heads": heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "weights": digest.hexdigest()[:16],
+    }
+
+
+IDENTITY_KEYS = ("model_type", "layers", "kv_heads", "q_heads", "head_dim", "hidden_size", "vocab_size", "weights")
+
+
+def identity_differences(expected: dict, found: dict) -> list[str]:
+    """What differs between two :func:`model_identity` dicts, as ``"key expected != found"`` strings."""
+    return [f"{k} {expected.get(k)!r} != {found.get(k)!r}" for k in IDENTITY_KEYS if expected.get(k) != found.get(k)]
+
+
+def model_name(model) -> str:
+    """The name a model was loaded under (a built-in name, a folder or a hub id), or its class name."""
+    return getattr(model, "kvcompress_name", None) or model.config._name_or_path or type(model).__name__
+
+
+def cache_kwarg(model) -> str:
+    """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _hub_unreachable(err: BaseException) -> bool:

@@ -2,14 +2,18 @@
 
 A spec is ``part ("+" part)*``; a part is ``name`` or ``name:params``; params are ``key=value`` pairs
 separated by commas, and a bare first value binds to the method's first parameter (``kivi:4``).
-``"none"`` is the empty pipeline. Every method is a dataclass registered with :func:`register`; its
-fields are its parameters, checked in ``__post_init__``.
+``"none"`` is the empty pipeline. Every method is a frozen dataclass registered with
+:func:`register`; its fields are its parameters, checked in ``__post_init__``. The built-in methods
+register themselves when :mod:`kvcompress` is imported (which any import of a submodule does first).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from dataclasses import dataclass
+
+from kvcompress.protocols import Representation, Selection
 
 _REGISTRY: dict[str, type] = {}
 
@@ -19,9 +23,19 @@ class SpecError(ValueError):
 
 
 def register(name: str):
-    """Class decorator: make a method dataclass available under ``name`` in specs."""
+    """Class decorator: make a method dataclass available under ``name`` in specs.
+
+    Raises:
+        TypeError: the class is neither a :class:`~kvcompress.protocols.Selection` nor a
+            :class:`~kvcompress.protocols.Representation` dataclass.
+    """
 
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, (Selection, Representation)) and dataclasses.is_dataclass(cls)):
+            raise TypeError(
+                f"register({name!r}): {getattr(cls, '__name__', cls)!r} must be a dataclass subclassing "
+                "kvcompress.protocols.Selection (eviction) or Representation (storage)"
+            )
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__name__}")
         cls.name = name
@@ -33,26 +47,67 @@ def register(name: str):
 
 def methods() -> dict[str, dict[str, object]]:
     """Registered method names mapped to their parameters and defaults, e.g. ``{"kivi": {"bits": 2, ...}}``."""
-    _load_builtin_methods()
     return {
         name: {f.name: f.default for f in dataclasses.fields(cls)} for name, cls in sorted(_REGISTRY.items())
     }
 
 
-def parse_spec(spec: str) -> list:
-    """Parse a spec string into configured method instances, in the order written.
+@dataclass(frozen=True)
+class Pipeline:
+    """A parsed spec: at most one eviction method and one storage method (plus the storage that holds
+    a transform's output, as ``kivi`` in ``lowrank+kivi``).
+
+    Attributes:
+        spec: as written.
+        selection: the eviction method, or None.
+        representation: the storage method, or None.
+        inner: the plain storage method that stores ``representation``'s output, or None.
+    """
+
+    spec: str
+    selection: Selection | None = None
+    representation: Representation | None = None
+    inner: Representation | None = None
+
+    @property
+    def methods(self) -> tuple:
+        return tuple(m for m in (self.selection, self.representation, self.inner) if m is not None)
+
+
+def parse_spec(spec: str) -> Pipeline:
+    """Parse a spec string into a :class:`Pipeline` of configured methods.
 
     Raises:
-        SpecError: unknown method or parameter, malformed part, or a value the method rejects; the
-            message lists what is valid.
+        SpecError: unknown method or parameter, malformed part, a value the method rejects, or methods
+            that do not combine; the message lists what is valid.
     """
-    _load_builtin_methods()
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"empty method spec; use 'none' or one of: {', '.join(sorted(_REGISTRY))}")
     spec = spec.strip()
     if spec == "none":
-        return []
-    return [_parse_part(part.strip(), spec) for part in spec.split("+")]
+        return Pipeline(spec)
+    return _combine(spec, [_parse_part(part.strip(), spec) for part in spec.split("+")])
+
+
+def _combine(spec: str, methods: list) -> Pipeline:
+    selections = [m for m in methods if isinstance(m, Selection)]
+    representations = [m for m in methods if isinstance(m, Representation)]
+    if len(selections) > 1 or len(representations) > 2:
+        raise SpecError(
+            f"{spec!r}: combine at most one eviction method with at most one storage method, or a transform "
+            f"and a storage method (e.g. 'streaming:window=2048+kivi:bits=4', 'lowrank:ratio=0.5+kivi:bits=4')"
+        )
+    if len(methods) > 1 and any(r.standalone for r in representations):
+        names = ", ".join(r.name for r in representations if r.standalone)
+        raise SpecError(f"{spec!r}: {names} combines with no other method (its storage is shared between layers)")
+    inner = None
+    if len(representations) == 2:  # a transform (lowrank) whose output the second one stores (kivi)
+        first, inner = representations
+        if not first.takes_inner:
+            raise SpecError(f"{spec!r}: {first.name} stores tokens itself and cannot hand them to {inner.name}")
+        if inner.takes_inner:
+            raise SpecError(f"{spec!r}: {inner.name} transforms tokens and cannot store another method's output")
+    return Pipeline(spec, selections[0] if selections else None, representations[0] if representations else None, inner)
 
 
 def _parse_part(part: str, spec: str):
@@ -106,8 +161,3 @@ def _convert(method: str, key: str, raw: str, typ) -> object:
 
 def _describe(cls) -> str:
     return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods; deferred so this module has no cycle.
-    import kvcompress.methods  # noqa: F401

@@ -18,6 +18,7 @@ message saying so (the presses reach into transformers internals that change bet
 from __future__ import annotations
 
 import ast
+import contextlib
 from dataclasses import dataclass
 from importlib import metadata
 from typing import ContextManager
@@ -26,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from kvcompress.bench.methods import ALL_PARTS, KVPRESS_PREFIX
+from kvcompress.cache import layer_nbytes
 
 DIST = "kvpress"
 
@@ -138,13 +140,14 @@ class KVPressMethod:
 
         return DynamicCache(config=model.config)
 
+    def session(self, model, cache) -> ContextManager:
+        return contextlib.nullcontext()
+
     def compressing(self, model) -> ContextManager:
         return self.press(model)
 
     def nbytes(self, cache) -> int:
-        from kvcompress.cache import _layer_nbytes
-
-        return sum(_layer_nbytes(layer) for layer in cache.layers)
+        return sum(layer_nbytes(layer) for layer in cache.layers)
 
     def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
         from kvpress import KVPressTextGenerationPipeline

@@ -18,8 +18,10 @@ from typing import ContextManager, Protocol
 
 import torch
 
+from kvcompress.attach import attach
 from kvcompress.cache import make_cache
-from kvcompress.generation import answer, cache_kwarg, prefill
+from kvcompress.generation import answer, prefill
+from kvcompress.models import cache_kwarg
 from kvcompress.registry import parse_spec
 
 BASELINE = "none"
@@ -37,6 +39,9 @@ class BenchMethod(Protocol):
 
     def new_cache(self, model):
         """An empty cache for one sequence."""
+
+    def session(self, model, cache) -> ContextManager:
+        """Context manager active while ``cache`` is used with ``model`` (prefill and decoding)."""
 
     def compressing(self, model) -> ContextManager:
         """Context manager active while the context is prefilled (a press's hooks); may do nothing."""
@@ -64,6 +69,9 @@ class KVCompressMethod:
 
     def new_cache(self, model):
         return make_cache(self.cache_spec, model)
+
+    def session(self, model, cache) -> ContextManager:
+        return attach(model, cache)
 
     def compressing(self, model) -> ContextManager:
         return contextlib.nullcontext()
@@ -97,7 +105,9 @@ def resolve(spec: str) -> BenchMethod:
 
 @torch.no_grad()
 def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits."""
+    """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits.
+
+    Call it (and :func:`step`) inside ``method.session(model, cache)``."""
     with method.compressing(model):
         return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1)
 

@@ -33,11 +33,12 @@ def continuation_nll(method: BenchMethod, model, window: torch.Tensor, context: 
     """
     ids = window.to(model.device)[None]  # (1, C + N + 1)
     cache = method.new_cache(model)
-    fill_context(method, model, ids[:, :context], cache)
     nll = []
-    for pos in range(context, ids.shape[1] - 1):
-        logits = step(model, cache, ids[:, pos : pos + 1], pos)[0, -1]  # (V,)
-        nll.append(float(F.cross_entropy(logits.float(), ids[0, pos + 1])))
+    with method.session(model, cache):
+        fill_context(method, model, ids[:, :context], cache)
+        for pos in range(context, ids.shape[1] - 1):
+            logits = step(model, cache, ids[:, pos : pos + 1], pos)[0, -1]  # (V,)
+            nll.append(float(F.cross_entropy(logits.float(), ids[0, pos + 1])))
     return nll
 
 

@@ -50,19 +50,20 @@ def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int) -> tuple[
     """
     device = model.device
     cache = method.new_cache(model)
-    _sync(device)
-    start = time.perf_counter()
-    logits = fill_context(method, model, ids, cache)  # (1, 1, V)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
-    kv_after_prefill = method.nbytes(cache)
-    token = logits[:, -1:].argmax(-1)  # (1, 1)
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        token = step(model, cache, token, ids.shape[1] + i)[:, -1:].argmax(-1)
+    with method.session(model, cache):
         _sync(device)
-        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        logits = fill_context(method, model, ids, cache)  # (1, 1, V)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        kv_after_prefill = method.nbytes(cache)
+        token = logits[:, -1:].argmax(-1)  # (1, 1)
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            token = step(model, cache, token, ids.shape[1] + i)[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(time.perf_counter() - start)
     return cache, prefill_s, times, kv_after_prefill
 
 

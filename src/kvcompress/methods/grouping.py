@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.methods.base import Store
+from kvcompress.protocols import Store
 
 
 class GroupedSlots:

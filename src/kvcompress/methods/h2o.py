@@ -20,23 +20,26 @@ from typing import ClassVar
 
 import torch
 
-from kvcompress.methods.base import LayerView
-from kvcompress.methods.scored import ScoredSelection
+from kvcompress.methods.scored import ScoredEviction
+from kvcompress.protocols import LayerView
 from kvcompress.registry import register
 
 
 @register("h2o")
-@dataclass
-class H2O(ScoredSelection):
+@dataclass(frozen=True)
+class H2O(ScoredEviction):
     """``h2o:ratio=0.75``: half the budget heavy hitters, half (or ``window``, if larger) recent."""
 
     window: int = 0
     block: int = 1
-    observe: ClassVar[int] = -1
-    reset_scores: ClassVar[bool] = False
+    accumulate: ClassVar[bool] = True
+
+    @property
+    def attention_window(self) -> int:
+        return -1  # every query
 
     def recent(self, budget: torch.Tensor) -> torch.Tensor:
         return (budget // 2).clamp_min(self.window)
 
     def score(self, view: LayerView) -> torch.Tensor:
-        return view.scores
+        return view.attention

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.base import Representation
-from kvcompress.registry import register
+from kvcompress.protocols import Representation, Storage
+from kvcompress.registry import SpecError, register
+from kvcompress.step import DenseSegment
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = 
 
 
 @register("kivi")
-@dataclass
+@dataclass(frozen=True)
 class KIVI(Representation):
     """KIVI quantization: ``kivi:bits=2,group=32,residual=128``.
 
@@ -91,12 +92,26 @@ class KIVI(Representation):
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
 
-    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int = 0) -> KIVIStore:
-        if head_dim % self.group:
-            raise ValueError(
-                f"kivi: group={self.group} must divide the model's head dim {head_dim}; "
-                f"use a divisor such as group={_largest_divisor(head_dim, self.group)}"
+    # KIVI holds no model state: prepared, it is its own storage.
+    needs_positions = False
+    fixed_nbytes = 0
+
+    def prepare(self, model, inner: Storage | None = None) -> KIVI:
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.check_dim(head_dim, "the model's head dim")
+        return self
+
+    def check_dim(self, dim: int, what: str) -> None:
+        """Raise :class:`SpecError` unless ``group`` divides ``dim`` (``what`` names it in the message)."""
+        if dim % self.group:
+            raise SpecError(
+                f"kivi: group={self.group} must divide {what} {dim}; use a divisor such as "
+                f"group={_largest_divisor(dim, self.group)}"
             )
+
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> KIVIStore:
+        self.check_dim(head_dim, "the head dim")
         meta_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
         return KIVIStore(self.bits, self.group, dtype, meta_dtype)
 
@@ -127,7 +142,7 @@ class KIVIStore:
         held = list(self.tensors.values()) + ([self._valid] if self._valid is not None else [])
         return sum(t.numel() * t.element_size() for t in held)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
         batch, heads, n, dim = keys.shape
         g = self.block
         # Keys: per channel, statistics over each group of g tokens.
@@ -169,6 +184,9 @@ class KIVIStore:
             ..., None
         ].to(self.dtype)
         return keys.flatten(2, 3), values.flatten(3, 4)
+
+    def segment(self) -> DenseSegment:
+        return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
         return self._valid

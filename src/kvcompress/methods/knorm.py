@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.base import LayerView
-from kvcompress.methods.scored import ScoredSelection
+from kvcompress.methods.scored import ScoredEviction
+from kvcompress.protocols import LayerView
 from kvcompress.registry import register
 
 
 @register("knorm")
-@dataclass
-class KNorm(ScoredSelection):
+@dataclass(frozen=True)
+class KNorm(ScoredEviction):
     """``knorm:ratio=0.5``."""
 
     def score(self, view: LayerView) -> torch.Tensor:

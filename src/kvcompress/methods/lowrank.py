@@ -20,12 +20,11 @@ post-rotary keys are far from low-rank. The price: rebuilding costs a rotation p
 and queries cannot be projected into the key latent space (the rotation differs per key), so only
 the value half of attention runs in latent space (:class:`LatentValues`).
 
-Values are mixed in latent space where attention allows it: ``softmax(q Kᵀ) (mu + Z Uᵀ) =
-mu + (softmax(q Kᵀ) Z) Uᵀ``, exactly (softmax rows sum to one). The ``kvcompress`` attention
-implementation (which :func:`kvcompress.make_cache` installs for ``lowrank``) does that for the
-stored tokens (:meth:`LowRankStore.latent_inputs`) and attends to the full-precision window as
-usual, in one softmax; other attention implementations get rebuilt values from
-:meth:`LowRankStore.keys_values`.
+Values are mixed in latent space: ``softmax(q Kᵀ) (mu + Z Uᵀ) = mu + (softmax(q Kᵀ) Z) Uᵀ``,
+exactly (softmax rows sum to one). The store's attention segment (:class:`LatentSegment`) does
+that for the stored tokens, in the one softmax the layer's attention takes over stored and window
+tokens; :meth:`LowRankStore.keys_values` rebuilds full-precision values for the reference path and
+for scorers.
 
 Composition: ``lowrank+kivi`` hands the latents to KIVI's store, which quantizes them like keys
 and values of head dim ``r_k``/``r_v`` (its ``group`` must divide both ranks). The pipeline's
@@ -56,9 +55,11 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer, gather_slots
-from kvcompress.methods.base import Representation, Store
+from kvcompress.calibration import Rotary, load_or_build
 from kvcompress.methods.grouping import GroupedSlots
+from kvcompress.protocols import Representation, Store
 from kvcompress.registry import SpecError, register
+from kvcompress.step import DenseSegment
 
 ENERGY_ALIGN = 8  # ranks chosen by energy are rounded up to a multiple of this (KIVI groups, matmuls)
 
@@ -114,7 +115,7 @@ def energy_rank(variance: torch.Tensor, energy: float) -> int:
 
 
 @register("lowrank")
-@dataclass
+@dataclass(frozen=True)
 class LowRank(Representation):
     """Low-rank K/V on calibrated bases: ``lowrank:ratio=0.5`` or ``lowrank:energy=0.95``.
 
@@ -143,8 +144,6 @@ class LowRank(Representation):
     calibration: str = ""
 
     takes_inner = True
-    needs_positions = True
-    mixes_latent_values = True
 
     def __post_init__(self):
         for name in ("ratio", "key_ratio", "value_ratio"):
@@ -160,25 +159,17 @@ class LowRank(Representation):
             raise ValueError(f"residual must be >= 0, got {self.residual}")
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
-        self.inner: Representation | None = None
-        self.heads = 0
-        self.bases: dict[int, LayerBasis] = {}
-        self.rotary = None
 
-    def chain(self, inner: Representation) -> None:
-        self.inner = inner
-        self.residual = max(self.residual, inner.residual)  # one window serves both
+    def prepare(self, model, inner: Representation | None = None) -> LowRankStorage:
+        """Bases of every layer from the model's calibration (read, or built and saved on first use).
 
-    def prepare(self, model) -> None:
-        from kvcompress.calibration import Rotary, load_or_build
-
+        ``inner`` (e.g. ``kivi``) stores the latents; it must accept every layer's ranks as its head dim.
+        """
         calibration = load_or_build(model, self.calibration or None)
         heads, dim = calibration.heads, calibration.head_dim
         groups = heads if self.per_head else 1
         dtype, device = model.dtype, model.device
-        self.heads = heads
-        self.rotary = Rotary(model)
-        self.bases = {}
+        bases = {}
         for layer in range(calibration.keys_mean.shape[0]):
             parts = []
             for kind, ratio in (("keys", self.key_ratio), ("values", self.value_ratio)):
@@ -190,11 +181,12 @@ class LowRank(Representation):
                     parts += [None, None]
                 else:
                     parts += [mean.to(device, dtype), basis[..., :rank].to(device, dtype).contiguous()]
-            self.bases[layer] = LayerBasis(groups, *parts)
-        if self.inner is not None:
-            self.inner.prepare(model)
-            for layer in self.bases:  # fail now, not in the middle of a forward
-                self.new_store(dim, dtype, layer)
+            bases[layer] = LayerBasis(groups, *parts)
+        residual = max(self.residual, inner.residual) if inner is not None else self.residual  # one window serves both
+        storage = LowRankStorage(bases, Rotary(model), inner, heads, residual, self.sink)
+        for layer in bases:  # fail now, not in the middle of a forward
+            storage.new_store(layer, dim, dtype)
+        return storage
 
     def rank(self, variance: torch.Tensor, ratio: float | None) -> int:
         """Rank of one layer's keys or values from ``(G, E)`` variances and the spec."""
@@ -204,16 +196,22 @@ class LowRank(Representation):
         ratio = ratio if ratio is not None else (self.ratio if self.ratio is not None else 0.5)
         return max(1, round(dims * (1 - ratio)))
 
+
+class LowRankStorage:
+    """``lowrank`` prepared for one model: the bases of every layer, its rotary tables, and the inner
+    storage of the latents (full precision by default)."""
+
+    needs_positions = True
+
+    def __init__(self, bases: dict[int, LayerBasis], rotary: Rotary, inner, heads: int, residual: int, sink: int):
+        self.bases, self.rotary, self.inner = bases, rotary, inner
+        self.heads, self.residual, self.sink = heads, residual, sink
+
     @property
     def fixed_nbytes(self) -> int:
-        return sum(b.nbytes for b in self.bases.values()) + (self.rotary.nbytes if self.rotary is not None else 0)
+        return sum(b.nbytes for b in self.bases.values()) + self.rotary.nbytes
 
-    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int) -> LowRankStore:
-        if layer_idx not in self.bases:
-            raise ValueError(
-                "lowrank needs the model's calibration: build the cache with kvcompress.make_cache(spec, model), "
-                "not CompressedCache(spec, config)"
-            )
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> LowRankStore:
         basis = self.bases[layer_idx]
         width = head_dim * self.heads // basis.groups  # E
         ranks = tuple(width if r is None else r for r in basis.ranks)
@@ -222,8 +220,8 @@ class LowRank(Representation):
         else:
             try:
                 for rank in ranks:  # the inner store sees latents of width r_k and r_v as its "head dim"
-                    inner = self.inner.new_store(rank, dtype, layer_idx)
-            except ValueError as err:
+                    inner = self.inner.new_store(layer_idx, rank, dtype)
+            except SpecError as err:
                 raise SpecError(
                     f"lowrank+{self.inner.name}: layer {layer_idx} stores latents of {ranks[0]} (keys) and {ranks[1]} "
                     f"(values) dims, which {self.inner.name} must accept as its head dim: {err}"
@@ -286,7 +284,7 @@ class LowRankStore:
         if self.slots is None:
             self.slots = GroupedSlots(torch.arange(heads) // (heads // b.groups), b.groups)  # contiguous groups
         group_valid = self.slots.append(valid, batch, heads, len(self.inner), n, keys.device)  # (B, G, n)
-        self.inner.append(z_k, z_v, group_valid)
+        self.inner.append(z_k, z_v, group_valid, None)
         positions = positions.to(torch.int32)
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
 
@@ -315,12 +313,12 @@ class LowRankStore:
             self.sinks.write_values(values)
         return self._keys(z_k), values
 
-    def latent_inputs(self) -> tuple[torch.Tensor, LatentValues] | None:
-        """Rebuilt keys and the stored values as latents, for attention that mixes values in latent
-        space; None when the value side is full rank (nothing to gain)."""
+    def segment(self) -> LatentSegment | DenseSegment:
+        """Rebuilt keys and the stored values as latents (mixed in latent space); plain rebuilt keys and
+        values when the value side is full rank (nothing to gain)."""
         b = self.basis
         if b.value_basis is None:
-            return None
+            return DenseSegment(*self.keys_values())
         z_k, z_v = self.inner.keys_values()  # dequantized once for both
         heads = self.positions.shape[1]
         sink_slot = sink_error = None
@@ -335,7 +333,7 @@ class LowRankStore:
             index = (within[:, None] * dim + torch.arange(dim, device=z_v.device))[None, :, None].expand(*slot.shape, dim)
             rebuilt = rebuilt.gather(-1, index)  # (B, H, m, D) this head's part of the group's vector
             sink_error = (self.sinks.values - rebuilt) * (sink_slot >= 0)[..., None]
-        return self._keys(z_k), LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error)
+        return LatentSegment(self._keys(z_k), LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error), self)
 
     def valid(self) -> torch.Tensor | None:
         return self.slots.valid if self.slots else None
@@ -419,7 +417,7 @@ class Sinks:
             self.keys, self.values, self.slot = fn(self.keys), fn(self.values), fn(self.slot)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentValues:
     """A store's values as latents, for attention that mixes them before projecting back.
 
@@ -435,26 +433,48 @@ class LatentValues:
     sink_slot: torch.Tensor | None
     sink_error: torch.Tensor | None
 
-    def mix(self, weights: torch.Tensor, heads: int) -> torch.Tensor:
-        """``weights @ values`` for ``(B, Hq, q, N)`` attention weights on the stored slots: ``(B, Hq, q, D)``.
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights @ values`` for ``(B, H, Q, N)`` attention weights on the stored slots (``Q`` rows per
+        KV head): ``(B, H, Q, D)``.
 
-        ``w (mu + Z Uᵀ) = (Σw) mu + (w Z) Uᵀ``: ``N r`` multiply-adds per query head, instead of
-        rebuilding ``N E`` values per group; sinks add ``w (exact - rebuilt)`` at their slots.
+        ``w (mu + Z Uᵀ) = (Σw) mu + (w Z) Uᵀ``: ``N r`` multiply-adds per row, instead of rebuilding
+        ``N E`` values per group; sinks add ``w (exact - rebuilt)`` at their slots.
         """
-        batch, q_heads, q, n = weights.shape
+        batch, heads, rows, n = weights.shape
         groups, r = self.latent.shape[1], self.latent.shape[-1]
-        rep, per_group = q_heads // heads, q_heads // groups
-        dim = self.mean.shape[-1] * groups // heads
-        grouped = weights.reshape(batch, groups, per_group * q, n)  # a group's query heads as rows
-        mixed = (grouped @ self.latent).view(batch, groups, per_group, q, r)  # (B, G, Hq/G, q, r)
-        # Query head j of group g reads KV head j // rep of the group: its D rows of the group's basis.
-        basis = self.basis.view(groups, heads // groups, dim, r).repeat_interleave(rep, 1)  # (G, Hq/G, D, r)
-        mean = self.mean.view(groups, heads // groups, dim).repeat_interleave(rep, 1)  # (G, Hq/G, D)
-        total = grouped.sum(-1).view(batch, groups, per_group, q, 1)  # weight on the stored slots
-        out = mixed @ basis.transpose(-1, -2) + total * mean[:, :, None]  # (B, G, Hq/G, q, D)
-        out = out.view(batch, q_heads, q, dim)
+        per_group = heads // groups
+        dim = self.mean.shape[-1] // per_group
+        grouped = weights.reshape(batch, groups, per_group * rows, n)  # a group's KV heads' rows
+        mixed = (grouped @ self.latent).view(batch, groups, per_group, rows, r)  # (B, G, H/G, Q, r)
+        basis = self.basis.view(groups, per_group, dim, r)  # KV head j of group g: its D rows of the basis
+        mean = self.mean.view(groups, per_group, dim)
+        total = grouped.sum(-1).view(batch, groups, per_group, rows, 1)  # weight on the stored slots
+        out = (mixed @ basis.transpose(-1, -2) + total * mean[:, :, None]).view(batch, heads, rows, dim)
         if self.sink_slot is not None:
-            slot = self.sink_slot.clamp_min(0).repeat_interleave(rep, 1)  # (B, Hq, m)
-            at_sinks = weights.gather(-1, slot[:, :, None].expand(batch, q_heads, q, slot.shape[-1]))  # (B, Hq, q, m)
-            out = out + at_sinks @ self.sink_error.repeat_interleave(rep, 1)
+            slot = self.sink_slot.clamp_min(0)  # (B, H, m)
+            at_sinks = weights.gather(-1, slot[:, :, None].expand(batch, heads, rows, slot.shape[-1]))  # (B, H, Q, m)
+            out = out + at_sinks @ self.sink_error
         return out
+
+
+@dataclass(frozen=True)
+class LatentSegment:
+    """The attention segment of a :class:`LowRankStore`: rebuilt (rotated) ``(B, H, N, D)`` keys, values
+    left latent and mixed by :meth:`LatentValues.mix`."""
+
+    keys: torch.Tensor
+    values: LatentValues
+    store: LowRankStore
+    dense_only = False
+
+    def __len__(self) -> int:
+        return self.keys.shape[2]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.keys_values()
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.keys.transpose(-1, -2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.values.mix(weights)

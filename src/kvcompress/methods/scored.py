@@ -1,32 +1,41 @@
-"""Shared top-k pruning for eviction methods that score tokens.
+"""Score-based eviction: a scorer (one method file) with an allocation (:mod:`kvcompress.methods.budgets`).
 
-A scored method only implements ``score(view) -> (B, H, S)``; this base keeps, per row and KV
-head, the ``sink`` oldest and ``window`` newest tokens, and the best-scoring others up to the
-layer's budget (the protected tokens count toward it; they are kept even where they exceed it). The budget is fixed at the first compression (``budget`` tokens, or a ``ratio``
-of the tokens seen then), so a long generation runs in bounded memory: new tokens collect in the
-full-precision window and, once ``block`` of them have arrived, the layer is cut back to its budget.
+A scored method only implements ``score(view) -> (B, H, S)``; this base keeps, per row and KV head,
+the ``sink`` oldest and the ``window`` newest tokens, and the best-scoring others up to the budget
+the allocation gives the layer and head (protected tokens count toward it; they are kept even where
+they exceed it). The budget is fixed at the first compression (``budget`` tokens per head on
+average, or a ``ratio`` of the tokens seen then), so a long generation runs in bounded memory: new
+tokens collect in the full-precision window and, once ``block`` of them have arrived, the layer is
+cut back to its budget.
+
+Every scored method shares these parameters; ``allocation`` chooses the budget axis for any scorer
+(``knorm:ratio=0.75,allocation=adaptive``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.base import LayerView, Selection
+from kvcompress.methods.budgets import ALLOCATIONS, allocation
+from kvcompress.protocols import LayerView, Selected, Selection
 
 
-@dataclass
-class ScoredSelection(Selection):
+@dataclass(frozen=True)
+class ScoredEviction(Selection):
     """Base of score-based eviction.
 
     Args:
         ratio: fraction of the tokens evicted at the first compression (0 <= ratio < 1).
-        budget: tokens kept per layer and head; overrides ``ratio`` when > 0.
+        budget: tokens kept per head (the layer average); overrides ``ratio`` when > 0.
         window: most recent tokens never evicted (at most half the budget).
         block: new tokens that collect before the layer is compressed back to its budget.
         sink: oldest tokens never evicted (attention sinks).
+        allocation: how the budget is spread: ``uniform`` (every layer and head alike), ``pyramid``
+            (shrinking with depth) or ``adaptive`` (the heads of a layer share it).
+        beta: ``pyramid`` only: ratio of the average budget to the last layer's.
+        alpha: ``adaptive`` only: fraction of the average every head keeps whatever its scores.
     """
 
     ratio: float = 0.5
@@ -34,6 +43,9 @@ class ScoredSelection(Selection):
     window: int = 32
     block: int = 32
     sink: int = 0
+    allocation: str = "uniform"
+    beta: float = 20.0
+    alpha: float = 0.2
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -43,16 +55,34 @@ class ScoredSelection(Selection):
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.block < 1:
             raise ValueError(f"block must be >= 1, got {self.block}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.beta < 1:
+            raise ValueError(f"beta must be >= 1, got {self.beta}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def ragged(self) -> bool:
+        return allocation(self.allocation, self.beta, self.alpha).ragged
+
+    @property
+    def evicts(self) -> bool:
+        """False with ``ratio=0`` and no ``budget``: compression off, nothing is ever scored or evicted."""
+        return self.ratio > 0 or self.budget > 0
+
+    @property
+    def observe(self) -> int:
+        return self.attention_window if self.evicts else 0
+
+    @property
+    def attention_window(self) -> int:
+        """How many of each step's latest queries the scorer reads the attention of (0: none, -1: all)."""
+        return 0
 
     def score(self, view: LayerView) -> torch.Tensor:
         """``(B, H, S)`` importance of every slot; higher is kept."""
         raise NotImplementedError
-
-    def layer_budget(self, count: torch.Tensor, view: LayerView) -> torch.Tensor:
-        """``(B, H, 1)`` tokens this layer keeps, given the ``(B, H, 1)`` real tokens it holds now."""
-        if self.budget:
-            return torch.full_like(count, self.budget)
-        return torch.ceil(count * (1 - self.ratio)).long()
 
     def recent(self, budget: torch.Tensor) -> torch.Tensor:
         """Newest tokens kept whatever their score: ``window``, but at most half the budget, so
@@ -60,46 +90,22 @@ class ScoredSelection(Selection):
         recent tokens and lose the attention sink)."""
         return (budget // 2).clamp_max(self.window)
 
-    def select(self, view: LayerView) -> torch.Tensor | None:
-        if self.ratio == 0 and self.budget == 0:
-            return None
+    def select(self, view: LayerView) -> Selected:
+        if not self.evicts:
+            return Selected(None, view.budget)
+        policy = allocation(self.allocation, self.beta, self.alpha)
         valid = view.valid
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
-        if "budget" not in view.state:
-            view.state["budget"] = self.layer_budget(count, view)
-            slack = 0  # the first compression (the prompt) cuts straight to the budget
+        budget = view.budget
+        if budget is None:  # the first compression (the prompt) cuts straight to the budget
+            average = torch.full_like(count, self.budget) if self.budget else torch.ceil(count * (1 - self.ratio)).long()
+            budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window)
+            slack = 0
         else:
             slack = self.block - 1
-        budget = view.state["budget"]
-        if not self.over_budget(count, budget + slack):
-            return None
+        if not policy.over_budget(count, budget + slack):
+            return Selected(None, budget)
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = oldest real token
         protected = valid & ((age < self.sink) | (age >= count - self.recent(budget)))
         scores = self.score(view).float().masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
-        return self.allocate(scores, valid, protected, budget)
-
-    def over_budget(self, count: torch.Tensor, limit: torch.Tensor) -> bool:
-        """Whether any head holds more than ``limit`` ``(B, H, 1)`` tokens, so the layer is cut back."""
-        return bool((count > limit).any())
-
-    def allocate(self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        """``(B, H, S)`` slots kept: per head, the protected ones and the best scores up to the budget
-        (protected slots score +inf, so they count toward it; they stay even past it)."""
-        return protected | (valid & (rank(scores) < budget))
-
-
-def rank(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along the last dimension, 0 for the highest; ties go to the older slot."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
-
-
-def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:
-    """PyramidKV's per-layer budgets: an arithmetic sequence from the first layer down to
-    ``average / beta`` at the last, averaging ``average``."""
-    last = average / beta
-    first = 2 * average - last
-    if layers == 1:
-        return [average]
-    return [max(1, math.ceil(first - (first - last) * i / (layers - 1))) for i in range(layers)]
+        return Selected(policy.keep(scores, valid, protected, budget), budget)

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer
-from kvcompress.methods.base import Representation, Store
+from kvcompress.calibration import load_or_build
 from kvcompress.methods.grouping import GroupedSlots
+from kvcompress.protocols import Representation, Store
 from kvcompress.registry import SpecError, register
+from kvcompress.step import DenseSegment
 
 
 def head_gram(mean: torch.Tensor, cov: torch.Tensor, heads: int) -> torch.Tensor:
@@ -66,7 +68,7 @@ def ward_groups(gram: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @register("share_heads")
-@dataclass
+@dataclass(frozen=True)
 class ShareHeads(Representation):
     """Merge similar KV heads of each layer: ``share_heads:groups=2``.
 
@@ -88,38 +90,36 @@ class ShareHeads(Representation):
             raise ValueError(f"groups must be >= 1 (KV heads kept per layer), got {self.groups}")
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
-        self.inner: Representation | None = None
-        self.group_of: dict[int, torch.Tensor] = {}
 
-    def chain(self, inner: Representation) -> None:
-        self.inner = inner
-        self.residual = max(self.residual, inner.residual)  # one window serves both
-
-    def prepare(self, model) -> None:
-        from kvcompress.calibration import load_or_build
-
+    def prepare(self, model, inner: Representation | None = None) -> ShareHeadsStorage:
+        """Group each layer's heads from the model's calibration; ``inner`` (e.g. ``kivi``) stores the merged heads."""
         calibration = load_or_build(model, self.calibration or None)
         heads = calibration.heads
         if self.groups > heads:
             raise SpecError(f"share_heads: groups={self.groups} must be between 1 and the model's {heads} KV heads")
-        self.group_of = {}
+        group_of = {}
         for layer in range(calibration.keys_mean.shape[0]):
             grams = [
                 head_gram(getattr(calibration, f"{kind}_mean")[layer], getattr(calibration, f"{kind}_cov")[layer], heads)
                 for kind in ("keys", "values")
             ]
             gram = sum(g / g.trace().clamp_min(1e-30) for g in grams)
-            self.group_of[layer] = ward_groups(gram, self.groups).to(model.device)
-        if self.inner is not None:
-            self.inner.prepare(model)
+            group_of[layer] = ward_groups(gram, self.groups).to(model.device)
+        residual = max(self.residual, inner.residual) if inner is not None else self.residual  # one window serves both
+        return ShareHeadsStorage(group_of, self.groups, inner, residual)
 
-    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int) -> ShareHeadsStore:
-        if layer_idx not in self.group_of:
-            raise ValueError(
-                "share_heads needs the model's calibration: build the cache with kvcompress.make_cache(spec, model), "
-                "not CompressedCache(spec, config)"
-            )
-        inner = FullPrecisionBuffer() if self.inner is None else self.inner.new_store(head_dim, dtype, layer_idx)
+
+class ShareHeadsStorage:
+    """``share_heads`` prepared for one model: the head groups of every layer (``(H,)`` group index)."""
+
+    needs_positions = False
+    fixed_nbytes = 0
+
+    def __init__(self, group_of: dict[int, torch.Tensor], groups: int, inner, residual: int):
+        self.group_of, self.groups, self.inner, self.residual = group_of, groups, inner, residual
+
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> ShareHeadsStore:
+        inner = FullPrecisionBuffer() if self.inner is None else self.inner.new_store(layer_idx, head_dim, dtype)
         return ShareHeadsStore(self.group_of[layer_idx], self.groups, inner)
 
 
@@ -145,7 +145,7 @@ class ShareHeadsStore:
     def nbytes(self) -> int:
         return self.inner.nbytes + self.slots.nbytes
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
         batch, heads, n, _ = keys.shape
         weight = torch.ones(batch, heads, n, dtype=keys.dtype, device=keys.device) if valid is None else valid.to(keys.dtype)
         member = self.member.to(keys.dtype)
@@ -153,11 +153,14 @@ class ShareHeadsStore:
         merged_k = torch.einsum("gh,bhn,bhnd->bgnd", member, weight, keys) / count  # (B, G, n, D)
         merged_v = torch.einsum("gh,bhn,bhnd->bgnd", member, weight, values) / count
         group_valid = self.slots.append(valid, batch, heads, len(self.inner), n, keys.device)
-        self.inner.append(merged_k, merged_v, group_valid)
+        self.inner.append(merged_k, merged_v, group_valid, None)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.inner.keys_values()  # (B, G, N, D)
         return keys[:, self.group_of], values[:, self.group_of]  # (B, H, N, D), transient
+
+    def segment(self) -> DenseSegment:
+        return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
         return self.slots.valid

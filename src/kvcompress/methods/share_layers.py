@@ -36,8 +36,9 @@ from typing import ClassVar
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer
-from kvcompress.methods.base import Representation
+from kvcompress.protocols import Representation
 from kvcompress.registry import register
+from kvcompress.step import DenseSegment
 
 
 def slerp_merge(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def slerp_merge(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tenso
 
 
 @register("share_layers")
-@dataclass
+@dataclass(frozen=True)
 class ShareLayers(Representation):
     """Merge adjacent deep layers token by token: ``share_layers:start=0.5,t=0.6,threshold=0.5``.
 
@@ -88,22 +89,35 @@ class ShareLayers(Representation):
             raise ValueError(f"threshold is a cosine similarity and must be in [-1, 1], got {self.threshold}")
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
-        self.partner: dict[int, tuple[int, int]] = {}  # layer -> (first layer of its pair, 0 or 1)
-        self.pairs: dict[int, MergedPair] = {}
 
-    def prepare(self, model) -> None:
+    def prepare(self, model, inner: Representation | None = None) -> ShareLayersStorage:
+        """Pair the deep full-attention layers of ``model``."""
         config = model.config.get_text_config()
         types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         deep = [i for i, kind in enumerate(types) if kind == "full_attention" and i >= self.start * len(types)]
-        self.partner = {}
+        partner = {}
         for first, second in zip(deep[0::2], deep[1::2]):
-            self.partner[first], self.partner[second] = (first, 0), (first, 1)
+            partner[first], partner[second] = (first, 0), (first, 1)
+        return ShareLayersStorage(partner, self.t, self.threshold, self.residual)
 
-    def new_store(self, head_dim: int, dtype: torch.dtype, layer_idx: int):
+
+class ShareLayersStorage:
+    """``share_layers`` prepared for one model and one cache: which layers pair, and the pairs' shared
+    stores (made as the cache's layers start)."""
+
+    needs_positions = False
+    fixed_nbytes = 0
+
+    def __init__(self, partner: dict[int, tuple[int, int]], t: float, threshold: float, residual: int):
+        self.partner = partner  # layer -> (first layer of its pair, 0 or 1)
+        self.t, self.threshold, self.residual = t, threshold, residual
+        self.pairs: dict[int, MergedPair] = {}
+
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype):
         if layer_idx not in self.partner:
             return FullPrecisionBuffer()  # a shallow layer, or the last one of an odd count
         first, which = self.partner[layer_idx]
-        if which == 0:  # the first layer of a pair is initialised first: a fresh pair per cache
+        if which == 0:  # the first layer of a pair is initialised first: a fresh pair for it
             self.pairs[first] = MergedPair(self.t, self.threshold)
         return PairLayerStore(self.pairs[first], which)
 
@@ -208,7 +222,7 @@ class PairLayerStore:
     def nbytes(self) -> int:
         return self.pair.nbytes if self.which == 0 else 0  # counted once, with the first layer
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
         if self.which == 0:
             self.pair.staged = (keys, values, valid)
         else:
@@ -222,6 +236,9 @@ class PairLayerStore:
         if staged:
             keys, values = torch.cat([keys, staged[0]], 2), torch.cat([values, staged[1]], 2)
         return keys, values
+
+    def segment(self) -> DenseSegment:
+        return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
         valid, staged = self.pair.directions.valid(), self._staged()

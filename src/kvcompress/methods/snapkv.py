@@ -18,36 +18,37 @@ Departures from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from kvcompress.methods.base import LayerView
-from kvcompress.methods.scored import ScoredSelection
+from kvcompress.methods.scored import ScoredEviction
+from kvcompress.protocols import LayerView
 from kvcompress.registry import register
 
 
 @register("snapkv")
-@dataclass
-class SnapKV(ScoredSelection):
-    """``snapkv:ratio=0.75,window=32,kernel=7``; see :class:`ScoredSelection` for shared fields.
+@dataclass(frozen=True)
+class SnapKV(ScoredEviction):
+    """``snapkv:ratio=0.75,window=32,kernel=7``; see :class:`ScoredEviction` for shared fields.
 
     Args:
         kernel: width of the average pooling over token scores (odd).
     """
 
     kernel: int = 7
-    observe: ClassVar[int] = 32
 
     def __post_init__(self):
         super().__post_init__()
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd number >= 1, got {self.kernel}")
-        self.observe = max(1, self.window)  # the observation window is the protected window
+
+    @property
+    def attention_window(self) -> int:
+        return max(1, self.window)  # the observation window is the protected window
 
     def score(self, view: LayerView) -> torch.Tensor:
         # Average over the valid slots in each kernel window, so padding does not dilute the scores.
-        batch, heads, slots = view.scores.shape
+        batch, heads, slots = view.attention.shape
         valid = view.valid.float()
 
         def pool(x):  # (B, H, S) -> (B, H, S) sums over a centred window of `kernel` slots
@@ -57,4 +58,4 @@ class SnapKV(ScoredSelection):
             )
             return pooled.reshape(batch, heads, slots)
 
-        return pool(view.scores * valid) / pool(valid).clamp_min(1e-9)
+        return pool(view.attention * valid) / pool(valid).clamp_min(1e-9)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
-from kvcompress.methods.base import LayerView, Selection
+from kvcompress.protocols import LayerView, Selected, Selection
 from kvcompress.registry import register
 
 
 @register("streaming")
-@dataclass
+@dataclass(frozen=True)
 class StreamingLLM(Selection):
     """Attention sinks plus a recent window: ``streaming:sink=4,window=1024``.
 
@@ -42,10 +41,10 @@ class StreamingLLM(Selection):
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
 
-    def select(self, view: LayerView) -> torch.Tensor | None:
+    def select(self, view: LayerView) -> Selected:
         valid = view.valid
         count = valid.sum(-1, keepdim=True)  # (B, H, 1) real tokens per row and head
         if bool((count <= self.sink + self.window).all()):
-            return None
+            return Selected(None)
         rank = valid.cumsum(-1) - 1  # (B, H, S) age rank of each real token, 0 = oldest
-        return valid & ((rank < self.sink) | (rank >= count - self.window))
+        return Selected(valid & ((rank < self.sink) | (rank >= count - self.window)))

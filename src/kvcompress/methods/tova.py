@@ -13,23 +13,25 @@ newest token is always kept since it scores itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from kvcompress.methods.base import LayerView
-from kvcompress.methods.scored import ScoredSelection
+from kvcompress.methods.scored import ScoredEviction
+from kvcompress.protocols import LayerView
 from kvcompress.registry import register
 
 
 @register("tova")
-@dataclass
-class TOVA(ScoredSelection):
+@dataclass(frozen=True)
+class TOVA(ScoredEviction):
     """``tova:ratio=0.75``."""
 
     window: int = 1
     block: int = 1
-    observe: ClassVar[int] = 1
+
+    @property
+    def attention_window(self) -> int:
+        return 1  # the newest query
 
     def score(self, view: LayerView) -> torch.Tensor:
-        return view.scores.mean(1, keepdim=True).expand_as(view.scores)
+        return view.attention.mean(1, keepdim=True).expand_as(view.attention)

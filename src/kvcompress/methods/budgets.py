@@ -1,0 +1,104 @@
+"""How many tokens each layer and head keeps: the allocation axis of score-based eviction.
+
+An allocation turns the average per-head budget (``budget`` tokens, or ``ratio`` of the tokens seen
+at the first compression) into the tokens each layer and head keeps, given their scores. It knows
+nothing of how the scores were made, so any scorer takes any allocation
+(``knorm:ratio=0.75,allocation=adaptive``, ``h2o:ratio=0.75,allocation=pyramid``):
+
+- ``uniform``: every head of every layer keeps the average (SnapKV, H2O, TOVA, KNorm).
+- ``pyramid``: budgets shrink with depth, same total (PyramidKV, https://arxiv.org/abs/2406.02069).
+- ``adaptive``: the heads of a layer share the layer's budget, spent on the best scores of any head,
+  each head keeping at least ``alpha`` of its share (Ada-KV, https://arxiv.org/abs/2407.11550).
+  Heads then hold different numbers of tokens (``ragged``), stored apart so nothing is padded.
+
+Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def rank(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last dimension, 0 for the highest; ties go to the older slot."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:
+    """PyramidKV's per-layer budgets: an arithmetic sequence from the first layer down to
+    ``average / beta`` at the last, averaging ``average``."""
+    last = average / beta
+    first = 2 * average - last
+    if layers == 1:
+        return [average]
+    return [max(1, math.ceil(first - (first - last) * i / (layers - 1))) for i in range(layers)]
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Every head of every layer keeps the average budget."""
+
+    ragged = False
+
+    def layer_budget(self, average: torch.Tensor, layer_idx: int, num_layers: int, floor: int) -> torch.Tensor:
+        """``(B, H, 1)`` tokens this layer keeps per head, from the ``(B, H, 1)`` average."""
+        return average
+
+    def over_budget(self, count: torch.Tensor, limit: torch.Tensor) -> bool:
+        """Whether a ``(B, H, 1)`` head holds more than ``limit`` tokens, so the layer is cut back."""
+        return bool((count > limit).any())
+
+    def keep(self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """``(B, H, S)`` slots kept: per head, the protected ones and the best scores up to the budget
+        (protected slots score +inf, so they count toward it; they stay even past it)."""
+        return protected | (valid & (rank(scores) < budget))
+
+
+@dataclass(frozen=True)
+class Pyramid(Uniform):
+    """Budgets shrinking linearly with depth to ``average / beta`` at the last layer, never below ``floor``
+    (the protected window); the mean over layers is the average."""
+
+    beta: float = 20.0
+
+    def layer_budget(self, average, layer_idx, num_layers, floor):
+        per_row = [pyramid_budgets(int(a), num_layers, self.beta)[layer_idx] for a in average.flatten().tolist()]
+        return torch.tensor(per_row, device=average.device).view_as(average).clamp_min(floor)
+
+
+@dataclass(frozen=True)
+class Adaptive(Uniform):
+    """The heads of a layer share ``heads × average`` tokens, given to the best scores of any head; every
+    head keeps at least ``alpha`` of the average (the safeguard)."""
+
+    alpha: float = 0.2
+    ragged = True
+
+    def over_budget(self, count, limit):
+        return bool((count.sum(1) > limit.sum(1)).any())  # the heads of a row share their budget
+
+    def keep(self, scores, valid, protected, budget):
+        batch, heads, slots = scores.shape
+        floor = torch.ceil(budget * self.alpha).long()  # (B, H, 1) the safeguard
+        base = protected | (valid & (rank(scores) < floor))
+        left = (budget.sum(1) - base.sum((1, 2))[:, None]).clamp_min(0)  # (B, 1) tokens still to give
+        rest = scores.masked_fill(base, -math.inf).reshape(batch, heads * slots)  # every head competes
+        extra = (rank(rest) < left) & (valid & ~base).reshape(batch, heads * slots)
+        return base | extra.reshape(batch, heads, slots)
+
+
+ALLOCATIONS = ("uniform", "pyramid", "adaptive")
+
+
+def allocation(name: str, beta: float, alpha: float) -> Uniform:
+    """The allocation called ``name``, with its parameter (``beta`` for pyramid, ``alpha`` for adaptive)."""
+    if name == "pyramid":
+        return Pyramid(beta)
+    if name == "adaptive":
+        return Adaptive(alpha)
+    return Uniform()

@@ -1,0 +1,187 @@
+"""The axes of a compression pipeline, as the protocols their methods implement.
+
+A pipeline is at most one :class:`Selection` (which tokens a layer keeps: eviction) and a
+:class:`Representation` (how tokens that left the full-precision window are stored: quantized,
+low-rank, shared), each a frozen dataclass of its parameters, registered by name
+(:func:`kvcompress.registry.register`). Neither knows the other; the cache layer
+(:class:`kvcompress.cache.CompressedLayer`) combines them, and the data of one step moves between
+them as the values of :mod:`kvcompress.step`.
+
+Score-based selections split further into a scorer (``score``: how much each token matters) and an
+allocation (how many tokens each layer and head keeps: :mod:`kvcompress.methods.budgets`), chosen
+independently in the spec (``knorm:ratio=0.75,allocation=adaptive``).
+
+A representation holds no model state: :meth:`Representation.prepare` builds, for one model, the
+:class:`Storage` that the cache owns (calibration bases, head groups, rotary tables, pairs of
+layers), and the storage makes one :class:`Store` per layer.
+
+Shapes: ``B`` batch, ``H`` KV heads (never the query heads: storage is GQA-native), ``S`` slots held
+by a layer, ``D`` head dim, ``Hq`` query heads, ``m`` queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, ClassVar, Protocol
+
+import torch
+
+from kvcompress.step import Segment
+
+
+class Store(Protocol):
+    """Tokens of one layer in a compressed representation, in position order per row and head.
+
+    A store frees memory in units of ``block`` tokens: eviction inside a block that still holds a
+    kept token only marks the evicted token invalid (masked from attention) until the whole block
+    goes.
+    """
+
+    block: int
+
+    def __len__(self) -> int: ...  # slots held
+
+    @property
+    def nbytes(self) -> int: ...  # bytes of every tensor held
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+        """Add ``(B, H, n, D)`` tokens, ``n`` a multiple of ``block``; ``valid`` is ``(B, H, n)`` or None
+        (all real); ``positions`` ``(B, H, n)`` int32 when the storage ``needs_positions``, else None."""
+
+    def segment(self) -> Segment:
+        """What attention reads of the held slots (see :class:`kvcompress.step.Segment`)."""
+
+    def valid(self) -> torch.Tensor | None:
+        """``(B, H, S)`` bool, False for padding or evicted slots; None when every slot is valid."""
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop the slots where the ``(B, H, S)`` bool ``keep`` is False, freeing whole blocks.
+
+        Returns the ``(B, H, n)`` old slot index of every slot held afterwards.
+        """
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to the batch dimension of every held tensor (beam reorder, batch select)."""
+
+
+class Storage(Protocol):
+    """A representation prepared for one model: makes the stores of its layers, owned by one cache."""
+
+    residual: int  # most recent tokens kept in full precision (the layer's window)
+    needs_positions: bool  # its stores' ``append`` takes the tokens' positions
+
+    @property
+    def fixed_nbytes(self) -> int: ...  # bytes held once per cache whatever its length (bases, tables)
+
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> Store: ...
+
+
+@dataclass(frozen=True)
+class Representation:
+    """Base of storage formats for tokens older than the full-precision window (frozen parameters).
+
+    Subclasses have a ``residual`` field: the most recent tokens always kept in full precision.
+
+    Class attributes a representation sets:
+        takes_inner: it transforms tokens (e.g. into low-rank latents) and can hand them to a second,
+            plain representation that stores them, as in ``lowrank+kivi``.
+        standalone: its stores are shared between layers (``share_layers``), so it combines with
+            no other method.
+    """
+
+    name: ClassVar[str]
+    takes_inner: ClassVar[bool] = False
+    standalone: ClassVar[bool] = False
+
+    def prepare(self, model, inner: Storage | None = None) -> Storage:
+        """The storage of this representation for ``model``; ``inner`` stores its output (``takes_inner``).
+
+        Raises:
+            SpecError: the parameters do not fit the model (e.g. a group that does not divide its head dim).
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a selection sees of one layer when it decides what to keep.
+
+    Attributes:
+        valid: ``(B, H, S)`` bool, True for real tokens, in position order per row and head.
+        attention: ``(B, H, S)`` float32 attention the layer's slots received from the queries the
+            selection observes (see :attr:`Selection.observe`), or None.
+        queries: ``(B, Hq, m, D)`` the queries (after rotary) of the tokens seen since the last
+            compression, when :attr:`Selection.queries` asks for them; else None.
+        query_positions: ``(B, m)`` their positions.
+        budget: ``(B, H, 1)`` tokens kept per head, set at the first compression; None before it.
+        layer_idx: index of the layer in the model.
+        num_layers: layers in the model.
+        dense: rebuilds the slots' full-precision ``(B, H, S, D)`` keys and values (read through
+            :attr:`keys` and :attr:`values`, built once and only if a scorer asks).
+        rotary: the model's :class:`kvcompress.calibration.Rotary`, for scorers that undo or extrapolate
+            rotary embeddings; None for a model without one.
+    """
+
+    valid: torch.Tensor
+    attention: torch.Tensor | None
+    queries: torch.Tensor | None
+    query_positions: torch.Tensor | None
+    budget: torch.Tensor | None
+    layer_idx: int
+    num_layers: int
+    dense: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    rotary: object | None = None
+
+    @cached_property
+    def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dense()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._dense[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._dense[1]
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A selection's decision: ``keep`` ``(B, H, S)`` bool (None: keep all) and the layer's ``budget``."""
+
+    keep: torch.Tensor | None
+    budget: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Base of eviction policies (frozen parameters): return the slots a layer keeps.
+
+    Properties a selection overrides:
+        observe: how many of each step's latest queries the layer turns into attention weights for
+            :attr:`LayerView.attention` (0: none, -1: all).
+        queries: whether :attr:`LayerView.queries` must hold the queries seen since the last compression.
+        accumulate: keep the observed attention across compressions (H2O), instead of restarting it.
+        ragged: the heads of a layer keep different numbers of tokens; the layer then stores each
+            head's tokens apart, so no padding slot is held.
+    """
+
+    name: ClassVar[str]
+    accumulate: ClassVar[bool] = False
+
+    @property
+    def observe(self) -> int:
+        return 0
+
+    @property
+    def queries(self) -> bool:
+        return False
+
+    @property
+    def ragged(self) -> bool:
+        return False
+
+    def select(self, view: LayerView) -> Selected:
+        """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""
+        raise NotImplementedError
