@@ -88,7 +88,7 @@ def test_press_rows_run_on_a_dynamic_cache_like_none(tiny):
     """A press that keeps everything scores exactly like ``none``; its bytes are the DynamicCache's."""
     ids = torch.randint(3, 128, (64,), generator=torch.Generator().manual_seed(0))
     press = _KeepEverythingPress()
-    method = KVPressMethod("kvpress:Fake", press)
+    method = KVPressMethod("kvpress:Fake", press, ("speed", "perplexity", "retrieval"))
     got = perplexity(method, tiny, ids, context=40, tokens=8, offsets=[0, 10])
     want = perplexity(resolve("none"), tiny, ids, context=40, tokens=8, offsets=[0, 10])
     for got_window, want_window in zip(got["nll"], want["nll"]):

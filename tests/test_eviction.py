@@ -227,6 +227,18 @@ def test_knorm_keeps_the_smallest_key_norms(smol, ids):
 
 
 @pytest.mark.model
+def test_keydiff_keeps_the_keys_least_like_the_average_direction(smol, ids):
+    model, _ = smol
+    ref_keys, _, cache = _compressed(model, ids, "keydiff:ratio=0.75,window=8")
+    n, budget = ids.shape[1], math.ceil(ids.shape[1] * 0.25)
+    unit = ref_keys[7][0] / ref_keys[7][0].norm(dim=-1, keepdim=True)  # (H, S)
+    anchor = unit.mean(1, keepdim=True)
+    similarity = (unit * anchor).sum(-1) / anchor.norm(dim=-1)  # (H, S) cosine to the anchor
+    expected = [set((-similarity[h, : n - 8]).topk(budget - 8).indices.tolist()) | set(range(n - 8, n)) for h in range(3)]
+    _assert_keeps(cache, ref_keys, expected, 7)
+
+
+@pytest.mark.model
 def test_pyramidkv_layers_hold_their_budgets(smol, ids):
     model, _ = smol
     cache = kvcompress.make_cache("pyramidkv:ratio=0.5,window=4,beta=4", model)
@@ -244,3 +256,26 @@ def test_pyramidkv_layers_hold_their_budgets(smol, ids):
         with kvcompress.attach(model, cache):
             together = model(step, use_cache=True, **{cache_kwarg(model): cache}).logits
     torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=0)
+
+
+def test_expected_attention_scores_are_the_gaussian_moments_of_rotated_queries(tiny):
+    """With one future position the average rotation is that position's: the expected logit of a key
+    is the mean of the rotated queries' dot products plus half their variance (over ``D``)."""
+    from kvcompress.calibration import Rotary
+    from kvcompress.methods.expected_attention import ExpectedAttention
+
+    torch.manual_seed(0)
+    rotary, dim, m = Rotary(tiny), 32, 20
+    positions = torch.arange(40, 40 + m)[None]  # (1, m): the queries' positions, past the sinks
+    pre = torch.randn(1, 4, m, dim)  # 4 query heads (2 per KV head), before rotary
+    queries = rotary.rotate(pre, positions[:, None])  # what attention saw
+    keys, values = torch.randn(1, 2, 30, dim), torch.randn(1, 2, 30, dim)
+    view = LayerView(torch.ones(1, 2, 30, dtype=torch.bool), None, queries, positions, None, 0, 1, lambda: (keys, values), rotary)
+    scores = ExpectedAttention(ratio=0.5, future=1, vnorm=False).score(view)
+    future = rotary.rotate(pre, torch.tensor([[[40 + m]]]))  # (1, 4, m, D) at the next position
+    dots = torch.einsum("bgmd,bgsd->bgms", future, keys.repeat_interleave(2, 1))  # (1, 4, m, S)
+    logits = dots.mean(2) / math.sqrt(dim) + dots.var(2, unbiased=False) / (2 * dim)
+    expected = logits.softmax(-1).view(1, 2, 2, 30).mean(2)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    weighted = ExpectedAttention(ratio=0.5, future=1).score(view)
+    torch.testing.assert_close(weighted, expected * values.norm(dim=-1), atol=1e-5, rtol=1e-4)

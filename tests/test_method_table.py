@@ -55,20 +55,22 @@ def kivi_bytes(bits, group, residual):
     return formula
 
 
-def scored_bytes(ratio, block, scores, budgets=None, prompt=120):
+def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
     """Bytes of a score-based eviction cache: cut to its budget after the prompt, then recompressed
     each time ``block`` tokens have collected; its window reserves capacity a chunk at a time (also
-    when compacted), methods that score by attention hold a float32 score per slot, and every layer
-    holds its int64 budget per head."""
+    when compacted), methods that score by attention hold a float32 score per slot, methods that
+    score with queries hold the fp32 queries (9 heads) and int64 positions of the tokens seen since
+    the last compression, and every layer holds its int64 budget per head."""
 
     def formula(tokens):
         total = 0
         for budget in budgets or [math.ceil(prompt * (1 - ratio))] * LAYERS:
-            count = budget
+            count, since = budget, 0
             for _ in range(tokens - prompt):
-                count = budget if count + 1 > budget + block - 1 else count + 1
+                count, since = (budget, 0) if count + 1 > budget + block - 1 else (count + 1, since + 1)
             capacity = _round_up(count, CHUNK)  # compaction keeps the capacity a chunk multiple
             total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0) + 8 * KV_HEADS
+            total += (9 * HEAD_DIM * FP32 + 8) * since if queries else 0
         return total
 
     return formula
@@ -147,6 +149,13 @@ TABLE = [
     Row("h2o", off="h2o:ratio=0", on="h2o:ratio=0.5", nbytes=scored_bytes(0.5, 1, True)),
     Row("tova", off="tova:ratio=0", on="tova:ratio=0.5", nbytes=scored_bytes(0.5, 1, True)),
     Row("knorm", off="knorm:ratio=0", on="knorm:ratio=0.5,window=16", nbytes=scored_bytes(0.5, 32, False)),
+    Row("keydiff", off="keydiff:ratio=0", on="keydiff:ratio=0.5,window=16", nbytes=scored_bytes(0.5, 32, False)),
+    Row(
+        "expected_attention",
+        off="expected_attention:ratio=0",
+        on="expected_attention:ratio=0.5,window=16",
+        nbytes=scored_bytes(0.5, 32, False, queries=True),
+    ),
     Row(
         "pyramidkv",
         off="pyramidkv:ratio=0",

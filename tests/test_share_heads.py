@@ -64,8 +64,26 @@ def test_more_groups_than_heads_names_the_range(smol):
 
 
 @pytest.mark.model
-def test_grouping_of_the_default_model(smol):
+def test_grouping_of_the_default_model_merges_each_layers_closest_pair(smol):
+    """With 3 KV heads and 2 groups, Ward's first merge is the pair whose union spreads least: the
+    pair with the smallest expected squared distance, summed over keys and values (each normalised
+    by its layer's total) — computed here by brute force from the calibration."""
+    from kvcompress.calibration import load_or_build
+
     model, _ = smol
     cache = kvcompress.make_cache("share_heads:groups=2", model)
-    groups = cache.storage.group_of
-    assert len(groups) == 30 and all(sorted(set(g.tolist())) == [0, 1] for g in groups.values())
+    calibration = load_or_build(model)
+    merged_pairs = set()
+    for layer, group_of in cache.storage.group_of.items():
+        distance = {}
+        for kind in ("keys", "values"):
+            mean, cov = getattr(calibration, f"{kind}_mean")[layer].double(), getattr(calibration, f"{kind}_cov")[layer].double()
+            moment = (cov + torch.outer(mean, mean)).view(3, 64, 3, 64)
+            gram = torch.stack([torch.stack([moment[i, :, j].trace() for j in range(3)]) for i in range(3)])
+            for i, j in ((0, 1), (0, 2), (1, 2)):  # E|x_i - x_j|^2 over the layer's total E|x|^2
+                distance[i, j] = distance.get((i, j), 0) + float(gram[i, i] + gram[j, j] - 2 * gram[i, j]) / float(gram.trace())
+        pair = min(distance, key=distance.get)
+        assert group_of[pair[0]] == group_of[pair[1]] and group_of.unique().numel() == 2, (layer, distance, group_of)
+        merged_pairs.add(pair)
+    assert len(cache.storage.group_of) == 30
+    assert len(merged_pairs) > 1  # the closest pair is not the same in every layer: groups are per layer

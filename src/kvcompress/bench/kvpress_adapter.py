@@ -26,10 +26,10 @@ from typing import ContextManager
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from kvcompress.bench.methods import ALL_PARTS, KVPRESS_PREFIX
 from kvcompress.cache import layer_nbytes
 
 DIST = "kvpress"
+PREFIX = "kvpress:"  # a benchmark row spec that starts with this runs a kvpress press
 
 
 class KVPressUnavailable(RuntimeError):
@@ -86,7 +86,7 @@ def parse_press_spec(spec: str) -> tuple[str, dict]:
     Raises:
         KVPressUnavailable: malformed spec.
     """
-    body = spec[len(KVPRESS_PREFIX) :]
+    body = spec[len(PREFIX) :]
     name, _, params = body.partition(":")
     if not name.strip():
         raise KVPressUnavailable(f"{spec!r}: name a press, e.g. 'kvpress:SnapKVPress:0.5'")
@@ -105,8 +105,8 @@ def parse_press_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), kwargs
 
 
-def resolve_press(spec: str) -> KVPressMethod:
-    """Check kvpress, then build the press a ``kvpress:`` spec names.
+def resolve_press(spec: str, parts: tuple[str, ...]) -> KVPressMethod:
+    """Check kvpress, then build the press a ``kvpress:`` spec names, as a row measuring ``parts``.
 
     Raises:
         KVPressUnavailable: kvpress cannot run here, the press is unknown, or its parameters are bad.
@@ -123,7 +123,7 @@ def resolve_press(spec: str) -> KVPressMethod:
         press = cls(**kwargs)
     except (TypeError, ValueError, AssertionError) as err:
         raise KVPressUnavailable(f"{spec!r}: {err}") from None
-    return KVPressMethod(spec, press)
+    return KVPressMethod(spec, press, parts)
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ class KVPressMethod:
 
     spec: str
     press: object
+    parts: tuple[str, ...]
     source: str = "kvpress"
-    parts: tuple[str, ...] = ALL_PARTS
 
     def new_cache(self, model):
         from transformers import DynamicCache

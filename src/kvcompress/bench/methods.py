@@ -19,13 +19,14 @@ from typing import ContextManager, Protocol
 import torch
 
 from kvcompress.attach import attach
+from kvcompress.bench.kvpress_adapter import PREFIX as KVPRESS_PREFIX
+from kvcompress.bench.kvpress_adapter import resolve_press
 from kvcompress.cache import make_cache
 from kvcompress.generation import answer, prefill
 from kvcompress.models import cache_kwarg
 from kvcompress.registry import parse_spec
 
 BASELINE = "none"
-KVPRESS_PREFIX = "kvpress:"
 QUESTION_AWARE = "@question-aware"
 ALL_PARTS = ("speed", "perplexity", "retrieval")
 
@@ -93,9 +94,7 @@ def resolve(spec: str) -> BenchMethod:
     """
     spec = spec.strip()
     if spec.startswith(KVPRESS_PREFIX):
-        from kvcompress.bench.kvpress_adapter import resolve_press
-
-        return resolve_press(spec)
+        return resolve_press(spec, ALL_PARTS)
     if spec.endswith(QUESTION_AWARE):
         parse_spec(spec.removesuffix(QUESTION_AWARE))
         return KVCompressMethod(spec, question_aware=True, parts=("retrieval",))

@@ -1,4 +1,11 @@
-"""Built-in compression methods, one file and one dataclass each; importing this package registers them."""
+"""Built-in compression methods, one file and one dataclass each.
 
-from kvcompress.methods import adakv, h2o, kivi, knorm, pyramidkv, snapkv, streaming, tova  # noqa: F401
-from kvcompress.methods import lowrank, share_heads, share_layers  # noqa: F401
+Importing this package imports every module in it, and each registers its method by name: a new
+method is a new file here, nothing else.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
