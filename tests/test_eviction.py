@@ -172,7 +172,7 @@ def test_adakv_with_alpha_one_is_snapkv():
 def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
     model, _ = smol
     ref_keys, attentions, cache = _compressed(model, ids, "adakv:ratio=0.5,window=16,kernel=5,alpha=0.2")
-    n, budget, window = ids.shape[1], math.ceil(ids.shape[1] * 0.5), 16
+    budget, window = math.ceil(ids.shape[1] * 0.5), 16
     ragged = 0
     for layer_idx in (0, 17):
         expected = _adakv_reference(_snapkv_scores(attentions[layer_idx], window, 5), budget, window, 0.2)
