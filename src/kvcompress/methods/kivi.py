@@ -13,9 +13,16 @@ Departures from the paper:
   tokens are waiting, so at least ``residual`` recent tokens are always full precision (the paper
   flushes the whole residual once it reaches ``residual`` tokens).
 - Scales and zero points are stored in float16 (bfloat16 for bfloat16 models).
-- Keys are dequantized for attention in plain PyTorch (no fused kernel): memory is saved, decode
-  speed is not.
 - Padding and evicted slots are excluded from a key group's min/max.
+
+Attention reads the codes directly (:class:`KIVISegment`): per-channel key scales and zero points
+fold into the query, ``q . (s c + z) = (q s) . c + q . z``, and per-token value scales into the
+attention weights, so unpacking and the dot products happen in one pass of a small C kernel
+(``csrc/kivi.c``, registered as the ``kvcompress::kivi_key_logits`` and ``kvcompress::kivi_value_mix``
+ops) that never writes full-precision keys or values. Keys are stored channel-major for it. Where
+the kernel cannot be built (no C compiler), on GPUs, and under :func:`kvcompress.attention.reference_path`,
+attention reads keys and values dequantized in plain PyTorch (the reference the kernel is tested
+against).
 """
 
 from __future__ import annotations
@@ -24,23 +31,27 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompress import native
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``< 2**bits`` along the last dim: ``(..., D)`` -> ``(..., D * bits / 8)`` uint8."""
-    per_byte = 8 // bits
-    codes = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))  # (..., D/per_byte, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (codes << shifts).sum(-1, dtype=torch.uint8)
+    """Pack integer codes ``< 2**bits`` along the last dim: ``(..., D)`` -> ``(..., P)`` uint8, ``P = D * bits / 8``.
+
+    Slot ``i`` of byte ``p`` (bits ``i * bits ..``) holds channel ``i * P + p``, so each slot
+    unpacks to a contiguous run of channels (what the kernel vectorizes over).
+    """
+    slots = codes.to(torch.uint8).unflatten(-1, (8 // bits, -1))  # (..., per, P): slot i is channels i*P ..
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+    return (slots << shifts).sum(-2, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``(..., D * bits / 8)`` uint8 -> ``(..., D)`` uint8 codes."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+    """Inverse of :func:`pack`: ``(..., P)`` uint8 -> ``(..., D)`` uint8 codes."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)[:, None]
+    return ((packed[..., None, :] >> shifts) & (2**bits - 1)).flatten(-2)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = None):
@@ -124,10 +135,12 @@ class KIVIStore:
     """Quantized keys and values of one layer, in blocks of ``group`` tokens.
 
     Tensors held (``N`` tokens, ``G`` group, ``P = D * bits / 8`` packed bytes):
-    ``key_codes (B, H, N, P)`` uint8, ``key_scale``/``key_min (B, H, N/G, D)``,
+    ``key_codes (B, H, P, N)`` uint8 (channel-major), ``key_scale``/``key_min (B, H, N/G, D)``,
     ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``, and a
     ``(B, H, N)`` bool validity mask only while some slot is padding or evicted.
     """
+
+    TOKEN_DIM = {"key_codes": 3}  # every other tensor holds tokens (or token groups) on dim 2
 
     def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype):
         self.bits, self.block, self.dtype, self.meta_dtype = bits, group, dtype, meta_dtype
@@ -135,7 +148,7 @@ class KIVIStore:
         self._valid: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.tensors["key_codes"].shape[2] if self.tensors else 0
+        return self.tensors["key_codes"].shape[3] if self.tensors else 0
 
     @property
     def nbytes(self) -> int:
@@ -153,7 +166,7 @@ class KIVIStore:
         chans = values.unflatten(3, (values.shape[3] // g, g))  # (B, H, n, Dv/g, g); Dv may differ from D
         value_codes, value_scale, value_min = quantize(chans, self.bits, dim=4)
         new = {
-            "key_codes": pack(key_codes.flatten(2, 3), self.bits),  # (B, H, n, P)
+            "key_codes": pack(key_codes.flatten(2, 3), self.bits).transpose(2, 3),  # (B, H, P, n)
             "key_scale": key_scale.squeeze(3).to(self.meta_dtype),  # (B, H, n/g, D)
             "key_min": key_min.squeeze(3).to(self.meta_dtype),
             "value_codes": pack(value_codes.flatten(3, 4), self.bits),  # (B, H, n, P)
@@ -161,7 +174,10 @@ class KIVIStore:
             "value_min": value_min.squeeze(4).to(self.meta_dtype),
         }
         old_n = len(self)
-        self.tensors = {k: torch.cat([self.tensors[k], t], 2) if self.tensors else t for k, t in new.items()}
+        self.tensors = {
+            k: (torch.cat([self.tensors[k], t], self.TOKEN_DIM.get(k, 2)) if self.tensors else t).contiguous()
+            for k, t in new.items()
+        }
         self._set_valid(old_n, n, valid, batch, heads, keys.device)
 
     def _set_valid(self, old_n, n, valid, batch, heads, device) -> None:
@@ -174,8 +190,9 @@ class KIVIStore:
         self._valid = torch.cat([self._valid, valid], 2)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized ``(B, H, N, D)`` keys and values (the reference path; transient)."""
         t, g = self.tensors, self.block
-        key_codes = unpack(t["key_codes"], self.bits).unflatten(2, (-1, g))  # (B, H, N/g, g, D)
+        key_codes = unpack(t["key_codes"].transpose(2, 3), self.bits).unflatten(2, (-1, g))  # (B, H, N/g, g, D)
         keys = key_codes.to(self.dtype) * t["key_scale"][:, :, :, None].to(self.dtype) + t["key_min"][
             :, :, :, None
         ].to(self.dtype)
@@ -185,7 +202,9 @@ class KIVIStore:
         ].to(self.dtype)
         return keys.flatten(2, 3), values.flatten(3, 4)
 
-    def segment(self) -> DenseSegment:
+    def segment(self) -> KIVISegment | DenseSegment:
+        if self.dtype.is_floating_point and self.tensors["key_codes"].device.type == "cpu" and native.load("kivi"):
+            return KIVISegment(self)
         return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
@@ -199,7 +218,7 @@ class KIVIStore:
         tokens = live_blocks.repeat_interleave(g)  # (N,)
         for name, t in self.tensors.items():
             index = live_blocks if name == "key_scale" or name == "key_min" else tokens
-            self.tensors[name] = t[:, :, index]
+            self.tensors[name] = t.index_select(self.TOKEN_DIM.get(name, 2), index.nonzero().flatten())
         self._valid = None
         valid = keep[:, :, tokens]
         if not bool(valid.all()):
@@ -210,3 +229,66 @@ class KIVIStore:
         self.tensors = {k: fn(t) for k, t in self.tensors.items()}
         if self._valid is not None:
             self._valid = fn(self._valid)
+
+
+@dataclass(frozen=True)
+class KIVISegment:
+    """Attention straight from a :class:`KIVIStore`'s codes, through the ``kvcompress::kivi_*`` ops."""
+
+    store: KIVIStore
+    dense_only = False
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.keys_values()
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        t, store = self.store.tensors, self.store
+        out = key_logits(query.float().contiguous(), t["key_codes"], t["key_scale"].float(), t["key_min"].float(), store.bits, store.block)
+        return out.to(query.dtype)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        t, store = self.store.tensors, self.store
+        out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"].float(), t["value_min"].float(), store.bits, store.block)
+        return out.to(weights.dtype)
+
+
+def _call(name: str, out: torch.Tensor, *tensors: torch.Tensor, sizes: tuple[int, ...], bits: int, group: int) -> torch.Tensor:
+    """Run the C kernel ``name`` on contiguous CPU tensors, writing ``out``."""
+    import ctypes
+
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (*tensors, out)]
+    if getattr(native.load("kivi"), name)(*pointers, *map(ctypes.c_int64, sizes), ctypes.c_int(bits), ctypes.c_int64(group)):
+        raise MemoryError(f"kvcompress::{name}: the kernel could not allocate its scratch buffers")
+    return out
+
+
+@torch.library.custom_op("kvcompress::kivi_key_logits", mutates_args=())
+def key_logits(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``(B, H, G, D)`` float32 queries · keys of channel-major codes ``(B, H, P, N)``: ``(B, H, G, N)``."""
+    batch, heads, rows, dim = query.shape
+    out = query.new_empty(batch, heads, rows, codes.shape[3])
+    return _call("kivi_key_logits", out, query, codes.contiguous(), scale.contiguous(), minimum.contiguous(),
+                 sizes=(batch * heads, rows, dim, codes.shape[3]), bits=bits, group=group)
+
+
+@key_logits.register_fake
+def _(query, codes, scale, minimum, bits, group):
+    return query.new_empty(*query.shape[:3], codes.shape[3])
+
+
+@torch.library.custom_op("kvcompress::kivi_value_mix", mutates_args=())
+def value_mix(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``(B, H, G, N)`` float32 weights · values of token-major codes ``(B, H, N, P)``: ``(B, H, G, D)``."""
+    batch, heads, rows, tokens = weights.shape
+    dim = codes.shape[3] * 8 // bits
+    out = weights.new_empty(batch, heads, rows, dim)
+    return _call("kivi_value_mix", out, weights, codes.contiguous(), scale.contiguous(), minimum.contiguous(),
+                 sizes=(batch * heads, rows, dim, tokens), bits=bits, group=group)
+
+
+@value_mix.register_fake
+def _(weights, codes, scale, minimum, bits, group):
+    return weights.new_empty(*weights.shape[:3], codes.shape[3] * 8 // bits)

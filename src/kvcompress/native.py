@@ -1,0 +1,63 @@
+"""Small C kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
+
+The sources ship in ``kvcompress/csrc``. A library is built once per source, compiler flags and CPU
+into ``<cache_dir>/native/`` (well under a second) and reused by later processes. Without a compiler,
+or where the build fails, :func:`load` returns None and says once on stderr that the plain-PyTorch
+reference path is used instead; ``KVCOMPRESS_NATIVE=0`` asks for that path on purpose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvcompress.models import cache_dir
+
+SOURCES = Path(__file__).parent / "csrc"
+# -march=native: the library is built on the machine that runs it (the CPU is part of its name).
+CFLAGS = ("-O3", "-march=native", "-std=c99", "-shared", "-fPIC")
+
+
+def _cpu() -> str:
+    """What the build depends on besides the source: architecture and, on Linux, the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library of ``csrc/<name>.c``, built on first use; None (said once) when it cannot be."""
+    if os.environ.get("KVCOMPRESS_NATIVE", "1") == "0":
+        return None
+    source = SOURCES / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+    library = cache_dir() / "native" / f"{name}-{digest}.so"
+    try:
+        if not library.is_file():
+            if compiler is None:
+                raise OSError("no C compiler (cc or gcc) on PATH; set CC")
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+                built = Path(tmp) / library.name
+                result = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+                if result.returncode:
+                    raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+                built.replace(library)  # atomic: a concurrent process sees all of it or nothing
+        return ctypes.CDLL(str(library))
+    except OSError as err:
+        print(f"kvcompress: cannot build the C kernels of {name} ({err}); using the plain-PyTorch reference path", file=sys.stderr)
+        return None
