@@ -37,6 +37,7 @@ from typing import Iterator
 import huggingface_hub.constants
 import torch
 import transformers
+from huggingface_hub import utils as hub_utils
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from packaging.version import Version
 from transformers import (
@@ -126,6 +127,26 @@ def cache_dir() -> Path:
     return base / "kvcompress"
 
 
+@contextlib.contextmanager
+def _without_loading_bar() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar while loading; hub download bars stay, and both switches
+    are put back after (transformers' switch also flips the hub's, so the hub's is restored by hand)."""
+    if not transformers.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.disable_progress_bars()
+
+
+@_without_loading_bar()
 def load_model(
     name: str | None = None,
     *,
