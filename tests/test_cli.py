@@ -42,6 +42,18 @@ def test_empty_and_non_utf8_files(capsys, tmp_path):
     assert code == 2 and "is not UTF-8" in err
 
 
+def _one_line_error(code, err, message):
+    assert code == 2, err
+    assert err.startswith("kvcompress: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_calibration_is_a_usage_error(capsys, monkeypatch, tiny):
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: (tiny, None))  # make_cache fails before any tokenizing
+    code, _, err = _run(capsys, "generate", "--method", "lowrank:calibration=/nonexistent.safetensors", "--context", "x")
+    _one_line_error(code, err, "kvcompress calibrate --out /nonexistent.safetensors")
+
+
 @pytest.mark.model
 def test_context_longer_than_the_model_limit(capsys, tmp_path):
     long = tmp_path / "long.txt"

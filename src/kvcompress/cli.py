@@ -63,6 +63,7 @@ def cmd_info(args) -> None:
 
 def cmd_generate(args) -> None:
     from kvcompress.cache import make_cache
+    from kvcompress.calibration import CalibrationError
     from kvcompress.generation import ContextTooLongError, answer
     from kvcompress.models import model_summary
     from kvcompress.registry import SpecError
@@ -80,7 +81,7 @@ def cmd_generate(args) -> None:
     try:
         cache = make_cache(args.method, model)
         text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
-    except (SpecError, ContextTooLongError) as err:
+    except (SpecError, CalibrationError, ContextTooLongError) as err:  # what make_cache and answer raise for bad input
         raise UsageError(str(err)) from None
     tokens = cache.get_seq_length()
     per_token = model_summary(model)["kv_bytes_per_token"]
