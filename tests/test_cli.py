@@ -1,5 +1,6 @@
 """The command line: answers, the memory summary, and one-line errors (exit 2, no traceback)."""
 
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,26 @@ def test_generate_answers_and_reports_memory(capsys):
     assert code == 0
     assert "4B" in out
     assert "kivi:bits=4,residual=8: KV cache holds" in err and "x smaller" in err
+
+
+@pytest.fixture
+def smol_cli(monkeypatch, smol):
+    """The CLI loads the session's model instead of loading its own."""
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: smol)
+    return smol
+
+
+@pytest.mark.model
+def test_memory_line_says_tokens_stored_and_seen(capsys, smol_cli):
+    context = "The meeting is on Tuesday. The room is 4B. Bring the blue folder. " * 6
+    code, _, err = _run(capsys, "generate", "--method", "streaming:sink=4,window=16", "--context", context, "--max-new-tokens", "4")
+    assert code == 0
+    line = err.strip().splitlines()[-1]
+    found = re.search(r"holds ([\d.]+ \w+): (\d+) of (\d+) tokens stored \(([\d,]+) B per token seen; uncompressed 46,080 B/token", line)
+    assert found, line
+    stored, seen = int(found[2]), int(found[3])
+    assert stored == 20 and seen > 100  # sink + window of every token the model saw
+    assert int(found[4].replace(",", "")) < 46080 and line.endswith("x smaller)")
 
 
 def test_console_script_error_has_no_traceback():

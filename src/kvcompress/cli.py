@@ -83,13 +83,13 @@ def cmd_generate(args) -> None:
         text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
     except (SpecError, CalibrationError, ContextTooLongError) as err:  # what make_cache and answer raise for bad input
         raise UsageError(str(err)) from None
-    tokens = cache.get_seq_length()
+    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
     per_token = model_summary(model)["kv_bytes_per_token"]
     print(text)
     print(
-        f"[kvcompress] {args.method}: KV cache holds {_human(cache.nbytes)} for {tokens} tokens "
-        f"({cache.nbytes / tokens:.0f} B/token, uncompressed {per_token} B/token, "
-        f"{per_token * tokens / cache.nbytes:.2f}x smaller)",
+        f"[kvcompress] {args.method}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
+        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
+        f"{per_token * seen / nbytes:.1f}x smaller)",
         file=sys.stderr,
     )
 
