@@ -104,6 +104,12 @@ def test_memory_line_says_tokens_stored_and_seen(capsys, smol_cli):
     assert int(found[4].replace(",", "")) < 46080 and line.endswith("x smaller)")
 
 
+@pytest.mark.model
+def test_max_new_tokens_beyond_the_model_positions(capsys, smol_cli):
+    code, _, err = _run(capsys, "generate", "--context", "Hello there.", "--max-new-tokens", "9000")
+    _one_line_error(code, err, "at most 8192 positions; lower max_new_tokens to")
+
+
 def test_console_script_error_has_no_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "kvcompress.cli", "generate", "--method", "nope", "--context", "x"],
