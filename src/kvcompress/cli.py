@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -41,6 +42,19 @@ def _read_utf8(name: str, what: str, missing_fix: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{what} {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Raise a UsageError unless a file can be written at ``path``: creates its folder, writes and
+    deletes a temporary file beside it (so a bad path fails before minutes of work, not after)."""
+    if path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a folder; pass a file path such as {str(path / 'calibration.safetensors')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.") as probe:
+            probe.write(b"kvcompress")
+    except OSError as err:
+        raise UsageError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); pass a path in a writable folder") from None
 
 
 def _read_context(args) -> str:
@@ -108,6 +122,8 @@ def cmd_calibrate(args) -> None:
     text = None
     if args.text is not None:
         text = _read_utf8(args.text, "--text", "pass a UTF-8 text file, or omit it for the default text")
+    if args.out:
+        _check_writable(Path(args.out), "--out")
     model, tokenizer = _load(args.model)
     out = Path(args.out) if args.out else default_path(model)
     try:
