@@ -110,6 +110,22 @@ def test_max_new_tokens_beyond_the_model_positions(capsys, smol_cli):
     _one_line_error(code, err, "at most 8192 positions; lower max_new_tokens to")
 
 
+@pytest.mark.parametrize(
+    "argv, target, message",
+    [
+        (["info"], "kvcompress.cli._load", "run the command again"),
+        (["bench", "--out", "results"], "kvcompress.bench.cli.run_from_args", "kept under results/"),
+    ],
+)
+def test_ctrl_c_is_one_line(capsys, monkeypatch, argv, target, message):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupt)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and err.startswith("kvcompress: interrupted; ") and message in err and err.count("\n") == 1
+
+
 def test_console_script_error_has_no_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "kvcompress.cli", "generate", "--method", "nope", "--context", "x"],

@@ -176,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"kvcompress: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        if args.command == "bench":  # each measured part is saved as it finishes
+            then = f"finished parts are kept under {args.out}/ and running the same command again (without --force) continues"
+        else:
+            then = "run the command again to start over"
+        print(f"kvcompress: interrupted; {then}", file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 
