@@ -24,6 +24,8 @@ def _run(capsys, *argv):
         (["generate", "--context-file", "/nonexistent/ctx.txt"], "does not exist"),
         (["generate", "--context", "   "], "the context is empty"),
         (["generate", "--context", "x", "--max-new-tokens", "0"], "at least 1"),
+        (["info", "--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
+        (["generate", "--context", "x", "--model", "smollm2"], "did you mean 'smollm2-135m'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
