@@ -12,6 +12,16 @@ def test_bad_arguments_end_with_one_line(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_unwritable_out_fails_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path / "file" / "c.safetensors", "cannot write --out"), (tmp_path, "is a folder")]:
+        assert main(["calibrate", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kvcompress: error: ") and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe left behind
+
+
 @pytest.mark.model
 def test_calibrate_writes_a_file_for_the_model(smol, tmp_path, capsys):
     from kvcompress.calibration import Calibration

@@ -1,5 +1,6 @@
 """The command line: answers, the memory summary, and one-line errors (exit 2, no traceback)."""
 
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,8 @@ def _run(capsys, *argv):
         (["generate", "--context-file", "/nonexistent/ctx.txt"], "does not exist"),
         (["generate", "--context", "   "], "the context is empty"),
         (["generate", "--context", "x", "--max-new-tokens", "0"], "at least 1"),
+        (["info", "--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
+        (["generate", "--context", "x", "--model", "smollm2"], "did you mean 'smollm2-135m'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -40,6 +43,18 @@ def test_empty_and_non_utf8_files(capsys, tmp_path):
     assert "the context is empty" in _run(capsys, "generate", "--context-file", str(empty))[2]
     code, _, err = _run(capsys, "generate", "--context-file", str(latin))
     assert code == 2 and "is not UTF-8" in err
+
+
+def _one_line_error(code, err, message):
+    assert code == 2, err
+    assert err.startswith("kvcompress: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_calibration_is_a_usage_error(capsys, monkeypatch, tiny):
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: (tiny, None))  # make_cache fails before any tokenizing
+    code, _, err = _run(capsys, "generate", "--method", "lowrank:calibration=/nonexistent.safetensors", "--context", "x")
+    _one_line_error(code, err, "kvcompress calibrate --out /nonexistent.safetensors")
 
 
 @pytest.mark.model
@@ -69,6 +84,48 @@ def test_generate_answers_and_reports_memory(capsys):
     assert code == 0
     assert "4B" in out
     assert "kivi:bits=4,residual=8: KV cache holds" in err and "x smaller" in err
+
+
+@pytest.fixture
+def smol_cli(monkeypatch, smol):
+    """The CLI loads the session's model instead of loading its own."""
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: smol)
+    return smol
+
+
+@pytest.mark.model
+def test_memory_line_says_tokens_stored_and_seen(capsys, smol_cli):
+    context = "The meeting is on Tuesday. The room is 4B. Bring the blue folder. " * 6
+    code, _, err = _run(capsys, "generate", "--method", "streaming:sink=4,window=16", "--context", context, "--max-new-tokens", "4")
+    assert code == 0
+    line = err.strip().splitlines()[-1]
+    found = re.search(r"holds ([\d.]+ \w+): (\d+) of (\d+) tokens stored \(([\d,]+) B per token seen; uncompressed 46,080 B/token", line)
+    assert found, line
+    stored, seen = int(found[2]), int(found[3])
+    assert stored == 20 and seen > 100  # sink + window of every token the model saw
+    assert int(found[4].replace(",", "")) < 46080 and line.endswith("x smaller)")
+
+
+@pytest.mark.model
+def test_max_new_tokens_beyond_the_model_positions(capsys, smol_cli):
+    code, _, err = _run(capsys, "generate", "--context", "Hello there.", "--max-new-tokens", "9000")
+    _one_line_error(code, err, "at most 8192 positions; lower max_new_tokens to")
+
+
+@pytest.mark.parametrize(
+    "argv, target, message",
+    [
+        (["info"], "kvcompress.cli._load", "run the command again"),
+        (["bench", "--out", "results"], "kvcompress.bench.cli.run_from_args", "kept under results/"),
+    ],
+)
+def test_ctrl_c_is_one_line(capsys, monkeypatch, argv, target, message):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupt)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and err.startswith("kvcompress: interrupted; ") and message in err and err.count("\n") == 1
 
 
 def test_console_script_error_has_no_traceback():

@@ -83,7 +83,9 @@ def test_converted_folder_is_reused(capsys):
 
     load_model(device="cpu")
 
-    assert CONVERTING not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert CONVERTING not in err and "Loading weights" not in err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # silenced only while loading
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
 
 
@@ -149,6 +151,53 @@ def test_unreachable_hub_lists_builtin_models(monkeypatch):
         load_model("kvcompress-tests/no-such-model")
     message = str(info.value)
     assert "unreachable" in message
+    assert all(name in message for name in models.BUILTIN_MODELS)
+
+
+def _no_network(monkeypatch):
+    """Make every connection fail at once, as on a machine without network; count the attempts."""
+    calls = []
+
+    def refuse(address, *args, **kwargs):
+        calls.append(address)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models.socket, "create_connection", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./no-such-model", "~/no-such-model", "missing/", "a/b/c"])
+def test_missing_folder_is_not_looked_up_on_the_hub(monkeypatch, name):
+    calls = _no_network(monkeypatch)
+    with pytest.raises(ModelNotAvailableError, match="does not exist"):
+        load_model(name)
+    assert calls == []
+
+
+def test_folder_without_config_or_a_file(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    with pytest.raises(ModelNotAvailableError, match="has no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(ModelNotAvailableError, match="is a file, not a model folder"):
+        load_model(str(tmp_path / "model.gguf"))
+
+
+@pytest.mark.parametrize(("name", "meant"), [("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m"), ("SmolLM2-135", "smollm2-135m")])
+def test_near_miss_of_a_builtin_name_suggests_it_without_the_hub(monkeypatch, name, meant):
+    calls = _no_network(monkeypatch)
+    with pytest.raises(ModelNotAvailableError, match=f"did you mean '{meant}'"):
+        load_model(name)
+    assert calls == []
+
+
+def test_unreachable_hub_fails_in_one_connection(monkeypatch):
+    calls = _no_network(monkeypatch)
+    with pytest.raises(ModelNotAvailableError) as info:
+        load_model("kvcompress-tests/no-such-model")
+    message = str(info.value)
+    assert len(calls) == 1 and "network is unreachable" in message and "local hub cache" in message
     assert all(name in message for name in models.BUILTIN_MODELS)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -43,6 +44,19 @@ def _read_utf8(name: str, what: str, missing_fix: str) -> str:
         raise UsageError(f"{what} {str(path)!r} is not UTF-8 text; convert it with iconv -t UTF-8") from None
 
 
+def _check_writable(path: Path, what: str) -> None:
+    """Raise a UsageError unless a file can be written at ``path``: creates its folder, writes and
+    deletes a temporary file beside it (so a bad path fails before minutes of work, not after)."""
+    if path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a folder; pass a file path such as {str(path / 'calibration.safetensors')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.") as probe:
+            probe.write(b"kvcompress")
+    except OSError as err:
+        raise UsageError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); pass a path in a writable folder") from None
+
+
 def _read_context(args) -> str:
     if args.context is not None:
         text = args.context
@@ -63,6 +77,7 @@ def cmd_info(args) -> None:
 
 def cmd_generate(args) -> None:
     from kvcompress.cache import make_cache
+    from kvcompress.calibration import CalibrationError
     from kvcompress.generation import ContextTooLongError, answer
     from kvcompress.models import model_summary
     from kvcompress.registry import SpecError
@@ -80,15 +95,15 @@ def cmd_generate(args) -> None:
     try:
         cache = make_cache(args.method, model)
         text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
-    except (SpecError, ContextTooLongError) as err:
+    except (SpecError, CalibrationError, ContextTooLongError) as err:  # what make_cache and answer raise for bad input
         raise UsageError(str(err)) from None
-    tokens = cache.get_seq_length()
+    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
     per_token = model_summary(model)["kv_bytes_per_token"]
     print(text)
     print(
-        f"[kvcompress] {args.method}: KV cache holds {_human(cache.nbytes)} for {tokens} tokens "
-        f"({cache.nbytes / tokens:.0f} B/token, uncompressed {per_token} B/token, "
-        f"{per_token * tokens / cache.nbytes:.2f}x smaller)",
+        f"[kvcompress] {args.method}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
+        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
+        f"{per_token * seen / nbytes:.1f}x smaller)",
         file=sys.stderr,
     )
 
@@ -107,6 +122,8 @@ def cmd_calibrate(args) -> None:
     text = None
     if args.text is not None:
         text = _read_utf8(args.text, "--text", "pass a UTF-8 text file, or omit it for the default text")
+    if args.out:
+        _check_writable(Path(args.out), "--out")
     model, tokenizer = _load(args.model)
     out = Path(args.out) if args.out else default_path(model)
     try:
@@ -158,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except UsageError as err:
         print(f"kvcompress: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        if args.command == "bench":  # each measured part is saved as it finishes
+            then = f"finished parts are kept under {args.out}/ and running the same command again (without --force) continues"
+        else:
+            then = "run the command again to start over"
+        print(f"kvcompress: interrupted; {then}", file=sys.stderr)
         return USAGE_ERROR
     return 0
 

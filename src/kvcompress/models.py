@@ -16,21 +16,28 @@ transformers release can tokenize differently under another.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import huggingface_hub.constants
 import torch
 import transformers
+from huggingface_hub import utils as hub_utils
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from packaging.version import Version
 from transformers import (
@@ -61,6 +68,10 @@ TOKENIZER_SAMPLE = (
 # Written last into a converted folder: its presence marks a complete
 # conversion, and it holds the reference token ids for the tokenizer check.
 _RECORD_FILE = "kvcompress_conversion.json"
+
+# What a hub id can look like (``name`` or ``org/name``); any other name is taken as a folder path.
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+HUB_TIMEOUT = 3.0  # seconds to open a connection to the hub before calling it unreachable
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -116,6 +127,26 @@ def cache_dir() -> Path:
     return base / "kvcompress"
 
 
+@contextlib.contextmanager
+def _without_loading_bar() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar while loading; hub download bars stay, and both switches
+    are put back after (transformers' switch also flips the hub's, so the hub's is restored by hand)."""
+    if not transformers.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.disable_progress_bars()
+
+
+@_without_loading_bar()
 def load_model(
     name: str | None = None,
     *,
@@ -128,7 +159,10 @@ def load_model(
     Args:
         name: A built-in name (``None`` means ``"smollm2-135m"``; see
             ``BUILTIN_MODELS``), a local folder holding a HuggingFace model, or
-            a hub id (needs network access).
+            a hub id (``name`` or ``org/name``; needs network access unless it
+            is in the local hub cache). An existing folder wins over a hub id;
+            a name that cannot be a hub id (``./m``, ``~/m``, ``/m``, ``m/``,
+            ``a/b/c``) is a folder path.
         dtype: Dtype of the returned weights.
         device: Where to put the model; defaults to ``"cuda"`` if available,
             else ``"cpu"``.
@@ -141,7 +175,10 @@ def load_model(
 
     Raises:
         ModelNotAvailableError: A built-in model's package is missing or
-            transformers is too old for it, or the hub is unreachable.
+            transformers is too old for it; ``name`` is a path but not a
+            folder with a ``config.json``;
+            ``name`` is close to a built-in name (a typo, refused at once); or
+            the hub is unreachable and the model is not in the local hub cache.
     """
     name = DEFAULT_MODEL if name is None else name
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,22 +188,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = _load_checked_tokenizer(name, folder)
         model.kvcompress_name = name
-    elif Path(name).expanduser().is_dir():
-        path = Path(name).expanduser()
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif (folder := _local_folder(name)) is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except OSError as err:
-            if not _hub_unreachable(err):
-                raise
-            raise ModelNotAvailableError(
-                f"cannot download {name!r}: the HuggingFace hub is unreachable and "
-                f"the model is not in the local hub cache. Models that work offline: "
-                f"{', '.join(BUILTIN_MODELS)}, or a local folder with a config.json."
-            ) from err
+        model, tokenizer = _from_hub(name, kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -251,6 +277,73 @@ def model_name(model) -> str:
 def cache_kwarg(model) -> str:
     """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _local_folder(name: str) -> Path | None:
+    """The model folder ``name`` names, or None when ``name`` is to be looked up on the hub.
+
+    An existing folder wins, as in transformers. A name that cannot be a hub id (``name`` or
+    ``org/name``: it starts with ``.``, ``~`` or ``/``, ends with a separator, has more than one
+    ``/``, ...) is a path, and must be a folder with a ``config.json``.
+    """
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if _HUB_ID.fullmatch(name):
+            return None
+        problem = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise ModelNotAvailableError(
+            f"model folder {name!r} {problem}; pass a folder written by save_pretrained (config.json and weights), "
+            f"or a built-in model: {', '.join(BUILTIN_MODELS)}"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotAvailableError(
+            f"folder {name!r} has no config.json, so it is not a transformers model; "
+            "pass a folder written by save_pretrained (config.json and weights)"
+        )
+    return path
+
+
+def _from_hub(name: str, kwargs: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a hub model; without hub access, only from the local hub cache, failing in seconds."""
+    close = [] if "/" in name else difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=2, cutoff=0.6)
+    if close:  # a typo of a built-in name, not a hub id anyone means
+        raise ModelNotAvailableError(
+            f"unknown model {name!r}; did you mean {' or '.join(map(repr, close))}? "
+            f"Built-in models: {', '.join(BUILTIN_MODELS)}; or pass a local folder or a hub id (org/name)"
+        )
+    unreachable = _why_hub_unreachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=unreachable is not None)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=unreachable is not None, **kwargs)
+    except OSError as err:
+        if unreachable is None and not _hub_unreachable(err):
+            raise
+        raise ModelNotAvailableError(
+            f"cannot load {name!r}: there is no folder of that name, it is not in the local hub cache, and the "
+            f"HuggingFace hub is unreachable{f' ({unreachable})' if unreachable else ''}. "
+            f"Models that work offline: {', '.join(BUILTIN_MODELS)}, or a local folder with a config.json."
+        ) from err
+    return model, tokenizer
+
+
+def _why_hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now, or None when a connection to it opens.
+
+    Checked with one TCP connection (at most :data:`HUB_TIMEOUT` seconds) because
+    ``from_pretrained`` retries for about 50 s before giving up. Behind a proxy a direct
+    connection proves nothing, so the check is skipped there.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    if url.scheme in urllib.request.getproxies():
+        return None
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=HUB_TIMEOUT).close()
+    except OSError as err:
+        return f"no connection to {address[0]}:{address[1]} in {HUB_TIMEOUT:g} s: {err}"
+    return None
 
 
 def _hub_unreachable(err: BaseException) -> bool:
