@@ -91,6 +91,18 @@ def test_folder_is_named_after_the_conditions():
     assert other != name
 
 
+def test_folder_is_unique_per_model(tmp_path, monkeypatch):
+    """Two checkpoints named alike, or two hub models of different owners, never share results."""
+    (tmp_path / "m1" / "ckpt").mkdir(parents=True)
+    (tmp_path / "m2" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    first, second = runner.model_folder_name("m1/ckpt"), runner.model_folder_name("m2/ckpt")
+    assert first.startswith("ckpt-") and second.startswith("ckpt-") and first != second
+    assert runner.model_folder_name(str(tmp_path / "m1" / "ckpt")) == first  # the path, not how it was typed
+    assert runner.model_folder_name("orgA/llama") == "orgA--llama" != runner.model_folder_name("orgB/llama")
+    assert runner.model_folder_name("smollm2-135m") == "smollm2-135m"
+
+
 def _fill(store, specs, contexts, parts=runner.PARTS):
     for spec in specs:
         for context in contexts:

@@ -13,6 +13,7 @@ run: when any method's speed at ``C`` is measured, so is the baseline's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import re
@@ -31,7 +32,7 @@ from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
 from kvcompress.bench.speed import measure_in_subprocess
 from kvcompress.bench.texts import load_text, spread_offsets
-from kvcompress.models import DEFAULT_MODEL
+from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 PARTS = ALL_PARTS
 QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
@@ -60,12 +61,30 @@ class BenchConfig:
 
     def folder_name(self, text_name: str) -> str:
         """Name of the results folder: every condition a measurement depends on, methods aside."""
-        model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model).name or self.model)
+        model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
         return (
             f"{model}_{self.dtype}_{device}_{text_name}_ppl{self.ppl_tokens}x{self.ppl_windows}"
             f"_ret{self.cases}-seed{self.seed}_dec{self.decode_tokens}"
         )
+
+
+def model_folder_name(model: str) -> str:
+    """A folder name unique to ``model``, read the way :func:`kvcompress.load_model` reads it.
+
+    A built-in name stays as it is (``smollm2-135m``); a local folder is its name plus 8 hex of the
+    sha256 of its absolute path (``ckpt-1a2b3c4d``), so ``m1/ckpt`` and ``m2/ckpt`` differ; a hub id
+    keeps its owner (``orgA/llama`` -> ``orgA--llama``).
+    """
+    path = Path(model).expanduser()
+    if model in BUILTIN_MODELS:
+        name = model
+    elif path.is_dir():
+        path = path.resolve()
+        name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    else:
+        name = model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
 def _slug(spec: str) -> str:
