@@ -6,13 +6,15 @@ For each context length ``C`` and each method: speed and memory in a fresh proce
 (:mod:`kvcompress.bench.retrieval`). ``none`` is always measured and is the baseline of every
 ratio.
 
-Results are kept per (method, context, part) in a folder named after the conditions, and reused
-by later runs with the same conditions unless ``force``. Speed ratios compare measurements of one
-run: when any method's speed at ``C`` is measured, so is the baseline's.
+Results are kept per (method, context, part) in a folder named after the conditions, each with the
+:func:`fingerprint` of the code that measured it, and reused by later runs with the same conditions
+unless ``force``; a part measured by other code is measured again unless ``reuse_stale``. Speed ratios
+compare measurements of one run: when any method's speed at ``C`` is measured, so is the baseline's.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -20,6 +22,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -91,65 +94,144 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.,=+-]+", "_", spec)
 
 
-class PartStore:
-    """Measured parts on disk: ``parts/C<context>/<spec>.<part>.json``; pure bookkeeping."""
+@functools.cache
+def source_hash() -> str:
+    """16 hex of a sha256 over every ``.py`` file of the installed kvcompress package (relative path and
+    content, in sorted order, so the filesystem's listing order does not matter)."""
+    root = Path(kvcompress.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())  # fixed length: no ambiguous boundaries
+    return digest.hexdigest()[:16]
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+
+def fingerprint(method: BenchMethod) -> dict[str, str]:
+    """What produced a measurement of ``method``, beyond the conditions the results folder is named after.
+
+    The kvcompress source, torch, transformers, python (the built-in texts come from its standard
+    library) and, for a kvpress row, kvpress. A stored part measured under another fingerprint is
+    stale: measured again unless ``--reuse-stale``.
+    """
+    import transformers
+
+    found = {
+        "kvcompress_source": source_hash(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if method.source == "kvpress":
+        found["kvpress"] = metadata.version("kvpress")
+    return found
+
+
+def _differences(stored: dict | None, current: dict[str, str]) -> str:
+    """What differs from ``current`` in the fingerprint a part was measured under, e.g.
+    ``"torch 2.12.0 (now 2.13.0)"``; ``""`` when nothing does."""
+    if stored is None:
+        return "fingerprint not recorded"
+    return ", ".join(f"{key} {stored.get(key)} (now {value})" for key, value in current.items() if stored.get(key) != value)
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A measured part read back: its data, and what differed in the code that measured it (``""``: nothing)."""
+
+    data: dict
+    stale: str
+
+
+class PartStore:
+    """Measured parts on disk, ``parts/C<context>/<spec>.<part>.json``, each saved with the fingerprint of
+    what measured it; pure bookkeeping.
+
+    Args:
+        folder: the results folder.
+        fingerprints: this run's :func:`fingerprint` of each spec, saved with its parts and compared
+            with the one a stored part was measured under.
+    """
+
+    def __init__(self, folder: Path, fingerprints: dict[str, dict[str, str]]):
+        self.folder, self.fingerprints = folder, fingerprints
 
     def path(self, spec: str, context: int, part: str) -> Path:
         return self.folder / "parts" / f"C{context}" / f"{_slug(spec)}.{part}.json"
 
-    def load(self, spec: str, context: int, part: str) -> dict | None:
+    def load(self, spec: str, context: int, part: str) -> StoredPart | None:
+        """The stored part, or None when there is none (or the file holds another spec of the same slug).
+
+        Raises:
+            BenchError: the file is truncated or corrupt; the message names it.
+        """
         path = self.path(spec, context, part)
         if not path.is_file():
             return None
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        return stored["data"] if stored.get("spec") == spec else None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            data = stored["data"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise BenchError(
+                f"stored result {path} is truncated or corrupt ({err}); delete it (the next run measures it "
+                f"again) or rerun with --force"
+            ) from None
+        if stored.get("spec") != spec:
+            return None
+        return StoredPart(data, _differences(stored.get("fingerprint"), self.fingerprints[spec]))
 
-    def save(self, spec: str, context: int, part: str, data: dict, versions: dict) -> None:
+    def save(self, spec: str, context: int, part: str, data: dict) -> None:
+        """Write one part atomically (a temporary file, then a rename): an interrupted run leaves no half file."""
         path = self.path(spec, context, part)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"spec": spec, "context": context, "part": part, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "versions": versions, "data": data}
+                  "fingerprint": self.fingerprints[spec], "data": data}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
 
 
 def plan(
-    store: PartStore, specs: list[str], contexts: tuple[int, ...], force: bool, parts: dict[str, tuple[str, ...]] | None = None
+    store: PartStore,
+    specs: list[str],
+    contexts: tuple[int, ...],
+    force: bool,
+    parts: dict[str, tuple[str, ...]] | None = None,
+    reuse_stale: bool = False,
 ) -> dict[tuple[str, int], list[str]]:
-    """Which parts each (spec, context) must measure: missing ones, or all with ``force``.
+    """Which parts each (spec, context) must measure: missing or stale ones, or all with ``force``.
 
     ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
-    default every spec measures all. The baseline's speed at ``C`` is remeasured whenever another
-    method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
+    default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
+    measured again unless ``reuse_stale``. The baseline's speed at ``C`` is remeasured whenever
+    another method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
+    Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
+
+    Raises:
+        BenchError: a stored part is truncated or corrupt.
     """
     parts = parts or {}
     todo = {}
     for context in contexts:
         for spec in specs:
             wanted = parts.get(spec, PARTS)
-            todo[spec, context] = [p for p in PARTS if p in wanted and (force or store.load(spec, context, p) is None)]
+            todo[spec, context] = []
+            for part in PARTS:
+                if force and part in wanted:
+                    todo[spec, context].append(part)
+                    continue
+                stored = store.load(spec, context, part)
+                if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
+                    todo[spec, context].append(part)
         if any("speed" in todo[s, context] for s in specs if s != BASELINE) and "speed" not in todo[BASELINE, context]:
             todo[BASELINE, context].insert(0, "speed")
     return todo
 
 
 def versions(methods: list[BenchMethod]) -> dict:
-    import transformers
-
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvcompress": kvcompress.__version__,
-    }
-    if any(m.source == "kvpress" for m in methods):
-        from importlib.metadata import version
-
-        found["kvpress"] = version("kvpress")
+    """The versions stated with every figure: kvcompress's and every method's :func:`fingerprint`."""
+    found = {"kvcompress": kvcompress.__version__}
+    for method in methods:
+        found.update(fingerprint(method))
     return found
 
 
@@ -243,11 +325,15 @@ class _Inputs:
                 )
 
 
-def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ...] = PARTS) -> BenchResult:
-    """Measure what is missing, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
+def run(
+    config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ...] = PARTS, reuse_stale: bool = False
+) -> BenchResult:
+    """Measure what is missing or stale, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
 
     ``only`` limits what is measured (and, with ``force``, remeasured) to some parts; the table
-    shows every part stored.
+    shows every part stored. ``reuse_stale`` reuses parts measured by other code (see
+    :func:`fingerprint`) instead of measuring them again. A row showing a stale part (reused, or
+    outside ``only``) is marked as such in the table and in its ``stale`` column.
 
     Raises:
         BenchError: bad contexts or text, or a context longer than the model accepts.
@@ -259,11 +345,10 @@ def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ..
         raise BenchError("--contexts needs positive token counts, e.g. --contexts 1024,4096")
     text = load_text(config.text)
     folder = out / config.folder_name(text.name)
-    store = PartStore(folder)
-    found_versions = versions(list(methods.values()))
-    conditions = conditions_of(config, text.name, found_versions)
+    store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
+    conditions = conditions_of(config, text.name, versions(list(methods.values())))
     wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
-    todo = plan(store, specs, config.contexts, force, wanted)
+    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale)
     inputs = _Inputs(config, text)
     total = sum(len(parts) for parts in todo.values())
     if total:
@@ -273,13 +358,15 @@ def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ..
             for part in parts:
                 bar.set_postfix_str(f"{spec} C={context} {part}")
                 data = _measure(part, methods[spec], context, config, inputs)
-                store.save(spec, context, part, data, found_versions)
+                store.save(spec, context, part, data)
                 bar.update()
     results = []
     for context in config.contexts:
         for spec in specs:
-            parts = {p: store.load(spec, context, p) for p in PARTS}
-            results.append({"spec": spec, "source": methods[spec].source, "context": context, **parts})
+            stored = {p: store.load(spec, context, p) for p in PARTS}
+            stale = "; ".join(dict.fromkeys(s.stale for s in stored.values() if s is not None and s.stale))
+            parts = {p: s.data if s is not None else None for p, s in stored.items()}
+            results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
     table = report.format_table(rows)
     retrieval_table = report.format_retrieval(rows, FORMS)
@@ -314,7 +401,8 @@ def describe(conditions: dict) -> str:
     c = conditions
     return (
         f"model {c['model']}, {c['dtype']}, {c['device']}, threads {c['threads']}, batch {c['batch']}; "
-        f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']}, python {c['python']}\n"
+        f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']} (source "
+        f"{c['kvcompress_source']}), python {c['python']}\n"
         f"perplexity: text '{c['text']}', {c['ppl_tokens']} tokens scored token by token after the C compressed "
         f"tokens, at {c['ppl_windows']} windows spread over the text\n"
         f"retrieval: {c['retrieval_cases']} cases (forms {', '.join(FORMS)}; depths 0.1-0.9), seed "
