@@ -207,7 +207,7 @@ def test_run_measures_stale_parts_again(tmp_path, monkeypatch):
         measured.append((method.spec, context, part))
         return next(r[part] for r in RESULTS if (r["spec"], r["context"]) == (method.spec, context))
 
-    monkeypatch.setattr(runner._Inputs, "check_lengths", lambda self: None)
+    monkeypatch.setattr(runner._Inputs, "check", lambda self, methods: None)
     monkeypatch.setattr(runner, "_measure", fake_measure)
     result = runner.run(config, tmp_path)
     assert len(measured) == 2 * 2 * len(runner.PARTS)

@@ -20,6 +20,7 @@ import json
 import platform
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,7 +36,9 @@ from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
 from kvcompress.bench.speed import measure_in_subprocess
 from kvcompress.bench.texts import load_text, spread_offsets
+from kvcompress.calibration import CalibrationError
 from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
+from kvcompress.registry import SpecError
 
 PARTS = ALL_PARTS
 QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
@@ -302,6 +305,22 @@ class _Inputs:
             self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed)
         return self._cases[context]
 
+    def check(self, methods: list[BenchMethod]) -> None:
+        """Before anything is measured: the lengths fit (:meth:`check_lengths`) and the model can take
+        every method, whose cache is built once (a kivi group that does not divide the head dim, a
+        missing calibration file).
+
+        Raises:
+            BenchError: naming the fix.
+        """
+        self.check_lengths()
+        model, _ = self.model()
+        for method in methods:
+            try:
+                method.new_cache(model)
+            except (SpecError, CalibrationError) as err:
+                raise BenchError(str(err)) from None
+
     def check_lengths(self) -> None:
         """Every context fits the model's positions, and the text holds a perplexity window of each.
 
@@ -336,8 +355,10 @@ def run(
     outside ``only``) is marked as such in the table and in its ``stale`` column.
 
     Raises:
-        BenchError: bad contexts or text, or a context longer than the model accepts.
-        SpecError, KVPressUnavailable: a method that cannot run (raised before anything is measured).
+        BenchError: bad contexts or text, a results folder that cannot be written, a corrupt stored
+            part, a context longer than the model accepts, or a method the model cannot take
+            (all raised before anything is measured).
+        SpecError, KVPressUnavailable: a method that cannot run (raised before the model loads).
     """
     specs = list(dict.fromkeys([BASELINE, *config.methods]))
     methods = {spec: resolve(spec) for spec in specs}
@@ -345,6 +366,7 @@ def run(
         raise BenchError("--contexts needs positive token counts, e.g. --contexts 1024,4096")
     text = load_text(config.text)
     folder = out / config.folder_name(text.name)
+    _check_writable(folder)
     store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
     conditions = conditions_of(config, text.name, versions(list(methods.values())))
     wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
@@ -352,7 +374,7 @@ def run(
     inputs = _Inputs(config, text)
     total = sum(len(parts) for parts in todo.values())
     if total:
-        inputs.check_lengths()  # before anything runs
+        inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
     with tqdm(total=total, desc="bench", unit="part", file=sys.stderr) as bar:
         for (spec, context), parts in todo.items():
             for part in parts:
@@ -373,6 +395,18 @@ def run(
     header = describe(conditions)
     paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
     return BenchResult(folder, rows, table, retrieval_table, header, paths)
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or raise :class:`BenchError` saying so."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise BenchError(
+            f"cannot write the results into {folder} ({err.strerror or err}); pass --out a folder you can write to"
+        ) from None
 
 
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
