@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import builtins
+import json
+import os
 
 import pytest
 
-from kvcompress.bench import kvpress_adapter
-from kvcompress.cli import main
+import kvcompress
+from kvcompress.bench import kvpress_adapter, runner
+from kvcompress.bench.cli import config_from_args, run_from_args
+from kvcompress.cli import UsageError, build_parser, main
 
 
 def _run(capsys, *argv):
@@ -27,6 +31,26 @@ def no_measuring(monkeypatch):
     monkeypatch.setattr(runner, "measure_in_subprocess", refuse)
     monkeypatch.setattr(runner, "perplexity", refuse)
     monkeypatch.setattr(runner, "run_retrieval", refuse)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model loads."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the model despite bad input")
+
+    monkeypatch.setattr(runner._Inputs, "model", refuse)
+
+
+@pytest.fixture
+def smol_bench(smol, monkeypatch):
+    """The harness loads the session's default model instead of loading it again."""
+    monkeypatch.setattr(kvcompress, "load_model", lambda *args, **kwargs: smol)
+
+
+def _one_line(err: str, *fragments: str) -> bool:
+    return err.startswith("kvcompress: error: ") and err.count("\n") == 1 and all(f in err for f in fragments)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +99,82 @@ def test_plot_without_matplotlib_names_the_pip_command(capsys, tmp_path, monkeyp
     monkeypatch.setattr(builtins, "__import__", without_matplotlib)
     code, _, err = _run(capsys, "--out", str(tmp_path), "--plot")
     assert code == 2 and "pip install 'kvcompress[bench]'" in err and err.count("\n") == 1
+
+
+def test_out_that_cannot_be_written(capsys, tmp_path, no_model, no_measuring):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file, not a folder")
+    code, _, err = _run(capsys, "--out", str(in_the_way), "--methods", "none")
+    assert code == 2 and _one_line(err, f"cannot write the results into {in_the_way}", "pass --out a folder")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs permissions that apply (not root)")
+def test_out_in_a_read_only_folder(capsys, tmp_path, no_model, no_measuring):
+    tmp_path.chmod(0o555)
+    try:
+        code, _, err = _run(capsys, "--out", str(tmp_path / "results"), "--methods", "none")
+    finally:
+        tmp_path.chmod(0o755)
+    assert code == 2 and _one_line(err, "cannot write the results into", "Permission denied")
+
+
+def test_a_truncated_stored_part_names_the_file_and_the_fix(capsys, tmp_path, no_model, no_measuring):
+    argv = ["--out", str(tmp_path), "--methods", "none", "--contexts", "64", "--threads", "1"]
+    config = config_from_args(build_parser().parse_args(["bench", *argv]), UsageError)
+    path = runner.PartStore(tmp_path / config.folder_name("prose"), {}).path("none", 64, "perplexity")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"spec": "none", "context": 64, "data": {"perpl')
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and _one_line(err, str(path), "truncated or corrupt", "delete it", "--force")
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("kivi:bits=4,group=7", "group=7 must divide the model's head dim 64"),
+        ("lowrank:calibration=/nonexistent.safetensors", "'/nonexistent.safetensors' does not exist"),
+    ],
+)
+def test_a_method_the_model_cannot_take_fails_before_measuring(capsys, tmp_path, smol_bench, no_measuring, spec, message):
+    code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", f"none,{spec}", "--contexts", "64")
+    assert code == 2 and _one_line(err, message)
+
+
+def _fake_part(part: str) -> dict:
+    if part == "speed":
+        return {"prefill_s": 1.0, "decode_ms_per_token": 2.0, "context_tokens": 64, "kv_bytes_after_prefill": 640,
+                "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
+    if part == "perplexity":
+        return {"perplexity": 10.0}
+    return {"correct": 1, "cases": 1, "by_form": {"passkey": [1, 1]}}
+
+
+@pytest.mark.model
+def test_ctrl_c_keeps_the_finished_parts_and_propagates(tmp_path, smol_bench, monkeypatch):
+    """An interrupt ends the run with KeyboardInterrupt (not a usage error); the parts finished before
+    it are stored whole, and the next run measures only the others."""
+    measured = []
+
+    def measure(part, method, context, config, inputs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append((method.spec, part))
+        return _fake_part(part)
+
+    monkeypatch.setattr(runner, "_measure", measure)
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64"])
+    with pytest.raises(KeyboardInterrupt):
+        run_from_args(args, UsageError)
+    (folder,) = tmp_path.iterdir()
+    stored = sorted(p.name for p in (folder / "parts" / "C64").iterdir())
+    assert stored == ["none.perplexity.json", "none.speed.json"]
+    assert all(json.loads(p.read_text())["data"] for p in (folder / "parts" / "C64").iterdir())
+    measured.clear()
+    monkeypatch.setattr(runner, "_measure", lambda part, method, *rest: measured.append((method.spec, part)) or _fake_part(part))
+    run_from_args(args, UsageError)
+    # none's speed again too: kivi's speed is compared with a baseline measured in the same run.
+    assert measured == [("none", "speed"), ("none", "retrieval"), *[("kivi:bits=4", p) for p in runner.PARTS]]
 
 
 @pytest.mark.model

@@ -8,9 +8,11 @@ import json
 import pytest
 
 from kvcompress.bench import report, runner
+from kvcompress.bench.methods import resolve
 from kvcompress.bench.runner import BenchConfig, PartStore, plan
 
 CONDITIONS = {"model": "m", "dtype": "float32", "device": "cpu", "threads": 2, "batch": 1, "ppl_tokens": 8}
+FINGERPRINT = {"kvcompress_source": "0123456789abcdef", "torch": "2.13.0", "transformers": "5.24.0", "python": "3.11.7"}
 
 
 def _speed(kv_per_token, prefill_s, decode_ms, peak, context=1024):
@@ -91,16 +93,32 @@ def test_folder_is_named_after_the_conditions():
     assert other != name
 
 
+def test_folder_is_unique_per_model(tmp_path, monkeypatch):
+    """Two checkpoints named alike, or two hub models of different owners, never share results."""
+    (tmp_path / "m1" / "ckpt").mkdir(parents=True)
+    (tmp_path / "m2" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    first, second = runner.model_folder_name("m1/ckpt"), runner.model_folder_name("m2/ckpt")
+    assert first.startswith("ckpt-") and second.startswith("ckpt-") and first != second
+    assert runner.model_folder_name(str(tmp_path / "m1" / "ckpt")) == first  # the path, not how it was typed
+    assert runner.model_folder_name("orgA/llama") == "orgA--llama" != runner.model_folder_name("orgB/llama")
+    assert runner.model_folder_name("smollm2-135m") == "smollm2-135m"
+
+
+def _store(folder, specs, fingerprint=FINGERPRINT):
+    return PartStore(folder, dict.fromkeys(specs, fingerprint))
+
+
 def _fill(store, specs, contexts, parts=runner.PARTS):
     for spec in specs:
         for context in contexts:
             for part in parts:
-                store.save(spec, context, part, {"part": part}, {})
+                store.save(spec, context, part, {"part": part})
 
 
 def test_plan_reuses_stored_parts_unless_forced(tmp_path):
-    store = PartStore(tmp_path)
     specs = ["none", "kivi:bits=2", "streaming:window=512"]
+    store = _store(tmp_path, [*specs, "kivi:bits=4"])
     _fill(store, specs, [1024])
     assert all(parts == [] for parts in plan(store, specs, (1024,), force=False).values())
     assert all(parts == list(runner.PARTS) for parts in plan(store, specs, (1024,), force=True).values())
@@ -111,27 +129,34 @@ def test_plan_reuses_stored_parts_unless_forced(tmp_path):
 
 
 def test_store_ignores_a_file_of_another_spec(tmp_path):
-    store = PartStore(tmp_path)
-    store.save("a:b", 64, "speed", {"x": 1}, {})
-    assert store.load("a:b", 64, "speed") == {"x": 1}
+    store = _store(tmp_path, ["a:b", "a_b"])
+    store.save("a:b", 64, "speed", {"x": 1})
+    assert store.load("a:b", 64, "speed") == runner.StoredPart({"x": 1}, stale="")
     store.path("a_b", 64, "speed").write_text(json.dumps({"spec": "a?b", "data": {"x": 2}}))  # same slug
     assert store.load("a_b", 64, "speed") is None
 
 
-def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
+def _stored_run(tmp_path, fingerprint=None):
+    """A config of none and kivi:bits=2 at 1024 and 4096, whose parts (RESULTS) are stored under
+    ``fingerprint`` (default: this code's)."""
     config = BenchConfig(methods=("none", "kivi:bits=2"), contexts=(1024, 4096), device="cpu", threads=2)
     folder = tmp_path / config.folder_name("prose")
-    store = PartStore(folder)
+    store = PartStore(folder, {s: fingerprint or runner.fingerprint(resolve(s)) for s in config.methods})
     for r in RESULTS:
         if r["source"] == "kvcompress":
             for part in runner.PARTS:
-                store.save(r["spec"], r["context"], part, r[part], {})
+                store.save(r["spec"], r["context"], part, r[part])
+    return config, folder
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("nothing should be measured")
 
-    monkeypatch.setattr(runner._Inputs, "model", no_model)
-    monkeypatch.setattr(runner, "measure_in_subprocess", no_model)
+def _no_model(*args, **kwargs):
+    raise AssertionError("nothing should be measured")
+
+
+def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
+    config, folder = _stored_run(tmp_path)
+    monkeypatch.setattr(runner._Inputs, "model", _no_model)
+    monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
     result = runner.run(config, tmp_path)
     assert result.folder == folder
     assert [(r["method"], r["context"]) for r in result.rows] == [
@@ -139,20 +164,66 @@ def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
     ]
     assert result.rows[1]["compression"] == pytest.approx(4.0)
     assert "model smollm2-135m, float32, cpu, threads 2, batch 1" in result.header
+    assert f"(source {runner.source_hash()})" in result.header and not any(r["stale"] for r in result.rows)
     assert {"json", "csv", "table"} <= set(result.paths) and all(p.is_file() for p in result.paths.values())
     with pytest.raises(AssertionError, match="nothing should be measured"):
         runner.run(config, tmp_path, force=True)
 
 
-def test_question_aware_row_measures_retrieval_only(tmp_path):
-    from kvcompress.bench.methods import resolve
+def test_a_part_measured_by_other_code_is_measured_again_unless_reuse_stale(tmp_path):
+    specs = ["none", "kivi:bits=2"]
+    _fill(_store(tmp_path, specs, {**FINGERPRINT, "torch": "2.12.0"}), specs, [1024])
+    store = _store(tmp_path, specs)
+    assert store.load("kivi:bits=2", 1024, "speed").stale == "torch 2.12.0 (now 2.13.0)"
+    assert all(parts == list(runner.PARTS) for parts in plan(store, specs, (1024,), force=False).values())
+    assert all(parts == [] for parts in plan(store, specs, (1024,), force=False, reuse_stale=True).values())
+    # A part stored before fingerprints were recorded is stale too.
+    store.path("none", 1024, "speed").write_text(json.dumps({"spec": "none", "data": {}, "versions": {}}))
+    assert store.load("none", 1024, "speed").stale == "fingerprint not recorded"
 
+
+def test_reused_stale_rows_are_marked_in_table_csv_and_json(tmp_path, monkeypatch):
+    old = {**runner.fingerprint(resolve("none")), "kvcompress_source": "0123456789abcdef"}
+    config, folder = _stored_run(tmp_path, old)
+    monkeypatch.setattr(runner._Inputs, "model", _no_model)
+    monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
+    result = runner.run(config, tmp_path, reuse_stale=True)
+    why = f"kvcompress_source 0123456789abcdef (now {runner.source_hash()})"
+    assert [r["stale"] for r in result.rows] == [why] * 4
+    body = result.table.splitlines()[2:6]
+    assert [line.split(" | ")[0].strip() for line in body] == ["none*", "kivi:bits=2*"] * 2
+    assert result.table.splitlines()[-1] == f"* measured by other code: {why}"
+    assert result.retrieval_table.splitlines()[2].startswith("none* ")
+    with result.paths["csv"].open() as f:
+        assert [r["stale"] for r in csv.DictReader(f)] == [why] * 4
+    assert json.loads(result.paths["json"].read_text())["rows"][1]["stale"] == why
+
+
+def test_run_measures_stale_parts_again(tmp_path, monkeypatch):
+    config, folder = _stored_run(tmp_path, {**FINGERPRINT, "torch": "2.12.0"})
+    measured = []
+
+    def fake_measure(part, method, context, config, inputs):
+        measured.append((method.spec, context, part))
+        return next(r[part] for r in RESULTS if (r["spec"], r["context"]) == (method.spec, context))
+
+    monkeypatch.setattr(runner._Inputs, "check", lambda self, methods: None)
+    monkeypatch.setattr(runner, "_measure", fake_measure)
+    result = runner.run(config, tmp_path)
+    assert len(measured) == 2 * 2 * len(runner.PARTS)
+    assert not any(r["stale"] for r in result.rows) and "*" not in result.table
+    assert json.loads(PartStore(folder, {}).path("none", 1024, "speed").read_text())["fingerprint"] == runner.fingerprint(
+        resolve("none")
+    )
+
+
+def test_question_aware_row_measures_retrieval_only(tmp_path):
     method = resolve("snapkv:ratio=0.75@question-aware")
     assert method.question_aware and method.parts == ("retrieval",)
     assert method.cache_spec == "snapkv:ratio=0.75"
     assert not resolve("snapkv:ratio=0.75").question_aware
-    store = PartStore(tmp_path)
     specs = ["none", "snapkv:ratio=0.75@question-aware"]
+    store = _store(tmp_path, specs)
     todo = plan(store, specs, (1024,), force=True, parts={s: resolve(s).parts for s in specs})
     assert todo["snapkv:ratio=0.75@question-aware", 1024] == ["retrieval"]
     assert todo["none", 1024] == list(runner.PARTS)

@@ -4,29 +4,81 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+
+import pytest
 
 from kvcompress.bench import runner
 from kvcompress.bench.cli import QUICK
+from kvcompress.bench.retrieval import FORMS
+from kvcompress.buffer import CHUNK
 from kvcompress.cli import main
+
+# SmolLM2-135M in float32: 30 layers, 3 KV heads of dim 64; one token's keys and values in all of them.
+LAYERS, KV_HEADS, HEAD_DIM, FLOAT32, FLOAT16 = 30, 3, 64, 4, 2
+TOKEN_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * FLOAT32  # 46,080
+WEIGHT_BYTES = 134_000_000 * FLOAT32  # at least: 134.5M parameters
+METHODS = ["none", "streaming:window=256", "kivi:bits=2"]
+C = 1024
+
+
+def _streaming_bytes(sink: int = 4, window: int = 256) -> int:
+    """The kept ``sink + window`` tokens, in a full-precision buffer that reserves whole chunks of tokens."""
+    slots = -(-(sink + window) // CHUNK) * CHUNK  # 260 -> 320
+    return slots * TOKEN_BYTES
+
+
+def _kivi_bytes(bits: int, group: int = 32, residual: int = 128) -> int:
+    """Tokens beyond the residual, a whole group at a time, as packed codes with float16 scales and
+    minimums (keys: per channel and group of tokens; values: per token and group of channels); the
+    rest in full precision."""
+    quantized = (C - residual) // group * group  # 896
+    codes = 2 * quantized * HEAD_DIM * bits // 8
+    key_stats = 2 * (quantized // group) * HEAD_DIM * FLOAT16
+    value_stats = 2 * quantized * (HEAD_DIM // group) * FLOAT16
+    return LAYERS * KV_HEADS * (codes + key_stats + value_stats) + (C - quantized) * TOKEN_BYTES
+
+
+def _tables(out: str) -> str:
+    """The printed header and tables, without the paths that follow them."""
+    return out.split("\n\njson: ")[0]
 
 
 def test_quick_bench_writes_table_csv_json_and_plot_then_reuses(tmp_path, capsys, monkeypatch):
+    assert QUICK["methods"].split(",") == METHODS and QUICK["contexts"] == str(C)  # what the figures below assume
     assert main(["bench", "--quick", "--plot", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    methods = QUICK["methods"].split(",")
-    table = out[out.index("method "):]
-    for method in methods:
-        assert any(line.startswith(method + " ") for line in table.splitlines())
+    first = capsys.readouterr().out
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    rows = list(csv.DictReader((folder / "results.csv").open()))
-    assert [r["method"] for r in rows] == methods
     payload = json.loads((folder / "results.json").read_text())
+    rows = payload["rows"]
+    with (folder / "results.csv").open() as f:
+        assert [(r["method"], r["context"], r["stale"]) for r in csv.DictReader(f)] == [(m, str(C), "") for m in METHODS]
+    assert [r["method"] for r in rows] == METHODS
     assert payload["conditions"]["model"] == "smollm2-135m" and payload["conditions"]["batch"] == 1
-    none, streaming, kivi = payload["rows"]
-    assert none["compression"] == 1.0 and none["perplexity_delta_pct"] == 0.0
-    assert streaming["compression"] > 3 and kivi["compression"] > 3  # 1024 tokens into 260 slots / 2-bit codes
-    assert none["retrieval_cases"] == 3 and 0 <= kivi["retrieval_acc"] <= 1
-    assert none["peak_memory_bytes"] > none["memory_after_load_bytes"] > 0
+
+    # Bytes: exactly what each method holds after the context, per context token.
+    expected = {"none": C * TOKEN_BYTES, "streaming:window=256": _streaming_bytes(), "kivi:bits=2": _kivi_bytes(2)}
+    for row in rows:
+        assert row["kv_bytes"] == expected[row["method"]]
+        assert row["compression"] == pytest.approx(C * TOKEN_BYTES / expected[row["method"]])  # streaming 3.2, kivi 4.83
+
+    # Perplexity of the baseline is a language model's, not a broken cache's (thousands).
+    none = rows[0]
+    assert 1 < none["perplexity"] < 50 and all(math.isfinite(r["perplexity"]) for r in rows)
+
+    # Retrieval: integer counts over the configured cases, split by task form.
+    for raw in payload["raw"]:
+        ret = raw["retrieval"]
+        assert ret["cases"] == payload["conditions"]["retrieval_cases"] == 3
+        assert isinstance(ret["correct"], int) and 0 <= ret["correct"] <= ret["cases"]
+        assert set(ret["by_form"]) <= set(FORMS)
+        assert [sum(counts) for counts in zip(*ret["by_form"].values())] == [ret["correct"], ret["cases"]]
+    assert payload["raw"][0]["retrieval"]["correct"] == 3  # the uncompressed model finds every fact at 1024
+
+    # Speed: the configured decode steps; peak memory counts the weights.
+    for raw in payload["raw"]:
+        assert len(raw["speed"]["decode_step_ms"]) == 32 and raw["speed"]["tokens_end"] == C + 32
+    assert all(r["peak_memory_bytes"] > WEIGHT_BYTES for r in rows)
     assert (folder / "frontier.png").stat().st_size > 10_000
 
     def refuse(*args, **kwargs):
@@ -36,4 +88,4 @@ def test_quick_bench_writes_table_csv_json_and_plot_then_reuses(tmp_path, capsys
     monkeypatch.setattr(runner, "perplexity", refuse)
     monkeypatch.setattr(runner, "run_retrieval", refuse)
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("\n") > len(methods)
+    assert _tables(capsys.readouterr().out) == _tables(first)

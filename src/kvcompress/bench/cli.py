@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--quick", action="store_true", help="short contexts, few cases: about 3 minutes on 2 CPU cores")
     parser.add_argument("--force", action="store_true", help="measure again what the results folder already holds")
     parser.add_argument(
+        "--reuse-stale", action="store_true",
+        help="reuse stored results measured by other code (kvcompress source, torch, transformers, python, kvpress) "
+        "instead of measuring them again; the table marks their rows with *",
+    )
+    parser.add_argument(
         "--parts", default="speed,perplexity,retrieval",
         help="what to measure, among speed, perplexity, retrieval (default: all); e.g. --parts speed --force "
         "remeasures speed alone on a quiet machine, reusing the rest",
@@ -154,7 +159,7 @@ def run_from_args(args, UsageError) -> None:
         except PlotUnavailable as err:
             raise UsageError(str(err)) from None
     try:
-        result = run(config, Path(args.out), force=args.force, only=_parts(args.parts, UsageError))
+        result = run(config, Path(args.out), force=args.force, only=_parts(args.parts, UsageError), reuse_stale=args.reuse_stale)
     except (BenchError, TextError, ModelNotAvailableError, MeasurementError) as err:
         raise UsageError(str(err)) from None
     print(result.header, result.table, result.retrieval_table, sep="\n\n")

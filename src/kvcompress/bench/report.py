@@ -24,6 +24,7 @@ COLUMNS = (
     "peak memory (× none)",
 )
 KVPRESS_MARK = "†"
+STALE_MARK = "*"
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -36,12 +37,13 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
     """One flat row per (method, context), with every raw figure, ratios to ``none`` and the conditions.
 
     Args:
-        results: dicts with ``spec``, ``source``, ``context`` and the parts ``speed``,
-            ``perplexity``, ``retrieval`` (each a dict, or None when not measured).
+        results: dicts with ``spec``, ``source``, ``context``, the parts ``speed``,
+            ``perplexity``, ``retrieval`` (each a dict, or None when not measured) and, optionally,
+            ``stale``: what differed in the code that measured a part shown (``""``: nothing).
         conditions: model, dtype, device, threads, batch, lengths, versions: copied into every row.
 
     Returns:
-        Rows in the order of ``results``.
+        Rows in the order of ``results``; ``stale`` is ``""`` or what measured the row's parts.
     """
     base = {r["context"]: r for r in results if r["spec"] == BASELINE}
     rows = []
@@ -49,7 +51,7 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
         ref = base.get(r["context"], {})
         speed, ppl, ret = r.get("speed"), r.get("perplexity"), r.get("retrieval")
         ref_speed, ref_ppl = ref.get("speed"), ref.get("perplexity")
-        row = {"method": r["spec"], "source": r["source"], "context": r["context"]}
+        row = {"method": r["spec"], "source": r["source"], "context": r["context"], "stale": r.get("stale", "")}
         if speed:
             row["kv_bytes"] = speed["kv_bytes_after_prefill"]
             row["kv_bytes_per_token"] = speed["kv_bytes_after_prefill"] / speed["context_tokens"]
@@ -83,10 +85,14 @@ def _fmt_x(x: float | None) -> str:
     return f" ({x:.2f}×)" if x is not None else ""
 
 
+def _label(row: dict) -> str:
+    """The method, marked when stale and when kvpress compressed it (the table's footnotes say so)."""
+    return row["method"] + (STALE_MARK if row["stale"] else "") + (f" {KVPRESS_MARK}" if row["source"] == "kvpress" else "")
+
+
 def _cells(row: dict) -> list[str]:
-    mark = f" {KVPRESS_MARK}" if row["source"] == "kvpress" else ""
     missing = "n/a"
-    cells = [row["method"] + mark, str(row["context"])]
+    cells = [_label(row), str(row["context"])]
     if "kv_bytes_per_token" in row:
         cells.append(f"{row['kv_bytes_per_token']:,.0f}")
         cells.append(f"{row['compression']:.2f}×" if row.get("compression") else missing)
@@ -120,6 +126,9 @@ def _grid(header: list[str], body: list[list[str]]) -> str:
 def format_table(rows: list[dict]) -> str:
     """The main table: a row per method and context, in the order given."""
     text = _grid(list(COLUMNS), [_cells(r) for r in rows])
+    stale = dict.fromkeys(r["stale"] for r in rows if r["stale"])
+    if stale:
+        text += f"\n{STALE_MARK} measured by other code: {'; '.join(stale)}"
     if any(r["source"] == "kvpress" for r in rows):
         text += f"\n{KVPRESS_MARK} compressed by NVIDIA kvpress through its press hooks, not by kvcompress"
     return text
@@ -130,7 +139,7 @@ def format_retrieval(rows: list[dict], forms: tuple[str, ...]) -> str:
     body = []
     for r in rows:
         if "retrieval_acc" in r:
-            cells = [r["method"], str(r["context"])]
+            cells = [_label(r), str(r["context"])]
             cells += [f"{100 * r[f'retrieval_acc_{f}']:.0f}%" if f"retrieval_acc_{f}" in r else "n/a" for f in forms]
             body.append(cells + [f"{100 * r['retrieval_acc']:.0f}%"])
     return _grid(["method", "C", *forms, "all"], body) if body else ""

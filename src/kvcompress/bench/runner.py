@@ -6,19 +6,24 @@ For each context length ``C`` and each method: speed and memory in a fresh proce
 (:mod:`kvcompress.bench.retrieval`). ``none`` is always measured and is the baseline of every
 ratio.
 
-Results are kept per (method, context, part) in a folder named after the conditions, and reused
-by later runs with the same conditions unless ``force``. Speed ratios compare measurements of one
-run: when any method's speed at ``C`` is measured, so is the baseline's.
+Results are kept per (method, context, part) in a folder named after the conditions, each with the
+:func:`fingerprint` of the code that measured it, and reused by later runs with the same conditions
+unless ``force``; a part measured by other code is measured again unless ``reuse_stale``. Speed ratios
+compare measurements of one run: when any method's speed at ``C`` is measured, so is the baseline's.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import platform
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -31,7 +36,9 @@ from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
 from kvcompress.bench.speed import measure_in_subprocess
 from kvcompress.bench.texts import load_text, spread_offsets
-from kvcompress.models import DEFAULT_MODEL
+from kvcompress.calibration import CalibrationError
+from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
+from kvcompress.registry import SpecError
 
 PARTS = ALL_PARTS
 QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
@@ -60,7 +67,7 @@ class BenchConfig:
 
     def folder_name(self, text_name: str) -> str:
         """Name of the results folder: every condition a measurement depends on, methods aside."""
-        model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model).name or self.model)
+        model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
         return (
             f"{model}_{self.dtype}_{device}_{text_name}_ppl{self.ppl_tokens}x{self.ppl_windows}"
@@ -68,69 +75,166 @@ class BenchConfig:
         )
 
 
+def model_folder_name(model: str) -> str:
+    """A folder name unique to ``model``, read the way :func:`kvcompress.load_model` reads it.
+
+    A built-in name stays as it is (``smollm2-135m``); a local folder is its name plus 8 hex of the
+    sha256 of its absolute path (``ckpt-1a2b3c4d``), so ``m1/ckpt`` and ``m2/ckpt`` differ; a hub id
+    keeps its owner (``orgA/llama`` -> ``orgA--llama``).
+    """
+    path = Path(model).expanduser()
+    if model in BUILTIN_MODELS:
+        name = model
+    elif path.is_dir():
+        path = path.resolve()
+        name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    else:
+        name = model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.,=+-]+", "_", spec)
 
 
-class PartStore:
-    """Measured parts on disk: ``parts/C<context>/<spec>.<part>.json``; pure bookkeeping."""
+@functools.cache
+def source_hash() -> str:
+    """16 hex of a sha256 over every ``.py`` file of the installed kvcompress package (relative path and
+    content, in sorted order, so the filesystem's listing order does not matter)."""
+    root = Path(kvcompress.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())  # fixed length: no ambiguous boundaries
+    return digest.hexdigest()[:16]
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+
+def fingerprint(method: BenchMethod) -> dict[str, str]:
+    """What produced a measurement of ``method``, beyond the conditions the results folder is named after.
+
+    The kvcompress source, torch, transformers, python (the built-in texts come from its standard
+    library) and, for a kvpress row, kvpress. A stored part measured under another fingerprint is
+    stale: measured again unless ``--reuse-stale``.
+    """
+    import transformers
+
+    found = {
+        "kvcompress_source": source_hash(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if method.source == "kvpress":
+        found["kvpress"] = metadata.version("kvpress")
+    return found
+
+
+def _differences(stored: dict | None, current: dict[str, str]) -> str:
+    """What differs from ``current`` in the fingerprint a part was measured under, e.g.
+    ``"torch 2.12.0 (now 2.13.0)"``; ``""`` when nothing does."""
+    if stored is None:
+        return "fingerprint not recorded"
+    return ", ".join(f"{key} {stored.get(key)} (now {value})" for key, value in current.items() if stored.get(key) != value)
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A measured part read back: its data, and what differed in the code that measured it (``""``: nothing)."""
+
+    data: dict
+    stale: str
+
+
+class PartStore:
+    """Measured parts on disk, ``parts/C<context>/<spec>.<part>.json``, each saved with the fingerprint of
+    what measured it; pure bookkeeping.
+
+    Args:
+        folder: the results folder.
+        fingerprints: this run's :func:`fingerprint` of each spec, saved with its parts and compared
+            with the one a stored part was measured under.
+    """
+
+    def __init__(self, folder: Path, fingerprints: dict[str, dict[str, str]]):
+        self.folder, self.fingerprints = folder, fingerprints
 
     def path(self, spec: str, context: int, part: str) -> Path:
         return self.folder / "parts" / f"C{context}" / f"{_slug(spec)}.{part}.json"
 
-    def load(self, spec: str, context: int, part: str) -> dict | None:
+    def load(self, spec: str, context: int, part: str) -> StoredPart | None:
+        """The stored part, or None when there is none (or the file holds another spec of the same slug).
+
+        Raises:
+            BenchError: the file is truncated or corrupt; the message names it.
+        """
         path = self.path(spec, context, part)
         if not path.is_file():
             return None
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        return stored["data"] if stored.get("spec") == spec else None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            data = stored["data"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise BenchError(
+                f"stored result {path} is truncated or corrupt ({err}); delete it (the next run measures it "
+                f"again) or rerun with --force"
+            ) from None
+        if stored.get("spec") != spec:
+            return None
+        return StoredPart(data, _differences(stored.get("fingerprint"), self.fingerprints[spec]))
 
-    def save(self, spec: str, context: int, part: str, data: dict, versions: dict) -> None:
+    def save(self, spec: str, context: int, part: str, data: dict) -> None:
+        """Write one part atomically (a temporary file, then a rename): an interrupted run leaves no half file."""
         path = self.path(spec, context, part)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"spec": spec, "context": context, "part": part, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "versions": versions, "data": data}
+                  "fingerprint": self.fingerprints[spec], "data": data}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
 
 
 def plan(
-    store: PartStore, specs: list[str], contexts: tuple[int, ...], force: bool, parts: dict[str, tuple[str, ...]] | None = None
+    store: PartStore,
+    specs: list[str],
+    contexts: tuple[int, ...],
+    force: bool,
+    parts: dict[str, tuple[str, ...]] | None = None,
+    reuse_stale: bool = False,
 ) -> dict[tuple[str, int], list[str]]:
-    """Which parts each (spec, context) must measure: missing ones, or all with ``force``.
+    """Which parts each (spec, context) must measure: missing or stale ones, or all with ``force``.
 
     ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
-    default every spec measures all. The baseline's speed at ``C`` is remeasured whenever another
-    method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
+    default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
+    measured again unless ``reuse_stale``. The baseline's speed at ``C`` is remeasured whenever
+    another method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
+    Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
+
+    Raises:
+        BenchError: a stored part is truncated or corrupt.
     """
     parts = parts or {}
     todo = {}
     for context in contexts:
         for spec in specs:
             wanted = parts.get(spec, PARTS)
-            todo[spec, context] = [p for p in PARTS if p in wanted and (force or store.load(spec, context, p) is None)]
+            todo[spec, context] = []
+            for part in PARTS:
+                if force and part in wanted:
+                    todo[spec, context].append(part)
+                    continue
+                stored = store.load(spec, context, part)
+                if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
+                    todo[spec, context].append(part)
         if any("speed" in todo[s, context] for s in specs if s != BASELINE) and "speed" not in todo[BASELINE, context]:
             todo[BASELINE, context].insert(0, "speed")
     return todo
 
 
 def versions(methods: list[BenchMethod]) -> dict:
-    import transformers
-
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvcompress": kvcompress.__version__,
-    }
-    if any(m.source == "kvpress" for m in methods):
-        from importlib.metadata import version
-
-        found["kvpress"] = version("kvpress")
+    """The versions stated with every figure: kvcompress's and every method's :func:`fingerprint`."""
+    found = {"kvcompress": kvcompress.__version__}
+    for method in methods:
+        found.update(fingerprint(method))
     return found
 
 
@@ -201,6 +305,22 @@ class _Inputs:
             self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed)
         return self._cases[context]
 
+    def check(self, methods: list[BenchMethod]) -> None:
+        """Before anything is measured: the lengths fit (:meth:`check_lengths`) and the model can take
+        every method, whose cache is built once (a kivi group that does not divide the head dim, a
+        missing calibration file).
+
+        Raises:
+            BenchError: naming the fix.
+        """
+        self.check_lengths()
+        model, _ = self.model()
+        for method in methods:
+            try:
+                method.new_cache(model)
+            except (SpecError, CalibrationError) as err:
+                raise BenchError(str(err)) from None
+
     def check_lengths(self) -> None:
         """Every context fits the model's positions, and the text holds a perplexity window of each.
 
@@ -224,15 +344,21 @@ class _Inputs:
                 )
 
 
-def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ...] = PARTS) -> BenchResult:
-    """Measure what is missing, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
+def run(
+    config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ...] = PARTS, reuse_stale: bool = False
+) -> BenchResult:
+    """Measure what is missing or stale, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
 
     ``only`` limits what is measured (and, with ``force``, remeasured) to some parts; the table
-    shows every part stored.
+    shows every part stored. ``reuse_stale`` reuses parts measured by other code (see
+    :func:`fingerprint`) instead of measuring them again. A row showing a stale part (reused, or
+    outside ``only``) is marked as such in the table and in its ``stale`` column.
 
     Raises:
-        BenchError: bad contexts or text, or a context longer than the model accepts.
-        SpecError, KVPressUnavailable: a method that cannot run (raised before anything is measured).
+        BenchError: bad contexts or text, a results folder that cannot be written, a corrupt stored
+            part, a context longer than the model accepts, or a method the model cannot take
+            (all raised before anything is measured).
+        SpecError, KVPressUnavailable: a method that cannot run (raised before the model loads).
     """
     specs = list(dict.fromkeys([BASELINE, *config.methods]))
     methods = {spec: resolve(spec) for spec in specs}
@@ -240,33 +366,47 @@ def run(config: BenchConfig, out: Path, force: bool = False, only: tuple[str, ..
         raise BenchError("--contexts needs positive token counts, e.g. --contexts 1024,4096")
     text = load_text(config.text)
     folder = out / config.folder_name(text.name)
-    store = PartStore(folder)
-    found_versions = versions(list(methods.values()))
-    conditions = conditions_of(config, text.name, found_versions)
+    _check_writable(folder)
+    store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
+    conditions = conditions_of(config, text.name, versions(list(methods.values())))
     wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
-    todo = plan(store, specs, config.contexts, force, wanted)
+    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale)
     inputs = _Inputs(config, text)
     total = sum(len(parts) for parts in todo.values())
     if total:
-        inputs.check_lengths()  # before anything runs
+        inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
     with tqdm(total=total, desc="bench", unit="part", file=sys.stderr) as bar:
         for (spec, context), parts in todo.items():
             for part in parts:
                 bar.set_postfix_str(f"{spec} C={context} {part}")
                 data = _measure(part, methods[spec], context, config, inputs)
-                store.save(spec, context, part, data, found_versions)
+                store.save(spec, context, part, data)
                 bar.update()
     results = []
     for context in config.contexts:
         for spec in specs:
-            parts = {p: store.load(spec, context, p) for p in PARTS}
-            results.append({"spec": spec, "source": methods[spec].source, "context": context, **parts})
+            stored = {p: store.load(spec, context, p) for p in PARTS}
+            stale = "; ".join(dict.fromkeys(s.stale for s in stored.values() if s is not None and s.stale))
+            parts = {p: s.data if s is not None else None for p, s in stored.items()}
+            results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
     table = report.format_table(rows)
     retrieval_table = report.format_retrieval(rows, FORMS)
     header = describe(conditions)
     paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
     return BenchResult(folder, rows, table, retrieval_table, header, paths)
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or raise :class:`BenchError` saying so."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise BenchError(
+            f"cannot write the results into {folder} ({err.strerror or err}); pass --out a folder you can write to"
+        ) from None
 
 
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
@@ -295,7 +435,8 @@ def describe(conditions: dict) -> str:
     c = conditions
     return (
         f"model {c['model']}, {c['dtype']}, {c['device']}, threads {c['threads']}, batch {c['batch']}; "
-        f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']}, python {c['python']}\n"
+        f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']} (source "
+        f"{c['kvcompress_source']}), python {c['python']}\n"
         f"perplexity: text '{c['text']}', {c['ppl_tokens']} tokens scored token by token after the C compressed "
         f"tokens, at {c['ppl_windows']} windows spread over the text\n"
         f"retrieval: {c['retrieval_cases']} cases (forms {', '.join(FORMS)}; depths 0.1-0.9), seed "
