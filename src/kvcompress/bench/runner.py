@@ -205,8 +205,8 @@ def plan(
 
     ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
     default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
-    measured again unless ``reuse_stale``. The baseline's speed at ``C`` is remeasured whenever
-    another method's speed at ``C`` is, so that speed and memory ratios never compare two runs.
+    measured again unless ``reuse_stale``. When any speed at ``C`` is measured, every row's speed at
+    ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs.
     Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
 
     Raises:
@@ -225,8 +225,10 @@ def plan(
                 stored = store.load(spec, context, part)
                 if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
                     todo[spec, context].append(part)
-        if any("speed" in todo[s, context] for s in specs if s != BASELINE) and "speed" not in todo[BASELINE, context]:
-            todo[BASELINE, context].insert(0, "speed")
+        if any("speed" in todo[s, context] for s in specs):  # speeds at C are measured together
+            for spec in specs:
+                if "speed" in parts.get(spec, PARTS) and "speed" not in todo[spec, context]:
+                    todo[spec, context].insert(0, "speed")
     return todo
 
 
