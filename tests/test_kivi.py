@@ -85,7 +85,8 @@ def test_quantize_all_invalid_group_is_finite():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dim, group", [(64, 32), (64, 16), (48, 24), (96, 32)])
 @pytest.mark.parametrize("rows", [3, 60])
-def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, rows, dtype):
     """The C kernel's logits and value mixing equal attention on dequantized keys and values, up to
     float32 sums taken in another order (logits reach ~1e3 with the outlier channel: rtol 1e-4)."""
     from kvcompress.methods.kivi import KIVISegment
@@ -93,16 +94,17 @@ def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, r
     torch.manual_seed(bits + dim + rows)
     keys, values = torch.randn(2, 3, 4 * group, dim), torch.randn(2, 3, 4 * group, dim)
     keys[..., 1] *= 30  # an outlier channel
-    store = KIVI(bits=bits, group=group).new_store(0, dim, torch.float32)
-    store.append(keys, values, None, None)
+    store = KIVI(bits=bits, group=group).new_store(0, dim, dtype)  # float16 or bfloat16 scales
+    store.append(keys.to(dtype), values.to(dtype), None, None)
     segment = store.segment()
     assert isinstance(segment, KIVISegment)  # the C kernel is built here (CI has a C compiler)
+    store.dtype = torch.float32  # the reference in float32 from the same codes and scales
     ref_keys, ref_values = store.keys_values()
     query = torch.randn(2, 3, rows, dim)
-    torch.testing.assert_close(segment.logits(query), query @ ref_keys.transpose(-1, -2), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(segment.logits(query).float(), query @ ref_keys.transpose(-1, -2), atol=1e-3, rtol=1e-4)
     weights = torch.rand(2, 3, rows, 4 * group)
     weights[..., ::5] = 0  # masked slots
-    torch.testing.assert_close(segment.mix(weights), weights @ ref_values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(segment.mix(weights).float(), weights @ ref_values, atol=1e-4, rtol=1e-4)
 
 
 def test_kernel_reads_a_store_that_grew_and_was_compacted():

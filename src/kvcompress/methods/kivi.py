@@ -246,32 +246,42 @@ class KIVISegment:
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         t, store = self.store.tensors, self.store
-        out = key_logits(query.float().contiguous(), t["key_codes"], t["key_scale"].float(), t["key_min"].float(), store.bits, store.block)
+        out = key_logits(query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], store.bits, store.block)
         return out.to(query.dtype)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         t, store = self.store.tensors, self.store
-        out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"].float(), t["value_min"].float(), store.bits, store.block)
+        out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"], t["value_min"], store.bits, store.block)
         return out.to(weights.dtype)
 
 
-def _call(name: str, out: torch.Tensor, *tensors: torch.Tensor, sizes: tuple[int, ...], bits: int, group: int) -> torch.Tensor:
-    """Run the C kernel ``name`` on contiguous CPU tensors, writing ``out``."""
+_META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
+
+
+def _call(name: str, out: torch.Tensor, first: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+          sizes: tuple[int, ...], bits: int, group: int) -> torch.Tensor:
+    """Run the C kernel ``name`` on CPU tensors, writing ``out``."""
     import ctypes
 
-    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (*tensors, out)]
-    if getattr(native.load("kivi"), name)(*pointers, *map(ctypes.c_int64, sizes), ctypes.c_int(bits), ctypes.c_int64(group)):
+    tensors = [t.contiguous() for t in (first, codes, scale, minimum)]
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+    status = getattr(native.load("kivi"), name)(
+        *pointers, ctypes.c_int(_META[scale.dtype]), ctypes.c_void_p(out.data_ptr()), *map(ctypes.c_int64, sizes),
+        ctypes.c_int(bits), ctypes.c_int64(group),
+    )
+    if status:
         raise MemoryError(f"kvcompress::{name}: the kernel could not allocate its scratch buffers")
     return out
 
 
 @torch.library.custom_op("kvcompress::kivi_key_logits", mutates_args=())
 def key_logits(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``(B, H, G, D)`` float32 queries · keys of channel-major codes ``(B, H, P, N)``: ``(B, H, G, N)``."""
+    """``(B, H, G, D)`` float32 queries · keys of channel-major codes ``(B, H, P, N)``: ``(B, H, G, N)``.
+
+    ``scale``/``minimum`` ``(B, H, N / group, D)`` in float32, float16 or bfloat16."""
     batch, heads, rows, dim = query.shape
     out = query.new_empty(batch, heads, rows, codes.shape[3])
-    return _call("kivi_key_logits", out, query, codes.contiguous(), scale.contiguous(), minimum.contiguous(),
-                 sizes=(batch * heads, rows, dim, codes.shape[3]), bits=bits, group=group)
+    return _call("kivi_key_logits", out, query, codes, scale, minimum, (batch * heads, rows, dim, codes.shape[3]), bits, group)
 
 
 @key_logits.register_fake
@@ -281,12 +291,13 @@ def _(query, codes, scale, minimum, bits, group):
 
 @torch.library.custom_op("kvcompress::kivi_value_mix", mutates_args=())
 def value_mix(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``(B, H, G, N)`` float32 weights · values of token-major codes ``(B, H, N, P)``: ``(B, H, G, D)``."""
+    """``(B, H, G, N)`` float32 weights · values of token-major codes ``(B, H, N, P)``: ``(B, H, G, D)``.
+
+    ``scale``/``minimum`` ``(B, H, N, D / group)`` in float32, float16 or bfloat16."""
     batch, heads, rows, tokens = weights.shape
     dim = codes.shape[3] * 8 // bits
     out = weights.new_empty(batch, heads, rows, dim)
-    return _call("kivi_value_mix", out, weights, codes.contiguous(), scale.contiguous(), minimum.contiguous(),
-                 sizes=(batch * heads, rows, dim, tokens), bits=bits, group=group)
+    return _call("kivi_value_mix", out, weights, codes, scale, minimum, (batch * heads, rows, dim, tokens), bits, group)
 
 
 @value_mix.register_fake
