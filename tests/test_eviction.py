@@ -245,7 +245,8 @@ def test_pyramidkv_layers_hold_their_budgets(smol, ids):
     with torch.no_grad(), kvcompress.attach(model, cache):
         prefill(model, ids, torch.ones_like(ids), cache)
     budgets = [max(b, 4) for b in pyramid_budgets(math.ceil(ids.shape[1] * 0.5), 30, 4)]
-    assert [len(layer) for layer in cache.compressed_layers] == budgets
+    held = [len(layer) if layer.valid() is None else int(layer.valid()[0, 0].sum()) for layer in cache.compressed_layers]
+    assert held == budgets  # (a layer whose cut frees no capacity masks its evicted slots instead)
     # A multi-token step after eviction, with layers of different lengths, equals token-by-token feeding.
     step = ids[:, :6]
     other = kvcompress.make_cache("pyramidkv:ratio=0.5,window=4,beta=4", model)

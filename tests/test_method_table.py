@@ -33,10 +33,38 @@ def none_bytes(tokens):
     return FP_TOKEN * _round_up(tokens, CHUNK)  # the window reserves capacity one chunk at a time
 
 
-def streaming_bytes(sink, window):
+def evicting_window(prompt, tokens, budget, block, slack):
+    """``(slots, capacity, holes, since)`` of a window that is the whole layer, after ``tokens``: cut
+    back to ``budget`` tokens after the prompt and whenever more than ``budget + slack`` have
+    collected, ``since`` tokens ago. A cut compacts the window (to a capacity of the kept tokens
+    rounded up to a chunk) when that frees memory or when ``block`` more tokens would not fit;
+    otherwise it only masks the evicted slots (``holes``: a (B, H, capacity) bool mask is held), so a
+    per-token eviction copies nothing. Capacity grows a chunk at a time."""
+    slots = count = prompt
+    capacity, holes, since = _round_up(prompt, CHUNK), False, 0
+
+    def cut():
+        nonlocal slots, capacity, holes, count, since
+        count, since = budget, 0
+        if _round_up(budget, CHUNK) < capacity or slots + block > capacity:
+            slots, capacity, holes = budget, _round_up(budget, CHUNK), False
+        else:
+            holes = True
+
+    if count > budget:  # the prompt is cut straight to the budget
+        cut()
+    for _ in range(tokens - prompt):
+        capacity = max(capacity, _round_up(slots + 1, CHUNK))
+        slots, count, since = slots + 1, count + 1, since + 1
+        if count > budget + slack:
+            cut()
+    return slots, capacity, holes, since
+
+
+def streaming_bytes(sink, window, prompt=120):
     def formula(tokens):
-        # After eviction the window's capacity is the kept tokens rounded up to a chunk.
-        return none_bytes(min(tokens, sink + window))
+        _, capacity, holes, _ = evicting_window(prompt, tokens, sink + window, 1, 0)
+        return FP_TOKEN * capacity + (LAYERS * KV_HEADS * capacity if holes else 0)
 
     return formula
 
@@ -56,20 +84,17 @@ def kivi_bytes(bits, group, residual):
 
 
 def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
-    """Bytes of a score-based eviction cache: cut to its budget after the prompt, then recompressed
-    each time ``block`` tokens have collected; its window reserves capacity a chunk at a time (also
-    when compacted), methods that score by attention hold a float32 score per slot, methods that
-    score with queries hold the fp32 queries (9 heads) and int64 positions of the tokens seen since
-    the last compression, and every layer holds its int64 budget per head."""
+    """Bytes of a score-based eviction cache: its window (:func:`evicting_window`) with capacity
+    reserved a chunk at a time; methods that score by attention hold a float32 score per slot,
+    methods that score with queries hold the fp32 queries (9 heads) and int64 positions of the tokens
+    seen since the last compression, and every layer holds its int64 budget per head."""
 
     def formula(tokens):
         total = 0
         for budget in budgets or [math.ceil(prompt * (1 - ratio))] * LAYERS:
-            count, since = budget, 0
-            for _ in range(tokens - prompt):
-                count, since = (budget, 0) if count + 1 > budget + block - 1 else (count + 1, since + 1)
-            capacity = _round_up(count, CHUNK)  # compaction keeps the capacity a chunk multiple
-            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * count if scores else 0) + 8 * KV_HEADS
+            slots, capacity, holes, since = evicting_window(prompt, tokens, budget, block, block - 1)
+            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * slots if scores else 0) + 8 * KV_HEADS
+            total += KV_HEADS * capacity if holes else 0
             total += (9 * HEAD_DIM * FP32 + 8) * since if queries else 0
         return total
 

@@ -132,6 +132,24 @@ class FullPrecisionBuffer:
         self.append(k, v, valid)
         return index
 
+    def drop(self, keep: torch.Tensor, room: int) -> torch.Tensor | None:
+        """Drop the slots where ``keep`` ``(B, H, S)`` is False, moving nothing when that frees nothing.
+
+        While the kept tokens need the capacity held anyway and ``room`` more tokens still fit, the
+        dropped slots are only marked invalid (attention masks them): a decode loop that evicts a
+        token per step (streaming, H2O, TOVA) then copies nothing until the buffer is full, and is
+        compacted once a chunk. Returns the ``(B, H, n)`` old slot of each slot held afterwards, or
+        None when slots did not move.
+        """
+        capacity = self.k.shape[2]
+        kept = int(keep.sum(-1).max())
+        if _round_up(kept, self.chunk) < capacity or self.n + room > capacity:
+            return self.compact(keep, in_place=True)
+        if self._valid is None:
+            self._valid = torch.ones(*self.k.shape[:3], dtype=torch.bool, device=self.k.device)
+        self._valid[:, :, : self.n] = keep
+        return None
+
     def take_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Remove and return the oldest ``count`` slots (keys, values, valid)."""
         k, v = self.keys_values()

@@ -187,16 +187,26 @@ class CompressedLayer(CacheLayerMixin):
         keep = selected.keep
         if keep is None:
             return False
-        stored = len(self.store) if self.store is not None else 0
+        self.queries = self.query_positions = None
+        if self.store is None:  # the window is the whole layer: evicted slots may only be masked
+            window_index = self.window.drop(keep, self.selection.block)
+            if window_index is None:  # nothing moved
+                if self.attention is not None and not self.selection.accumulate:
+                    self.attention = torch.zeros_like(self.attention)
+                return True
+            return self._moved([window_index])
+        stored = len(self.store)
         kept = [self.store.compact(keep[..., :stored])] if stored else []
         window_index = self.window.compact(keep[..., stored:], in_place=True)  # (B, H, n) old slot of each
         if self.positions is not None:
             self.positions = self.positions.gather(-1, window_index)
-        kept.append(window_index + stored)
+        return self._moved([*kept, window_index + stored])
+
+    def _moved(self, kept: list[torch.Tensor]) -> bool:
+        """Follow the slots' moves (``(B, H, n)`` old slot of each, per part) with the observed attention."""
         if self.attention is not None:
             index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
             self.attention = self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device)
-        self.queries = self.query_positions = None
         return True
 
     def _settle(self, evicted: bool) -> None:
@@ -381,8 +391,11 @@ class CompressedCache(Cache):
 
     @property
     def stored_tokens(self) -> int:
-        """Slots held by the first compressed layer (tokens seen are ``get_seq_length()``)."""
-        return len(self.compressed_layers[0])
+        """Tokens the first compressed layer holds for its fullest row and head (tokens seen are
+        ``get_seq_length()``); slots held but masked (padding, evicted) are not counted."""
+        layer = self.compressed_layers[0]
+        valid = layer.valid()
+        return len(layer) if valid is None else int(valid.sum(-1).max())
 
 
 def make_cache(method: str, model) -> CompressedCache:

@@ -165,6 +165,7 @@ class Selection:
         accumulate: keep the observed attention across compressions (H2O), instead of restarting it.
         ragged: the heads of a layer keep different numbers of tokens; the layer then stores each
             head's tokens apart, so no padding slot is held.
+        block: new tokens that may collect before the selection evicts again (1: at every step).
     """
 
     name: ClassVar[str]
@@ -181,6 +182,10 @@ class Selection:
     @property
     def ragged(self) -> bool:
         return False
+
+    @property
+    def block(self) -> int:
+        return 1
 
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""
