@@ -195,7 +195,8 @@ def test_single_needles_answer_their_question(ruler_cases):
         for case in _by_form(ruler_cases, form):
             (_, sentence), = case.planted
             name = case.question.split(" of ")[1].split("?")[0]
-            assert f"of {name} is {case.expected}." in sentence and re.fullmatch(pattern, case.expected)
+            shown = f'"{case.expected}"' if case.kind == "word" else case.expected  # a word needle is quoted
+            assert f"of {name} is {shown}." in sentence and re.fullmatch(pattern, case.expected)
             assert case.expected not in case.question and score(sentence, case.expected, case.kind)
 
 
