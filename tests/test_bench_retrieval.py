@@ -219,7 +219,7 @@ def test_variable_tracking_answer_is_the_chain(ruler_cases):
     for case in _by_form(ruler_cases, "vt"):
         values = {}
         for name, source in re.findall(r"VAR (\w+) = (?:VAR )?(\w+)\.", case.context):  # in text order
-            values[name] = values[source] if source in values else source
+            values[name] = values.get(source, source)
         asked = re.search(r"value (\d+)", case.question).group(1)
         assert sorted(case.expected.split()) == sorted(n for n, v in values.items() if v == asked)
         assert sorted(case.distractors) == sorted(n for n, v in values.items() if v != asked)
