@@ -65,7 +65,7 @@ def _one_line(err: str, *fragments: str) -> bool:
         (["--contexts", "1024,"], "--contexts takes comma-separated positive token counts"),
         (["--decode-tokens", "8"], "--decode-tokens must be at least 32"),
         (["--cases", "0"], "--cases must be at least 1"),
-        (["--text", "/nonexistent/book.txt"], "neither prose nor code nor an existing file"),
+        (["--text", "/nonexistent/book.txt"], "neither prose nor code nor kjv nor an existing file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, no_measuring, argv, message):
