@@ -140,7 +140,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         if self.held is not None:
             self._observe_held(query.shape[2], scaling)
-        evicted = self._evict()
+        evicted = self._evict(inputs.expected)
         self._settle(evicted)
 
     def _positions(self, given: torch.Tensor | None, start: int, new: int) -> torch.Tensor:
@@ -171,8 +171,8 @@ class CompressedLayer(CacheLayerMixin):
         earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
         self._observe(torch.nn.functional.pad(earlier, (0, new)))
 
-    def _evict(self) -> bool:
-        """Apply the selection; True when it evicted."""
+    def _evict(self, expected: torch.Tensor | None = None) -> bool:
+        """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`); True when it evicted."""
         if self.selection is None:
             return False
         valid = self.valid()
@@ -180,7 +180,7 @@ class CompressedLayer(CacheLayerMixin):
             valid = torch.ones(*self.window.k.shape[:2], len(self), dtype=torch.bool, device=self.device)
         view = LayerView(
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
-            dense=self._dense, rotary=self.rotary,
+            dense=self._dense, rotary=self.rotary, expected=expected,
         )
         selected = self.selection.select(view)
         self.budget = selected.budget
@@ -337,6 +337,7 @@ class CompressedCache(Cache):
         self.pipeline, self.storage, self.identity = pipeline, storage, identity
         self.attached_to = None  # the model this cache is attached to (kvcompress.attach), if any
         self.deferring = False  # question-aware: hold compression (see deferred)
+        self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
 
     @property
     def spec(self) -> str:
@@ -351,6 +352,16 @@ class CompressedCache(Cache):
             yield self
         finally:
             self.deferring = False
+
+    @contextlib.contextmanager
+    def prefilling(self, lengths: torch.Tensor):
+        """A context of ``lengths`` ``(B,)`` real tokens per row is fed inside this block in chunks:
+        budgets given as a ratio are a ratio of all of it."""
+        self.expected = lengths
+        try:
+            yield self
+        finally:
+            self.expected = None
 
     @property
     def compressed_layers(self) -> list[CompressedLayer]:

@@ -34,7 +34,12 @@ def split_prompt(tokenizer, context: str, question: str | None) -> tuple[str, st
 
 @torch.no_grad()
 def prefill(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache, logits_to_keep: int = 0
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: CompressedCache,
+    logits_to_keep: int = 0,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Run ``input_ids`` through the model into ``cache`` (compressing it); return the logits.
 
@@ -42,18 +47,30 @@ def prefill(
     left-padded row gets the positions it has alone.
     ``logits_to_keep=n`` computes only the last ``n`` positions' logits (0: all), which spares a
     ``(B, T, vocab)`` tensor when only the next token matters.
+    ``chunk=n`` feeds the context ``n`` tokens at a time, compressing after each, so memory peaks
+    at about the compressed context plus one chunk instead of the whole context in full precision;
+    later chunks then attend to the compressed earlier ones (what decoding does), so results differ
+    slightly from one forward. Only the last chunk's logits are returned.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     kwargs = {cache_kwarg(model): cache}
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **kwargs,
-    )
+    length = input_ids.shape[1]
+    if not chunk or length <= chunk:
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs).logits
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    with cache.prefilling(attention_mask.sum(-1)):
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            out = model(
+                input_ids=input_ids[:, start:stop],
+                attention_mask=attention_mask[:, :stop],
+                position_ids=position_ids[:, start:stop],
+                use_cache=True,
+                **kwargs,
+            )
     return out.logits
 
 
@@ -65,6 +82,7 @@ def generate(
     method: str = "none",
     max_new_tokens: int = 64,
     question_aware: bool = False,
+    prefill_chunk: int | None = None,
 ) -> str | list[str]:
     """Compress ``context`` with ``method``, then ask ``question`` (not compressed) and answer greedily.
 
@@ -80,6 +98,9 @@ def generate(
             setting, for one-shot document Q&A). The default compresses the context on its own,
             so the compressed context could serve any question. Refused for methods that do not
             score by attention (it would change nothing but when they compress).
+        prefill_chunk: feed the context this many tokens at a time, compressing between chunks, so
+            memory peaks at about the compressed context plus one chunk (see :func:`prefill`;
+            512 is a good size); None feeds it in one forward.
 
     Returns:
         The answer, or a list of answers for a list of contexts.
@@ -89,7 +110,7 @@ def generate(
         SpecError: bad method spec.
         ValueError: ``question_aware`` with a method that does not score by attention.
     """
-    answers = answer(model, tokenizer, context, question, make_cache(method, model), max_new_tokens, question_aware)
+    answers = answer(model, tokenizer, context, question, make_cache(method, model), max_new_tokens, question_aware, prefill_chunk)
     return answers[0] if isinstance(context, str) else answers
 
 
@@ -101,6 +122,7 @@ def answer(
     cache: CompressedCache,
     max_new_tokens: int,
     question_aware: bool = False,
+    prefill_chunk: int | None = None,
 ) -> list[str]:
     """:func:`generate` with an empty cache the caller made (and can inspect afterwards); always returns a list.
 
@@ -144,7 +166,7 @@ def answer(
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
     with attach(model, cache):
         with cache.deferred() if question_aware else contextlib.nullcontext():
-            prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1)  # its logits are not used
+            prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1, chunk=prefill_chunk)  # its logits are not used
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.cat([ctx_mask, ask_mask], 1),

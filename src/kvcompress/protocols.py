@@ -121,6 +121,8 @@ class LayerView:
             :attr:`keys` and :attr:`values`, built once and only if a scorer asks).
         rotary: the model's :class:`kvcompress.calibration.Rotary`, for scorers that undo or extrapolate
             rotary embeddings; None for a model without one.
+        expected: ``(B,)`` tokens of the context being prefilled in chunks (see
+            :attr:`kvcompress.step.StepInputs.expected`), or None.
     """
 
     valid: torch.Tensor
@@ -132,6 +134,7 @@ class LayerView:
     num_layers: int
     dense: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     rotary: object | None = None
+    expected: torch.Tensor | None = None
 
     @cached_property
     def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,12 +39,15 @@ class StepInputs:
             are ``seen .. seen + q - 1``.
         hold: compress after a later step, not this one (question-aware compression: the question
             that follows is scored with the context).
+        expected: ``(B,)`` tokens of the context being prefilled in chunks, per row, so that budgets
+            given as a ratio are a ratio of the whole context, not of the first chunk; else None.
     """
 
     cache: Any
     valid: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     hold: bool = False
+    expected: torch.Tensor | None = None
 
 
 class Segment(Protocol):

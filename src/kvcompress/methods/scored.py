@@ -4,7 +4,8 @@ A scored method only implements ``score(view) -> (B, H, S)``; this base keeps, p
 the ``sink`` oldest and the ``window`` newest tokens, and the best-scoring others up to the budget
 the allocation gives the layer and head (protected tokens count toward it; they are kept even where
 they exceed it). The budget is fixed at the first compression (``budget`` tokens per head on
-average, or a ``ratio`` of the tokens seen then), so a long generation runs in bounded memory: new
+average, or a ``ratio`` of the tokens seen then, or of the whole context when it is prefilled in
+chunks), so a long generation runs in bounded memory: new
 tokens collect in the full-precision window and, once ``block`` of them have arrived, the layer is
 cut back to its budget.
 
@@ -98,7 +99,8 @@ class ScoredEviction(Selection):
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         budget = view.budget
         if budget is None:  # the first compression (the prompt) cuts straight to the budget
-            average = torch.full_like(count, self.budget) if self.budget else torch.ceil(count * (1 - self.ratio)).long()
+            basis = count if view.expected is None else view.expected.to(count)[:, None, None].expand_as(count)
+            average = torch.full_like(count, self.budget) if self.budget else torch.ceil(basis * (1 - self.ratio)).long()
             budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window)
             slack = 0
         else:
