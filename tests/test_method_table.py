@@ -181,6 +181,8 @@ TABLE = [
         on="expected_attention:ratio=0.5,window=16",
         nbytes=scored_bytes(0.5, 32, False, queries=True),
     ),
+    # Its replay runs in kvcompress.prefill (the padded-batch row); a plain forward scores by the window.
+    Row("kvzip", off="kvzip:ratio=0", on="kvzip:ratio=0.5,window=16", nbytes=scored_bytes(0.5, 32, True)),
     Row(
         "pyramidkv",
         off="pyramidkv:ratio=0",

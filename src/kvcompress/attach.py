@@ -63,7 +63,7 @@ def _pre_forward(cache: CompressedCache, module: torch.nn.Module, args: tuple, k
     if mask is not None and mask.dim() == 2:
         incoming = mask[:, -new:].bool()  # (B, q) the padding of this forward's tokens
         valid = None if bool(incoming.all()) else incoming
-    kwargs[KEYWORD] = StepInputs(cache, valid, kwargs.get("position_ids"), cache.deferring, cache.expected)
+    kwargs[KEYWORD] = StepInputs(cache, valid, kwargs.get("position_ids"), cache.deferring, cache.expected, cache.replaying)
     return args, kwargs
 
 

@@ -55,8 +55,11 @@ def allowed(valid: torch.Tensor, new: int, start: int = 0, stop: int | None = No
     return (valid[:, :, None, :] & causal) | (slot[None, :] == own)
 
 
-def attention_weights(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention weights of the last queries, averaged over the query heads of each KV head.
+def attention_weights(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float, peak: bool = False
+) -> torch.Tensor:
+    """Softmax attention weights of the last queries, averaged over the query heads of each KV head
+    (``peak``: their maximum).
 
     Args:
         queries: ``(B, Hq, m, D)``, the tokens in the last ``m`` slots.
@@ -72,20 +75,33 @@ def attention_weights(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Te
     grouped = queries.reshape(batch, heads, q_heads // heads, m, dim).float()  # (B, H, g, m, D)
     logits = torch.einsum("bhgmd,bhsd->bhgms", grouped, keys.float()) * scaling
     logits = logits.masked_fill(~allowed(valid, m)[:, :, None], -torch.inf)
-    weights = logits.softmax(-1).mean(2)  # (B, H, m, S)
+    weights = logits.softmax(-1)  # (B, H, g, m, S)
+    weights = weights.amax(2) if peak else weights.mean(2)  # (B, H, m, S)
     return weights * valid[..., -m:, None]
 
 
 def summed_attention(queries, keys, valid, scaling) -> torch.Tensor:
     """``(B, H, S)`` attention received by each slot from the ``m`` last queries, in chunks."""
+    return _received(queries, keys, valid, scaling, peak=False)
+
+
+def peak_attention(queries, keys, valid, scaling) -> torch.Tensor:
+    """``(B, H, S)`` the largest attention weight each slot receives from any of the ``m`` last queries
+    and any query head of its KV head (KVzip's score), in chunks."""
+    return _received(queries, keys, valid, scaling, peak=True)
+
+
+def _received(queries, keys, valid, scaling, peak: bool) -> torch.Tensor:
     total = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
     m, slots = queries.shape[2], keys.shape[2]
     for start in range(0, m, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, m)
         end = slots - (m - stop)  # the chunk's queries are the last tokens of keys[:, :, :end]
-        total[..., :end] += attention_weights(
-            queries[:, :, start:stop], keys[:, :, :end], valid[..., :end], scaling
-        ).sum(2)
+        weights = attention_weights(queries[:, :, start:stop], keys[:, :, :end], valid[..., :end], scaling, peak)
+        if peak:
+            total[..., :end] = torch.maximum(total[..., :end], weights.amax(2))
+        else:
+            total[..., :end] += weights.sum(2)
     return total
 
 

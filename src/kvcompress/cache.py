@@ -41,7 +41,7 @@ from kvcompress.models import identity_differences, model_identity, model_name, 
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.state import Value, restore, state_of
-from kvcompress.step import ATTENTION, Attended, Operands, Segment, StepInputs
+from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -113,6 +113,8 @@ class CompressedLayer(CacheLayerMixin):
         slot, then compress; returns the ``(B, Hq, q, D)`` attention output."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
+        if inputs.replay:
+            return self._replay(query, keys, values, inputs, scaling)
         operands = self.append(keys, values, inputs)
         attended = attention.attend(query, operands, scaling)
         self.compress(attended, query, inputs, scaling)
@@ -150,6 +152,32 @@ class CompressedLayer(CacheLayerMixin):
             self._observe_held(query.shape[2], scaling)
         evicted = self._evict(inputs.expected)
         self._settle(evicted)
+
+    def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
+        """A replay step (KVzip): the ``q`` new tokens attend to every held slot and causally to each
+        other, as in a normal step, but are not stored; each held slot's score becomes the most
+        attention it received from any of them (and from any earlier replay step)."""
+        batch, heads, new, _ = keys.shape
+        held = len(self)
+        valid = self.valid()
+        if valid is None:
+            valid = torch.ones(batch, heads, held, dtype=torch.bool, device=keys.device)
+        mine = torch.ones(batch, heads, new, dtype=torch.bool, device=keys.device)
+        if inputs.valid is not None:
+            mine = mine & inputs.valid[:, None, :]
+        valid = torch.cat([valid, mine], -1)  # (B, H, S + q)
+        segments = (*(part.segment() for part in self._parts()), DenseSegment(keys, values))
+        output = attention.attend(query, Operands(segments, valid, heads), scaling).output
+        held_keys, _ = self._dense()
+        peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), valid, scaling)[..., :held]  # (B, H, S)
+        self.attention = peak if self.attention is None else torch.maximum(self.attention, peak)
+        self.held = None  # the replay's queries replace the held context's own
+        return output
+
+    def compress_held(self) -> None:
+        """Compress what held steps left, with no step to follow them (after a replay)."""
+        self.held = None
+        self._settle(self._evict())
 
     def _positions(self, given: torch.Tensor | None, start: int, new: int) -> torch.Tensor:
         """``(B or 1, q)`` positions of the step's tokens: the model's, or ``start .. start + q - 1``."""
@@ -445,6 +473,7 @@ class CompressedCache(Cache):
         self.deferring = False  # question-aware: hold compression (see deferred)
         self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
         self.forked = False  # its slots are read by forks: it may not change any more
+        self.replaying = False  # the tokens fed are a replay of the held context (see replay)
 
     @staticmethod
     def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary) -> list:
@@ -509,6 +538,22 @@ class CompressedCache(Cache):
             yield self
         finally:
             self.expected = None
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Tokens fed inside this block replay the context the cache holds uncompressed (held by
+        :meth:`deferred`), as queries that score it (KVzip); they are not kept. On exit the context is
+        compressed. Sliding-window layers (hybrid models) store what they are fed: they are restored."""
+        sliding = [(layer, _sliding_state(layer)) for layer in self.layers if not isinstance(layer, CompressedLayer)]
+        self.replaying = True
+        try:
+            yield self
+        finally:
+            self.replaying = False
+            for layer, state in sliding:
+                _load_sliding_state(layer, state)
+        for layer in self.compressed_layers:
+            layer.compress_held()
 
     @property
     def compressed_layers(self) -> list[CompressedLayer]:

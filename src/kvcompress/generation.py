@@ -44,6 +44,7 @@ def prefill(
     cache: CompressedCache,
     logits_to_keep: int = 0,
     chunk: int | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """Run ``input_ids`` through the model into ``cache`` (compressing it); return the logits.
 
@@ -55,7 +56,27 @@ def prefill(
     at about the compressed context plus one chunk instead of the whole context in full precision;
     later chunks then attend to the compressed earlier ones (what decoding does), so results differ
     slightly from one forward. Only the last chunk's logits are returned.
+    A selection that replays the context (KVzip, see :func:`replay`) needs the ``tokenizer``: the
+    context is then held uncompressed (fed in chunks of ``chunk`` if given), replayed, and compressed.
+
+    Raises:
+        ValueError: the cache's method replays the context and no ``tokenizer`` was given.
     """
+    selection = cache.pipeline.selection
+    if selection is not None and selection.replay and not cache.deferring:
+        if tokenizer is None:
+            raise ValueError(
+                f"{selection.name} scores the context by replaying it, which needs the tokenizer: pass "
+                "prefill(..., tokenizer=tokenizer) (kvcompress.compress and generate do)"
+            )
+        with cache.deferred():
+            logits = _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
+        replay(model, tokenizer, input_ids, attention_mask, cache)
+        return logits
+    return _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
+
+
+def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk) -> torch.Tensor:
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     kwargs = {cache_kwarg(model): cache}
     if logits_to_keep:
@@ -76,6 +97,55 @@ def prefill(
                 **kwargs,
             )
     return out.logits
+
+
+@torch.no_grad()
+def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache) -> None:
+    """Score the context the cache holds uncompressed by replaying it, then compress it (KVzip).
+    Call it inside :func:`kvcompress.attach`, after prefilling the context under ``cache.deferred()``
+    (:func:`prefill` does both).
+
+    Each row's real tokens are cut into chunks of ``selection.replay`` tokens; chunk ``k`` is fed
+    after the selection's prompt (with a chat template, as the user's turn followed by the assistant
+    header) and, after the first, the last tokens of chunk ``k - 1`` (where to resume), at the
+    positions that follow the context, as queries only (:meth:`CompressedCache.replay`). Rows are
+    chunked on their own tokens and left-padded, so a row is scored as it is alone.
+
+    Args:
+        input_ids, attention_mask: ``(B, T)`` the context the cache was prefilled with (left-padded).
+    """
+    selection = cache.pipeline.selection
+    size = selection.replay
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    lengths = attention_mask.sum(-1, keepdim=True)  # (B, 1)
+    first = tokenizer.encode(_asked_part(tokenizer, selection.replay_prompt(True)), add_special_tokens=False)
+    chunks = max(-(-len(row) // size) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kwargs = {cache_kwarg(model): cache}
+    with cache.replay():
+        for k in range(chunks):
+            fed = []  # each row's prompt and chunk; nothing for a row with fewer chunks
+            for row in rows:
+                part = row[k * size : (k + 1) * size]
+                prompt = first if k == 0 else _resume(tokenizer, selection, row[max(0, k * size - RESUME) : k * size])
+                fed.append(prompt + part if part else [])
+            width = max(len(f) for f in fed)
+            ids = torch.tensor([[pad] * (width - len(f)) + f for f in fed], device=input_ids.device)  # (B, n)
+            mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=input_ids.device)
+            positions = lengths + (mask.cumsum(-1) - 1).clamp_min(0)  # after each row's context
+            model(
+                input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
+                use_cache=True, logits_to_keep=1, **kwargs,
+            )
+
+
+RESUME = 8  # tokens of the chunk before that a replay chunk's prompt quotes, to say where to resume
+
+
+def _resume(tokenizer, selection, tail: list[int]) -> list[int]:
+    """The prompt of a later replay chunk: the instruction, then the end of the chunk before."""
+    text = selection.replay_prompt(False) + " " + tokenizer.decode(tail)
+    return tokenizer.encode(_asked_part(tokenizer, text), add_special_tokens=False)
 
 
 def _encode(tokenizer, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +202,7 @@ def compress(
     # with the question (or alone, to continue the text), so an answer always starts from a step.
     held_back = 0 if getattr(tokenizer, "chat_template", None) else 1
     with attach(model, cache):
-        prefill(model, ids[:, : ids.shape[1] - held_back], mask[:, : ids.shape[1] - held_back], cache, logits_to_keep=1, chunk=prefill_chunk)
+        prefill(model, ids[:, : ids.shape[1] - held_back], mask[:, : ids.shape[1] - held_back], cache, logits_to_keep=1, chunk=prefill_chunk, tokenizer=tokenizer)
     cache.context = (ids, mask)
     return cache
 
@@ -266,6 +336,8 @@ def answer(
             f"question_aware=True changes only methods that score tokens by attention (snapkv, h2o, tova, pyramidkv, "
             f"adakv); {cache.spec!r} does not, so the question could not change what it keeps: drop question_aware"
         )
+    if selection.replay:
+        raise ValueError(f"{cache.spec!r} scores the context by replaying it, whatever the question: drop question_aware")
     if cache.get_seq_length():
         raise ValueError(
             f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "

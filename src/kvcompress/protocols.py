@@ -172,6 +172,10 @@ class Selection:
         ragged: the heads of a layer keep different numbers of tokens; the layer then stores each
             head's tokens apart, so no padding slot is held.
         block: new tokens that may collect before the selection evicts again (1: at every step).
+        replay: tokens of the context per chunk of a replay (KVzip), 0 for none: after the context is
+            prefilled, it is fed again in chunks, each after :meth:`replay_prompt`, as queries only
+            (:attr:`LayerView.attention` is then the most attention each slot received from them),
+            and only then is the context compressed; the replayed tokens are never kept.
     """
 
     name: ClassVar[str]
@@ -192,6 +196,15 @@ class Selection:
     @property
     def block(self) -> int:
         return 1
+
+    @property
+    def replay(self) -> int:
+        return 0
+
+    def replay_prompt(self, first: bool) -> str:
+        """The instruction fed before a chunk of the replayed context (``first``: before the first chunk;
+        later ones are followed by the end of the chunk before, to say where to resume)."""
+        raise NotImplementedError
 
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""

@@ -41,6 +41,8 @@ class StepInputs:
             that follows is scored with the context).
         expected: ``(B,)`` tokens of the context being prefilled in chunks, per row, so that budgets
             given as a ratio are a ratio of the whole context, not of the first chunk; else None.
+        replay: the tokens replay the held context (see :attr:`kvcompress.protocols.Selection.replay`):
+            queries only, attending to the held slots and to each other, never stored.
     """
 
     cache: Any
@@ -48,6 +50,7 @@ class StepInputs:
     positions: torch.Tensor | None = None
     hold: bool = False
     expected: torch.Tensor | None = None
+    replay: bool = False
 
 
 class Segment(Protocol):

@@ -103,12 +103,13 @@ def resolve(spec: str) -> BenchMethod:
 
 
 @torch.no_grad()
-def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache, tokenizer=None) -> torch.Tensor:
     """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits.
 
-    Call it (and :func:`step`) inside ``method.session(model, cache)``."""
+    Call it (and :func:`step`) inside ``method.session(model, cache)``. A method that replays the
+    context to score it (``kvzip``) needs the ``tokenizer``."""
     with method.compressing(model):
-        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1)
+        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1, tokenizer=tokenizer)
 
 
 @torch.no_grad()

@@ -428,7 +428,7 @@ def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, 
     if part == "perplexity":
         ids = inputs.ids()
         offsets = spread_offsets(len(ids), context + config.ppl_tokens + 1, config.ppl_windows)
-        return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label)
+        return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label, tokenizer=tokenizer)
     return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label)
 
 

@@ -42,7 +42,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int) -> tuple[object, float, list[float], int]:
+def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int, tokenizer=None) -> tuple[object, float, list[float], int]:
     """Prefill ``(1, C)`` ids, then decode ``steps`` tokens greedily.
 
     Returns:
@@ -53,7 +53,7 @@ def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int) -> tuple[
     with method.session(model, cache):
         _sync(device)
         start = time.perf_counter()
-        logits = fill_context(method, model, ids, cache)  # (1, 1, V)
+        logits = fill_context(method, model, ids, cache, tokenizer)  # (1, 1, V)
         _sync(device)
         prefill_s = time.perf_counter() - start
         kv_after_prefill = method.nbytes(cache)
@@ -67,8 +67,9 @@ def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int) -> tuple[
     return cache, prefill_s, times, kv_after_prefill
 
 
-def measure(method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int) -> dict:
-    """Warm up, then time the prefill of ``(1, C)`` ids and ``decode_tokens`` greedy steps.
+def measure(method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int, tokenizer=None) -> dict:
+    """Warm up, then time the prefill of ``(1, C)`` ids and ``decode_tokens`` greedy steps (the
+    ``tokenizer``: see :func:`~kvcompress.bench.methods.fill_context`).
 
     Returns:
         ``prefill_s``, ``decode_ms_per_token`` (mean over the steps), ``decode_ms_median``,
@@ -76,10 +77,10 @@ def measure(method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int) -
         ``kv_bytes_after_prefill``, ``kv_bytes_end`` and ``tokens_end``.
     """
     ids = ids.to(model.device)
-    _greedy(method, model, ids[:, :WARMUP_CONTEXT], WARMUP_STEPS)
+    _greedy(method, model, ids[:, :WARMUP_CONTEXT], WARMUP_STEPS, tokenizer)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    cache, prefill_s, times, kv_after_prefill = _greedy(method, model, ids, decode_tokens)
+    cache, prefill_s, times, kv_after_prefill = _greedy(method, model, ids, decode_tokens, tokenizer)
     return {
         "prefill_s": prefill_s,
         "decode_ms_per_token": 1000 * sum(times) / len(times),
@@ -106,12 +107,12 @@ def _child(request: dict) -> dict:
 
     torch.set_num_threads(request["threads"])
     method = resolve(request["spec"])
-    model, _ = load_model(request["model"], dtype=getattr(torch, request["dtype"]), device=request["device"])
+    model, tokenizer = load_model(request["model"], dtype=getattr(torch, request["dtype"]), device=request["device"])
     if model.device.type == "cuda":
         loaded, kind = torch.cuda.memory_allocated(model.device), "torch.cuda.max_memory_allocated"
     else:
         loaded, kind = psutil.Process().memory_info().rss, "peak RSS of the process (ru_maxrss)"
-    result = measure(method, model, torch.tensor([request["ids"]]), request["decode_tokens"])
+    result = measure(method, model, torch.tensor([request["ids"]]), request["decode_tokens"], tokenizer)
     peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else _peak_rss_bytes()
     result.update(peak_memory_bytes=peak, memory_after_load_bytes=loaded, memory_kind=kind)
     return result
