@@ -28,6 +28,10 @@ def test_peak_attention_is_the_max_over_query_heads_and_queries():
     weights = logits.masked_fill(~allowed, -torch.inf).softmax(-1) * valid[:, :, None, -5:, None]
     torch.testing.assert_close(got, weights.amax((2, 3)))
     torch.testing.assert_close(attention_weights(queries, keys, valid, 0.35), weights.mean(2))
+    # KVzip+: per query head and slot, and per query factors weigh each weight before the maximum
+    slots, rows = torch.rand(2, 4, 9), torch.rand(2, 5)
+    plus = weights * slots.view(2, 2, 2, 1, 9) * rows[:, None, None, :, None]
+    torch.testing.assert_close(peak_attention(queries, keys, valid, 0.35, (slots, rows)), plus.amax((2, 3)))
 
 
 @pytest.mark.model
@@ -46,11 +50,15 @@ def test_replay_keeps_a_planted_fact_that_the_window_scores_lose(smol):
 
 @pytest.mark.model
 def test_ragged_heads_and_kivi_compose(smol):
-    """``allocation=adaptive`` stores each head apart; ``+kivi`` quantizes what the heads keep."""
+    """``allocation=adaptive`` stores each head apart; ``+kivi`` quantizes what the heads keep (here with
+    the KVzip+ normalization)."""
     model, tokenizer = smol
     plain = kvcompress.compress(model, tokenizer, CONTEXT, "kvzip:ratio=0.75,window=8,allocation=adaptive")
     quantized = kvcompress.compress(
-        model, tokenizer, CONTEXT, "kvzip:ratio=0.75,window=8,allocation=adaptive+kivi:bits=4,group=16,residual=16"
+        model,
+        tokenizer,
+        CONTEXT,
+        "kvzip:ratio=0.75,window=8,allocation=adaptive,plus=true+kivi:bits=4,group=16,residual=16",
     )
     for cache in (plain, quantized):
         layer = cache.compressed_layers[0]

@@ -56,10 +56,16 @@ def allowed(valid: torch.Tensor, new: int, start: int = 0, stop: int | None = No
 
 
 def attention_weights(
-    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float, peak: bool = False
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    peak: bool = False,
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax attention weights of the last queries, averaged over the query heads of each KV head
-    (``peak``: their maximum).
+    (``peak``: their maximum), each weight first multiplied by ``scale``'s ``(B, Hq, S)`` per slot and
+    ``(B, m)`` per query factors, if given.
 
     Args:
         queries: ``(B, Hq, m, D)``, the tokens in the last ``m`` slots.
@@ -76,6 +82,9 @@ def attention_weights(
     logits = torch.einsum("bhgmd,bhsd->bhgms", grouped, keys.float()) * scaling
     logits = logits.masked_fill(~allowed(valid, m)[:, :, None], -torch.inf)
     weights = logits.softmax(-1)  # (B, H, g, m, S)
+    if scale is not None:
+        slots, rows = scale
+        weights = weights * slots.view(batch, heads, -1, 1, slots.shape[-1]) * rows[:, None, None, :, None]
     weights = weights.amax(2) if peak else weights.mean(2)  # (B, H, m, S)
     return weights * valid[..., -m:, None]
 
@@ -85,19 +94,20 @@ def summed_attention(queries, keys, valid, scaling) -> torch.Tensor:
     return _received(queries, keys, valid, scaling, peak=False)
 
 
-def peak_attention(queries, keys, valid, scaling) -> torch.Tensor:
+def peak_attention(queries, keys, valid, scaling, scale=None) -> torch.Tensor:
     """``(B, H, S)`` the largest attention weight each slot receives from any of the ``m`` last queries
-    and any query head of its KV head (KVzip's score), in chunks."""
-    return _received(queries, keys, valid, scaling, peak=True)
+    and any query head of its KV head (KVzip's score), in chunks; ``scale``: see :func:`attention_weights`."""
+    return _received(queries, keys, valid, scaling, peak=True, scale=scale)
 
 
-def _received(queries, keys, valid, scaling, peak: bool) -> torch.Tensor:
+def _received(queries, keys, valid, scaling, peak: bool, scale=None) -> torch.Tensor:
     total = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
     m, slots = queries.shape[2], keys.shape[2]
     for start in range(0, m, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, m)
         end = slots - (m - stop)  # the chunk's queries are the last tokens of keys[:, :, :end]
-        weights = attention_weights(queries[:, :, start:stop], keys[:, :, :end], valid[..., :end], scaling, peak)
+        part = None if scale is None else (scale[0][..., :end], scale[1][:, start:stop])
+        weights = attention_weights(queries[:, :, start:stop], keys[:, :, :end], valid[..., :end], scaling, peak, part)
         if peak:
             total[..., :end] = torch.maximum(total[..., :end], weights.amax(2))
         else:

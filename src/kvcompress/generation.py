@@ -7,10 +7,11 @@ fork that reads the compressed context without copying it; :func:`generate` is t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
-from kvcompress.attach import attach
+from kvcompress.attach import KEYWORD, attach
 from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.models import cache_kwarg
 
@@ -122,7 +123,7 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
     chunks = max(-(-len(row) // size) for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kwargs = {cache_kwarg(model): cache}
-    with cache.replay():
+    with cache.replay(), _replay_norms(model) if selection.replay_norms else contextlib.nullcontext():
         for k in range(chunks):
             fed = []  # each row's prompt and chunk; nothing for a row with fewer chunks
             for row in rows:
@@ -137,6 +138,30 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
                 input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
                 use_cache=True, logits_to_keep=1, **kwargs,
             )
+
+
+@contextlib.contextmanager
+def _replay_norms(model):
+    """KVzip+: give every attention module's replay step the norm of its input at each token and its
+    output projection (forward pre-hooks on the attention modules, removed on exit)."""
+
+    def hook(module, args, kwargs):
+        inputs = kwargs.get(KEYWORD)
+        if inputs is None or not inputs.replay:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, q, hidden)
+        norms = dataclasses.replace(inputs, hidden_norm=hidden.norm(dim=-1), output_weight=module.o_proj.weight)
+        return args, {**kwargs, KEYWORD: norms}
+
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and isinstance(getattr(m, "o_proj", None), torch.nn.Linear)]
+    if not modules:
+        raise ValueError(f"KVzip+ normalization needs attention modules with an `o_proj` output projection; {type(model).__name__} has none")
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 RESUME = 8  # tokens of the chunk before that a replay chunk's prompt quotes, to say where to resume

@@ -176,6 +176,8 @@ class Selection:
             prefilled, it is fed again in chunks, each after :meth:`replay_prompt`, as queries only
             (:attr:`LayerView.attention` is then the most attention each slot received from them),
             and only then is the context compressed; the replayed tokens are never kept.
+        replay_norms: weigh the replay's attention by the norm of what each slot adds to the output
+            (``|W_O v|``) over the norm of the replayed token's attention input (KVzip+).
     """
 
     name: ClassVar[str]
@@ -200,6 +202,10 @@ class Selection:
     @property
     def replay(self) -> int:
         return 0
+
+    @property
+    def replay_norms(self) -> bool:
+        return False
 
     def replay_prompt(self, first: bool) -> str:
         """The instruction fed before a chunk of the replayed context (``first``: before the first chunk;

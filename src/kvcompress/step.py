@@ -43,6 +43,9 @@ class StepInputs:
             given as a ratio are a ratio of the whole context, not of the first chunk; else None.
         replay: the tokens replay the held context (see :attr:`kvcompress.protocols.Selection.replay`):
             queries only, attending to the held slots and to each other, never stored.
+        hidden_norm: ``(B, q)`` norm of the attention's input at each new token, and
+        output_weight: ``(hidden, Hq * D)`` the layer's output projection: given to a replay step
+            whose selection asks for ``replay_norms`` (per layer, by :func:`kvcompress.generation.replay`).
     """
 
     cache: Any
@@ -51,6 +54,8 @@ class StepInputs:
     hold: bool = False
     expected: torch.Tensor | None = None
     replay: bool = False
+    hidden_norm: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
 
 
 class Segment(Protocol):

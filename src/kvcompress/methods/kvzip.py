@@ -11,6 +11,10 @@ usual top-k of :class:`~kvcompress.methods.scored.ScoredEviction` evicts. The re
 never kept, and the scores do not depend on any question: one compressed context serves many.
 The replay costs about one more prefill (the context and a prompt per chunk).
 
+``plus=true`` is KVzip+ (Jégou and Jeblick, "KVzap: Fast, Adaptive, and Faithful KV Cache Pruning",
+2026, https://arxiv.org/abs/2601.07891): each attention weight is weighed by the norm of what the
+slot adds to the attention output over the norm of the replayed token's attention input.
+
 ``allocation=uniform`` (the default) keeps the same number of tokens in every head of every layer;
 ``allocation=adaptive`` lets the heads of a layer share it (ragged heads, their memory freed); the
 paper's default spreads one budget over all heads of all layers, which neither variant does.
@@ -44,10 +48,14 @@ class KVzip(ScoredEviction):
 
     Args:
         chunk: tokens of the context replayed per forward (the paper's 2K).
+        plus: KVzip+ normalization: each attention weight ``a_ij`` of replayed token ``j`` on slot ``i``
+            is weighed by ``|W_O v_i| / |h_j|`` (what the slot adds to the output, over the norm of the
+            token's attention input ``h_j``) before the maximum.
     """
 
     sink: int = 4
     chunk: int = 2048
+    plus: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +65,10 @@ class KVzip(ScoredEviction):
     @property
     def attention_window(self) -> int:
         return max(1, self.window)  # without a replay, and while decoding
+
+    @property
+    def replay_norms(self) -> bool:
+        return self.plus
 
     @property
     def replay(self) -> int:
