@@ -196,6 +196,12 @@ TABLE = [
         nbytes=None,  # heads hold what their scores earn: test_adakv_keeps_the_reference_allocation_and_frees_the_rest
     ),
     Row(
+        "retrieval",
+        off="snapkv:ratio=0,allocation=retrieval",
+        on="snapkv:ratio=0.5,window=16,allocation=retrieval",
+        nbytes=None,  # retrieval heads keep more: test_retrieval_heads_keep_more_and_the_rest_is_freed
+    ),
+    Row(
         "adakv+kivi",
         off="adakv:ratio=0+kivi:bits=4,residual=100000",
         # 8-bit: at 4 bits the shifted quantization groups of the padded row alone flip its second word

@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvcompress import attention
 from kvcompress.buffer import CHUNK, FullPrecisionBuffer, RaggedStore
-from kvcompress.calibration import rotary_of
+from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
@@ -65,10 +65,12 @@ class CompressedLayer(CacheLayerMixin):
         layer_idx: int = 0,
         num_layers: int = 1,
         rotary=None,
+        head_scores: torch.Tensor | None = None,
     ):
         super().__init__()
         self.selection, self.storage = selection, storage
         self.layer_idx, self.num_layers, self.rotary = layer_idx, num_layers, rotary
+        self.head_scores = head_scores  # (L, H) the model's retrieval-head scores, if the selection asks
         self.ragged = selection is not None and selection.ragged
         # With a store, the window never holds more than residual + block - 1 tokens between steps;
         # a ragged layer's window collects the tokens of one block of decoding.
@@ -223,7 +225,7 @@ class CompressedLayer(CacheLayerMixin):
             valid = torch.ones(*self.window.k.shape[:2], len(self), dtype=torch.bool, device=self.device)
         view = LayerView(
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
-            dense=self._dense, rotary=self.rotary, expected=expected,
+            dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores,
         )
         selected = self.selection.select(view)
         self.budget = selected.budget
@@ -356,7 +358,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary)
+        self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary, self.head_scores)
 
     def fork(self, copies: int) -> CompressedLayer:
         """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after."""
@@ -471,9 +473,10 @@ class CompressedCache(Cache):
     """
 
     def __init__(
-        self, pipeline: Pipeline, config, storage: Storage | None = None, identity: dict | None = None, rotary=None, layers=None
+        self, pipeline: Pipeline, config, storage: Storage | None = None, identity: dict | None = None, rotary=None, layers=None,
+        head_scores: torch.Tensor | None = None,
     ):
-        super().__init__(layers=layers or self._new_layers(pipeline, config, storage, rotary))
+        super().__init__(layers=layers or self._new_layers(pipeline, config, storage, rotary, head_scores))
         self.pipeline, self.storage, self.identity, self.config = pipeline, storage, identity, config
         self.context: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, C) ids and padding mask compressed, if known
         self.attached_to = None  # the model this cache is attached to (kvcompress.attach), if any
@@ -483,13 +486,13 @@ class CompressedCache(Cache):
         self.replaying = False  # the tokens fed are a replay of the held context (see replay)
 
     @staticmethod
-    def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary) -> list:
+    def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary, head_scores=None) -> list:
         text_config = config.get_text_config()
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         layers = []
         for layer_type in types:
             if layer_type == "full_attention":
-                layers.append(CompressedLayer(pipeline.selection, storage, len(layers), len(types), rotary))
+                layers.append(CompressedLayer(pipeline.selection, storage, len(layers), len(types), rotary, head_scores))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             else:
@@ -719,7 +722,8 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
 def make_cache(method: str, model) -> CompressedCache:
     """Build a compressed cache for ``model`` from a method spec; use it inside :func:`kvcompress.attach`.
 
-    The model is not changed: its calibration (for ``lowrank``, ``share_heads``) is read, built and
+    The model is not changed: its calibration (for ``lowrank``, ``share_heads``, the ``retrieval``
+    allocation) is read, built and
     saved on first use if needed, and what the cache needs of it is prepared and owned by the cache.
 
     Args:
@@ -740,4 +744,7 @@ def make_cache(method: str, model) -> CompressedCache:
         rotary = rotary_of(model)
         if rotary is None:
             raise SpecError(f"{pipeline.selection.name} extrapolates rotary embeddings, which {model_name(model)} has none of")
-    return CompressedCache(pipeline, model.config, storage, model_identity(model), rotary)
+    head_scores = None
+    if pipeline.selection is not None and pipeline.selection.retrieval_heads:
+        head_scores = load_retrieval_heads(model, pipeline.selection.calibration or None)
+    return CompressedCache(pipeline, model.config, storage, model_identity(model), rotary, head_scores=head_scores)

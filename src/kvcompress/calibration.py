@@ -13,6 +13,10 @@ calibrations live in ``<cache_dir>/calibration/`` (next to converted models, see
 :func:`kvcompress.models.cache_dir`); :func:`load_or_build` finds or builds them, saying so on
 stderr when it builds.
 
+A calibration may also hold per-head retrieval scores (:func:`retrieval_heads`: how much each KV
+head copies from far context, measured on synthetic key-value text), which the ``retrieval``
+allocation reads; they are added to the model's calibration file the first time they are needed.
+
 The default text is standard-library source that the benchmark harness never scores (its ``code``
 text reads other modules and its default ``prose`` text is pydoc's help topics), so a benchmark
 never evaluates on the text its calibration saw.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +79,7 @@ class Calibration:
     values_cov: torch.Tensor
     tokens: int
     text: str
+    retrieval: torch.Tensor | None = None  # (L, H) retrieval_heads scores, once measured
 
     @property
     def heads(self) -> int:
@@ -92,6 +98,8 @@ class Calibration:
             "values.mean": self.values_mean,
             "values.cov": self.values_cov,
         }
+        if self.retrieval is not None:
+            tensors["retrieval"] = self.retrieval
         metadata = {"format": FORMAT, "identity": json.dumps(self.identity), "tokens": str(self.tokens), "text": self.text}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -125,6 +133,7 @@ class Calibration:
             values_cov=tensors["values.cov"],
             tokens=int(meta["tokens"]),
             text=meta.get("text", ""),
+            retrieval=tensors.get("retrieval"),
         )
         if model is not None:
             calibration.check(model, path)
@@ -307,6 +316,68 @@ def load_or_build(model, path: str | Path | None = None) -> Calibration:
     calibration = calibrate(model, tokenizer)
     calibration.save(default)
     return calibration
+
+
+def load_retrieval_heads(model, path: str | Path | None = None) -> torch.Tensor:
+    """``(L, H)`` retrieval scores of ``model``'s KV heads from its calibration (``path``, or the
+    default one), measured with :func:`retrieval_heads` and saved into the file on first use.
+
+    Raises:
+            CalibrationError: as :func:`load_or_build`; or ``path`` holds no retrieval scores.
+    """
+    calibration = load_or_build(model, path)
+    if calibration.retrieval is None:
+        if path:
+            raise CalibrationError(f"calibration {str(path)!r} holds no retrieval-head scores; make it again with `kvcompress calibrate`")
+        print(f"kvcompress: measuring the retrieval heads of {model_name(model)} -> {default_path(model)} (once)", file=sys.stderr, flush=True)
+        calibration.retrieval = retrieval_heads(model, _tokenizer_of(model))
+        calibration.save(default_path(model))
+    return calibration.retrieval
+
+
+RETRIEVAL_SAMPLES = 4  # synthetic key-value lists, the needle at a different depth in each
+RETRIEVAL_PAIRS = 40  # key-value lines per list
+
+
+@torch.no_grad()
+def retrieval_heads(model, tokenizer, samples: int = RETRIEVAL_SAMPLES, pairs: int = RETRIEVAL_PAIRS) -> torch.Tensor:
+    """``(L, H)`` float32: how much each KV head of each layer attends to a needle it must copy.
+
+    On synthetic lists of ``pairs`` lines ``key <hex> holds <number>.`` (seeded, a text the benchmarks
+    never score) followed by the question for one key and, teacher-forced, its answer, a head's score
+    is the attention mass the queries that predict each answer token put on the needle's number,
+    averaged over those queries, the query heads of the KV head and the ``samples`` lists (the
+    retrieval-head measure of DuoAttention / RazorAttention). Runs the model with eager attention,
+    restored afterwards.
+    """
+    rng = random.Random("kvcompress-retrieval-heads")
+    cfg = model.config.get_text_config()
+    heads = cfg.num_key_value_heads
+    total = torch.zeros(cfg.num_hidden_layers, heads)
+    previous = model.config._attn_implementation
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    try:
+        model.set_attn_implementation("eager")
+        for sample in range(samples):
+            lines = [(f"{rng.getrandbits(24):06x}", str(rng.randrange(10_000, 100_000))) for _ in range(pairs)]
+            needle = (sample * pairs) // samples + rng.randrange(pairs // samples)
+            ids = tokenizer("Remember these entries.\n")["input_ids"]
+            for i, (key, value) in enumerate(lines):
+                ids += encode(f"key {key} holds ")
+                if i == needle:
+                    span = (len(ids), len(ids) + len(encode(value)))
+                ids += encode(value) + encode(".\n")
+            key, value = lines[needle]
+            ids += encode(f"\nWhich number does key {key} hold? Key {key} holds ")
+            answer = (len(ids), len(ids) + len(encode(value)))
+            ids += encode(value)
+            out = model(torch.tensor([ids], device=model.device), output_attentions=True, use_cache=False)
+            for layer, weights in enumerate(out.attentions):  # (1, Hq, T, T)
+                mass = weights[0, :, answer[0] - 1 : answer[1] - 1, span[0] : span[1]].float().sum(-1).mean(-1)  # (Hq,)
+                total[layer] += mass.view(heads, -1).mean(1).cpu()
+    finally:
+        model.set_attn_implementation(previous)
+    return total / samples
 
 
 def _tokenizer_of(model):

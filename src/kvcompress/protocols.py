@@ -126,6 +126,8 @@ class LayerView:
             rotary embeddings; None for a model without one.
         expected: ``(B,)`` tokens of the context being prefilled in chunks (see
             :attr:`kvcompress.step.StepInputs.expected`), or None.
+        head_scores: ``(L, H)`` the model's retrieval-head scores, when the selection asks for them
+            (:attr:`Selection.retrieval_heads`); else None.
     """
 
     valid: torch.Tensor
@@ -138,6 +140,7 @@ class LayerView:
     dense: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     rotary: object | None = None
     expected: torch.Tensor | None = None
+    head_scores: torch.Tensor | None = None
 
     @cached_property
     def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +179,8 @@ class Selection:
             prefilled, it is fed again in chunks, each after :meth:`replay_prompt`, as queries only
             (:attr:`LayerView.attention` is then the most attention each slot received from them),
             and only then is the context compressed; the replayed tokens are never kept.
+        retrieval_heads: it needs the model's retrieval-head scores (:attr:`LayerView.head_scores`),
+            from the model's calibration.
         replay_norms: weigh the replay's attention by the norm of what each slot adds to the output
             (``|W_O v|``) over the norm of the replayed token's attention input (KVzip+).
     """
@@ -205,6 +210,10 @@ class Selection:
 
     @property
     def replay_norms(self) -> bool:
+        return False
+
+    @property
+    def retrieval_heads(self) -> bool:
         return False
 
     def replay_prompt(self, first: bool) -> str:

@@ -10,6 +10,10 @@ nothing of how the scores were made, so any scorer takes any allocation
 - ``adaptive``: the heads of a layer share the layer's budget, spent on the best scores of any head,
   each head keeping at least ``alpha`` of its share (Ada-KV, https://arxiv.org/abs/2407.11550).
   Heads then hold different numbers of tokens (``ragged``), stored apart so nothing is padded.
+- ``retrieval``: the KV heads that copy from far context (retrieval heads, scored once per model by
+  :func:`kvcompress.calibration.retrieval_heads`) keep a large budget, the others their sinks and
+  window; how many heads are retrieval heads follows from the average budget (DuoAttention,
+  https://arxiv.org/abs/2410.10819; RazorAttention, https://arxiv.org/abs/2407.11550). Ragged.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
 """
@@ -45,8 +49,12 @@ class Uniform:
 
     ragged = False
 
-    def layer_budget(self, average: torch.Tensor, layer_idx: int, num_layers: int, floor: int) -> torch.Tensor:
-        """``(B, H, 1)`` tokens this layer keeps per head, from the ``(B, H, 1)`` average."""
+    def layer_budget(
+        self, average: torch.Tensor, layer_idx: int, num_layers: int, floor: int, basis=None, head_scores=None
+    ) -> torch.Tensor:
+        """``(B, H, 1)`` tokens this layer keeps per head, from the ``(B, H, 1)`` average, the protected
+        window ``floor``, the ``(B, H, 1)`` tokens the budget is a share of (``basis``) and the model's
+        ``(L, H)`` retrieval-head scores (``head_scores``, for ``retrieval``)."""
         return average
 
     def over_budget(self, count: torch.Tensor, limit: torch.Tensor) -> bool:
@@ -66,7 +74,7 @@ class Pyramid(Uniform):
 
     beta: float = 20.0
 
-    def layer_budget(self, average, layer_idx, num_layers, floor):
+    def layer_budget(self, average, layer_idx, num_layers, floor, basis=None, head_scores=None):
         per_row = [pyramid_budgets(int(a), num_layers, self.beta)[layer_idx] for a in average.flatten().tolist()]
         return torch.tensor(per_row, device=average.device).view_as(average).clamp_min(floor)
 
@@ -92,13 +100,48 @@ class Adaptive(Uniform):
         return base | extra.reshape(batch, heads, slots)
 
 
-ALLOCATIONS = ("uniform", "pyramid", "adaptive")
+@dataclass(frozen=True)
+class Retrieval(Uniform):
+    """Retrieval heads keep a large budget, the others (streaming heads) ``sink`` + ``floor`` tokens.
+
+    With ``n`` KV heads in the model (all layers), an average of ``A`` tokens per head out of ``T``
+    (``basis``) and ``s = sink + floor``, the ``ceil(n (A - s) / (T - s))`` heads with the highest
+    retrieval scores share what the streaming heads leave of the ``n A`` tokens (at most ``T`` each):
+    the target compression chooses the split. Which tokens a head keeps within its budget is the
+    scorer's choice (beyond the protected sinks and window).
+    """
+
+    sink: int = 0
+    ragged = True
+
+    def layer_budget(self, average, layer_idx, num_layers, floor, basis=None, head_scores=None):
+        if head_scores is None:
+            raise ValueError("the retrieval allocation needs the model's retrieval-head scores (see make_cache)")
+        flat = head_scores.flatten()  # (L * H,)
+        n, heads = flat.numel(), head_scores.shape[1]
+        order = torch.argsort(flat, descending=True, stable=True)
+        out = []
+        for a, t in zip(average[:, 0, 0].tolist(), basis[:, 0, 0].tolist()):
+            stream = min(self.sink + floor, a)
+            count = 0 if t <= stream else min(n, math.ceil(n * (a - stream) / (t - stream)))
+            big = min(t, math.ceil((n * a - (n - count) * stream) / count)) if count else stream
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[order[:count]] = True
+            mine = chosen.view(-1, heads)[layer_idx]  # (H,) retrieval heads of this layer
+            out.append(torch.where(mine, big, stream))
+        return torch.stack(out).to(average)[..., None]  # (B, H, 1)
 
 
-def allocation(name: str, beta: float, alpha: float) -> Uniform:
-    """The allocation called ``name``, with its parameter (``beta`` for pyramid, ``alpha`` for adaptive)."""
+ALLOCATIONS = ("uniform", "pyramid", "adaptive", "retrieval")
+
+
+def allocation(name: str, beta: float, alpha: float, sink: int = 0) -> Uniform:
+    """The allocation called ``name``, with its parameter (``beta`` for pyramid, ``alpha`` for adaptive,
+    ``sink`` for retrieval)."""
     if name == "pyramid":
         return Pyramid(beta)
     if name == "adaptive":
         return Adaptive(alpha)
+    if name == "retrieval":
+        return Retrieval(sink)
     return Uniform()

@@ -37,6 +37,8 @@ class ScoredEviction(Selection):
             (shrinking with depth) or ``adaptive`` (the heads of a layer share it).
         beta: ``pyramid`` only: ratio of the average budget to the last layer's.
         alpha: ``adaptive`` only: fraction of the average every head keeps whatever its scores.
+        calibration: ``retrieval`` only: the calibration file holding the retrieval-head scores;
+            empty for the model's default (measured and saved on first use).
     """
 
     ratio: float = 0.5
@@ -47,6 +49,7 @@ class ScoredEviction(Selection):
     allocation: str = "uniform"
     beta: float = 20.0
     alpha: float = 0.2
+    calibration: str = ""
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -66,6 +69,10 @@ class ScoredEviction(Selection):
     @property
     def ragged(self) -> bool:
         return allocation(self.allocation, self.beta, self.alpha).ragged
+
+    @property
+    def retrieval_heads(self) -> bool:
+        return self.allocation == "retrieval" and self.evicts
 
     @property
     def evicts(self) -> bool:
@@ -94,14 +101,14 @@ class ScoredEviction(Selection):
     def select(self, view: LayerView) -> Selected:
         if not self.evicts:
             return Selected(None, view.budget)
-        policy = allocation(self.allocation, self.beta, self.alpha)
+        policy = allocation(self.allocation, self.beta, self.alpha, self.sink)
         valid = view.valid
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         budget = view.budget
         if budget is None:  # the first compression (the prompt) cuts straight to the budget
             basis = count if view.expected is None else view.expected.to(count)[:, None, None].expand_as(count)
             average = torch.full_like(count, self.budget) if self.budget else torch.ceil(basis * (1 - self.ratio)).long()
-            budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window)
+            budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window, basis, view.head_scores)
             slack = 0
         else:
             slack = self.block - 1

@@ -1,0 +1,66 @@
+"""The ``retrieval`` allocation: heads measured once per model, a split set by the target compression."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompress
+from kvcompress.buffer import RaggedStore
+from kvcompress.calibration import CalibrationError, load_or_build, retrieval_heads
+from kvcompress.methods.budgets import Retrieval
+
+CONTEXT = "The history of the city begins with a small harbour and a market. " * 10
+
+
+def test_the_best_scoring_heads_share_what_the_streaming_heads_leave():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]])  # (L=2, H=3)
+    policy = Retrieval(sink=4)
+    average, basis = torch.full((1, 3, 1), 40), torch.full((1, 3, 1), 100)
+    budgets = torch.stack(
+        [policy.layer_budget(average, layer, 2, 8, basis, scores) for layer in range(2)]
+    )  # (L, 1, H, 1)
+    budgets = budgets[:, 0, :, 0]
+    # s = 12; ceil(6 * (40 - 12) / (100 - 12)) = 2 retrieval heads: the two best, sharing 6*40 - 4*12 = 192 tokens
+    assert budgets.tolist() == [[12, 96, 12], [96, 12, 12]]
+    assert int(budgets.sum()) == 6 * 40
+    everything = torch.stack(
+        [policy.layer_budget(torch.full((1, 3, 1), 100), i, 2, 8, basis, scores) for i in range(2)]
+    )
+    assert bool((everything == 100).all())  # no compression: every head keeps everything
+
+
+@pytest.mark.model
+def test_retrieval_heads_are_few_and_measured_on_synthetic_lists(smol):
+    model, tokenizer = smol
+    before = model.config._attn_implementation
+    scores = retrieval_heads(model, tokenizer, samples=1, pairs=12)
+    assert model.config._attn_implementation == before  # eager attention only while measuring
+    assert scores.shape == (30, 3) and bool((scores >= 0).all())
+    assert float(scores.max()) > 20 * float(scores.median())  # a few heads copy, most do not
+
+
+@pytest.mark.model
+def test_retrieval_heads_keep_more_and_the_rest_is_freed(smol, tmp_path):
+    model, tokenizer = smol
+    calibration = load_or_build(model)
+    calibration.retrieval = torch.zeros(30, 3)
+    calibration.retrieval[[2, 7, 20], [0, 2, 1]] = 1.0  # three retrieval heads
+    path = calibration.save(tmp_path / "calibration.safetensors")
+    spec = f"knorm:ratio=0.9,window=8,sink=4,allocation=retrieval,calibration={path}"
+    cache = kvcompress.compress(model, tokenizer, CONTEXT, spec)
+    seen = cache.get_seq_length()
+    for layer in cache.compressed_layers:
+        assert isinstance(layer.store, RaggedStore)
+        valid = layer.valid()  # None: every head holds all its slots
+        kept = valid.sum(-1)[0] if valid is not None else torch.full((3,), len(layer))  # (H,)
+        retrieval = calibration.retrieval[layer.layer_idx] > 0
+        assert kept[~retrieval].tolist() == [12] * int((~retrieval).sum())  # sinks and window
+        assert bool((kept[retrieval] > 12).all())
+    uniform = kvcompress.compress(model, tokenizer, CONTEXT, "knorm:ratio=0.9,window=8,sink=4")
+    assert cache.nbytes < 2 * uniform.nbytes < kvcompress.compress(model, tokenizer, CONTEXT, "none").nbytes
+    assert seen == uniform.get_seq_length()
+    calibration.retrieval = None
+    bare = calibration.save(tmp_path / "bare.safetensors")
+    with pytest.raises(CalibrationError, match="no retrieval-head scores"):
+        kvcompress.make_cache(f"knorm:ratio=0.9,allocation=retrieval,calibration={bare}", model)
