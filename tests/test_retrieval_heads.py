@@ -28,6 +28,9 @@ def test_the_best_scoring_heads_share_what_the_streaming_heads_leave():
         [policy.layer_budget(torch.full((1, 3, 1), 100), i, 2, 8, basis, scores) for i in range(2)]
     )
     assert bool((everything == 100).all())  # no compression: every head keeps everything
+    scores[1] = -torch.inf  # a layer this cache does not compress (a hybrid model's sliding layer)
+    first = policy.layer_budget(average, 0, 2, 8, basis, scores)[0, :, 0]
+    assert first.tolist() == [12, 96, 12]  # 3 heads compete: 1 retrieval head takes 3 * 40 - 2 * 12
 
 
 @pytest.mark.model

@@ -745,5 +745,8 @@ def make_cache(method: str, model) -> CompressedCache:
             raise SpecError(f"{pipeline.selection.name} extrapolates rotary embeddings, which {model_name(model)} has none of")
     head_scores = None
     if pipeline.selection is not None and pipeline.selection.retrieval_heads:
-        head_scores = load_retrieval_heads(model, pipeline.selection.calibration or None)
+        head_scores = load_retrieval_heads(model, pipeline.selection.calibration or None).clone()
+        types = getattr(model.config.get_text_config(), "layer_types", None)
+        if types is not None:  # only heads of the compressed (full-attention) layers compete
+            head_scores[[t != "full_attention" for t in types]] = -torch.inf
     return CompressedCache(pipeline, model.config, storage, model_identity(model), rotary, head_scores=head_scores)

@@ -104,7 +104,7 @@ class Adaptive(Uniform):
 class Retrieval(Uniform):
     """Retrieval heads keep a large budget, the others (streaming heads) ``sink`` + ``floor`` tokens.
 
-    With ``n`` KV heads in the model (all layers), an average of ``A`` tokens per head out of ``T``
+    With ``n`` KV heads in the model's compressed layers, an average of ``A`` tokens per head out of ``T``
     (``basis``) and ``s = sink + floor``, the ``ceil(n (A - s) / (T - s))`` heads with the highest
     retrieval scores share what the streaming heads leave of the ``n A`` tokens (at most ``T`` each):
     the target compression chooses the split. Which tokens a head keeps within its budget is the
@@ -117,15 +117,15 @@ class Retrieval(Uniform):
     def layer_budget(self, average, layer_idx, num_layers, floor, basis=None, head_scores=None):
         if head_scores is None:
             raise ValueError("the retrieval allocation needs the model's retrieval-head scores (see make_cache)")
-        flat = head_scores.flatten()  # (L * H,)
-        n, heads = flat.numel(), head_scores.shape[1]
+        flat = head_scores.flatten()  # (L * H,); -inf: a head this cache does not compress (sliding layers)
+        n, heads = int(torch.isfinite(flat).sum()), head_scores.shape[1]
         order = torch.argsort(flat, descending=True, stable=True)
         out = []
         for a, t in zip(average[:, 0, 0].tolist(), basis[:, 0, 0].tolist()):
             stream = min(self.sink + floor, a)
             count = 0 if t <= stream else min(n, math.ceil(n * (a - stream) / (t - stream)))
             big = min(t, math.ceil((n * a - (n - count) * stream) / count)) if count else stream
-            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool)
             chosen[order[:count]] = True
             mine = chosen.view(-1, heads)[layer_idx]  # (H,) retrieval heads of this layer
             out.append(torch.where(mine, big, stream))
