@@ -323,7 +323,7 @@ def load_retrieval_heads(model, path: str | Path | None = None) -> torch.Tensor:
     default one), measured with :func:`retrieval_heads` and saved into the file on first use.
 
     Raises:
-            CalibrationError: as :func:`load_or_build`; or ``path`` holds no retrieval scores.
+        CalibrationError: as :func:`load_or_build`; or ``path`` holds no retrieval scores.
     """
     calibration = load_or_build(model, path)
     if calibration.retrieval is None:
@@ -355,7 +355,10 @@ def retrieval_heads(model, tokenizer, samples: int = RETRIEVAL_SAMPLES, pairs: i
     heads = cfg.num_key_value_heads
     total = torch.zeros(cfg.num_hidden_layers, heads)
     previous = model.config._attn_implementation
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
     try:
         model.set_attn_implementation("eager")
         for sample in range(samples):
