@@ -100,27 +100,6 @@ def peak_attention(queries, keys, valid, scaling, scale=None) -> torch.Tensor:
     return _received(queries, keys, valid, scaling, peak=True, scale=scale)
 
 
-def attend_peak(query, keys, values, valid, scaling, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A replay step in one pass: the ``(B, Hq, q, D)`` output of the step's queries (the last ``q``
-    slots) over ``(B, H, S, D)`` keys and values, and :func:`peak_attention` from the same weights."""
-    batch, q_heads, m, dim = query.shape
-    heads, slots = keys.shape[1], keys.shape[2]
-    peak = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
-    outputs = []
-    for start in range(0, m, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, m)
-        grouped = query[:, :, start:stop].reshape(batch, heads, -1, stop - start, dim).float()  # (B, H, g, c, D)
-        logits = torch.einsum("bhgmd,bhsd->bhgms", grouped, keys.float()) * scaling
-        logits = logits.masked_fill(~allowed(valid, m, start, stop)[:, :, None], -torch.inf)
-        weights = logits.softmax(-1)  # (B, H, g, c, S)
-        outputs.append(torch.einsum("bhgms,bhsd->bhgmd", weights, values.float()).reshape(batch, q_heads, stop - start, dim))
-        if scale is not None:
-            weights = weights * scale[0].view(batch, heads, -1, 1, slots) * scale[1][:, None, None, start:stop, None]
-        real = valid[..., slots - m + start : slots - m + stop]  # (B, H, c): padding queries count zero
-        peak = torch.maximum(peak, (weights.amax(2) * real[..., None]).amax(2))
-    return torch.cat(outputs, 2).to(query.dtype), peak
-
-
 def _received(queries, keys, valid, scaling, peak: bool, scale=None) -> torch.Tensor:
     total = torch.zeros(valid.shape, dtype=torch.float32, device=keys.device)
     m, slots = queries.shape[2], keys.shape[2]

@@ -41,7 +41,7 @@ from kvcompress.models import identity_differences, model_identity, model_name, 
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.state import Value, restore, state_of
-from kvcompress.step import ATTENTION, Attended, Operands, Segment, StepInputs
+from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -168,16 +168,17 @@ class CompressedLayer(CacheLayerMixin):
         if inputs.valid is not None:
             mine = mine & inputs.valid[:, None, :]
         valid = torch.cat([valid, mine], -1)  # (B, H, S + q)
+        segments = (*(part.segment() for part in self._parts()), DenseSegment(keys, values))
+        output = attention.attend(query, Operands(segments, valid, heads), scaling).output
         held_keys, held_values = self._dense()
-        every_keys, every_values = torch.cat([held_keys, keys], 2), torch.cat([held_values, values], 2)  # (B, H, S + q, D)
         scale = None
         if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
+            every = torch.cat([held_values, values], 2).float()  # (B, H, S + q, D)
             rep = query.shape[1] // heads
-            out_heads = inputs.output_weight.float().view(-1, heads, rep, every_values.shape[-1])  # (hidden, H, g, D)
-            contributed = torch.einsum("bhsd,ehgd->bhgse", every_values.float(), out_heads).norm(dim=-1)  # (B, H, g, S + q)
+            out_heads = inputs.output_weight.float().view(-1, heads, rep, every.shape[-1])  # (hidden, H, g, D)
+            contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
             scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
-        output, peak = attention.attend_peak(query, every_keys, every_values, valid, scaling, scale)
-        peak = peak[..., :held]  # (B, H, S)
+        peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), valid, scaling, scale)[..., :held]  # (B, H, S)
         self.attention = peak if self.attention is None else torch.maximum(self.attention, peak)
         self.held = None  # the replay's queries replace the held context's own
         return output
