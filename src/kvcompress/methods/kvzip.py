@@ -9,7 +9,8 @@ cache (:func:`kvcompress.generation.replay`). A slot's score is the largest atte
 receives from any replayed token and any query head of its KV head, over all chunks; then the
 usual top-k of :class:`~kvcompress.methods.scored.ScoredEviction` evicts. The replayed tokens are
 never kept, and the scores do not depend on any question: one compressed context serves many.
-The replay costs about one more prefill (the context and a prompt per chunk).
+The replay runs the model over the context once more (plus a prompt per chunk), with attention
+over the whole held context: on 2,000 tokens (CPU, 1 thread) compressing took 3.3x SnapKV's time.
 
 ``plus=true`` is KVzip+ (Jégou and Jeblick, "KVzap: Fast, Adaptive, and Faithful KV Cache Pruning",
 2026, https://arxiv.org/abs/2601.07891): each attention weight is weighed by the norm of what the
@@ -44,17 +45,19 @@ from kvcompress.registry import register
 @register("kvzip")
 @dataclass(frozen=True)
 class KVzip(ScoredEviction):
-    """``kvzip:ratio=0.75,chunk=2048``; see :class:`ScoredEviction` for shared fields.
+    """``kvzip:ratio=0.75,chunk=512``; see :class:`ScoredEviction` for shared fields.
 
     Args:
-        chunk: tokens of the context replayed per forward (the paper's 2K).
+        chunk: tokens of the context replayed per forward. The paper uses 2K; a chunk attends to the
+            context and to itself, so the replay's attention costs ``T (T + chunk)`` for ``T`` tokens,
+            and 512 measured half the time of 2048 on 2,000 tokens (CPU).
         plus: KVzip+ normalization: each attention weight ``a_ij`` of replayed token ``j`` on slot ``i``
             is weighed by ``|W_O v_i| / |h_j|`` (what the slot adds to the output, over the norm of the
             token's attention input ``h_j``) before the maximum.
     """
 
     sink: int = 4
-    chunk: int = 2048
+    chunk: int = 512
     plus: bool = False
 
     def __post_init__(self):
