@@ -63,7 +63,7 @@ def prefill(
     Raises:
         ValueError: the cache's method replays the context and no ``tokenizer`` was given.
     """
-    selection = cache.pipeline.selection
+    selection = cache.pipeline.selection if isinstance(cache, CompressedCache) else None  # kvpress rows: a DynamicCache
     if selection is not None and selection.replay and not cache.deferring:
         if tokenizer is None:
             raise ValueError(
