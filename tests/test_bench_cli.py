@@ -66,6 +66,8 @@ def _one_line(err: str, *fragments: str) -> bool:
         (["--decode-tokens", "8"], "--decode-tokens must be at least 32"),
         (["--cases", "0"], "--cases must be at least 1"),
         (["--text", "/nonexistent/book.txt"], "neither prose nor code nor kjv nor an existing file"),
+        (["--retrieval-tasks", "rular"], "unknown retrieval task set 'rular'; sets: default, ruler"),
+        (["--retrieval-tasks", "ruler", "--cases", "30"], "--cases 30: --retrieval-tasks ruler takes a multiple of 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, no_measuring, argv, message):
@@ -73,6 +75,16 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, no_measuring, argv, 
     assert code == 2
     assert err.startswith("kvcompress: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _config(*argv):
+    return config_from_args(build_parser().parse_args(["bench", *argv]), UsageError)
+
+
+def test_ruler_cases_default_to_whole_rounds_of_32_and_quick_keeps_the_default_set():
+    assert (_config().tasks, _config().cases) == ("default", 9)
+    assert (_config("--retrieval-tasks", "ruler").cases, _config("--retrieval-tasks", "ruler", "--cases", "16").cases) == (32, 16)
+    assert (_config("--quick").tasks, _config("--quick").cases) == ("default", 3)
 
 
 def test_context_longer_than_the_model_accepts(capsys, tmp_path, no_measuring):
@@ -147,7 +159,7 @@ def _fake_part(part: str) -> dict:
                 "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
     if part == "perplexity":
         return {"perplexity": 10.0}
-    return {"correct": 1, "cases": 1, "by_form": {"passkey": [1, 1]}}
+    return {"correct": 1, "cases": 1, "by_task": {"passkey": [1, 1]}}
 
 
 @pytest.mark.model

@@ -50,7 +50,7 @@ def _results(with_speed: bool) -> list[dict]:
             "spec": spec, "source": "kvpress" if spec.startswith("kvpress:") else "kvcompress", "context": 1024,
             "speed": speed if with_speed and not aware else None,
             "perplexity": None if aware else {"perplexity": 10.0 + i},
-            "retrieval": {"correct": 3 - i % 4, "cases": 3, "by_form": {"passkey": [3 - i % 4, 3]}},
+            "retrieval": {"correct": 3 - i % 4, "cases": 3, "by_task": {"passkey": [3 - i % 4, 3]}},
         })
     return results
 

@@ -34,7 +34,7 @@ def _result(spec, context, kv, ppl, correct, source="kvcompress"):
         "context": context,
         "speed": _speed(kv, 2.0 if spec == "none" else 3.0, 10.0 if spec == "none" else 5.0, 2**30, context),
         "perplexity": {"perplexity": ppl},
-        "retrieval": {"correct": correct, "cases": 3, "by_form": {"passkey": [1, 1], "kv": [correct - 1, 2]}},
+        "retrieval": {"correct": correct, "cases": 3, "by_task": {"passkey": [1, 1], "kv": [correct - 1, 2]}},
     }
 
 
@@ -91,6 +91,28 @@ def test_folder_is_named_after_the_conditions():
     assert name == "smollm2-135m_float32_cpu-2t_prose_ppl64x3_ret9-seed0_dec32"
     other = BenchConfig(methods=("none",), contexts=(1024,), device="cpu", threads=2, seed=1).folder_name("prose")
     assert other != name
+    ruler = BenchConfig(methods=("none",), contexts=(1024,), device="cpu", threads=2, cases=32, tasks="ruler")
+    assert ruler.folder_name("prose") == "smollm2-135m_float32_cpu-2t_prose_ppl64x3_ret32-ruler-seed0_dec32"
+
+
+def test_retrieval_table_shows_every_task_and_the_recall_of_list_answers():
+    ruler = {"correct": 5, "cases": 8, "by_task": {"single-number": [1, 1], "multivalue": [0, 1], "vt": [0, 1]},
+             "recall_by_task": {"single-number": 1.0, "multivalue": 0.75, "vt": 0.2}}
+    results = [{**r, "retrieval": ruler} for r in RESULTS[:2]]
+    rows = report.build_rows(results, CONDITIONS)
+    assert rows[1]["retrieval_recall_multivalue"] == 0.75 and rows[1]["retrieval_acc_vt"] == 0.0
+    table = report.format_retrieval(rows, ("single-number", "multivalue", "vt", "cwe"), ("multivalue", "vt", "cwe"))
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[-1].strip() == "all" and lines[2].split(" | ")[0].strip() == "none"
+    cells = [c.strip() for c in lines[3].split(" | ")]
+    assert cells == ["kivi:bits=2", "1024", "100%", "0% (0.75)", "0% (0.20)", "n/a", "62%"]
+    assert lines[-1].startswith("multivalue, vt, cwe: accuracy (mean recall")
+
+
+def test_a_stale_retrieval_part_counted_by_form_is_still_read():
+    """Parts stored before task sets hold ``by_form``; ``--reuse-stale`` shows them."""
+    old = {**RESULTS[1], "retrieval": {"correct": 2, "cases": 3, "by_form": {"passkey": [1, 1], "kv": [1, 2]}}}
+    assert report.build_rows([old], CONDITIONS)[0]["retrieval_acc_kv"] == 0.5
 
 
 def test_folder_is_unique_per_model(tmp_path, monkeypatch):

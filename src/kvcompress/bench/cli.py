@@ -12,6 +12,7 @@ DEFAULTS = {
     "ppl_tokens": 64,
     "ppl_windows": 3,
     "cases": 9,
+    "ruler_cases": 32,
     "decode_tokens": 32,
 }
 # --quick: about 3 minutes on 2 CPU cores.
@@ -21,6 +22,7 @@ QUICK = {
     "ppl_tokens": 32,
     "ppl_windows": 2,
     "cases": 3,
+    "ruler_cases": 8,
     "decode_tokens": 32,
 }
 MIN_DECODE_TOKENS = 32
@@ -53,7 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--ppl-tokens", type=int, help=f"tokens scored per perplexity window {preset('ppl_tokens')}")
     parser.add_argument("--ppl-windows", type=int, help=f"perplexity windows spread over the text {preset('ppl_windows')}")
-    parser.add_argument("--cases", type=int, help=f"retrieval cases per context length {preset('cases')}")
+    parser.add_argument(
+        "--cases", type=int,
+        help=f"retrieval cases per context length {preset('cases')}; with --retrieval-tasks ruler a multiple of 8 "
+        f"(a case of each task per round), default {DEFAULTS['ruler_cases']} (--quick: {QUICK['ruler_cases']})",
+    )
+    parser.add_argument(
+        "--retrieval-tasks", default="default",
+        help="retrieval task set: default (passkey, kv, two-part) or ruler (RULER-style: single-number, single-word, "
+        "single-uuid, multikey, multivalue, multiquery, vt, cwe; named in the results folder)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval cases")
     parser.add_argument("--decode-tokens", type=int, help=f"greedy tokens timed for decode speed {preset('decode_tokens')}")
 
@@ -74,11 +85,23 @@ def config_from_args(args, usage_error):
 
     from kvcompress.bench.kvpress_adapter import KVPressUnavailable
     from kvcompress.bench.methods import resolve
+    from kvcompress.bench.retrieval import task_names
     from kvcompress.bench.runner import BenchConfig
     from kvcompress.registry import SpecError
 
     preset = QUICK if args.quick else DEFAULTS
-    value = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in DEFAULTS}
+    value = {key: getattr(args, key, None) if getattr(args, key, None) is not None else preset[key] for key in DEFAULTS}
+    try:
+        tasks = task_names(args.retrieval_tasks)
+    except ValueError as err:
+        raise usage_error(f"--retrieval-tasks: {err}") from None
+    if args.retrieval_tasks != "default":  # every task as often: whole rounds of cases
+        value["cases"] = args.cases if args.cases is not None else value["ruler_cases"]
+        if value["cases"] % len(tasks):
+            raise usage_error(
+                f"--cases {value['cases']}: --retrieval-tasks {args.retrieval_tasks} takes a multiple of {len(tasks)} "
+                f"(a case of each task per round), e.g. {DEFAULTS['ruler_cases']}"
+            )
     specs = tuple(s.strip() for s in value["methods"].split(",") if s.strip())
     if not specs:
         raise usage_error("--methods is empty; pass specs such as none,kivi:bits=2")
@@ -112,6 +135,7 @@ def config_from_args(args, usage_error):
         ppl_tokens=value["ppl_tokens"],
         ppl_windows=value["ppl_windows"],
         cases=value["cases"],
+        tasks=args.retrieval_tasks,
         seed=args.seed,
         decode_tokens=value["decode_tokens"],
     )

@@ -74,8 +74,11 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
             row["retrieval_correct"] = ret["correct"]
             row["retrieval_cases"] = ret["cases"]
             row["retrieval_acc"] = ret["correct"] / ret["cases"]
-            for form, (correct, total) in ret["by_form"].items():
-                row[f"retrieval_acc_{form}"] = correct / total
+            # Parts stored before task sets named the counts by_form (read with --reuse-stale).
+            for task, (correct, total) in ret.get("by_task", ret.get("by_form", {})).items():
+                row[f"retrieval_acc_{task}"] = correct / total
+            for task, found in ret.get("recall_by_task", {}).items():
+                row[f"retrieval_recall_{task}"] = found
         row.update(conditions)
         rows.append(row)
     return rows
@@ -134,15 +137,25 @@ def format_table(rows: list[dict]) -> str:
     return text
 
 
-def format_retrieval(rows: list[dict], forms: tuple[str, ...]) -> str:
-    """Retrieval accuracy per task form: a row per method and context."""
-    body = []
-    for r in rows:
-        if "retrieval_acc" in r:
-            cells = [_label(r), str(r["context"])]
-            cells += [f"{100 * r[f'retrieval_acc_{f}']:.0f}%" if f"retrieval_acc_{f}" in r else "n/a" for f in forms]
-            body.append(cells + [f"{100 * r['retrieval_acc']:.0f}%"])
-    return _grid(["method", "C", *forms, "all"], body) if body else ""
+def format_retrieval(rows: list[dict], tasks: tuple[str, ...], list_tasks: tuple[str, ...] = ()) -> str:
+    """Retrieval accuracy per task, and over all tasks: a row per method and context, ``none`` first at
+    each context. A task of ``list_tasks`` also shows its mean recall, e.g. ``25% (0.70)``."""
+
+    def cell(row, task):
+        if f"retrieval_acc_{task}" not in row:
+            return "n/a"
+        found = row.get(f"retrieval_recall_{task}") if task in list_tasks else None
+        return f"{100 * row[f'retrieval_acc_{task}']:.0f}%" + (f" ({found:.2f})" if found is not None else "")
+
+    body = [[_label(r), str(r["context"]), *(cell(r, t) for t in tasks), f"{100 * r['retrieval_acc']:.0f}%"]
+            for r in rows if "retrieval_acc" in r]
+    if not body:
+        return ""
+    text = _grid(["method", "C", *tasks, "all"], body)
+    shown = [t for t in tasks if t in list_tasks]
+    if shown:
+        text += f"\n{', '.join(shown)}: accuracy (mean recall: the fraction of a list answer's items found)"
+    return text
 
 
 def write_outputs(folder: Path, rows: list[dict], raw: list[dict], conditions: dict, text: str) -> dict[str, Path]:

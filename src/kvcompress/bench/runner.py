@@ -33,7 +33,7 @@ import kvcompress
 from kvcompress.bench import report
 from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, resolve
 from kvcompress.bench.perplexity import perplexity
-from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
+from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
 from kvcompress.bench.speed import measure_in_subprocess
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.calibration import CalibrationError
@@ -41,7 +41,7 @@ from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
 from kvcompress.registry import SpecError
 
 PARTS = ALL_PARTS
-QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
+QUESTION_ROOM = 192  # positions a retrieval prompt needs beyond its context: template, question, answer
 
 
 class BenchError(ValueError):
@@ -62,6 +62,7 @@ class BenchConfig:
     ppl_tokens: int = 64
     ppl_windows: int = 3
     cases: int = 9
+    tasks: str = "default"  # the retrieval task set, one of retrieval.TASK_SETS
     seed: int = 0
     decode_tokens: int = 32
 
@@ -69,9 +70,10 @@ class BenchConfig:
         """Name of the results folder: every condition a measurement depends on, methods aside."""
         model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
+        tasks = "" if self.tasks == "default" else f"-{self.tasks}"  # default: the names folders had before sets
         return (
             f"{model}_{self.dtype}_{device}_{text_name}_ppl{self.ppl_tokens}x{self.ppl_windows}"
-            f"_ret{self.cases}-seed{self.seed}_dec{self.decode_tokens}"
+            f"_ret{self.cases}{tasks}-seed{self.seed}_dec{self.decode_tokens}"
         )
 
 
@@ -259,6 +261,7 @@ def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> 
         "ppl_windows": config.ppl_windows,
         "ppl_scoring": "token by token at true positions, after the compressed context",
         "retrieval_cases": config.cases,
+        "retrieval_tasks": config.tasks,
         "retrieval_seed": config.seed,
         "retrieval_haystack": "generated plain sentences",
         "decode_tokens": config.decode_tokens,
@@ -304,7 +307,7 @@ class _Inputs:
     def cases(self, context: int):
         if context not in self._cases:
             _, tokenizer = self.model()
-            self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed)
+            self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed, self.config.tasks)
         return self._cases[context]
 
     def check(self, methods: list[BenchMethod]) -> None:
@@ -393,7 +396,7 @@ def run(
             results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
     table = report.format_table(rows)
-    retrieval_table = report.format_retrieval(rows, FORMS)
+    retrieval_table = report.format_retrieval(rows, task_names(config.tasks), LIST_TASKS)
     header = describe(conditions)
     paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
     return BenchResult(folder, rows, table, retrieval_table, header, paths)
@@ -441,8 +444,20 @@ def describe(conditions: dict) -> str:
         f"{c['kvcompress_source']}), python {c['python']}\n"
         f"perplexity: text '{c['text']}', {c['ppl_tokens']} tokens scored token by token after the C compressed "
         f"tokens, at {c['ppl_windows']} windows spread over the text\n"
-        f"retrieval: {c['retrieval_cases']} cases (forms {', '.join(FORMS)}; depths 0.1-0.9), seed "
-        f"{c['retrieval_seed']}, haystack of {c['retrieval_haystack']}, exact match on numbers\n"
+        f"retrieval: {_retrieval_conditions(c)}\n"
         f"speed: prefill of the first C tokens of the text, then {c['decode_tokens']} greedy decode steps, after a "
         f"warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}"
+    )
+
+
+def _retrieval_conditions(c: dict) -> str:
+    """The retrieval line of :func:`describe`: the task set and how replies are scored."""
+    tasks = c["retrieval_tasks"]
+    which = f"tasks {', '.join(task_names(tasks))}" if tasks == "default" else f"task set '{tasks}': {', '.join(task_names(tasks))}"
+    cases = f"{c['retrieval_cases']} cases ({which}; depths 0.1-0.9), seed {c['retrieval_seed']}, haystack of {c['retrieval_haystack']}"
+    if tasks == "default":
+        return f"{cases}, exact match on numbers"
+    return (
+        f"{cases}; exact match on the reply's numbers, words, UUIDs or variable names; a list answer "
+        f"({', '.join(LIST_TASKS)}) needs every item and no distractor, its recall (in parentheses) is the fraction found"
     )
