@@ -31,6 +31,17 @@ QUESTION_AWARE = "@question-aware"
 ALL_PARTS = ("speed", "perplexity", "retrieval")
 
 
+def perplexity_parts(texts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The stored parts of perplexity on ``texts`` (names): ``("perplexity",)`` for one text (the
+    name parts had before several texts), else ``perplexity[<name>]`` per text."""
+    return ("perplexity",) if len(texts) == 1 else tuple(f"perplexity[{name}]" for name in texts)
+
+
+def part_kind(part: str) -> str:
+    """What a stored part measures, among :data:`ALL_PARTS`: ``perplexity[kjv]`` -> ``perplexity``."""
+    return part.partition("[")[0]
+
+
 class BenchMethod(Protocol):
     """One row of the benchmark: how to build its cache and compress a context into it."""
 

@@ -1,7 +1,8 @@
 """Run the benchmark: every method at every context length, on the same footing.
 
 For each context length ``C`` and each method: speed and memory in a fresh process
-(:mod:`kvcompress.bench.speed`), perplexity of the text after ``C`` compressed tokens
+(:mod:`kvcompress.bench.speed`, on the first ``C`` tokens of the first text), perplexity of each
+text after ``C`` compressed tokens
 (:mod:`kvcompress.bench.perplexity`), and retrieval of facts planted in ``C`` tokens
 (:mod:`kvcompress.bench.retrieval`). ``none`` is always measured and is the baseline of every
 ratio.
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 import kvcompress
 from kvcompress.bench import report
-from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, resolve
+from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, part_kind, perplexity_parts, resolve
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
 from kvcompress.bench.speed import measure_in_subprocess
@@ -58,7 +59,7 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     threads: int = field(default_factory=torch.get_num_threads)
-    text: str = "prose"
+    texts: tuple[str, ...] = ("prose",)  # perplexity texts (built-in names or paths); speed reads the first
     ppl_tokens: int = 64
     ppl_windows: int = 3
     cases: int = 9
@@ -67,7 +68,10 @@ class BenchConfig:
     decode_tokens: int = 32
 
     def folder_name(self, text_name: str) -> str:
-        """Name of the results folder: every condition a measurement depends on, methods aside."""
+        """Name of the results folder: every condition a measurement depends on, methods aside.
+
+        ``text_name``: the texts' names joined by ``+`` (one text: its name).
+        """
         model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
         tasks = "" if self.tasks == "default" else f"-{self.tasks}"  # default: the names folders had before sets
@@ -202,11 +206,13 @@ def plan(
     force: bool,
     parts: dict[str, tuple[str, ...]] | None = None,
     reuse_stale: bool = False,
+    shown: tuple[str, ...] = PARTS,
 ) -> dict[tuple[str, int], list[str]]:
     """Which parts each (spec, context) must measure: missing or stale ones, or all with ``force``.
 
-    ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
-    default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
+    ``shown`` names every part a row can show (one perplexity part per text, see
+    :func:`~kvcompress.bench.methods.perplexity_parts`); ``parts`` limits a spec to some of them (a
+    question-aware row measures retrieval only); by default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
     measured again unless ``reuse_stale``. When any speed at ``C`` is measured, every row's speed at
     ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs.
     Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
@@ -218,9 +224,9 @@ def plan(
     todo = {}
     for context in contexts:
         for spec in specs:
-            wanted = parts.get(spec, PARTS)
+            wanted = parts.get(spec, shown)
             todo[spec, context] = []
-            for part in PARTS:
+            for part in shown:
                 if force and part in wanted:
                     todo[spec, context].append(part)
                     continue
@@ -229,7 +235,7 @@ def plan(
                     todo[spec, context].append(part)
         if any("speed" in todo[s, context] for s in specs):  # speeds at C are measured together
             for spec in specs:
-                if "speed" in parts.get(spec, PARTS) and "speed" not in todo[spec, context]:
+                if "speed" in parts.get(spec, shown) and "speed" not in todo[spec, context]:
                     todo[spec, context].insert(0, "speed")
     return todo
 
@@ -248,7 +254,7 @@ def device_label(device: str) -> str:
     return device
 
 
-def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> dict:
+def conditions_of(config: BenchConfig, text_names: list[str], found_versions: dict) -> dict:
     """The conditions stated with every figure (copied into every row)."""
     return {
         "model": config.model,
@@ -256,7 +262,7 @@ def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> 
         "device": device_label(config.device),
         "threads": config.threads,
         "batch": 1,
-        "text": text_name,
+        "text": ",".join(text_names),
         "ppl_tokens": config.ppl_tokens,
         "ppl_windows": config.ppl_windows,
         "ppl_scoring": "token by token at true positions, after the compressed context",
@@ -265,7 +271,7 @@ def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> 
         "retrieval_seed": config.seed,
         "retrieval_haystack": "generated plain sentences",
         "decode_tokens": config.decode_tokens,
-        "decode": "greedy, one token per step, after a warm-up; prompt: the first C tokens of the text",
+        "decode": f"greedy, one token per step, after a warm-up; prompt: the first C tokens of the text '{text_names[0]}'",
         "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated",
         **found_versions,
     }
@@ -282,12 +288,12 @@ class BenchResult:
 
 
 class _Inputs:
-    """The model, the text's ids and the retrieval cases, loaded only when something must be measured."""
+    """The model, the texts' ids and the retrieval cases, loaded only when something must be measured."""
 
-    def __init__(self, config: BenchConfig, text):
-        self.config, self.text = config, text
+    def __init__(self, config: BenchConfig, texts: list):
+        self.config, self.texts = config, {text.name: text for text in texts}
         self._loaded = None
-        self._ids = None
+        self._ids = {}
         self._cases = {}
 
     def model(self):
@@ -298,11 +304,13 @@ class _Inputs:
             )
         return self._loaded
 
-    def ids(self) -> torch.Tensor:
-        if self._ids is None:
+    def ids(self, name: str | None = None) -> torch.Tensor:
+        """``(L,)`` token ids of the text ``name`` (default: the first text)."""
+        name = name or next(iter(self.texts))
+        if name not in self._ids:
             _, tokenizer = self.model()
-            self._ids = torch.tensor(tokenizer(self.text.body, add_special_tokens=False)["input_ids"])  # (L,)
-        return self._ids
+            self._ids[name] = torch.tensor(tokenizer(self.texts[name].body, add_special_tokens=False)["input_ids"])
+        return self._ids[name]
 
     def cases(self, context: int):
         if context not in self._cases:
@@ -327,7 +335,7 @@ class _Inputs:
                 raise BenchError(str(err)) from None
 
     def check_lengths(self) -> None:
-        """Every context fits the model's positions, and the text holds a perplexity window of each.
+        """Every context fits the model's positions, and every text holds a perplexity window of each.
 
         Raises:
             BenchError: naming the longest context that would fit.
@@ -335,18 +343,19 @@ class _Inputs:
         config = self.config
         limit = self.model()[0].config.get_text_config().max_position_embeddings
         room = max(config.ppl_tokens + 1, QUESTION_ROOM)
-        tokens = len(self.ids())
         for context in config.contexts:
             if context + room > limit:
                 raise BenchError(
                     f"--contexts {context} needs {context + room} positions but {config.model} has {limit}; "
                     f"use contexts up to {limit - room}"
                 )
-            if context + config.ppl_tokens + 1 > tokens:
-                raise BenchError(
-                    f"the text {self.text.name!r} has {tokens} tokens, too few for --contexts {context} plus "
-                    f"{config.ppl_tokens} scored tokens; pass a longer --text"
-                )
+            for name in self.texts:
+                tokens = len(self.ids(name))
+                if context + config.ppl_tokens + 1 > tokens:
+                    raise BenchError(
+                        f"the text {name!r} has {tokens} tokens, too few for --contexts {context} plus "
+                        f"{config.ppl_tokens} scored tokens; pass a longer --text"
+                    )
 
 
 def run(
@@ -369,14 +378,18 @@ def run(
     methods = {spec: resolve(spec) for spec in specs}
     if not config.contexts or any(c < 1 for c in config.contexts):
         raise BenchError("--contexts needs positive token counts, e.g. --contexts 1024,4096")
-    text = load_text(config.text)
-    folder = out / config.folder_name(text.name)
+    texts = [load_text(source) for source in config.texts]
+    names = [text.name for text in texts]
+    if not names or len(set(names)) < len(names):
+        raise BenchError(f"--text {','.join(config.texts)!r} must name each text once, e.g. --text prose,kjv")
+    folder = out / config.folder_name("+".join(names))
     _check_writable(folder)
     store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
-    conditions = conditions_of(config, text.name, versions(list(methods.values())))
-    wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
-    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale)
-    inputs = _Inputs(config, text)
+    conditions = conditions_of(config, names, versions(list(methods.values())))
+    shown = tuple(p for kind in PARTS for p in (perplexity_parts(names) if kind == "perplexity" else (kind,)))
+    wanted = {spec: tuple(p for p in shown if part_kind(p) in m.parts and part_kind(p) in only) for spec, m in methods.items()}
+    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale, shown)
+    inputs = _Inputs(config, texts)
     total = sum(len(parts) for parts in todo.values())
     if total:
         inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
@@ -390,12 +403,12 @@ def run(
     results = []
     for context in config.contexts:
         for spec in specs:
-            stored = {p: store.load(spec, context, p) for p in PARTS}
+            stored = {p: store.load(spec, context, p) for p in shown}
             stale = "; ".join(dict.fromkeys(s.stale for s in stored.values() if s is not None and s.stale))
             parts = {p: s.data if s is not None else None for p, s in stored.items()}
             results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
-    table = report.format_table(rows)
+    table = report.format_table(rows, perplexity_parts(names))
     retrieval_table = report.format_retrieval(rows, task_names(config.tasks), LIST_TASKS)
     header = describe(conditions)
     paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
@@ -428,8 +441,8 @@ def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, 
         }
         return measure_in_subprocess(request)
     model, tokenizer = inputs.model()
-    if part == "perplexity":
-        ids = inputs.ids()
+    if part_kind(part) == "perplexity":
+        ids = inputs.ids(part.partition("[")[2].rstrip("]") or None)  # perplexity[kjv] -> kjv; perplexity: the only text
         offsets = spread_offsets(len(ids), context + config.ppl_tokens + 1, config.ppl_windows)
         return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label)
     return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label)
@@ -442,10 +455,10 @@ def describe(conditions: dict) -> str:
         f"model {c['model']}, {c['dtype']}, {c['device']}, threads {c['threads']}, batch {c['batch']}; "
         f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']} (source "
         f"{c['kvcompress_source']}), python {c['python']}\n"
-        f"perplexity: text '{c['text']}', {c['ppl_tokens']} tokens scored token by token after the C compressed "
-        f"tokens, at {c['ppl_windows']} windows spread over the text\n"
+        f"perplexity: text {', '.join(repr(t) for t in c['text'].split(','))}, {c['ppl_tokens']} tokens scored token "
+        f"by token after the C compressed tokens, at {c['ppl_windows']} windows spread over each text\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
-        f"speed: prefill of the first C tokens of the text, then {c['decode_tokens']} greedy decode steps, after a "
+        f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}, then {c['decode_tokens']} greedy decode steps, after a "
         f"warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}"
     )
 
