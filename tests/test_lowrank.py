@@ -40,7 +40,7 @@ def _store(tiny, keys, values, key_rank, value_rank, groups=1, sink=0, inner=Non
         mean, cov = _moments(x[0])
         mean, basis, _ = principal(mean, cov, groups)
         parts += [None, None] if rank == basis.shape[-1] else [mean, basis[..., :rank].contiguous()]
-    return LowRankStore(LayerBasis(groups, *parts), rotary, inner or FullPrecisionBuffer(), sink)
+    return LowRankStore(LayerBasis(groups, *parts), rotary, inner or FullPrecisionBuffer(), sink, H)
 
 
 def _positions(keys):
@@ -68,7 +68,7 @@ def test_full_rank_basis_rebuilds_exactly(tiny):
     keys = Rotary(tiny).rotate(keys, torch.arange(keys.shape[2]))
     rotary = Rotary(tiny)
     stats = [principal(*_moments(x[0]), 1) for x in (rotary.unrotate(keys, torch.arange(256)), values)]
-    store = LowRankStore(LayerBasis(1, stats[0][0], stats[0][1], stats[1][0], stats[1][1]), rotary, FullPrecisionBuffer(), 0)
+    store = LowRankStore(LayerBasis(1, stats[0][0], stats[0][1], stats[1][0], stats[1][1]), rotary, FullPrecisionBuffer(), 0, H)
     store.append(keys, values, None, positions=_positions(keys))
     k, v = store.keys_values()
     torch.testing.assert_close(k, keys, atol=1e-5, rtol=1e-5)

@@ -10,10 +10,13 @@
 
 from kvcompress import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from kvcompress.attach import attach
-from kvcompress.cache import CompressedCache, make_cache
-from kvcompress.generation import generate
+from kvcompress.cache import CompressedCache, load_cache, make_cache
+from kvcompress.generation import ask, compress, generate
 from kvcompress.models import load_model
 from kvcompress.registry import SpecError, methods, register
 
-__all__ = ["CompressedCache", "SpecError", "attach", "generate", "load_model", "make_cache", "methods", "register"]
+__all__ = [
+    "CompressedCache", "SpecError", "ask", "attach", "compress", "generate", "load_cache", "load_model", "make_cache", "methods",
+    "register",
+]
 __version__ = "0.1.0"

@@ -168,7 +168,7 @@ def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> 
         weights = logits.softmax(-1)  # (B, H, rep, c, S) float32
         flat = weights.view(batch, heads, rep * c, slots).to(query.dtype)
         out = sum(segment.mix(flat[..., lo:hi]) for segment, lo, hi in zip(segments, bounds[:-1], bounds[1:]))
-        outputs.append(out.view(batch, q_heads, c, -1))
+        outputs.append(out.reshape(batch, q_heads, c, -1))
         first = max(start, new - m) if m else stop
         if first < stop:  # observed queries in this chunk: rows of padding queries count zero
             rows = weights[:, :, :, first - start :].mean(2)  # (B, H, c', S)

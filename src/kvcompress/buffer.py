@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from kvcompress.state import state_of
 from kvcompress.step import DenseSegment
 
 CHUNK = 64  # default tokens of capacity reserved at a time
@@ -55,6 +56,7 @@ class FullPrecisionBuffer:
     """
 
     block = 1
+    STATE = ("k", "v", "_valid", "n")  # see kvcompress.state
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
@@ -181,6 +183,8 @@ class RaggedStore:
     tokens its ``valid`` marks: a multiple of ``block`` in every head.
     """
 
+    STATE = ("shape",)  # see kvcompress.state; the inner stores are entries "stores.<i>."
+
     def __init__(self, new_store: Callable[[], object]):
         self.new_store = new_store
         self.block = new_store().block
@@ -193,6 +197,20 @@ class RaggedStore:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for row in self.rows for s in row)
+
+    @property
+    def shape(self) -> str:
+        """``"BxH"``: rows and heads held (``"0x0"`` before the first append)."""
+        return f"{len(self.rows)}x{len(self.rows[0]) if self.rows else 0}"
+
+    @shape.setter
+    def shape(self, value: str) -> None:  # restoring: build the inner stores the entries fill
+        batch, heads = map(int, value.split("x"))
+        self.rows = [[self.new_store() for _ in range(heads)] for _ in range(batch)]
+
+    def state(self, prefix: str) -> dict:
+        """The inner stores' entries, ``stores.<b * H + h>.``-prefixed (see :mod:`kvcompress.state`)."""
+        return {k: v for i, s in enumerate(s for row in self.rows for s in row) for k, v in state_of(s, f"{prefix}stores.{i}.").items()}
 
     def lengths(self) -> torch.Tensor:
         """``(B, H)`` slots held per head."""

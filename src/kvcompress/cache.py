@@ -24,17 +24,24 @@ position is its true index in the sequence, and ``get_mask_sizes`` reports the s
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
 from kvcompress.buffer import CHUNK, FullPrecisionBuffer, RaggedStore
 from kvcompress.calibration import rotary_of
-from kvcompress.models import identity_differences, model_identity, model_name
+from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
-from kvcompress.step import ATTENTION, Attended, Operands, StepInputs
+from kvcompress.state import Value, restore, state_of
+from kvcompress.step import ATTENTION, Attended, Operands, Segment, StepInputs
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -75,6 +82,7 @@ class CompressedLayer(CacheLayerMixin):
         self.query_positions: torch.Tensor | None = None  # (B, m)
         self.held: torch.Tensor | None = None  # (B, Hq, k, D) last queries of held steps (question-aware)
         self.budget: torch.Tensor | None = None  # (B, H, 1) the selection's budget, set at the first compression
+        self.shared: list[SharedPart] = []  # a fork's view of the parts of the layer it was forked from
 
     @property
     def residual(self) -> int:
@@ -82,7 +90,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        head_dim = key_states.shape[-1]
+        self.head_dim = head_dim = key_states.shape[-1]
         if self.ragged:  # heads keep different numbers of tokens: each head stored apart
             storage = self.storage
             self.store = RaggedStore(
@@ -242,8 +250,36 @@ class CompressedLayer(CacheLayerMixin):
 
     # ---- what the layer holds ---------------------------------------------------------------
 
+    STATE = ("seen", "positions", "attention", "queries", "query_positions", "held", "budget")  # see kvcompress.state
+
+    def state(self) -> dict[str, Value]:
+        """Every entry the layer holds (see :mod:`kvcompress.state`), for saving."""
+        if not self.is_initialized:
+            return {"initialized": False}
+        out = {"initialized": True, "head_dim": self.head_dim, **state_of(self), **state_of(self.window, "window.")}
+        if self.store is not None:
+            out.update(state_of(self.store, "store."))
+            if isinstance(self.store, RaggedStore):
+                out.update(self.store.state("store."))
+        return out
+
+    def load_state(self, state: dict[str, Value], dtype: torch.dtype, device) -> None:
+        """Restore what :meth:`state` read, into a layer made by the same storage for the same model."""
+        if not state["initialized"]:
+            return
+        empty = torch.empty(1, 1, 0, state["head_dim"], dtype=dtype, device=device)
+        self.lazy_initialization(empty, empty)
+        restore(self, state)
+        restore(self.window, state, "window.")
+        if self.store is not None:
+            restore(self.store, state, "store.")
+            if isinstance(self.store, RaggedStore):
+                self.store.device = device
+                for i, store in enumerate(s for row in self.store.rows for s in row):
+                    restore(store, state, f"store.stores.{i}.")
+
     def _parts(self):
-        return [part for part in (self.store, self.window) if part is not None and len(part)]
+        return [part for part in (*self.shared, self.store, self.window) if part is not None and len(part)]
 
     def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""
@@ -287,7 +323,19 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary)
 
+    def fork(self, copies: int) -> CompressedLayer:
+        """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after."""
+        layer = CompressedLayer(None, self.storage, self.layer_idx, self.num_layers, self.rotary)
+        layer.shared = [SharedPart(part, copies) for part in self._parts()]
+        layer.seen = self.seen
+        if self.is_initialized:
+            empty = torch.empty(1, 1, 0, self.head_dim, dtype=self.dtype, device=self.device)
+            layer.lazy_initialization(empty, empty)
+        return layer
+
     def map_batch(self, fn) -> None:
+        if self.shared:
+            raise NotImplementedError("rows of a forked cache cannot be reordered (beam search): they share their context")
         for part in self._parts():
             part.map_batch(fn)
         for name in ("attention", "positions", "queries", "query_positions", "held", "budget"):
@@ -307,6 +355,71 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
 
 
+class SharedPart:
+    """A part (store or window) of the layer a fork was made from, read by the fork and never changed;
+    each of its rows serves ``copies`` rows of the fork. Its bytes belong to the cache forked from."""
+
+    def __init__(self, part, copies: int):
+        self.part, self.copies = part, copies
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def segment(self) -> Segment:
+        segment = self.part.segment()
+        return segment if self.copies == 1 else SharedSegment(segment, self.copies)
+
+    def valid(self) -> torch.Tensor | None:
+        valid = self.part.valid()
+        return None if valid is None else valid.repeat_interleave(self.copies, 0)
+
+
+@dataclass(frozen=True)
+class SharedSegment:
+    """A segment of ``b`` rows read by ``b * copies`` rows of queries, without copying it: the copies of
+    a row are read as more query rows of that row."""
+
+    inner: Segment
+    copies: int
+    dense_only = False
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.inner.dense()
+        return keys.repeat_interleave(self.copies, 0), values.repeat_interleave(self.copies, 0)
+
+    def _fold(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b * c, H, G, X)`` -> ``(b, H, c * G, X)``."""
+        rows, heads, g, width = x.shape
+        return x.view(rows // self.copies, self.copies, heads, g, width).transpose(1, 2).reshape(rows // self.copies, heads, -1, width)
+
+    def _unfold(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """``(b, H, c * G, X)`` -> ``(b * c, H, G, X)``."""
+        rows, heads, _, width = x.shape
+        return x.view(rows, heads, self.copies, g, width).transpose(1, 2).reshape(rows * self.copies, heads, g, width)
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return self._unfold(self.inner.logits(self._fold(query)), query.shape[2])
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return self._unfold(self.inner.mix(self._fold(weights)), weights.shape[2])
+
+
+def _sliding_state(layer) -> dict[str, Value]:
+    """The entries of transformers' sliding-window layer (hybrid models' local layers)."""
+    if not layer.is_initialized:
+        return {"initialized": False}
+    return {"initialized": True, "keys": layer.keys, "values": layer.values, "cumulative_length": layer.cumulative_length}
+
+
+def _load_sliding_state(layer, state: dict[str, Value]) -> None:
+    if state["initialized"]:
+        layer.lazy_initialization(state["keys"], state["values"])
+        layer.keys, layer.values, layer.cumulative_length = state["keys"], state["values"], state["cumulative_length"]
+
+
 def layer_nbytes(layer) -> int:
     """Bytes of every tensor a cache layer holds (a compressed layer, or one of transformers' own)."""
     if isinstance(layer, CompressedLayer):
@@ -322,7 +435,19 @@ class CompressedCache(Cache):
     :func:`kvcompress.attach`.
     """
 
-    def __init__(self, pipeline: Pipeline, config, storage: Storage | None = None, identity: dict | None = None, rotary=None):
+    def __init__(
+        self, pipeline: Pipeline, config, storage: Storage | None = None, identity: dict | None = None, rotary=None, layers=None
+    ):
+        super().__init__(layers=layers or self._new_layers(pipeline, config, storage, rotary))
+        self.pipeline, self.storage, self.identity, self.config = pipeline, storage, identity, config
+        self.context: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, C) ids and padding mask compressed, if known
+        self.attached_to = None  # the model this cache is attached to (kvcompress.attach), if any
+        self.deferring = False  # question-aware: hold compression (see deferred)
+        self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
+        self.forked = False  # its slots are read by forks: it may not change any more
+
+    @staticmethod
+    def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary) -> list:
         text_config = config.get_text_config()
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         layers = []
@@ -333,11 +458,33 @@ class CompressedCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             else:
                 raise ValueError(f"kvcompress supports full and sliding attention layers, not {layer_type!r}")
-        super().__init__(layers=layers)
-        self.pipeline, self.storage, self.identity = pipeline, storage, identity
-        self.attached_to = None  # the model this cache is attached to (kvcompress.attach), if any
-        self.deferring = False  # question-aware: hold compression (see deferred)
-        self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
+        return layers
+
+    def fork(self, copies: int = 1) -> CompressedCache:
+        """A cache that continues this one's context, ``copies`` rows per row, without copying it.
+
+        The fork reads every slot this cache holds, as it holds it, and stores only the tokens fed
+        to it afterwards (a question, an answer), compressed by the same storage method but never
+        evicted: answers are short. This cache becomes read-only (its forks read it); fork it again
+        for more questions. Sliding-window layers (hybrid models) are copied: they are small.
+        """
+        self.forked = True
+        layers = []
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layers.append(layer.fork(copies))
+            else:
+                copy = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
+                if layer.is_initialized:
+                    _load_sliding_state(copy, _sliding_state(layer) | {
+                        "keys": layer.keys.repeat_interleave(copies, 0), "values": layer.values.repeat_interleave(copies, 0)
+                    })
+                layers.append(copy)
+        fork = CompressedCache(Pipeline(self.spec, None, self.pipeline.representation, self.pipeline.inner), self.config,
+                               self.storage, self.identity, layers=layers)
+        if self.context is not None:
+            fork.context = tuple(t.repeat_interleave(copies, 0) for t in self.context)
+        return fork
 
     @property
     def spec(self) -> str:
@@ -371,6 +518,8 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
             model = self.attached_to
+            if self.forked:
+                raise RuntimeError("this cache's context is read by its forks and may not change; feed tokens to a fork (cache.fork())")
             if model is None or model.config._attn_implementation != ATTENTION:
                 raise RuntimeError(
                     "a kvcompress cache runs only inside `with kvcompress.attach(model, cache):` (kvcompress.generate "
@@ -390,6 +539,47 @@ class CompressedCache(Cache):
                 "make one for this model with kvcompress.make_cache(spec, model)"
             )
 
+    def save(self, path: str | Path, tokenizer=None) -> Path:
+        """Write the cache to a safetensors file (no pickle): every tensor it holds, the method spec,
+        the model's identity, and, when known, the compressed context's token ids and the tokenizer's
+        fingerprint. The file's size is about :attr:`nbytes`; reload it with :func:`load_cache`.
+
+        Raises:
+            RuntimeError: a forward is using the cache (save between steps).
+        """
+        if self.attached_to is not None and any(isinstance(l, CompressedLayer) and l.held is not None for l in self.layers):
+            raise RuntimeError("the cache holds a question-aware step that is not compressed yet; save it after the question")
+        tensors, scalars, seen_storage = {}, {}, set()
+        for i, layer in enumerate(self.layers):
+            entries = layer.state() if isinstance(layer, CompressedLayer) else _sliding_state(layer)
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().to("cpu").contiguous()
+                    if value.untyped_storage().data_ptr() in seen_storage:  # safetensors refuses shared storage
+                        value = value.clone()
+                    seen_storage.add(value.untyped_storage().data_ptr())
+                    tensors[f"layers.{i}.{name}"] = value
+                else:
+                    scalars[f"layers.{i}.{name}"] = value
+        if self.context is not None:
+            tensors["context.ids"], tensors["context.mask"] = (t.to("cpu").contiguous() for t in self.context)
+        metadata = {
+            "format": CACHE_FORMAT,
+            "spec": self.spec,
+            "identity": json.dumps(self.identity),
+            "storage": _fixed_fingerprint(self.storage),
+            "tokenizer": json.dumps(tokenizer_fingerprint(tokenizer)) if tokenizer is not None else "",
+            "dtype": str(next((l.dtype for l in self.compressed_layers if l.is_initialized), "")),
+            "seen": str(self.get_seq_length()),
+            "scalars": json.dumps(scalars),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)  # atomic: a reader never sees half a file
+        return path
+
     @property
     def nbytes(self) -> int:
         """Exact bytes of every tensor the cache holds: codes, scales, zero points, masks, windows."""
@@ -407,6 +597,71 @@ class CompressedCache(Cache):
         layer = self.compressed_layers[0]
         valid = layer.valid()
         return len(layer) if valid is None else int(valid.sum(-1).max())
+
+
+CACHE_FORMAT = "kvcompress-cache/1"
+
+
+class CacheFileError(ValueError):
+    """A saved cache cannot be loaded: missing, damaged, not a kvcompress cache, or for another model."""
+
+
+def _fixed_fingerprint(storage) -> str:
+    """A hash of what a storage derived from the model (bases, head groups): a reloaded cache must get the same."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(storage.fixed_state().items() if storage is not None else []):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
+    """Reload a cache written by :meth:`CompressedCache.save` for ``model`` (and ``tokenizer``, when both
+    recorded and given, checked too).
+
+    Raises:
+        CacheFileError: the file is missing, truncated or damaged, not a kvcompress cache, or made for
+            another model, tokenizer or calibration; the message names the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheFileError(f"no saved cache at {str(path)!r}; make one with `kvcompress compress --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        scalars = json.loads(meta.get("scalars", "{}"))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CacheFileError(f"{str(path)!r} is damaged or truncated ({err}); compress the context again") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise CacheFileError(f"{str(path)!r} is not a kvcompress cache ({CACHE_FORMAT}); make one with `kvcompress compress`")
+    differ = identity_differences(json.loads(meta["identity"]), model_identity(model))
+    if differ:
+        raise CacheFileError(
+            f"{str(path)!r} was saved for another model than {model_name(model)} ({'; '.join(differ)}); load it with "
+            "the model it was made with, or compress the context again"
+        )
+    if tokenizer is not None and meta.get("tokenizer") and json.loads(meta["tokenizer"]) != tokenizer_fingerprint(tokenizer):
+        raise CacheFileError(f"{str(path)!r} was saved with another tokenizer; load it with the model's own tokenizer")
+    cache = make_cache(meta["spec"], model)
+    if meta["storage"] != _fixed_fingerprint(cache.storage):
+        raise CacheFileError(
+            f"{str(path)!r} was compressed with another calibration of this model than the one found now; "
+            "compress the context again (or pass the calibration it used)"
+        )
+    dtype = getattr(torch, meta["dtype"].removeprefix("torch.")) if meta.get("dtype") else model.dtype
+    device = model.device
+    for i, layer in enumerate(cache.layers):
+        prefix = f"layers.{i}."
+        entries = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        entries.update({k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)})
+        if isinstance(layer, CompressedLayer):
+            layer.load_state(entries, dtype, device)
+        else:
+            _load_sliding_state(layer, entries)
+    if "context.ids" in tensors:
+        cache.context = (tensors["context.ids"].to(device), tensors["context.mask"].to(device))
+    return cache
 
 
 def make_cache(method: str, model) -> CompressedCache:

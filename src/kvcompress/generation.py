@@ -1,4 +1,8 @@
-"""Compress a context once, then ask a question that is not compressed, and decode an answer."""
+"""Compress a context once, then ask questions that are not compressed, and decode answers.
+
+:func:`compress` turns a context into a cache; :func:`ask` answers questions after it, each on a
+fork that reads the compressed context without copying it; :func:`generate` is the two in one call.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +78,125 @@ def prefill(
     return out.logits
 
 
+def _encode(tokenizer, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` left-padded ids and padding mask of ``texts``."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=special).to(device)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _contexts(context: str | list[str]) -> list[str]:
+    contexts = [context] if isinstance(context, str) else list(context)
+    if not contexts or any(not isinstance(c, str) or not c for c in contexts):
+        raise ValueError("context must be a non-empty string or a list of non-empty strings")
+    return contexts
+
+
+def _check_room(model, tokens: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and tokens + max_new_tokens > limit:
+        fix = "shorten the context" if tokens >= limit else f"lower max_new_tokens to {limit - tokens} or shorten the context"
+        raise ContextTooLongError(
+            f"the prompt is {tokens} tokens and the answer may take {max_new_tokens} more, but the model accepts at "
+            f"most {limit} positions; {fix}"
+        )
+
+
+@torch.no_grad()
+def compress(
+    model, tokenizer, context: str | list[str], cache: CompressedCache | str = "none", prefill_chunk: int | None = None
+) -> CompressedCache:
+    """Compress one context, or a batch of them (left-padded), into a cache that questions can then be
+    asked of, many times (:func:`ask`), and that can be saved (``cache.save``) and reloaded.
+
+    Args:
+        cache: an empty cache for ``model`` (:func:`kvcompress.make_cache`), or a method spec to make one.
+        prefill_chunk: see :func:`generate`.
+
+    Returns:
+        The cache, holding the compressed context and its token ids (``cache.context``).
+
+    Raises:
+        ValueError: an empty context, or a cache that already holds one (make a new one, or ``cache.reset()``).
+        ContextTooLongError: the context does not fit the model's positions.
+    """
+    contexts = _contexts(context)
+    cache = make_cache(cache, model) if isinstance(cache, str) else cache
+    if cache.get_seq_length():
+        raise ValueError(
+            f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
+            "(kvcompress.make_cache) or empty this one with cache.reset()"
+        )
+    ids, mask = _encode(tokenizer, [split_prompt(tokenizer, c, None)[0] for c in contexts], model.device, special=True)
+    _check_room(model, ids.shape[1], 0)
+    # Without a chat template nothing may follow the context: its last token is held back, to be fed
+    # with the question (or alone, to continue the text), so an answer always starts from a step.
+    held_back = 0 if getattr(tokenizer, "chat_template", None) else 1
+    with attach(model, cache):
+        prefill(model, ids[:, : ids.shape[1] - held_back], mask[:, : ids.shape[1] - held_back], cache, logits_to_keep=1, chunk=prefill_chunk)
+    cache.context = (ids, mask)
+    return cache
+
+
+def _asked_part(tokenizer, question: str | None) -> str:
+    """What follows a compressed context in the model's prompt: the question and, with a chat
+    template, the end of the user turn and the assistant header (see :func:`split_prompt`)."""
+    marker = "\x00kvcompress context\x00"
+    return split_prompt(tokenizer, marker, question)[1]
+
+
+@torch.no_grad()
+def ask(
+    model, tokenizer, cache: CompressedCache, question: str | None | list[str | None], max_new_tokens: int = 64
+) -> str | list[str]:
+    """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
+
+    The context is not compressed again nor copied: each question continues a fork of the cache
+    (:meth:`~kvcompress.cache.CompressedCache.fork`) that reads the context as it is held and stores
+    only the question's and the answer's tokens. With a cache of one context, a list of questions is
+    answered as one batch over that context; with a batch of contexts, one question each (or one for all).
+
+    Returns:
+        The answer, or a list of answers for a list of questions or a batch of contexts.
+
+    Raises:
+        ValueError: the cache holds no compressed context, or questions do not match its contexts.
+        ContextTooLongError: a question and ``max_new_tokens`` do not fit the model's positions.
+    """
+    if cache.context is None:
+        raise ValueError("the cache holds no compressed context: make it with kvcompress.compress or kvcompress.load_cache")
+    ids, mask = cache.context
+    rows = ids.shape[0]
+    questions = question if isinstance(question, list) else [question]
+    if not questions:
+        raise ValueError("give at least one question")
+    if rows == 1:
+        copies = len(questions)
+    elif len(questions) in (1, rows):
+        copies, questions = 1, questions * (rows // len(questions))
+    else:
+        raise ValueError(f"the cache holds {rows} contexts: ask one question, or one per context, not {len(questions)}")
+    fork = cache.fork(copies)
+    ids, mask = fork.context
+    asked_ids, asked_mask = _encode(tokenizer, [_asked_part(tokenizer, q) for q in questions], model.device, special=False)
+    seen = cache.get_seq_length()
+    # What the cache has not seen of the context (nothing, or a last token held back) goes with the question.
+    input_ids, attention_mask = torch.cat([ids, asked_ids], 1), torch.cat([mask, asked_mask], 1)
+    if input_ids.shape[1] == seen:
+        raise ValueError("nothing follows the compressed context: ask a question")
+    _check_room(model, input_ids.shape[1], max_new_tokens)
+    with attach(model, fork):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **{cache_kwarg(model): fork},
+        )
+    answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+    return answers if isinstance(question, list) or rows > 1 else answers[0]
+
+
 def generate(
     model,
     tokenizer,
@@ -84,7 +207,8 @@ def generate(
     question_aware: bool = False,
     prefill_chunk: int | None = None,
 ) -> str | list[str]:
-    """Compress ``context`` with ``method``, then ask ``question`` (not compressed) and answer greedily.
+    """Compress ``context`` with ``method``, then ask ``question`` (not compressed) and answer greedily:
+    :func:`compress` then :func:`ask`, or, question-aware, the context compressed with the question.
 
     Args:
         model: a transformers causal LM (left as it was: see :func:`kvcompress.attach`).
@@ -124,49 +248,37 @@ def answer(
     question_aware: bool = False,
     prefill_chunk: int | None = None,
 ) -> list[str]:
-    """:func:`generate` with an empty cache the caller made (and can inspect afterwards); always returns a list.
+    """:func:`generate` with an empty cache the caller made (and can inspect afterwards: it holds the
+    compressed context); always returns a list.
 
     Raises:
         ValueError: the cache already holds a context (make a new one, or ``cache.reset()``), or as
             :func:`generate`.
     """
-    contexts = [context] if isinstance(context, str) else list(context)
-    if not contexts or any(not isinstance(c, str) or not c for c in contexts):
-        raise ValueError("context must be a non-empty string or a list of non-empty strings")
+    contexts = _contexts(context)
+    if not question_aware:
+        compress(model, tokenizer, contexts, cache, prefill_chunk)
+        answers = ask(model, tokenizer, cache, question, max_new_tokens)
+        return answers if isinstance(answers, list) else [answers]
+    selection = cache.pipeline.selection
+    if selection is None or not selection.observe:
+        raise ValueError(
+            f"question_aware=True changes only methods that score tokens by attention (snapkv, h2o, tova, pyramidkv, "
+            f"adakv); {cache.spec!r} does not, so the question could not change what it keeps: drop question_aware"
+        )
     if cache.get_seq_length():
         raise ValueError(
             f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
             "(kvcompress.make_cache) or empty this one with cache.reset()"
         )
-    selection = cache.pipeline.selection
-    if question_aware and (selection is None or not selection.observe):
-        raise ValueError(
-            f"question_aware=True changes only methods that score tokens by attention (snapkv, h2o, tova, pyramidkv, "
-            f"adakv); {cache.spec!r} does not, so the question could not change what it keeps: drop question_aware"
-        )
     parts = [split_prompt(tokenizer, c, question) for c in contexts]
-    device = model.device
-    ctx = tokenizer([p[0] for p in parts], return_tensors="pt", padding=True, padding_side="left").to(device)
-    asked = tokenizer(
-        [p[1] for p in parts], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-    ).to(device)
-    ctx_ids, ctx_mask = ctx["input_ids"], ctx["attention_mask"]
-    ask_ids, ask_mask = asked["input_ids"], asked["attention_mask"]
-    if ask_ids.shape[1] == 0:  # nothing follows the context: hold back its last token to start decoding
-        ctx_ids, ask_ids = ctx_ids[:, :-1], ctx_ids[:, -1:]
-        ctx_mask, ask_mask = ctx_mask[:, :-1], ctx_mask[:, -1:]
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    total = ctx_ids.shape[1] + ask_ids.shape[1]
-    if limit is not None and total + max_new_tokens > limit:
-        fix = "shorten the context" if total >= limit else f"lower max_new_tokens to {limit - total} or shorten the context"
-        raise ContextTooLongError(
-            f"the prompt is {total} tokens and the answer may take {max_new_tokens} more, but the model accepts at "
-            f"most {limit} positions; {fix}"
-        )
+    ctx_ids, ctx_mask = _encode(tokenizer, [p[0] for p in parts], model.device, special=True)
+    ask_ids, ask_mask = _encode(tokenizer, [p[1] for p in parts], model.device, special=False)
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
+    _check_room(model, input_ids.shape[1], max_new_tokens)
     with attach(model, cache):
-        with cache.deferred() if question_aware else contextlib.nullcontext():
-            prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1, chunk=prefill_chunk)  # its logits are not used
+        with cache.deferred():  # the context waits for the question's step to be compressed with it
+            prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1, chunk=prefill_chunk)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.cat([ctx_mask, ask_mask], 1),

@@ -274,6 +274,13 @@ def model_name(model) -> str:
     return getattr(model, "kvcompress_name", None) or model.config._name_or_path or type(model).__name__
 
 
+def tokenizer_fingerprint(tokenizer) -> dict[str, object]:
+    """What must match for token ids to mean the same: the tokenizer's class, vocabulary size and the
+    ids it gives a sample covering spaces, newlines, accents, CJK and emoji."""
+    ids = tokenizer(TOKENIZER_SAMPLE, add_special_tokens=False)["input_ids"]
+    return {"class": type(tokenizer).__name__, "vocab": len(tokenizer), "sample": hashlib.sha256(str(ids).encode()).hexdigest()[:16]}
+
+
 def cache_kwarg(model) -> str:
     """Name of the cache argument of ``model.forward``: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

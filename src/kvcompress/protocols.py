@@ -74,6 +74,9 @@ class Storage(Protocol):
     @property
     def fixed_nbytes(self) -> int: ...  # bytes held once per cache whatever its length (bases, tables)
 
+    def fixed_state(self) -> dict[str, torch.Tensor]:
+        """What it derived from the model (bases, head groups): a reloaded cache must derive the same."""
+
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> Store: ...
 
 

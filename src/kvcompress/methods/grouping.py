@@ -22,6 +22,8 @@ class GroupedSlots:
         groups: ``G``.
     """
 
+    STATE = ("valid",)  # see kvcompress.state
+
     def __init__(self, group_of: torch.Tensor, groups: int):
         self.group_of, self.groups = group_of, groups
         self.valid: torch.Tensor | None = None  # (B, H, N) bool, None: all valid

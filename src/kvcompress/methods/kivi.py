@@ -107,6 +107,9 @@ class KIVI(Representation):
     needs_positions = False
     fixed_nbytes = 0
 
+    def fixed_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def prepare(self, model, inner: Storage | None = None) -> KIVI:
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -141,6 +144,7 @@ class KIVIStore:
     """
 
     TOKEN_DIM = {"key_codes": 3}  # every other tensor holds tokens (or token groups) on dim 2
+    STATE = ("tensors", "_valid")  # see kvcompress.state
 
     def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype):
         self.bits, self.block, self.dtype, self.meta_dtype = bits, group, dtype, meta_dtype

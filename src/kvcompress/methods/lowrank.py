@@ -211,6 +211,15 @@ class LowRankStorage:
     def fixed_nbytes(self) -> int:
         return sum(b.nbytes for b in self.bases.values()) + self.rotary.nbytes
 
+    def fixed_state(self) -> dict[str, torch.Tensor]:
+        names = ("key_mean", "key_basis", "value_mean", "value_basis")
+        return {
+            f"{layer}.{name}": getattr(basis, name)
+            for layer, basis in self.bases.items()
+            for name in names
+            if getattr(basis, name) is not None
+        }
+
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> LowRankStore:
         basis = self.bases[layer_idx]
         width = head_dim * self.heads // basis.groups  # E
@@ -226,7 +235,7 @@ class LowRankStorage:
                     f"lowrank+{self.inner.name}: layer {layer_idx} stores latents of {ranks[0]} (keys) and {ranks[1]} "
                     f"(values) dims, which {self.inner.name} must accept as its head dim: {err}"
                 ) from None
-        return LowRankStore(basis, self.rotary, inner, self.sink)
+        return LowRankStore(basis, self.rotary, inner, self.sink, self.heads)
 
 
 class LowRankStore:
@@ -237,11 +246,16 @@ class LowRankStore:
     is padding or evicted, and the :class:`Sinks`.
     """
 
-    def __init__(self, basis: LayerBasis, rotary, inner: Store, sink: int):
+    STATE = ("positions",)  # see kvcompress.state
+    NESTED = ("inner", "slots", "sinks")
+
+    def __init__(self, basis: LayerBasis, rotary, inner: Store, sink: int, heads: int):
         self.basis, self.rotary, self.inner = basis, rotary, inner
         self.block = inner.block
         self.positions: torch.Tensor | None = None  # (B, H, N) int32
-        self.slots: GroupedSlots | None = None  # per-head validity, made at the first append
+        device = next((t.device for t in (basis.key_mean, basis.value_mean) if t is not None), None)
+        group_of = torch.arange(heads, device=device) // (heads // basis.groups)  # contiguous groups
+        self.slots = GroupedSlots(group_of, basis.groups)  # per-head validity
         self.sinks = Sinks(sink)
 
     def __len__(self) -> int:
@@ -250,7 +264,7 @@ class LowRankStore:
     @property
     def nbytes(self) -> int:
         held = self.positions.numel() * self.positions.element_size() if self.positions is not None else 0
-        return self.inner.nbytes + held + self.sinks.nbytes + (self.slots.nbytes if self.slots else 0)
+        return self.inner.nbytes + held + self.sinks.nbytes + self.slots.nbytes
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         batch, heads, n, dim = x.shape
@@ -281,8 +295,6 @@ class LowRankStore:
             z_k = self._project(self.rotary.unrotate(keys, positions), valid, b.key_mean, b.key_basis)  # (B, G, n, r_k)
         if b.value_basis is not None:
             z_v = self._project(values, valid, b.value_mean, b.value_basis)  # (B, G, n, r_v)
-        if self.slots is None:
-            self.slots = GroupedSlots(torch.arange(heads) // (heads // b.groups), b.groups)  # contiguous groups
         group_valid = self.slots.append(valid, batch, heads, len(self.inner), n, keys.device)  # (B, G, n)
         self.inner.append(z_k, z_v, group_valid, None)
         positions = positions.to(torch.int32)
@@ -336,7 +348,7 @@ class LowRankStore:
         return LatentSegment(self._keys(z_k), LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error), self)
 
     def valid(self) -> torch.Tensor | None:
-        return self.slots.valid if self.slots else None
+        return self.slots.valid
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor:
         """Keep the slots some head of a group keeps; return the ``(B, H, n)`` old slot of each."""
@@ -348,8 +360,7 @@ class LowRankStore:
 
     def map_batch(self, fn) -> None:
         self.inner.map_batch(fn)
-        if self.slots:
-            self.slots.map_batch(fn)
+        self.slots.map_batch(fn)
         self.sinks.map_batch(fn)
         if self.positions is not None:
             self.positions = fn(self.positions)
@@ -363,6 +374,8 @@ class Sinks:
     position order, so these are each sequence's first tokens whatever its padding; copying stops
     at the first eviction (later tokens are not sinks).
     """
+
+    STATE = ("keys", "values", "slot", "open")  # see kvcompress.state
 
     def __init__(self, count: int):
         self.count = count

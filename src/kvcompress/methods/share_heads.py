@@ -115,6 +115,9 @@ class ShareHeadsStorage:
     needs_positions = False
     fixed_nbytes = 0
 
+    def fixed_state(self) -> dict[str, torch.Tensor]:
+        return {f"group_of.{layer}": groups for layer, groups in self.group_of.items()}
+
     def __init__(self, group_of: dict[int, torch.Tensor], groups: int, inner, residual: int):
         self.group_of, self.groups, self.inner, self.residual = group_of, groups, inner, residual
 
@@ -129,6 +132,9 @@ class ShareHeadsStore:
     Tensors held: the inner store's, and a ``(B, H, N)`` bool validity mask while some slot is
     padding or evicted.
     """
+
+    STATE = ()  # see kvcompress.state
+    NESTED = ("inner", "slots")
 
     def __init__(self, group_of: torch.Tensor, groups: int, inner: Store):
         self.group_of, self.inner = group_of, inner

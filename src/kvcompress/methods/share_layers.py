@@ -108,6 +108,9 @@ class ShareLayersStorage:
     needs_positions = False
     fixed_nbytes = 0
 
+    def fixed_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def __init__(self, partner: dict[int, tuple[int, int]], t: float, threshold: float, residual: int):
         self.partner = partner  # layer -> (first layer of its pair, 0 or 1)
         self.t, self.threshold, self.residual = t, threshold, residual
@@ -131,6 +134,9 @@ class MergedPair:
     and values of the retained tokens ``(M, D)``, and, between the two layers' turns in one
     forward pass, the first layer's tokens waiting for the second's.
     """
+
+    STATE = ("retained", "retained_k", "retained_v")  # see kvcompress.state (nothing is staged between forwards)
+    NESTED = ("directions", "norms")
 
     def __init__(self, t: float, threshold: float):
         self.t, self.threshold = t, threshold
@@ -207,9 +213,15 @@ class PairLayerStore:
     """One layer's side of a :class:`MergedPair` (``which`` 0: the first layer, 1: the second)."""
 
     block = 1
+    STATE = ()  # see kvcompress.state: the pair's entries go with its first layer
+    NESTED = ("owned",)
 
     def __init__(self, pair: MergedPair, which: int):
         self.pair, self.which = pair, which
+
+    @property
+    def owned(self):
+        return self.pair if self.which == 0 else _NOTHING
 
     def _staged(self) -> tuple | None:
         return self.pair.staged if self.which == 0 else None
@@ -255,3 +267,10 @@ class PairLayerStore:
     def map_batch(self, fn) -> None:
         if self.which == 0:  # the pair is shared: transform it once
             self.pair.map_batch(fn)
+
+
+class _Nothing:
+    STATE = ()
+
+
+_NOTHING = _Nothing()
