@@ -100,7 +100,7 @@ class _AnswersPasskeysOnly:
     spec: str = "fake"
     source: str = "kvcompress"
 
-    def answer(self, model, tokenizer, context, question, max_new_tokens):
+    def answer(self, model, tokenizer, context, question, max_new_tokens, prefill_chunk=None):
         return context.split("The pass key is ")[1].split(".")[0] if "The pass key is " in context else "no idea"
 
 
@@ -278,7 +278,7 @@ class _EchoesPlanted:
     spec: str = "echo"
     source: str = "kvcompress"
 
-    def answer(self, model, tokenizer, context, question, max_new_tokens):
+    def answer(self, model, tokenizer, context, question, max_new_tokens, prefill_chunk=None):
         lines = [line for line in context.splitlines() if line.startswith(("Fact:", "VAR"))]
         return " ".join(lines) or context.splitlines()[0]
 

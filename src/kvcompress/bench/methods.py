@@ -21,14 +21,15 @@ import torch
 from kvcompress.attach import attach
 from kvcompress.bench.kvpress_adapter import PREFIX as KVPRESS_PREFIX
 from kvcompress.bench.kvpress_adapter import resolve_press
-from kvcompress.cache import make_cache
+from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.generation import answer, prefill
 from kvcompress.models import cache_kwarg
 from kvcompress.registry import parse_spec
 
 BASELINE = "none"
 QUESTION_AWARE = "@question-aware"
-ALL_PARTS = ("speed", "perplexity", "retrieval")
+ALL_PARTS = ("speed", "perplexity", "retrieval", "throughput")
+DEFAULT_PARTS = ("speed", "perplexity", "retrieval")  # throughput (batched decode) only when asked: it is long
 
 
 def perplexity_parts(texts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -61,8 +62,9 @@ class BenchMethod(Protocol):
     def nbytes(self, cache) -> int:
         """Exact bytes of every tensor ``cache`` holds."""
 
-    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
-        """Compress ``context``, ask ``question`` after it (not compressed), and answer greedily."""
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
+        """Compress ``context`` (``prefill_chunk`` tokens at a time, when given), ask ``question`` after it
+        (not compressed), and answer greedily."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ class KVCompressMethod:
     def nbytes(self, cache) -> int:
         return cache.nbytes
 
-    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
         cache = self.new_cache(model)
-        return answer(model, tokenizer, context, question, cache, max_new_tokens, self.question_aware)[0]
+        return answer(model, tokenizer, context, question, cache, max_new_tokens, self.question_aware, prefill_chunk)[0]
 
 
 def resolve(spec: str) -> BenchMethod:
@@ -114,21 +116,28 @@ def resolve(spec: str) -> BenchMethod:
 
 
 @torch.no_grad()
-def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits.
+def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache, chunk: int | None = None) -> torch.Tensor:
+    """Prefill ``(B, C)`` context ids into ``cache`` with ``method`` compressing; return ``(B, 1, V)`` logits.
 
-    Call it (and :func:`step`) inside ``method.session(model, cache)``."""
+    ``chunk=n`` feeds the context ``n`` tokens at a time (:func:`kvcompress.generation.prefill`): a
+    kvcompress cache compresses between chunks; any other cache (kvpress's, transformers') is fed in
+    chunks by plain forwards. Call it (and :func:`step`) inside ``method.session(model, cache)``.
+    """
     with method.compressing(model):
-        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1)
+        if chunk and not isinstance(cache, CompressedCache):  # prefill(chunk=) is kvcompress's chunked compression
+            for start in range(0, input_ids.shape[1], chunk):
+                logits = step(model, cache, input_ids[:, start : start + chunk], start)
+            return logits[:, -1:]
+        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1, chunk=chunk)
 
 
 @torch.no_grad()
 def step(model, cache, tokens: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed ``(1, q)`` tokens at their true positions ``start .. start + q - 1``; return ``(1, q, V)`` logits.
+    """Feed ``(B, q)`` tokens at their true positions ``start .. start + q - 1``; return ``(B, q, V)`` logits.
 
     Positions are passed explicitly, so a cache that evicts (and reports fewer stored tokens than it
     has seen) still gives each token its index in the sequence.
     """
-    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, q)
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)  # (B, q)
     out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_kwarg(model): cache})
     return out.logits

@@ -409,7 +409,7 @@ def recall(reply: str, expected: str, kind: str = "number") -> float:
     return sum(w in got for w in want) / len(want)
 
 
-def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc: str = "") -> dict:
+def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc: str = "", prefill_chunk: int | None = None) -> dict:
     """Ask every case through ``method`` (one compressed context per question); score the replies.
 
     Returns:
@@ -419,7 +419,7 @@ def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc
     """
     results = []
     for case in tqdm(cases, desc=desc or f"retrieval {method.spec}", leave=False):
-        reply = method.answer(model, tokenizer, case.context, case.question, case.max_new_tokens)
+        reply = method.answer(model, tokenizer, case.context, case.question, case.max_new_tokens, prefill_chunk)
         record = {k: v for k, v in asdict(case).items() if k != "context"}
         results.append({
             **record,

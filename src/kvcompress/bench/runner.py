@@ -3,9 +3,11 @@
 For each context length ``C`` and each method: speed and memory in a fresh process
 (:mod:`kvcompress.bench.speed`, on the first ``C`` tokens of the first text), perplexity of each
 text after ``C`` compressed tokens
-(:mod:`kvcompress.bench.perplexity`), and retrieval of facts planted in ``C`` tokens
-(:mod:`kvcompress.bench.retrieval`). ``none`` is always measured and is the baseline of every
-ratio.
+(:mod:`kvcompress.bench.perplexity`), retrieval of facts planted in ``C`` tokens
+(:mod:`kvcompress.bench.retrieval`) and, when asked, throughput: batched decode at the largest batch
+whose cache fits a KV memory budget (by default what ``none``'s cache holds at batch
+:data:`BUDGET_BATCH`), in a fresh process too. ``none`` is always measured and is the baseline of
+every ratio.
 
 Results are kept per (method, context, part) in a folder named after the conditions, each with the
 :func:`fingerprint` of the code that measured it, and reused by later runs with the same conditions
@@ -32,17 +34,26 @@ from tqdm.auto import tqdm
 
 import kvcompress
 from kvcompress.bench import report
-from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, part_kind, perplexity_parts, resolve
+from kvcompress.bench.methods import (
+    ALL_PARTS,
+    BASELINE,
+    DEFAULT_PARTS,
+    BenchMethod,
+    part_kind,
+    perplexity_parts,
+    resolve,
+)
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
-from kvcompress.bench.speed import measure_in_subprocess
+from kvcompress.bench.speed import measure_in_subprocess, sequence_nbytes
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.calibration import CalibrationError
 from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
 from kvcompress.registry import SpecError
 
-PARTS = ALL_PARTS
+PARTS = DEFAULT_PARTS  # what a run measures unless told (throughput: --parts throughput)
 QUESTION_ROOM = 192  # positions a retrieval prompt needs beyond its context: template, question, answer
+BUDGET_BATCH = 4  # the default KV memory budget of throughput: none's cache at this batch
 
 
 class BenchError(ValueError):
@@ -59,13 +70,15 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     threads: int = field(default_factory=torch.get_num_threads)
-    texts: tuple[str, ...] = ("prose",)  # perplexity texts (built-in names or paths); speed reads the first
-    ppl_tokens: int = 64
-    ppl_windows: int = 3
+    texts: tuple[str, ...] = ("prose", "kjv")  # perplexity texts (built-in names or paths); speed reads the first
+    ppl_tokens: int = 256
+    ppl_windows: int = 4
     cases: int = 9
     tasks: str = "default"  # the retrieval task set, one of retrieval.TASK_SETS
     seed: int = 0
     decode_tokens: int = 32
+    prefill_chunk: int | None = None  # feed contexts this many tokens at a time (kvcompress compresses between)
+    memory_budget: int | None = None  # bytes of KV cache for throughput; None: none's at batch BUDGET_BATCH
 
     def folder_name(self, text_name: str) -> str:
         """Name of the results folder: every condition a measurement depends on, methods aside.
@@ -75,9 +88,12 @@ class BenchConfig:
         model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
         tasks = "" if self.tasks == "default" else f"-{self.tasks}"  # default: the names folders had before sets
+        # Conditions added later are named only when set, so earlier results keep their folder.
+        chunk = f"_chunk{self.prefill_chunk}" if self.prefill_chunk else ""
+        budget = f"_budget{self.memory_budget}" if self.memory_budget else ""
         return (
             f"{model}_{self.dtype}_{device}_{text_name}_ppl{self.ppl_tokens}x{self.ppl_windows}"
-            f"_ret{self.cases}{tasks}-seed{self.seed}_dec{self.decode_tokens}"
+            f"_ret{self.cases}{tasks}-seed{self.seed}_dec{self.decode_tokens}{chunk}{budget}"
         )
 
 
@@ -132,6 +148,7 @@ def fingerprint(method: BenchMethod) -> dict[str, str]:
     }
     if method.source == "kvpress":
         found["kvpress"] = metadata.version("kvpress")
+    found.update(getattr(method, "versions", dict)())  # a peer row: its backend's version
     return found
 
 
@@ -214,7 +231,8 @@ def plan(
     :func:`~kvcompress.bench.methods.perplexity_parts`); ``parts`` limits a spec to some of them (a
     question-aware row measures retrieval only); by default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
     measured again unless ``reuse_stale``. When any speed at ``C`` is measured, every row's speed at
-    ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs.
+    ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs; the same
+    for throughput.
     Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
 
     Raises:
@@ -233,10 +251,11 @@ def plan(
                 stored = store.load(spec, context, part)
                 if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
                     todo[spec, context].append(part)
-        if any("speed" in todo[s, context] for s in specs):  # speeds at C are measured together
-            for spec in specs:
-                if "speed" in parts.get(spec, shown) and "speed" not in todo[spec, context]:
-                    todo[spec, context].insert(0, "speed")
+        for timed in ("speed", "throughput"):  # timings at C are measured together
+            if any(timed in todo[s, context] for s in specs):
+                for spec in specs:
+                    if timed in parts.get(spec, shown) and timed not in todo[spec, context]:
+                        todo[spec, context].insert(0, timed)
     return todo
 
 
@@ -271,8 +290,11 @@ def conditions_of(config: BenchConfig, text_names: list[str], found_versions: di
         "retrieval_seed": config.seed,
         "retrieval_haystack": "generated plain sentences",
         "decode_tokens": config.decode_tokens,
+        "prefill_chunk": config.prefill_chunk,
+        "memory_budget": config.memory_budget,
         "decode": f"greedy, one token per step, after a warm-up; prompt: the first C tokens of the text '{text_names[0]}'",
-        "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated",
+        "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated; "
+        "prefill peak: the same, read right after the prefill",
         **found_versions,
     }
 
@@ -283,6 +305,7 @@ class BenchResult:
     rows: list[dict]
     table: str
     retrieval_table: str
+    throughput_table: str
     header: str
     paths: dict[str, Path]
 
@@ -295,6 +318,7 @@ class _Inputs:
         self._loaded = None
         self._ids = {}
         self._cases = {}
+        self._budgets = {}
 
     def model(self):
         if self._loaded is None:
@@ -311,6 +335,18 @@ class _Inputs:
             _, tokenizer = self.model()
             self._ids[name] = torch.tensor(tokenizer(self.texts[name].body, add_special_tokens=False)["input_ids"])
         return self._ids[name]
+
+    def budget(self, context: int) -> int:
+        """The KV memory budget of throughput at ``context``: ``--memory-budget``, or the most bytes
+        ``none``'s cache holds at batch :data:`BUDGET_BATCH` (prefill, then the decode steps)."""
+        if self.config.memory_budget:
+            return self.config.memory_budget
+        if context not in self._budgets:
+            per_sequence, fixed = sequence_nbytes(
+                resolve(BASELINE), self.model()[0], self.ids()[:context][None], self.config.decode_tokens, self.config.prefill_chunk
+            )
+            self._budgets[context] = BUDGET_BATCH * per_sequence + fixed
+        return self._budgets[context]
 
     def cases(self, context: int):
         if context not in self._cases:
@@ -363,8 +399,8 @@ def run(
 ) -> BenchResult:
     """Measure what is missing or stale, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
 
-    ``only`` limits what is measured (and, with ``force``, remeasured) to some parts; the table
-    shows every part stored. ``reuse_stale`` reuses parts measured by other code (see
+    ``only`` limits what is measured (and, with ``force``, remeasured) to some parts (by default all
+    but throughput); the tables show every part stored. ``reuse_stale`` reuses parts measured by other code (see
     :func:`fingerprint`) instead of measuring them again. A row showing a stale part (reused, or
     outside ``only``) is marked as such in the table and in its ``stale`` column.
 
@@ -381,12 +417,18 @@ def run(
     texts = [load_text(source) for source in config.texts]
     names = [text.name for text in texts]
     if not names or len(set(names)) < len(names):
-        raise BenchError(f"--text {','.join(config.texts)!r} must name each text once, e.g. --text prose,kjv")
+        raise BenchError(f"--texts {','.join(config.texts)!r} must name each text once, e.g. --texts prose,kjv")
+    chunked = [spec for spec, m in methods.items() if config.prefill_chunk and m.source == "kvpress"]
+    if chunked:
+        raise BenchError(
+            f"--prefill-chunk: kvpress compresses in one prefill forward, so {', '.join(chunked)} cannot be chunked; "
+            "run kvpress rows without --prefill-chunk"
+        )
     folder = out / config.folder_name("+".join(names))
     _check_writable(folder)
     store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
     conditions = conditions_of(config, names, versions(list(methods.values())))
-    shown = tuple(p for kind in PARTS for p in (perplexity_parts(names) if kind == "perplexity" else (kind,)))
+    shown = tuple(p for kind in ALL_PARTS for p in (perplexity_parts(names) if kind == "perplexity" else (kind,)))
     wanted = {spec: tuple(p for p in shown if part_kind(p) in m.parts and part_kind(p) in only) for spec, m in methods.items()}
     todo = plan(store, specs, config.contexts, force, wanted, reuse_stale, shown)
     inputs = _Inputs(config, texts)
@@ -408,11 +450,13 @@ def run(
             parts = {p: s.data if s is not None else None for p, s in stored.items()}
             results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
-    table = report.format_table(rows, perplexity_parts(names))
+    table = report.format_table(rows)
     retrieval_table = report.format_retrieval(rows, task_names(config.tasks), LIST_TASKS)
+    throughput_table = report.format_throughput(rows)
     header = describe(conditions)
-    paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
-    return BenchResult(folder, rows, table, retrieval_table, header, paths)
+    text = "\n\n".join(t for t in [header, table, retrieval_table, throughput_table] if t)
+    paths = report.write_outputs(folder, rows, results, conditions, text)
+    return BenchResult(folder, rows, table, retrieval_table, throughput_table, header, paths)
 
 
 def _check_writable(folder: Path) -> None:
@@ -429,23 +473,27 @@ def _check_writable(folder: Path) -> None:
 
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
     label = f"{part} {method.spec} C={context}"
-    if part == "speed":
+    if part in ("speed", "throughput"):
         request = {
             "spec": method.spec,
+            "part": part,
             "model": config.model,
             "dtype": config.dtype,
             "device": config.device,
             "threads": config.threads,
             "ids": inputs.ids()[:context].tolist(),
             "decode_tokens": config.decode_tokens,
+            "prefill_chunk": config.prefill_chunk,
         }
+        if part == "throughput":
+            request["budget"] = inputs.budget(context)
         return measure_in_subprocess(request)
     model, tokenizer = inputs.model()
     if part_kind(part) == "perplexity":
         ids = inputs.ids(part.partition("[")[2].rstrip("]") or None)  # perplexity[kjv] -> kjv; perplexity: the only text
         offsets = spread_offsets(len(ids), context + config.ppl_tokens + 1, config.ppl_windows)
-        return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label)
-    return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label)
+        return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label, chunk=config.prefill_chunk)
+    return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label, prefill_chunk=config.prefill_chunk)
 
 
 def describe(conditions: dict) -> str:
@@ -458,9 +506,22 @@ def describe(conditions: dict) -> str:
         f"perplexity: text {', '.join(repr(t) for t in c['text'].split(','))}, {c['ppl_tokens']} tokens scored token "
         f"by token after the C compressed tokens, at {c['ppl_windows']} windows spread over each text\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
-        f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}, then {c['decode_tokens']} greedy decode steps, after a "
-        f"warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}"
+        f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
+        f"steps, after a warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
+        f"throughput (when measured): the largest batch whose KV cache fits "
+        f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
+        f"at that batch, {c['decode_tokens']} greedy steps timed; × none: none's tokens/s at its batch"
     )
+
+
+def _chunked(c: dict) -> str:
+    return f", fed {c['prefill_chunk']} tokens at a time (compressing between chunks)" if c.get("prefill_chunk") else ""
+
+
+def _budget(c: dict) -> str:
+    if c.get("memory_budget"):
+        return f"--memory-budget {c['memory_budget']:,} bytes"
+    return f"the budget of none's cache at batch {BUDGET_BATCH} (the bytes it holds at C plus the decode steps)"
 
 
 def _retrieval_conditions(c: dict) -> str:
