@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     def preset(key):
         return f"(default {DEFAULTS[key]}; --quick: {QUICK[key]})"
 
-    parser.add_argument("--methods", help=f"comma-separated specs; 'kvpress:<Press>:<ratio>' runs a kvpress press {preset('methods')}")
+    parser.add_argument(
+        "--methods",
+        help="comma-separated specs; 'kvpress:<Press>:<ratio>' runs a kvpress press; 'peer:quanto:bits=4' (or "
+        f"peer:hqq:bits=4) runs transformers' QuantizedCache with that backend {preset('methods')}",
+    )
     parser.add_argument("--contexts", help=f"comma-separated context lengths in tokens {preset('contexts')}")
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument(
@@ -101,6 +105,7 @@ def config_from_args(args, usage_error):
 
     from kvcompress.bench.kvpress_adapter import KVPressUnavailable
     from kvcompress.bench.methods import resolve
+    from kvcompress.bench.peers import PeerUnavailable
     from kvcompress.bench.retrieval import task_names
     from kvcompress.bench.runner import BenchConfig
     from kvcompress.registry import SpecError
@@ -126,7 +131,7 @@ def config_from_args(args, usage_error):
     for spec in specs:
         try:
             resolve(spec)
-        except (SpecError, KVPressUnavailable) as err:
+        except (SpecError, KVPressUnavailable, PeerUnavailable) as err:
             raise usage_error(str(err)) from None
     for key in ("ppl_tokens", "ppl_windows", "cases"):
         if value[key] < 1:

@@ -2,8 +2,9 @@
 
 Every row of a benchmark is a :class:`BenchMethod`. kvcompress specs (``none``, ``kivi:bits=2``,
 any registered method or combination) resolve to :class:`KVCompressMethod`; specs that start with
-``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`. The harness
-knows no method by name apart from ``none`` (the baseline) and that prefix.
+``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`, and specs that
+start with ``peer:`` to transformers' own ``QuantizedCache`` (:mod:`kvcompress.bench.peers`). The
+harness knows no method by name apart from ``none`` (the baseline) and those prefixes.
 
 A kvcompress spec ending in ``@question-aware`` is the same method compressing the context only
 once the question has been read (``kvcompress.generate(..., question_aware=True)``): a separate row
@@ -21,6 +22,8 @@ import torch
 from kvcompress.attach import attach
 from kvcompress.bench.kvpress_adapter import PREFIX as KVPRESS_PREFIX
 from kvcompress.bench.kvpress_adapter import resolve_press
+from kvcompress.bench.peers import PREFIX as PEER_PREFIX
+from kvcompress.bench.peers import resolve_peer
 from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.generation import answer, prefill
 from kvcompress.models import cache_kwarg
@@ -47,7 +50,7 @@ class BenchMethod(Protocol):
     """One row of the benchmark: how to build its cache and compress a context into it."""
 
     spec: str  # as the user typed it
-    source: str  # "kvcompress" or "kvpress": which library compresses
+    source: str  # "kvcompress", "kvpress" or "peer" (transformers' QuantizedCache): which library compresses
     parts: tuple[str, ...]  # what this row measures, among ALL_PARTS
 
     def new_cache(self, model):
@@ -104,10 +107,13 @@ def resolve(spec: str) -> BenchMethod:
     Raises:
         SpecError: a bad kvcompress spec.
         kvcompress.bench.kvpress_adapter.KVPressUnavailable: a ``kvpress:`` spec that cannot run here.
+        kvcompress.bench.peers.PeerUnavailable: a ``peer:`` spec that is bad or whose backend is missing.
     """
     spec = spec.strip()
     if spec.startswith(KVPRESS_PREFIX):
         return resolve_press(spec, ALL_PARTS)
+    if spec.startswith(PEER_PREFIX):
+        return resolve_peer(spec, ALL_PARTS)
     if spec.endswith(QUESTION_AWARE):
         parse_spec(spec.removesuffix(QUESTION_AWARE))
         return KVCompressMethod(spec, question_aware=True, parts=("retrieval",))

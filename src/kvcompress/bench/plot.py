@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcompress.bench.methods import BASELINE, KVPRESS_PREFIX, QUESTION_AWARE
+from kvcompress.bench.methods import (
+    BASELINE,
+    KVPRESS_PREFIX,
+    PEER_PREFIX,
+    QUESTION_AWARE,
+)
 from kvcompress.registry import parse_spec
 
 PIP_HINT = "pip install 'kvcompress[bench]'"
@@ -27,6 +32,7 @@ FAMILY_COLOURS = {
     "combination": "tab:red",
     "other storage": "tab:brown",
     "kvpress": "tab:gray",
+    "peer": "tab:olive",
 }
 # Storage methods by family; an eviction method is any Selection, a combination any spec of several.
 STORAGE_FAMILIES = {"kivi": "quantization", "lowrank": "low-rank", "share_heads": "sharing", "share_layers": "sharing"}
@@ -58,9 +64,10 @@ def require_matplotlib():
 def method_name(spec: str) -> str:
     """The method a spec configures, without its parameters: ``snapkv:ratio=0.5`` -> ``snapkv``,
     ``streaming:window=512+kivi:bits=4`` -> ``streaming+kivi``, ``kvpress:SnapKVPress:0.5`` ->
-    ``kvpress:SnapKVPress``."""
-    if spec.startswith(KVPRESS_PREFIX):
-        return KVPRESS_PREFIX + spec[len(KVPRESS_PREFIX) :].partition(":")[0]
+    ``kvpress:SnapKVPress``, ``peer:quanto:bits=4`` -> ``peer:quanto``."""
+    for prefix in (KVPRESS_PREFIX, PEER_PREFIX):
+        if spec.startswith(prefix):
+            return prefix + spec[len(prefix) :].partition(":")[0]
     return "+".join(part.partition(":")[0].strip() for part in spec.removesuffix(QUESTION_AWARE).split("+"))
 
 
@@ -68,6 +75,8 @@ def family(spec: str) -> str:
     """The family a spec belongs to, one of :data:`FAMILY_COLOURS`."""
     if spec.startswith(KVPRESS_PREFIX):
         return "kvpress"
+    if spec.startswith(PEER_PREFIX):
+        return "peer"
     pipeline = parse_spec(spec.removesuffix(QUESTION_AWARE))
     if not pipeline.methods:
         return "baseline"
