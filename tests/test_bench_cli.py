@@ -87,6 +87,29 @@ def test_ruler_cases_default_to_whole_rounds_of_32_and_quick_keeps_the_default_s
     assert (_config("--quick").tasks, _config("--quick").cases) == ("default", 3)
 
 
+def test_texts_retrieval_cases_chunk_and_budget_reach_the_config():
+    assert (_config().texts, _config().ppl_tokens, _config().ppl_windows) == (("prose", "kjv"), 256, 4)
+    assert _config("--quick").texts == ("prose",) and _config("--text", "code").texts == ("code",)
+    config = _config("--texts", "prose, kjv,code", "--retrieval-tasks", "ruler", "--retrieval-cases", "40",
+                     "--prefill-chunk", "128", "--memory-budget", "1000000")
+    assert (config.texts, config.cases, config.prefill_chunk, config.memory_budget) == (("prose", "kjv", "code"), 40, 128, 10**6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
+        (["--memory-budget", "-5"], "--memory-budget must be at least 1"),
+        (["--texts", ","], "--texts is empty"),
+        (["--retrieval-cases", "0"], "--retrieval-cases/--cases must be at least 1"),
+        (["--parts", "throughput,speedy"], "--parts takes a comma-separated subset of speed, perplexity, retrieval, throughput"),
+    ],
+)
+def test_bad_new_options_are_one_line(capsys, tmp_path, no_measuring, argv, message):
+    code, _, err = _run(capsys, "--out", str(tmp_path), *argv)
+    assert code == 2 and _one_line(err, message)
+
+
 def test_context_longer_than_the_model_accepts(capsys, tmp_path, no_measuring):
     code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", "none", "--contexts", "8190")
     last = err.splitlines()[-1]  # after transformers' own weight-loading bar
@@ -149,7 +172,7 @@ def test_a_truncated_stored_part_names_the_file_and_the_fix(capsys, tmp_path, no
     ],
 )
 def test_a_method_the_model_cannot_take_fails_before_measuring(capsys, tmp_path, smol_bench, no_measuring, spec, message):
-    code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", f"none,{spec}", "--contexts", "64")
+    code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", f"none,{spec}", "--contexts", "64", "--texts", "prose")
     assert code == 2 and _one_line(err, message)
 
 
@@ -175,7 +198,8 @@ def test_ctrl_c_keeps_the_finished_parts_and_propagates(tmp_path, smol_bench, mo
         return _fake_part(part)
 
     monkeypatch.setattr(runner, "_measure", measure)
-    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64"])
+    argv = ["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64", "--texts", "prose"]
+    args = build_parser().parse_args(argv)
     with pytest.raises(KeyboardInterrupt):
         run_from_args(args, UsageError)
     (folder,) = tmp_path.iterdir()
@@ -202,7 +226,7 @@ def test_parts_limits_what_is_measured(tmp_path, monkeypatch, no_measuring):
                 "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
 
     monkeypatch.setattr(runner, "measure_in_subprocess", fake_speed)  # perplexity and retrieval still refuse
-    config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1)
+    config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1, texts=("prose",))
     result = runner.run(config, tmp_path, only=("speed",))
     assert measured == ["none", "kivi:bits=4"]
     assert [("perplexity" in row, "decode_ms_per_token" in row) for row in result.rows] == [(False, True)] * 2

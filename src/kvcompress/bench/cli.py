@@ -135,7 +135,7 @@ def config_from_args(args, usage_error):
             raise usage_error(str(err)) from None
     for key in ("ppl_tokens", "ppl_windows", "cases"):
         if value[key] < 1:
-            raise usage_error(f"--{key.replace('_', '-').replace('cases', 'retrieval-cases')} must be at least 1")
+            raise usage_error(f"--{key.replace('_', '-').replace('cases', 'retrieval-cases/--cases')} must be at least 1")
     for key in ("memory_budget", "prefill_chunk"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise usage_error(f"--{key.replace('_', '-')} must be at least 1")
