@@ -154,7 +154,7 @@ def test_out_in_a_read_only_folder(capsys, tmp_path, no_model, no_measuring):
 
 
 def test_a_truncated_stored_part_names_the_file_and_the_fix(capsys, tmp_path, no_model, no_measuring):
-    argv = ["--out", str(tmp_path), "--methods", "none", "--contexts", "64", "--threads", "1"]
+    argv = ["--out", str(tmp_path), "--methods", "none", "--contexts", "64", "--threads", "1", "--texts", "prose"]
     config = config_from_args(build_parser().parse_args(["bench", *argv]), UsageError)
     path = runner.PartStore(tmp_path / config.folder_name("prose"), {}).path("none", 64, "perplexity")
     path.parent.mkdir(parents=True)
