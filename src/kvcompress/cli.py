@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info``, ``generate``, ``bench`` and ``calibrate``.
+"""The ``kvcompress`` command: ``info``, ``generate``, ``compress``, ``ask``, ``bench`` and ``calibrate``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -75,37 +75,106 @@ def cmd_info(args) -> None:
         print(f"{key:>20}: {value}")
 
 
+def _check_spec(spec: str) -> None:
+    """Refuse a bad method spec before the model loads, so a typo fails fast."""
+    from kvcompress.registry import SpecError, parse_spec
+
+    try:
+        parse_spec(spec)
+    except SpecError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_generation_flags(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+
+
+def _check_chunk(args) -> None:
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError("--prefill-chunk must be at least 1 (or omitted: the context in one forward)")
+
+
+def _memory_line(cache, model) -> str:
+    """One line: bytes held, tokens stored of those seen, bytes per token seen, compression factor."""
+    from kvcompress.models import model_summary
+
+    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
+    per_token = model_summary(model)["kv_bytes_per_token"]
+    return (
+        f"[kvcompress] {cache.spec}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
+        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
+        f"{per_token * seen / nbytes:.1f}x smaller)"
+    )
+
+
+def _print_answers(questions: list[str | None], answers: list[str]) -> None:
+    """One question: its answer alone (as ``generate`` prints it); several: each under its question."""
+    if len(answers) == 1:
+        print(answers[0])
+        return
+    for question, text in zip(questions, answers):
+        print(f"Q: {question}\nA: {text}\n")
+
+
 def cmd_generate(args) -> None:
     from kvcompress.cache import make_cache
     from kvcompress.calibration import CalibrationError
     from kvcompress.generation import ContextTooLongError, answer
-    from kvcompress.models import model_summary
     from kvcompress.registry import SpecError
 
-    try:  # check the spec before the model loads, so a typo fails fast
-        from kvcompress.registry import parse_spec
-
-        parse_spec(args.method)
-    except SpecError as err:
-        raise UsageError(str(err)) from None
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    _check_spec(args.method)
+    _check_generation_flags(args)
+    _check_chunk(args)
     context = _read_context(args)
     model, tokenizer = _load(args.model)
     try:
         cache = make_cache(args.method, model)
-        text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
+        text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens, prefill_chunk=args.prefill_chunk)[0]
     except (SpecError, CalibrationError, ContextTooLongError) as err:  # what make_cache and answer raise for bad input
         raise UsageError(str(err)) from None
-    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
-    per_token = model_summary(model)["kv_bytes_per_token"]
     print(text)
-    print(
-        f"[kvcompress] {args.method}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
-        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
-        f"{per_token * seen / nbytes:.1f}x smaller)",
-        file=sys.stderr,
-    )
+    print(_memory_line(cache, model), file=sys.stderr)
+
+
+def cmd_compress(args) -> None:
+    from kvcompress.calibration import CalibrationError
+    from kvcompress.generation import ContextTooLongError, compress
+    from kvcompress.registry import SpecError
+
+    _check_spec(args.method)
+    _check_chunk(args)
+    context = _read_context(args)
+    out = Path(args.out)
+    _check_writable(out, "--out")
+    model, tokenizer = _load(args.model)
+    try:
+        cache = compress(model, tokenizer, context, args.method, prefill_chunk=args.prefill_chunk)
+    except (SpecError, CalibrationError, ContextTooLongError) as err:
+        raise UsageError(str(err)) from None
+    cache.save(out, tokenizer)
+    print(_memory_line(cache, model), file=sys.stderr)
+    print(f"[kvcompress] saved to {out} ({_human(out.stat().st_size)} on disk)", file=sys.stderr)
+
+
+def cmd_ask(args) -> None:
+    from kvcompress.cache import CacheFileError, load_cache, read_header
+    from kvcompress.generation import ContextTooLongError, ask
+
+    _check_generation_flags(args)
+    try:
+        header = read_header(args.cache)
+        model, tokenizer = _load(args.model or header.get("model") or None)
+        cache = load_cache(args.cache, model, tokenizer)
+    except CacheFileError as err:
+        raise UsageError(str(err)) from None
+    questions = args.question or [None]
+    try:
+        answers = ask(model, tokenizer, cache, questions, args.max_new_tokens)
+    except (ContextTooLongError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    _print_answers(questions, answers)
+    print(_memory_line(cache, model), file=sys.stderr)
 
 
 def cmd_bench(args) -> None:
@@ -143,15 +212,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default=None, help=model_help)
     info.set_defaults(run=cmd_info)
 
+    method_help = "compression spec, e.g. 'streaming:window=1024+kivi:bits=4' (default none)"
+    chunk_help = "feed the context this many tokens at a time, compressing between chunks (bounds peak memory; e.g. 512)"
     gen = sub.add_parser("generate", help="compress a context, ask a question, print the answer")
-    gen.add_argument("--method", default="none", help="compression spec, e.g. 'streaming:window=1024+kivi:bits=4'")
+    gen.add_argument("--method", default="none", help=method_help)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--context", help="context text")
     source.add_argument("--context-file", help="file with the context (UTF-8)")
     gen.add_argument("--question", default=None, help="asked after the compressed context (not compressed)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    gen.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
     gen.add_argument("--model", default=None, help=model_help)
     gen.set_defaults(run=cmd_generate)
+
+    comp = sub.add_parser("compress", help="compress a context once and save it, to ask it questions later (`ask`)")
+    comp.add_argument("--method", default="none", help=method_help)
+    source = comp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context", help="context text")
+    source.add_argument("--context-file", help="file with the context (UTF-8)")
+    comp.add_argument("--out", required=True, help="file to write the compressed cache to (safetensors), e.g. doc.kvc")
+    comp.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
+    comp.add_argument("--model", default=None, help=model_help)
+    comp.set_defaults(run=cmd_compress)
+
+    ask = sub.add_parser(
+        "ask", help="answer questions from a saved compressed context, as `generate` would, without compressing it again"
+    )
+    ask.add_argument("cache", help="a file written by `kvcompress compress --out`")
+    ask.add_argument(
+        "--question", action="append", default=None,
+        help="asked after the context; repeat the flag to ask several (answered as one batch); omit to continue the text",
+    )
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    ask.add_argument("--model", default=None, help="the model the cache was saved with (default: the name in the file)")
+    ask.set_defaults(run=cmd_ask)
 
     from kvcompress.bench.cli import add_arguments
 
