@@ -166,3 +166,20 @@ def test_ask_bad_files_are_one_line(capsys, smol_cli, tmp_path):
     _one_line_error(code, err, "damaged or truncated")
     code, _, err = _run(capsys, "compress", "--context", "x", "--out", str(tmp_path))
     _one_line_error(code, err, "is a folder")
+
+
+@pytest.mark.model
+def test_demo_shows_answers_and_memory_per_method(capsys, smol_cli):
+    code, out, err = _run(capsys, "demo", "--tokens", "300", "--methods", "none;streaming:window=32")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("none ", "streaming:"))}
+    assert " yes " in rows["none"] and "4721" in rows["none"]  # the uncompressed context answers
+    assert " NO " in rows["streaming:window=32"] and "36 of" in rows["streaming:window=32"]  # the fact was evicted
+    assert "1.0x" in rows["none"] and "x " in rows["streaming:window=32"]
+
+
+def test_demo_refuses_bad_flags(capsys):
+    code, _, err = _run(capsys, "demo", "--depth", "2")
+    _one_line_error(code, err, "--depth must be between 0")
+    code, _, err = _run(capsys, "demo", "--methods", "none;kivi:bits=3")
+    _one_line_error(code, err, "bits must be 2, 4 or 8")

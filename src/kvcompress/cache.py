@@ -40,7 +40,7 @@ from kvcompress.calibration import rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
-from kvcompress.state import Value, restore, state_of
+from kvcompress.state import Value, parts_of, restore, state_of
 from kvcompress.step import ATTENTION, Attended, Operands, Segment, StepInputs
 
 
@@ -323,8 +323,17 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary)
 
+    def trim(self) -> None:
+        """Release capacity reserved for tokens to come: held slots stay as they are."""
+        for part in self._parts():
+            for obj in parts_of(part):
+                if hasattr(obj, "trim"):
+                    obj.trim()
+
     def fork(self, copies: int) -> CompressedLayer:
-        """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after."""
+        """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after.
+        This layer takes no more tokens, so the capacity it reserved for them is released."""
+        self.trim()
         layer = CompressedLayer(None, self.storage, self.layer_idx, self.num_layers, self.rotary)
         layer.shared = [SharedPart(part, copies) for part in self._parts()]
         layer.seen = self.seen
@@ -557,6 +566,8 @@ class CompressedCache(Cache):
         if self.attached_to is not None and any(isinstance(l, CompressedLayer) and l.held is not None for l in self.layers):
             raise RuntimeError("the cache holds a question-aware step that is not compressed yet; save it after the question")
         tensors, scalars, seen_storage = {}, {}, set()
+        for layer in self.compressed_layers:
+            layer.trim()  # a file holds the tokens, not the room reserved for more
         for i, layer in enumerate(self.layers):
             entries = layer.state() if isinstance(layer, CompressedLayer) else _sliding_state(layer)
             for name, value in entries.items():

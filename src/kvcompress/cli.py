@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info``, ``generate``, ``compress``, ``ask``, ``bench`` and ``calibrate``.
+"""The ``kvcompress`` command: ``info``, ``demo``, ``generate``, ``compress``, ``ask``, ``bench`` and ``calibrate``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -177,6 +177,31 @@ def cmd_ask(args) -> None:
     print(_memory_line(cache, model), file=sys.stderr)
 
 
+def cmd_demo(args) -> None:
+    from kvcompress.calibration import CalibrationError
+    from kvcompress.demo import FACT, QUESTION, format_rows, planted_context, run_demo
+    from kvcompress.registry import SpecError
+
+    methods = [m.strip() for m in args.methods.split(";") if m.strip()]
+    if not methods:
+        raise UsageError("--methods is empty; pass specs separated by ';', e.g. 'none;kivi:bits=4'")
+    for spec in methods:
+        _check_spec(spec)
+    if not 64 <= args.tokens <= 7000:
+        raise UsageError("--tokens must be between 64 and 7000 (the default model reads 8,192 positions)")
+    if not 0 <= args.depth <= 1:
+        raise UsageError("--depth must be between 0 (the start of the text) and 1 (its end)")
+    model, tokenizer = _load(args.model)
+    _, text_name = planted_context(tokenizer, args.tokens, args.depth)
+    try:
+        rows = run_demo(model, tokenizer, methods, args.tokens, args.depth)
+    except (SpecError, CalibrationError) as err:
+        raise UsageError(str(err)) from None
+    print(f"A fact planted at {args.depth:.0%} of {args.tokens:,} tokens of {text_name}: \"{FACT}\"")
+    print(f"Question, asked after the context was compressed: \"{QUESTION}\"\n")
+    print(format_rows(rows))
+
+
 def cmd_bench(args) -> None:
     from kvcompress.bench.cli import run_from_args
 
@@ -246,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
     ask.add_argument("--model", default=None, help="the model the cache was saved with (default: the name in the file)")
     ask.set_defaults(run=cmd_ask)
+
+    demo = sub.add_parser(
+        "demo", help="plant a fact deep in a long text, ask for it under each method, show answers and memory"
+    )
+    demo.add_argument(
+        "--methods", default="none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256",
+        help="method specs separated by ';' (default: none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256)",
+    )
+    demo.add_argument("--tokens", type=int, default=1500, help="context length in tokens (default 1500)")
+    demo.add_argument("--depth", type=float, default=0.3, help="where the fact sits, 0 = start to 1 = end (default 0.3)")
+    demo.add_argument("--model", default=None, help=model_help)
+    demo.set_defaults(run=cmd_demo)
 
     from kvcompress.bench.cli import add_arguments
 
