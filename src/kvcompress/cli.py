@@ -228,6 +228,14 @@ def cmd_calibrate(args) -> None:
     print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text} -> {out}", file=sys.stderr)
 
 
+def _add_method_and_context(parser: argparse.ArgumentParser, method_help: str) -> None:
+    """``--method`` and the context (``--context`` or ``--context-file``, one required): read by :func:`_read_context`."""
+    parser.add_argument("--method", default="none", help=method_help)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context", help="context text")
+    source.add_argument("--context-file", help="file with the context (UTF-8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Compress the KV cache of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,10 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     method_help = "compression spec, e.g. 'streaming:window=1024+kivi:bits=4' (default none)"
     chunk_help = "feed the context this many tokens at a time, compressing between chunks (bounds peak memory; e.g. 512)"
     gen = sub.add_parser("generate", help="compress a context, ask a question, print the answer")
-    gen.add_argument("--method", default="none", help=method_help)
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--context", help="context text")
-    source.add_argument("--context-file", help="file with the context (UTF-8)")
+    _add_method_and_context(gen, method_help)
     gen.add_argument("--question", default=None, help="asked after the compressed context (not compressed)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
     gen.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
@@ -251,10 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     comp = sub.add_parser("compress", help="compress a context once and save it, to ask it questions later (`ask`)")
-    comp.add_argument("--method", default="none", help=method_help)
-    source = comp.add_mutually_exclusive_group(required=True)
-    source.add_argument("--context", help="context text")
-    source.add_argument("--context-file", help="file with the context (UTF-8)")
+    _add_method_and_context(comp, method_help)
     comp.add_argument("--out", required=True, help="file to write the compressed cache to (safetensors), e.g. doc.kvc")
     comp.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
     comp.add_argument("--model", default=None, help=model_help)
