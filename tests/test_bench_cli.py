@@ -66,6 +66,8 @@ def _one_line(err: str, *fragments: str) -> bool:
         (["--decode-tokens", "8"], "--decode-tokens must be at least 32"),
         (["--cases", "0"], "--cases must be at least 1"),
         (["--text", "/nonexistent/book.txt"], "neither prose nor code nor kjv nor an existing file"),
+        (["--retrieval-tasks", "rular"], "unknown retrieval task set 'rular'; sets: default, ruler"),
+        (["--retrieval-tasks", "ruler", "--cases", "30"], "--cases 30: --retrieval-tasks ruler takes a multiple of 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, no_measuring, argv, message):
@@ -73,6 +75,39 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, no_measuring, argv, 
     assert code == 2
     assert err.startswith("kvcompress: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _config(*argv):
+    return config_from_args(build_parser().parse_args(["bench", *argv]), UsageError)
+
+
+def test_ruler_cases_default_to_whole_rounds_of_32_and_quick_keeps_the_default_set():
+    assert (_config().tasks, _config().cases) == ("default", 9)
+    assert (_config("--retrieval-tasks", "ruler").cases, _config("--retrieval-tasks", "ruler", "--cases", "16").cases) == (32, 16)
+    assert (_config("--quick").tasks, _config("--quick").cases) == ("default", 3)
+
+
+def test_texts_retrieval_cases_chunk_and_budget_reach_the_config():
+    assert (_config().texts, _config().ppl_tokens, _config().ppl_windows) == (("prose", "kjv"), 256, 4)
+    assert _config("--quick").texts == ("prose",) and _config("--text", "code").texts == ("code",)
+    config = _config("--texts", "prose, kjv,code", "--retrieval-tasks", "ruler", "--retrieval-cases", "40",
+                     "--prefill-chunk", "128", "--memory-budget", "1000000")
+    assert (config.texts, config.cases, config.prefill_chunk, config.memory_budget) == (("prose", "kjv", "code"), 40, 128, 10**6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
+        (["--memory-budget", "-5"], "--memory-budget must be at least 1"),
+        (["--texts", ","], "--texts is empty"),
+        (["--retrieval-cases", "0"], "--retrieval-cases/--cases must be at least 1"),
+        (["--parts", "throughput,speedy"], "--parts takes a comma-separated subset of speed, perplexity, retrieval, throughput"),
+    ],
+)
+def test_bad_new_options_are_one_line(capsys, tmp_path, no_measuring, argv, message):
+    code, _, err = _run(capsys, "--out", str(tmp_path), *argv)
+    assert code == 2 and _one_line(err, message)
 
 
 def test_context_longer_than_the_model_accepts(capsys, tmp_path, no_measuring):
@@ -119,7 +154,7 @@ def test_out_in_a_read_only_folder(capsys, tmp_path, no_model, no_measuring):
 
 
 def test_a_truncated_stored_part_names_the_file_and_the_fix(capsys, tmp_path, no_model, no_measuring):
-    argv = ["--out", str(tmp_path), "--methods", "none", "--contexts", "64", "--threads", "1"]
+    argv = ["--out", str(tmp_path), "--methods", "none", "--contexts", "64", "--threads", "1", "--texts", "prose"]
     config = config_from_args(build_parser().parse_args(["bench", *argv]), UsageError)
     path = runner.PartStore(tmp_path / config.folder_name("prose"), {}).path("none", 64, "perplexity")
     path.parent.mkdir(parents=True)
@@ -137,7 +172,7 @@ def test_a_truncated_stored_part_names_the_file_and_the_fix(capsys, tmp_path, no
     ],
 )
 def test_a_method_the_model_cannot_take_fails_before_measuring(capsys, tmp_path, smol_bench, no_measuring, spec, message):
-    code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", f"none,{spec}", "--contexts", "64")
+    code, _, err = _run(capsys, "--out", str(tmp_path), "--methods", f"none,{spec}", "--contexts", "64", "--texts", "prose")
     assert code == 2 and _one_line(err, message)
 
 
@@ -147,7 +182,7 @@ def _fake_part(part: str) -> dict:
                 "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
     if part == "perplexity":
         return {"perplexity": 10.0}
-    return {"correct": 1, "cases": 1, "by_form": {"passkey": [1, 1]}}
+    return {"correct": 1, "cases": 1, "by_task": {"passkey": [1, 1]}}
 
 
 @pytest.mark.model
@@ -163,7 +198,8 @@ def test_ctrl_c_keeps_the_finished_parts_and_propagates(tmp_path, smol_bench, mo
         return _fake_part(part)
 
     monkeypatch.setattr(runner, "_measure", measure)
-    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64"])
+    argv = ["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64", "--texts", "prose"]
+    args = build_parser().parse_args(argv)
     with pytest.raises(KeyboardInterrupt):
         run_from_args(args, UsageError)
     (folder,) = tmp_path.iterdir()
@@ -190,7 +226,7 @@ def test_parts_limits_what_is_measured(tmp_path, monkeypatch, no_measuring):
                 "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
 
     monkeypatch.setattr(runner, "measure_in_subprocess", fake_speed)  # perplexity and retrieval still refuse
-    config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1)
+    config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1, texts=("prose",))
     result = runner.run(config, tmp_path, only=("speed",))
     assert measured == ["none", "kivi:bits=4"]
     assert [("perplexity" in row, "decode_ms_per_token" in row) for row in result.rows] == [(False, True)] * 2

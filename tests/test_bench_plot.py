@@ -50,7 +50,7 @@ def _results(with_speed: bool) -> list[dict]:
             "spec": spec, "source": "kvpress" if spec.startswith("kvpress:") else "kvcompress", "context": 1024,
             "speed": speed if with_speed and not aware else None,
             "perplexity": None if aware else {"perplexity": 10.0 + i},
-            "retrieval": {"correct": 3 - i % 4, "cases": 3, "by_form": {"passkey": [3 - i % 4, 3]}},
+            "retrieval": {"correct": 3 - i % 4, "cases": 3, "by_task": {"passkey": [3 - i % 4, 3]}},
         })
     return results
 
@@ -62,3 +62,20 @@ def test_plot_writes_a_png(tmp_path, with_speed):
     assert ("decode_x" in rows[1]) == with_speed
     path = plot_frontier(rows, tmp_path / "plots" / "frontier.png", "title")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_throughput_adds_a_panel(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    results = _results(True)
+    for i, r in enumerate(results):
+        r["throughput"] = {"budget_bytes": 4 * 2**20, "bytes_per_sequence": 2**20 // (1 + i), "batch": 4 * (1 + i),
+                           "cache_bytes": 4 * 2**20, "tokens_per_s": 100.0 * (1 + i) ** 0.5}
+    rows = report.build_rows(results, {"model": "m"})
+    shown = []
+    original = plt.subplots
+    plt.subplots = lambda *args, **kwargs: shown.append(args) or original(*args, **kwargs)
+    try:
+        plot_frontier(rows, tmp_path / "frontier.png", "title")
+    finally:
+        plt.subplots = original
+    assert shown == [(1, 4)] and rows[1]["throughput_x"] == pytest.approx(2**0.5)

@@ -34,7 +34,7 @@ def _result(spec, context, kv, ppl, correct, source="kvcompress"):
         "context": context,
         "speed": _speed(kv, 2.0 if spec == "none" else 3.0, 10.0 if spec == "none" else 5.0, 2**30, context),
         "perplexity": {"perplexity": ppl},
-        "retrieval": {"correct": correct, "cases": 3, "by_form": {"passkey": [1, 1], "kv": [correct - 1, 2]}},
+        "retrieval": {"correct": correct, "cases": 3, "by_task": {"passkey": [1, 1], "kv": [correct - 1, 2]}},
     }
 
 
@@ -63,13 +63,40 @@ def test_table_has_every_row_and_marks_kvpress():
     rows = report.build_rows(RESULTS, CONDITIONS)
     table = report.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].split(" | ")[0].strip() == "method" and "perplexity (Δ% vs none)" in lines[0]
+    assert lines[0].split(" | ")[0].strip() == "method" and "ppl text (Δ% vs none)" in lines[0]
     body = [line for line in lines[2:] if " | " in line]
     assert len(body) == len(RESULTS)
     assert "kvpress:SnapKVPress:0.5 †" in table and "† compressed by NVIDIA kvpress" in table
     assert "4.00×" in body[1] and "11.000 (+10.0%)" in body[1] and "67% (2/3)" in body[1]
     per_form = report.format_retrieval(rows, ("passkey", "kv", "two-part"))
-    assert len(per_form.splitlines()) == 2 + len(RESULTS) and "n/a" in per_form  # no two-part cases here
+    assert len(per_form.splitlines()) == 3 + len(RESULTS) and "n/a" in per_form  # no two-part cases here
+    kivi = per_form.splitlines()[3].split(" | ")  # the baseline's accuracy beside each figure, and the difference
+    assert [c.strip() for c in kivi[2:]] == ["100% [100%]", "50% [100%]", "n/a [n/a]", "67% [100%]", "3", "-33"]
+
+
+def test_a_column_per_perplexity_text_with_its_ratio_to_none():
+    def result(spec, prose, kjv):
+        return {"spec": spec, "source": "kvcompress", "context": 64,
+                "perplexity[prose]": {"perplexity": prose}, "perplexity[kjv]": {"perplexity": kjv}}
+
+    rows = report.build_rows([result("none", 10.0, 20.0), result("kivi:bits=2", 11.0, 30.0)], CONDITIONS)
+    assert rows[1]["ppl_delta_pct[prose]"] == pytest.approx(10.0) and rows[1]["ppl_delta_pct[kjv]"] == pytest.approx(50.0)
+    assert rows[1]["perplexity_delta_pct"] == pytest.approx(30.0) and "perplexity" not in rows[1]  # the mean, for the plot
+    header, _, none, kivi = report.format_table(rows).splitlines()
+    assert "ppl prose (Δ% vs none)" in header and "ppl kjv (Δ% vs none)" in header
+    assert "11.000 (+10.0%)" in kivi and "30.000 (+50.0%)" in kivi and "20.000 (+0.0%)" in none
+
+
+def test_throughput_rows_and_table_compare_tokens_per_second_with_none():
+    def result(spec, batch, per_seq, tps):
+        thr = {"budget_bytes": 4000, "bytes_per_sequence": per_seq, "batch": batch, "cache_bytes": batch * per_seq,
+               "tokens_per_s": tps}
+        return {"spec": spec, "source": "kvcompress", "context": 64, "throughput": thr}
+
+    rows = report.build_rows([result("none", 4, 1000, 100.0), result("kivi:bits=2", 16, 250, 300.0)], CONDITIONS)
+    assert rows[1]["throughput_batch"] == 16 and rows[1]["throughput_x"] == pytest.approx(3.0)
+    table = report.format_throughput(rows)
+    assert "300.0 (3.00×)" in table.splitlines()[3] and report.format_throughput(rows[:0]) == ""
 
 
 def test_csv_and_json_hold_rows_and_conditions(tmp_path):
@@ -86,11 +113,37 @@ def test_csv_and_json_hold_rows_and_conditions(tmp_path):
 
 
 def test_folder_is_named_after_the_conditions():
-    config = BenchConfig(methods=("none",), contexts=(1024,), model="smollm2-135m", device="cpu", threads=2)
+    # Results measured before the defaults became 256 tokens x 4 windows keep their folder under the old settings.
+    config = BenchConfig(methods=("none",), contexts=(1024,), model="smollm2-135m", device="cpu", threads=2,
+                         ppl_tokens=64, ppl_windows=3)
     name = config.folder_name("prose")
     assert name == "smollm2-135m_float32_cpu-2t_prose_ppl64x3_ret9-seed0_dec32"
+    chunked = BenchConfig(methods=("none",), contexts=(1024,), device="cpu", threads=2, prefill_chunk=256, memory_budget=10**6)
+    assert chunked.folder_name("prose+kjv") == "smollm2-135m_float32_cpu-2t_prose+kjv_ppl256x4_ret9-seed0_dec32_chunk256_budget1000000"
     other = BenchConfig(methods=("none",), contexts=(1024,), device="cpu", threads=2, seed=1).folder_name("prose")
     assert other != name
+    ruler = BenchConfig(methods=("none",), contexts=(1024,), device="cpu", threads=2, cases=32, tasks="ruler")
+    assert ruler.folder_name("prose") == "smollm2-135m_float32_cpu-2t_prose_ppl256x4_ret32-ruler-seed0_dec32"
+
+
+def test_retrieval_table_shows_every_task_and_the_recall_of_list_answers():
+    ruler = {"correct": 5, "cases": 8, "by_task": {"single-number": [1, 1], "multivalue": [0, 1], "vt": [0, 1]},
+             "recall_by_task": {"single-number": 1.0, "multivalue": 0.75, "vt": 0.2}}
+    results = [{**r, "retrieval": ruler} for r in RESULTS[:2]]
+    rows = report.build_rows(results, CONDITIONS)
+    assert rows[1]["retrieval_recall_multivalue"] == 0.75 and rows[1]["retrieval_acc_vt"] == 0.0
+    table = report.format_retrieval(rows, ("single-number", "multivalue", "vt", "cwe"), ("multivalue", "vt", "cwe"))
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[-3].strip() == "average" and lines[2].split(" | ")[0].strip() == "none"
+    cells = [c.strip() for c in lines[3].split(" | ")]
+    assert cells == ["kivi:bits=2", "1024", "100% [100%]", "0% (0.75) [0%]", "0% (0.20) [0%]", "n/a [n/a]", "62% [62%]", "8", "+0"]
+    assert lines[-1].startswith("multivalue, vt, cwe: accuracy (mean recall")
+
+
+def test_a_stale_retrieval_part_counted_by_form_is_still_read():
+    """Parts stored before task sets hold ``by_form``; ``--reuse-stale`` shows them."""
+    old = {**RESULTS[1], "retrieval": {"correct": 2, "cases": 3, "by_form": {"passkey": [1, 1], "kv": [1, 2]}}}
+    assert report.build_rows([old], CONDITIONS)[0]["retrieval_acc_kv"] == 0.5
 
 
 def test_folder_is_unique_per_model(tmp_path, monkeypatch):
@@ -139,7 +192,7 @@ def test_store_ignores_a_file_of_another_spec(tmp_path):
 def _stored_run(tmp_path, fingerprint=None):
     """A config of none and kivi:bits=2 at 1024 and 4096, whose parts (RESULTS) are stored under
     ``fingerprint`` (default: this code's)."""
-    config = BenchConfig(methods=("none", "kivi:bits=2"), contexts=(1024, 4096), device="cpu", threads=2)
+    config = BenchConfig(methods=("none", "kivi:bits=2"), contexts=(1024, 4096), device="cpu", threads=2, texts=("prose",))
     folder = tmp_path / config.folder_name("prose")
     store = PartStore(folder, {s: fingerprint or runner.fingerprint(resolve(s)) for s in config.methods})
     for r in RESULTS:

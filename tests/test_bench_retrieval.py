@@ -10,6 +10,7 @@ import pytest
 
 from kvcompress.bench.retrieval import (
     FORMS,
+    LIST_TASKS,
     RULER_TASKS,
     WORDS,
     case_depths,
@@ -99,15 +100,15 @@ class _AnswersPasskeysOnly:
     spec: str = "fake"
     source: str = "kvcompress"
 
-    def answer(self, model, tokenizer, context, question, max_new_tokens):
+    def answer(self, model, tokenizer, context, question, max_new_tokens, prefill_chunk=None):
         return context.split("The pass key is ")[1].split(".")[0] if "The pass key is " in context else "no idea"
 
 
-def test_run_retrieval_counts_by_form(tokenizer):
+def test_run_retrieval_counts_by_task(tokenizer):
     cases = make_cases(tokenizer, 200, 6, seed=1)
     result = run_retrieval(_AnswersPasskeysOnly(), None, tokenizer, cases)
     assert result["correct"] == 2 and result["cases"] == 6
-    assert result["by_form"] == {"passkey": [2, 2], "kv": [0, 2], "two-part": [0, 2]}
+    assert result["by_task"] == {"passkey": [2, 2], "kv": [0, 2], "two-part": [0, 2]} and "by_form" not in result
     assert [r["form"] for r in result["results"]] == [c.form for c in cases]
     assert all("context" not in r and "reply" in r for r in result["results"])
 
@@ -141,6 +142,7 @@ def ruler_cases(tokenizer):
 
 def test_ruler_cases_are_deterministic(tokenizer, ruler_cases):
     assert [c.form for c in ruler_cases] == list(RULER_TASKS) * 2
+    assert {c.form for c in ruler_cases if c.match == "all"} == set(LIST_TASKS)  # the report shows their recall
     assert ruler_cases == make_cases(tokenizer, RULER_CONTEXT, 2 * len(RULER_TASKS), seed=0, tasks="ruler")
     other = make_cases(tokenizer, RULER_CONTEXT, 2 * len(RULER_TASKS), seed=1, tasks="ruler")
     assert all(a.expected != b.expected and a.context != b.context for a, b in zip(ruler_cases, other))
@@ -276,7 +278,7 @@ class _EchoesPlanted:
     spec: str = "echo"
     source: str = "kvcompress"
 
-    def answer(self, model, tokenizer, context, question, max_new_tokens):
+    def answer(self, model, tokenizer, context, question, max_new_tokens, prefill_chunk=None):
         lines = [line for line in context.splitlines() if line.startswith(("Fact:", "VAR"))]
         return " ".join(lines) or context.splitlines()[0]
 
@@ -284,7 +286,7 @@ class _EchoesPlanted:
 def test_run_retrieval_reports_by_task(tokenizer):
     cases = make_cases(tokenizer, 300, len(RULER_TASKS), seed=2, tasks="ruler")
     result = run_retrieval(_EchoesPlanted(), None, tokenizer, cases)
-    assert list(result["by_task"]) == list(RULER_TASKS) and result["by_form"] == result["by_task"]
+    assert list(result["by_task"]) == list(RULER_TASKS)
     # Echoing every needle answers single needles and all-asked lists; multikey only when the asked
     # needle comes first in the text; vt names the distractor chain too; a cwe line holds every
     # common word and 7 others.

@@ -71,8 +71,8 @@ def test_quick_bench_writes_table_csv_json_and_plot_then_reuses(tmp_path, capsys
         ret = raw["retrieval"]
         assert ret["cases"] == payload["conditions"]["retrieval_cases"] == 3
         assert isinstance(ret["correct"], int) and 0 <= ret["correct"] <= ret["cases"]
-        assert set(ret["by_form"]) <= set(FORMS)
-        assert [sum(counts) for counts in zip(*ret["by_form"].values())] == [ret["correct"], ret["cases"]]
+        assert set(ret["by_task"]) <= set(FORMS)
+        assert [sum(counts) for counts in zip(*ret["by_task"].values())] == [ret["correct"], ret["cases"]]
     assert payload["raw"][0]["retrieval"]["correct"] == 3  # the uncompressed model finds every fact at 1024
 
     # Speed: the configured decode steps; peak memory counts the weights.

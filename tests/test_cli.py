@@ -136,3 +136,50 @@ def test_console_script_error_has_no_traceback():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("kvcompress: error: unknown method 'nope'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.model
+def test_compress_then_ask_answers_as_generate_does(capsys, smol_cli, tmp_path):
+    context = "The meeting is on Tuesday. The room is 4B. Bring the blue folder. " * 4
+    method, question = "streaming:sink=4,window=24+kivi:bits=4,residual=8", "Which room is the meeting in?"
+    code, direct, _ = _run(capsys, "generate", "--method", method, "--context", context, "--question", question, "--max-new-tokens", "8")
+    assert code == 0
+    doc = tmp_path / "doc.kvc"
+    code, _, err = _run(capsys, "compress", "--method", method, "--context", context, "--out", str(doc))
+    assert code == 0 and doc.is_file() and f"saved to {doc}" in err
+    code, out, err = _run(capsys, "ask", str(doc), "--question", question, "--max-new-tokens", "8")
+    assert code == 0 and out == direct and "28 of" in err  # the answer generate gives; sink + window stored
+    questions = [question, "What should you bring?", "Which day is the meeting?"]
+    code, out, _ = _run(capsys, "ask", str(doc), *[a for q in questions for a in ("--question", q)], "--max-new-tokens", "8")
+    assert code == 0
+    assert [line[3:] for line in out.splitlines() if line.startswith("Q: ")] == questions
+    assert f"A: {direct.strip()}" in out.splitlines()  # the first answer, asked in a batch, is the single one
+
+
+@pytest.mark.model
+def test_ask_bad_files_are_one_line(capsys, smol_cli, tmp_path):
+    code, _, err = _run(capsys, "ask", str(tmp_path / "missing.kvc"), "--question", "Q?")
+    _one_line_error(code, err, "no saved cache at")
+    junk = tmp_path / "junk.kvc"
+    junk.write_bytes(b"not a cache at all")
+    code, _, err = _run(capsys, "ask", str(junk), "--question", "Q?")
+    _one_line_error(code, err, "damaged or truncated")
+    code, _, err = _run(capsys, "compress", "--context", "x", "--out", str(tmp_path))
+    _one_line_error(code, err, "is a folder")
+
+
+@pytest.mark.model
+def test_demo_shows_answers_and_memory_per_method(capsys, smol_cli):
+    code, out, err = _run(capsys, "demo", "--tokens", "300", "--methods", "none;streaming:window=32")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("none ", "streaming:"))}
+    assert " yes " in rows["none"] and "4721" in rows["none"]  # the uncompressed context answers
+    assert " NO " in rows["streaming:window=32"] and "36 of" in rows["streaming:window=32"]  # the fact was evicted
+    assert "1.0x" in rows["none"] and "x " in rows["streaming:window=32"]
+
+
+def test_demo_refuses_bad_flags(capsys):
+    code, _, err = _run(capsys, "demo", "--depth", "2")
+    _one_line_error(code, err, "--depth must be between 0")
+    code, _, err = _run(capsys, "demo", "--methods", "none;kivi:bits=3")
+    _one_line_error(code, err, "bits must be 2, 4 or 8")

@@ -38,6 +38,7 @@ def test_methods_lists_parameters_and_defaults():
         ("kivi:bitz=2", "valid parameters: bits=2, group=32, residual=128"),
         ("kivi:bits=3", "bits must be 2, 4 or 8"),
         ("kivi:bits=two", "expects int"),
+        ("knorm:ratio=0.75,budget=adaptive", "expects int.*by allocation=adaptive"),
         ("streaming:window=0", "window must be >= 1"),
         ("streaming:window=8,window=9", "given twice"),
         ("kivi:group=32,4", "only the first parameter"),

@@ -109,6 +109,13 @@ class FullPrecisionBuffer:
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.n], self.v[:, :, : self.n]
 
+    def trim(self) -> None:
+        """Release the capacity reserved beyond the held tokens (a context at rest needs none)."""
+        if self.k is not None and self.k.shape[2] > self.n:
+            self.k, self.v = self.k[:, :, : self.n].clone(), self.v[:, :, : self.n].clone()
+            if self._valid is not None:
+                self._valid = self._valid[:, :, : self.n].clone()
+
     def segment(self) -> DenseSegment:
         return DenseSegment(*self.keys_values())
 

@@ -40,7 +40,7 @@ from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
-from kvcompress.state import Value, restore, state_of
+from kvcompress.state import Value, parts_of, restore, state_of
 from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
 
 
@@ -360,8 +360,17 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary, self.head_scores)
 
+    def trim(self) -> None:
+        """Release capacity reserved for tokens to come: held slots stay as they are."""
+        for part in self._parts():
+            for obj in parts_of(part):
+                if hasattr(obj, "trim"):
+                    obj.trim()
+
     def fork(self, copies: int) -> CompressedLayer:
-        """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after."""
+        """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after.
+        This layer takes no more tokens, so the capacity it reserved for them is released."""
+        self.trim()
         layer = CompressedLayer(None, self.storage, self.layer_idx, self.num_layers, self.rotary)
         layer.shared = [SharedPart(part, copies) for part in self._parts()]
         layer.seen = self.seen
@@ -484,6 +493,7 @@ class CompressedCache(Cache):
         self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
         self.forked = False  # its slots are read by forks: it may not change any more
         self.replaying = False  # the tokens fed are a replay of the held context (see replay)
+        self.model_name: str | None = None  # the name the model was loaded under (saved, for `kvcompress ask`)
 
     @staticmethod
     def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary, head_scores=None) -> list:
@@ -523,7 +533,13 @@ class CompressedCache(Cache):
                                self.storage, self.identity, layers=layers)
         if self.context is not None:
             fork.context = tuple(t.repeat_interleave(copies, 0) for t in self.context)
+        fork.model_name = self.model_name
         return fork
+
+    def reset(self) -> None:
+        """Empty the cache for a new context. Forks made before keep reading the old context's stores."""
+        super().reset()
+        self.context, self.expected, self.forked = None, None, False
 
     @property
     def spec(self) -> str:
@@ -605,6 +621,8 @@ class CompressedCache(Cache):
         if self.attached_to is not None and any(isinstance(l, CompressedLayer) and l.held is not None for l in self.layers):
             raise RuntimeError("the cache holds a question-aware step that is not compressed yet; save it after the question")
         tensors, scalars, seen_storage = {}, {}, set()
+        for layer in self.compressed_layers:
+            layer.trim()  # a file holds the tokens, not the room reserved for more
         for i, layer in enumerate(self.layers):
             entries = layer.state() if isinstance(layer, CompressedLayer) else _sliding_state(layer)
             for name, value in entries.items():
@@ -621,6 +639,7 @@ class CompressedCache(Cache):
         metadata = {
             "format": CACHE_FORMAT,
             "spec": self.spec,
+            "model": self.model_name or "",
             "identity": json.dumps(self.identity),
             "storage": _fixed_fingerprint(self.storage),
             "tokenizer": json.dumps(tokenizer_fingerprint(tokenizer)) if tokenizer is not None else "",
@@ -670,6 +689,26 @@ def _fixed_fingerprint(storage) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_header(path: str | Path) -> dict[str, str]:
+    """The header of a saved cache without loading its tensors: ``spec``, ``model`` (the name it was
+    loaded under), ``seen`` (tokens), ... as strings.
+
+    Raises:
+        CacheFileError: the file is missing, damaged, or not a kvcompress cache.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheFileError(f"no saved cache at {str(path)!r}; make one with `kvcompress compress --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CacheFileError(f"{str(path)!r} is damaged or truncated ({err}); compress the context again") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise CacheFileError(f"{str(path)!r} is not a kvcompress cache ({CACHE_FORMAT}); make one with `kvcompress compress`")
+    return meta
+
+
 def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
     """Reload a cache written by :meth:`CompressedCache.save` for ``model`` (and ``tokenizer``, when both
     recorded and given, checked too).
@@ -679,17 +718,13 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
             another model, tokenizer or calibration; the message names the fix.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CacheFileError(f"no saved cache at {str(path)!r}; make one with `kvcompress compress --out {path}`")
+    meta = read_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         scalars = json.loads(meta.get("scalars", "{}"))
     except Exception as err:  # safetensors raises several types for a damaged file
         raise CacheFileError(f"{str(path)!r} is damaged or truncated ({err}); compress the context again") from None
-    if meta.get("format") != CACHE_FORMAT:
-        raise CacheFileError(f"{str(path)!r} is not a kvcompress cache ({CACHE_FORMAT}); make one with `kvcompress compress`")
     differ = identity_differences(json.loads(meta["identity"]), model_identity(model))
     if differ:
         raise CacheFileError(
@@ -716,6 +751,7 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
             _load_sliding_state(layer, entries)
     if "context.ids" in tensors:
         cache.context = (tensors["context.ids"].to(device), tensors["context.mask"].to(device))
+    cache.model_name = meta.get("model") or model_name(model)
     return cache
 
 
@@ -750,4 +786,6 @@ def make_cache(method: str, model) -> CompressedCache:
         types = getattr(model.config.get_text_config(), "layer_types", None)
         if types is not None:  # only heads of the compressed (full-attention) layers compete
             head_scores[[t != "full_attention" for t in types]] = -torch.inf
-    return CompressedCache(pipeline, model.config, storage, model_identity(model), rotary, head_scores=head_scores)
+    cache = CompressedCache(pipeline, model.config, storage, model_identity(model), rotary, head_scores=head_scores)
+    cache.model_name = model_name(model)
+    return cache

@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info``, ``generate``, ``bench`` and ``calibrate``.
+"""The ``kvcompress`` command: ``info``, ``demo``, ``generate``, ``compress``, ``ask``, ``bench`` and ``calibrate``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -75,37 +75,131 @@ def cmd_info(args) -> None:
         print(f"{key:>20}: {value}")
 
 
+def _check_spec(spec: str) -> None:
+    """Refuse a bad method spec before the model loads, so a typo fails fast."""
+    from kvcompress.registry import SpecError, parse_spec
+
+    try:
+        parse_spec(spec)
+    except SpecError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_generation_flags(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+
+
+def _check_chunk(args) -> None:
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError("--prefill-chunk must be at least 1 (or omitted: the context in one forward)")
+
+
+def _memory_line(cache, model) -> str:
+    """One line: bytes held, tokens stored of those seen, bytes per token seen, compression factor."""
+    from kvcompress.models import model_summary
+
+    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
+    per_token = model_summary(model)["kv_bytes_per_token"]
+    return (
+        f"[kvcompress] {cache.spec}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
+        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
+        f"{per_token * seen / nbytes:.1f}x smaller)"
+    )
+
+
+def _print_answers(questions: list[str | None], answers: list[str]) -> None:
+    """One question: its answer alone (as ``generate`` prints it); several: each under its question."""
+    if len(answers) == 1:
+        print(answers[0])
+        return
+    for question, text in zip(questions, answers):
+        print(f"Q: {question}\nA: {text}\n")
+
+
 def cmd_generate(args) -> None:
     from kvcompress.cache import make_cache
     from kvcompress.calibration import CalibrationError
     from kvcompress.generation import ContextTooLongError, answer
-    from kvcompress.models import model_summary
     from kvcompress.registry import SpecError
 
-    try:  # check the spec before the model loads, so a typo fails fast
-        from kvcompress.registry import parse_spec
-
-        parse_spec(args.method)
-    except SpecError as err:
-        raise UsageError(str(err)) from None
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    _check_spec(args.method)
+    _check_generation_flags(args)
+    _check_chunk(args)
     context = _read_context(args)
     model, tokenizer = _load(args.model)
     try:
         cache = make_cache(args.method, model)
-        text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens)[0]
+        text = answer(model, tokenizer, context, args.question, cache, args.max_new_tokens, prefill_chunk=args.prefill_chunk)[0]
     except (SpecError, CalibrationError, ContextTooLongError) as err:  # what make_cache and answer raise for bad input
         raise UsageError(str(err)) from None
-    seen, stored, nbytes = cache.get_seq_length(), cache.stored_tokens, cache.nbytes
-    per_token = model_summary(model)["kv_bytes_per_token"]
     print(text)
-    print(
-        f"[kvcompress] {args.method}: KV cache holds {_human(nbytes)}: {stored:,} of {seen:,} tokens stored "
-        f"({nbytes / seen:,.0f} B per token seen; uncompressed {per_token:,} B/token; "
-        f"{per_token * seen / nbytes:.1f}x smaller)",
-        file=sys.stderr,
-    )
+    print(_memory_line(cache, model), file=sys.stderr)
+
+
+def cmd_compress(args) -> None:
+    from kvcompress.calibration import CalibrationError
+    from kvcompress.generation import ContextTooLongError, compress
+    from kvcompress.registry import SpecError
+
+    _check_spec(args.method)
+    _check_chunk(args)
+    context = _read_context(args)
+    out = Path(args.out)
+    _check_writable(out, "--out")
+    model, tokenizer = _load(args.model)
+    try:
+        cache = compress(model, tokenizer, context, args.method, prefill_chunk=args.prefill_chunk)
+    except (SpecError, CalibrationError, ContextTooLongError) as err:
+        raise UsageError(str(err)) from None
+    cache.save(out, tokenizer)
+    print(_memory_line(cache, model), file=sys.stderr)
+    print(f"[kvcompress] saved to {out} ({_human(out.stat().st_size)} on disk)", file=sys.stderr)
+
+
+def cmd_ask(args) -> None:
+    from kvcompress.cache import CacheFileError, load_cache, read_header
+    from kvcompress.generation import ContextTooLongError, ask
+
+    _check_generation_flags(args)
+    try:
+        header = read_header(args.cache)
+        model, tokenizer = _load(args.model or header.get("model") or None)
+        cache = load_cache(args.cache, model, tokenizer)
+    except CacheFileError as err:
+        raise UsageError(str(err)) from None
+    questions = args.question or [None]
+    try:
+        answers = ask(model, tokenizer, cache, questions, args.max_new_tokens)
+    except (ContextTooLongError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    _print_answers(questions, answers)
+    print(_memory_line(cache, model), file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from kvcompress.calibration import CalibrationError
+    from kvcompress.demo import FACT, QUESTION, format_rows, planted_context, run_demo
+    from kvcompress.registry import SpecError
+
+    methods = [m.strip() for m in args.methods.split(";") if m.strip()]
+    if not methods:
+        raise UsageError("--methods is empty; pass specs separated by ';', e.g. 'none;kivi:bits=4'")
+    for spec in methods:
+        _check_spec(spec)
+    if not 64 <= args.tokens <= 7000:
+        raise UsageError("--tokens must be between 64 and 7000 (the default model reads 8,192 positions)")
+    if not 0 <= args.depth <= 1:
+        raise UsageError("--depth must be between 0 (the start of the text) and 1 (its end)")
+    model, tokenizer = _load(args.model)
+    _, text_name = planted_context(tokenizer, args.tokens, args.depth)
+    try:
+        rows = run_demo(model, tokenizer, methods, args.tokens, args.depth)
+    except (SpecError, CalibrationError) as err:
+        raise UsageError(str(err)) from None
+    print(f"A fact planted at {args.depth:.0%} of {args.tokens:,} tokens of {text_name}: \"{FACT}\"")
+    print(f"Question, asked after the context was compressed: \"{QUESTION}\"\n")
+    print(format_rows(rows))
 
 
 def cmd_bench(args) -> None:
@@ -134,6 +228,14 @@ def cmd_calibrate(args) -> None:
     print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text} -> {out}", file=sys.stderr)
 
 
+def _add_method_and_context(parser: argparse.ArgumentParser, method_help: str) -> None:
+    """``--method`` and the context (``--context`` or ``--context-file``, one required): read by :func:`_read_context`."""
+    parser.add_argument("--method", default="none", help=method_help)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context", help="context text")
+    source.add_argument("--context-file", help="file with the context (UTF-8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcompress", description="Compress the KV cache of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,15 +245,46 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default=None, help=model_help)
     info.set_defaults(run=cmd_info)
 
+    method_help = "compression spec, e.g. 'streaming:window=1024+kivi:bits=4' (default none)"
+    chunk_help = "feed the context this many tokens at a time, compressing between chunks (bounds peak memory; e.g. 512)"
     gen = sub.add_parser("generate", help="compress a context, ask a question, print the answer")
-    gen.add_argument("--method", default="none", help="compression spec, e.g. 'streaming:window=1024+kivi:bits=4'")
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--context", help="context text")
-    source.add_argument("--context-file", help="file with the context (UTF-8)")
+    _add_method_and_context(gen, method_help)
     gen.add_argument("--question", default=None, help="asked after the compressed context (not compressed)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    gen.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
     gen.add_argument("--model", default=None, help=model_help)
     gen.set_defaults(run=cmd_generate)
+
+    comp = sub.add_parser("compress", help="compress a context once and save it, to ask it questions later (`ask`)")
+    _add_method_and_context(comp, method_help)
+    comp.add_argument("--out", required=True, help="file to write the compressed cache to (safetensors), e.g. doc.kvc")
+    comp.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
+    comp.add_argument("--model", default=None, help=model_help)
+    comp.set_defaults(run=cmd_compress)
+
+    ask = sub.add_parser(
+        "ask", help="answer questions from a saved compressed context, as `generate` would, without compressing it again"
+    )
+    ask.add_argument("cache", help="a file written by `kvcompress compress --out`")
+    ask.add_argument(
+        "--question", action="append", default=None,
+        help="asked after the context; repeat the flag to ask several (answered as one batch); omit to continue the text",
+    )
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    ask.add_argument("--model", default=None, help="the model the cache was saved with (default: the name in the file)")
+    ask.set_defaults(run=cmd_ask)
+
+    demo = sub.add_parser(
+        "demo", help="plant a fact deep in a long text, ask for it under each method, show answers and memory"
+    )
+    demo.add_argument(
+        "--methods", default="none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256",
+        help="method specs separated by ';' (default: none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256)",
+    )
+    demo.add_argument("--tokens", type=int, default=1500, help="context length in tokens (default 1500)")
+    demo.add_argument("--depth", type=float, default=0.3, help="where the fact sits, 0 = start to 1 = end (default 0.3)")
+    demo.add_argument("--model", default=None, help=model_help)
+    demo.set_defaults(run=cmd_demo)
 
     from kvcompress.bench.cli import add_arguments
 

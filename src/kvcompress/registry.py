@@ -156,7 +156,10 @@ def _convert(method: str, key: str, raw: str, typ) -> object:
             return float(raw)
         return raw
     except ValueError:
-        raise SpecError(f"{method}: parameter {key!r} expects {typ.__name__}, got {raw!r}") from None
+        hint = ""
+        if key == "budget" and raw in ("uniform", "pyramid", "adaptive"):  # budgets.ALLOCATIONS; budget is a count
+            hint = f"; budget is tokens kept per layer and head, spread across heads and layers by allocation={raw}"
+        raise SpecError(f"{method}: parameter {key!r} expects {typ.__name__}, got {raw!r}{hint}") from None
 
 
 def _describe(cls) -> str:

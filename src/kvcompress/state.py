@@ -41,3 +41,13 @@ def restore(obj, state: dict[str, Value], prefix: str = "") -> None:
         setattr(obj, name, value)
     for name in getattr(type(obj), "NESTED", ()):
         restore(getattr(obj, name), state, f"{prefix}{name}.")
+
+
+def parts_of(obj):
+    """``obj`` and, recursively, every object nested in it (``NESTED``, and a ragged store's inner stores)."""
+    yield obj
+    for name in getattr(type(obj), "NESTED", ()):
+        yield from parts_of(getattr(obj, name))
+    for row in getattr(obj, "rows", None) or ():
+        for inner in row:
+            yield from parts_of(inner)

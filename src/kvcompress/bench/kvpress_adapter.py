@@ -149,7 +149,9 @@ class KVPressMethod:
     def nbytes(self, cache) -> int:
         return sum(layer_nbytes(layer) for layer in cache.layers)
 
-    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
+        if prefill_chunk:  # the runner refuses it first: a press compresses in one prefill forward
+            raise KVPressUnavailable(f"{self.spec}: kvpress presses cannot prefill in chunks")
         from kvpress import KVPressTextGenerationPipeline
 
         pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)

@@ -2,8 +2,9 @@
 
 Every row of a benchmark is a :class:`BenchMethod`. kvcompress specs (``none``, ``kivi:bits=2``,
 any registered method or combination) resolve to :class:`KVCompressMethod`; specs that start with
-``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`. The harness
-knows no method by name apart from ``none`` (the baseline) and that prefix.
+``kvpress:`` resolve to the optional adapter in :mod:`kvcompress.bench.kvpress_adapter`, and specs that
+start with ``peer:`` to transformers' own ``QuantizedCache`` (:mod:`kvcompress.bench.peers`). The
+harness knows no method by name apart from ``none`` (the baseline) and those prefixes.
 
 A kvcompress spec ending in ``@question-aware`` is the same method compressing the context only
 once the question has been read (``kvcompress.generate(..., question_aware=True)``): a separate row
@@ -21,21 +22,35 @@ import torch
 from kvcompress.attach import attach
 from kvcompress.bench.kvpress_adapter import PREFIX as KVPRESS_PREFIX
 from kvcompress.bench.kvpress_adapter import resolve_press
-from kvcompress.cache import make_cache
+from kvcompress.bench.peers import PREFIX as PEER_PREFIX
+from kvcompress.bench.peers import resolve_peer
+from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.generation import answer, prefill
 from kvcompress.models import cache_kwarg
 from kvcompress.registry import parse_spec
 
 BASELINE = "none"
 QUESTION_AWARE = "@question-aware"
-ALL_PARTS = ("speed", "perplexity", "retrieval")
+ALL_PARTS = ("speed", "perplexity", "retrieval", "throughput")
+DEFAULT_PARTS = ("speed", "perplexity", "retrieval")  # throughput (batched decode) only when asked: it is long
+
+
+def perplexity_parts(texts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The stored parts of perplexity on ``texts`` (names): ``("perplexity",)`` for one text (the
+    name parts had before several texts), else ``perplexity[<name>]`` per text."""
+    return ("perplexity",) if len(texts) == 1 else tuple(f"perplexity[{name}]" for name in texts)
+
+
+def part_kind(part: str) -> str:
+    """What a stored part measures, among :data:`ALL_PARTS`: ``perplexity[kjv]`` -> ``perplexity``."""
+    return part.partition("[")[0]
 
 
 class BenchMethod(Protocol):
     """One row of the benchmark: how to build its cache and compress a context into it."""
 
     spec: str  # as the user typed it
-    source: str  # "kvcompress" or "kvpress": which library compresses
+    source: str  # "kvcompress", "kvpress" or "peer" (transformers' QuantizedCache): which library compresses
     parts: tuple[str, ...]  # what this row measures, among ALL_PARTS
 
     def new_cache(self, model):
@@ -50,8 +65,9 @@ class BenchMethod(Protocol):
     def nbytes(self, cache) -> int:
         """Exact bytes of every tensor ``cache`` holds."""
 
-    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
-        """Compress ``context``, ask ``question`` after it (not compressed), and answer greedily."""
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
+        """Compress ``context`` (``prefill_chunk`` tokens at a time, when given), ask ``question`` after it
+        (not compressed), and answer greedily."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +96,9 @@ class KVCompressMethod:
     def nbytes(self, cache) -> int:
         return cache.nbytes
 
-    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int) -> str:
+    def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
         cache = self.new_cache(model)
-        return answer(model, tokenizer, context, question, cache, max_new_tokens, self.question_aware)[0]
+        return answer(model, tokenizer, context, question, cache, max_new_tokens, self.question_aware, prefill_chunk)[0]
 
 
 def resolve(spec: str) -> BenchMethod:
@@ -91,10 +107,13 @@ def resolve(spec: str) -> BenchMethod:
     Raises:
         SpecError: a bad kvcompress spec.
         kvcompress.bench.kvpress_adapter.KVPressUnavailable: a ``kvpress:`` spec that cannot run here.
+        kvcompress.bench.peers.PeerUnavailable: a ``peer:`` spec that is bad or whose backend is missing.
     """
     spec = spec.strip()
     if spec.startswith(KVPRESS_PREFIX):
         return resolve_press(spec, ALL_PARTS)
+    if spec.startswith(PEER_PREFIX):
+        return resolve_peer(spec, ALL_PARTS)
     if spec.endswith(QUESTION_AWARE):
         parse_spec(spec.removesuffix(QUESTION_AWARE))
         return KVCompressMethod(spec, question_aware=True, parts=("retrieval",))
@@ -103,22 +122,33 @@ def resolve(spec: str) -> BenchMethod:
 
 
 @torch.no_grad()
-def fill_context(method: BenchMethod, model, input_ids: torch.Tensor, cache, tokenizer=None) -> torch.Tensor:
-    """Prefill ``(1, C)`` context ids into ``cache`` with ``method`` compressing; return ``(1, 1, V)`` logits.
+def fill_context(
+    method: BenchMethod, model, input_ids: torch.Tensor, cache, chunk: int | None = None, tokenizer=None
+) -> torch.Tensor:
+    """Prefill ``(B, C)`` context ids into ``cache`` with ``method`` compressing; return ``(B, 1, V)`` logits.
 
-    Call it (and :func:`step`) inside ``method.session(model, cache)``. A method that replays the
-    context to score it (``kvzip``) needs the ``tokenizer``."""
+    ``chunk=n`` feeds the context ``n`` tokens at a time (:func:`kvcompress.generation.prefill`): a
+    kvcompress cache compresses between chunks; any other cache (kvpress's, transformers') is fed in
+    chunks by plain forwards. A method that replays the context to score it (``kvzip``) needs the
+    ``tokenizer``. Call it (and :func:`step`) inside ``method.session(model, cache)``.
+    """
     with method.compressing(model):
-        return prefill(model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1, tokenizer=tokenizer)
+        if chunk and not isinstance(cache, CompressedCache):  # prefill(chunk=) is kvcompress's chunked compression
+            for start in range(0, input_ids.shape[1], chunk):
+                logits = step(model, cache, input_ids[:, start : start + chunk], start)
+            return logits[:, -1:]
+        return prefill(
+            model, input_ids, torch.ones_like(input_ids), cache, logits_to_keep=1, chunk=chunk, tokenizer=tokenizer
+        )
 
 
 @torch.no_grad()
 def step(model, cache, tokens: torch.Tensor, start: int) -> torch.Tensor:
-    """Feed ``(1, q)`` tokens at their true positions ``start .. start + q - 1``; return ``(1, q, V)`` logits.
+    """Feed ``(B, q)`` tokens at their true positions ``start .. start + q - 1``; return ``(B, q, V)`` logits.
 
     Positions are passed explicitly, so a cache that evicts (and reports fewer stored tokens than it
     has seen) still gives each token its index in the sequence.
     """
-    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, q)
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)  # (B, q)
     out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{cache_kwarg(model): cache})
     return out.logits

@@ -21,12 +21,15 @@ from kvcompress.bench.methods import BenchMethod, fill_context, step
 
 
 @torch.no_grad()
-def continuation_nll(method: BenchMethod, model, window: torch.Tensor, context: int, tokenizer=None) -> list[float]:
+def continuation_nll(
+    method: BenchMethod, model, window: torch.Tensor, context: int, chunk: int | None = None, tokenizer=None
+) -> list[float]:
     """Negative log-likelihoods (nats) of ``window[context + 1:]`` given a compressed ``window[:context]``.
 
     Args:
         window: ``(C + N + 1,)`` token ids.
         context: ``C``, tokens prefilled (and compressed) before scoring.
+        chunk: prefill the context this many tokens at a time (see :func:`~kvcompress.bench.methods.fill_context`).
 
     Returns:
         ``N`` floats, one per scored token, in order.
@@ -35,7 +38,7 @@ def continuation_nll(method: BenchMethod, model, window: torch.Tensor, context: 
     cache = method.new_cache(model)
     nll = []
     with method.session(model, cache):
-        fill_context(method, model, ids[:, :context], cache, tokenizer)
+        fill_context(method, model, ids[:, :context], cache, chunk, tokenizer)
         for pos in range(context, ids.shape[1] - 1):
             logits = step(model, cache, ids[:, pos : pos + 1], pos)[0, -1]  # (V,)
             nll.append(float(F.cross_entropy(logits.float(), ids[0, pos + 1])))
@@ -43,7 +46,14 @@ def continuation_nll(method: BenchMethod, model, window: torch.Tensor, context: 
 
 
 def perplexity(
-    method: BenchMethod, model, ids: torch.Tensor, context: int, tokens: int, offsets: list[int], desc: str = "",
+    method: BenchMethod,
+    model,
+    ids: torch.Tensor,
+    context: int,
+    tokens: int,
+    offsets: list[int],
+    desc: str = "",
+    chunk: int | None = None,
     tokenizer=None,
 ) -> dict:
     """Score ``tokens`` continuation tokens after ``context`` compressed ones, at every offset.
@@ -51,6 +61,7 @@ def perplexity(
     Args:
         ids: ``(L,)`` token ids of the whole text.
         offsets: window starts in ``ids``; each window spans ``context + tokens + 1`` ids.
+        chunk: prefill each context this many tokens at a time (None: in one forward).
 
     Returns:
         ``{"perplexity", "mean_nll", "offsets", "nll"}``: ``nll`` holds the per-token values of
@@ -59,6 +70,6 @@ def perplexity(
     span = context + tokens + 1
     nll = []
     for offset in tqdm(offsets, desc=desc or f"perplexity {method.spec} C={context}", leave=False):
-        nll.append(continuation_nll(method, model, ids[offset : offset + span], context, tokenizer))
+        nll.append(continuation_nll(method, model, ids[offset : offset + span], context, chunk, tokenizer))
     mean = sum(map(sum, nll)) / sum(map(len, nll))
     return {"perplexity": math.exp(mean), "mean_nll": mean, "offsets": list(offsets), "nll": nll}

@@ -1,5 +1,6 @@
 """The memory/quality frontier as a PNG: compression × against perplexity Δ, retrieval accuracy and
-decode speed, a row of panels per context length.
+decode speed (and, when measured, throughput under a KV memory budget, each point labelled with its
+batch), a row of panels per context length.
 
 Colour is the method's family (eviction, quantization, low-rank, sharing, combinations, the
 baseline, kvpress peers) and marker shape the method's name, so a method at several ratios shares
@@ -14,7 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcompress.bench.methods import BASELINE, KVPRESS_PREFIX, QUESTION_AWARE
+from kvcompress.bench.methods import (
+    BASELINE,
+    KVPRESS_PREFIX,
+    PEER_PREFIX,
+    QUESTION_AWARE,
+)
 from kvcompress.registry import parse_spec
 
 PIP_HINT = "pip install 'kvcompress[bench]'"
@@ -27,6 +33,7 @@ FAMILY_COLOURS = {
     "combination": "tab:red",
     "other storage": "tab:brown",
     "kvpress": "tab:gray",
+    "peer": "tab:olive",
 }
 # Storage methods by family; an eviction method is any Selection, a combination any spec of several.
 STORAGE_FAMILIES = {"kivi": "quantization", "lowrank": "low-rank", "share_heads": "sharing", "share_layers": "sharing"}
@@ -36,6 +43,7 @@ PANELS = (  # (row key, y label, whether lower quality values are better; None: 
     ("retrieval_acc", "retrieval accuracy % (higher is better)", False),
     ("decode_x", "decode ms/token × none (lower is faster)", None),
 )
+THROUGHPUT_PANEL = ("throughput_x", "tokens/s at the budget's batch × none (higher is better)", None)
 PERPLEXITY_TICKS = (-50, -20, -10, -5, 0, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
@@ -58,9 +66,10 @@ def require_matplotlib():
 def method_name(spec: str) -> str:
     """The method a spec configures, without its parameters: ``snapkv:ratio=0.5`` -> ``snapkv``,
     ``streaming:window=512+kivi:bits=4`` -> ``streaming+kivi``, ``kvpress:SnapKVPress:0.5`` ->
-    ``kvpress:SnapKVPress``."""
-    if spec.startswith(KVPRESS_PREFIX):
-        return KVPRESS_PREFIX + spec[len(KVPRESS_PREFIX) :].partition(":")[0]
+    ``kvpress:SnapKVPress``, ``peer:quanto:bits=4`` -> ``peer:quanto``."""
+    for prefix in (KVPRESS_PREFIX, PEER_PREFIX):
+        if spec.startswith(prefix):
+            return prefix + spec[len(prefix) :].partition(":")[0]
     return "+".join(part.partition(":")[0].strip() for part in spec.removesuffix(QUESTION_AWARE).split("+"))
 
 
@@ -68,6 +77,8 @@ def family(spec: str) -> str:
     """The family a spec belongs to, one of :data:`FAMILY_COLOURS`."""
     if spec.startswith(KVPRESS_PREFIX):
         return "kvpress"
+    if spec.startswith(PEER_PREFIX):
+        return "peer"
     pipeline = parse_spec(spec.removesuffix(QUESTION_AWARE))
     if not pipeline.methods:
         return "baseline"
@@ -93,8 +104,9 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
 
 def plot_frontier(rows: list[dict], path: Path, title: str) -> Path:
     """Draw every row with a compression: a row of three panels (perplexity Δ%, retrieval accuracy,
-    decode speed, each against compression ×) per context length. A panel with nothing measured
-    says so."""
+    decode speed, each against compression ×) per context length, and a fourth when any row has a
+    throughput (tokens/s × none's under the same KV budget, each point labelled ``b=<batch>``). A
+    panel with nothing measured says so."""
     plt = require_matplotlib()
 
     rows = [r for r in rows if r.get("compression") is not None]
@@ -104,9 +116,10 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> Path:
     others = [n for n in names if n != BASELINE]
     markers = {BASELINE: "*", **{n: MARKERS[i % len(MARKERS)] for i, n in enumerate(others)}}
     styles = {n: (markers[n], FAMILY_COLOURS[families[n]]) for n in names}
-    fig, axes = plt.subplots(len(contexts), len(PANELS), figsize=(18, 5.2 * len(contexts)), squeeze=False)
+    panels = PANELS + ((THROUGHPUT_PANEL,) if any(r.get("throughput_x") is not None for r in rows) else ())
+    fig, axes = plt.subplots(len(contexts), len(panels), figsize=(6 * len(panels), 5.2 * len(contexts)), squeeze=False)
     for axes_row, context in zip(axes, contexts):
-        for ax, panel in zip(axes_row, PANELS):
+        for ax, panel in zip(axes_row, panels):
             _panel(ax, [r for r in rows if r["context"] == context], *panel, styles)
             ax.set_title(f"C = {context} tokens" if context is not None else "", fontsize=9)
 
@@ -171,3 +184,7 @@ def _panel(ax, rows: list[dict], key: str, label: str, lower_is_better: bool | N
         ax.axhline(100, color="black", linewidth=0.6)
     else:
         ax.axhline(1, color="black", linewidth=0.6)
+    if key == "throughput_x":
+        for r in shown:
+            ax.annotate(f"b={r['throughput_batch']}", (r["compression"], r[key]), xytext=(5, -4), textcoords="offset points",
+                        va="top", fontsize=6.5, path_effects=[withStroke(linewidth=2.5, foreground="white")])

@@ -91,6 +91,7 @@ from kvcompress.bench.methods import BenchMethod
 FORMS = ("passkey", "kv", "two-part")
 RULER_TASKS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery", "vt", "cwe")
 TASK_SETS = {"default": FORMS, "ruler": RULER_TASKS}
+LIST_TASKS = ("multivalue", "multiquery", "vt", "cwe")  # answers that are lists (``match="all"``): recall informs
 NAMES = ("Alice", "Bruno", "Chen", "Dana", "Emil", "Fatima", "Gustav", "Hana", "Ivan", "Julia", "Kofi", "Lena")
 KV_FACTS = 3  # facts planted in a kv case; one is asked
 MULTI = 4  # needles of multikey, values of multivalue, keys of multiquery (RULER's 4)
@@ -408,18 +409,17 @@ def recall(reply: str, expected: str, kind: str = "number") -> float:
     return sum(w in got for w in want) / len(want)
 
 
-def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc: str = "") -> dict:
+def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc: str = "", prefill_chunk: int | None = None) -> dict:
     """Ask every case through ``method`` (one compressed context per question); score the replies.
 
     Returns:
         ``{"correct", "cases", "by_task": {task: [correct, total]}, "recall_by_task": {task: mean
-        recall}, "by_form", "results": [...]}`` where each result holds the case (without its
-        context), the reply, whether it is correct and its recall. ``by_form`` is ``by_task`` under
-        the name the report reads.
+        recall}, "results": [...]}`` where each result holds the case (without its context), the
+        reply, whether it is correct and its recall.
     """
     results = []
     for case in tqdm(cases, desc=desc or f"retrieval {method.spec}", leave=False):
-        reply = method.answer(model, tokenizer, case.context, case.question, case.max_new_tokens)
+        reply = method.answer(model, tokenizer, case.context, case.question, case.max_new_tokens, prefill_chunk)
         record = {k: v for k, v in asdict(case).items() if k != "context"}
         results.append({
             **record,
@@ -439,6 +439,5 @@ def run_retrieval(method: BenchMethod, model, tokenizer, cases: list[Case], desc
         "cases": len(results),
         "by_task": by_task,
         "recall_by_task": {f: found[f] / total[f] for f in total},
-        "by_form": by_task,
         "results": results,
     }

@@ -1,10 +1,13 @@
 """Run the benchmark: every method at every context length, on the same footing.
 
 For each context length ``C`` and each method: speed and memory in a fresh process
-(:mod:`kvcompress.bench.speed`), perplexity of the text after ``C`` compressed tokens
-(:mod:`kvcompress.bench.perplexity`), and retrieval of facts planted in ``C`` tokens
-(:mod:`kvcompress.bench.retrieval`). ``none`` is always measured and is the baseline of every
-ratio.
+(:mod:`kvcompress.bench.speed`, on the first ``C`` tokens of the first text), perplexity of each
+text after ``C`` compressed tokens
+(:mod:`kvcompress.bench.perplexity`), retrieval of facts planted in ``C`` tokens
+(:mod:`kvcompress.bench.retrieval`) and, when asked, throughput: batched decode at the largest batch
+whose cache fits a KV memory budget (by default what ``none``'s cache holds at batch
+:data:`BUDGET_BATCH`), in a fresh process too. ``none`` is always measured and is the baseline of
+every ratio.
 
 Results are kept per (method, context, part) in a folder named after the conditions, each with the
 :func:`fingerprint` of the code that measured it, and reused by later runs with the same conditions
@@ -31,17 +34,26 @@ from tqdm.auto import tqdm
 
 import kvcompress
 from kvcompress.bench import report
-from kvcompress.bench.methods import ALL_PARTS, BASELINE, BenchMethod, resolve
+from kvcompress.bench.methods import (
+    ALL_PARTS,
+    BASELINE,
+    DEFAULT_PARTS,
+    BenchMethod,
+    part_kind,
+    perplexity_parts,
+    resolve,
+)
 from kvcompress.bench.perplexity import perplexity
-from kvcompress.bench.retrieval import FORMS, make_cases, run_retrieval
-from kvcompress.bench.speed import measure_in_subprocess
+from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
+from kvcompress.bench.speed import measure_in_subprocess, sequence_nbytes
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.calibration import CalibrationError
 from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
 from kvcompress.registry import SpecError
 
-PARTS = ALL_PARTS
-QUESTION_ROOM = 160  # positions a retrieval prompt needs beyond its context: template, question, answer
+PARTS = DEFAULT_PARTS  # what a run measures unless told (throughput: --parts throughput)
+QUESTION_ROOM = 192  # positions a retrieval prompt needs beyond its context: template, question, answer
+BUDGET_BATCH = 4  # the default KV memory budget of throughput: none's cache at this batch
 
 
 class BenchError(ValueError):
@@ -58,20 +70,30 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     threads: int = field(default_factory=torch.get_num_threads)
-    text: str = "prose"
-    ppl_tokens: int = 64
-    ppl_windows: int = 3
+    texts: tuple[str, ...] = ("prose", "kjv")  # perplexity texts (built-in names or paths); speed reads the first
+    ppl_tokens: int = 256
+    ppl_windows: int = 4
     cases: int = 9
+    tasks: str = "default"  # the retrieval task set, one of retrieval.TASK_SETS
     seed: int = 0
     decode_tokens: int = 32
+    prefill_chunk: int | None = None  # feed contexts this many tokens at a time (kvcompress compresses between)
+    memory_budget: int | None = None  # bytes of KV cache for throughput; None: none's at batch BUDGET_BATCH
 
     def folder_name(self, text_name: str) -> str:
-        """Name of the results folder: every condition a measurement depends on, methods aside."""
+        """Name of the results folder: every condition a measurement depends on, methods aside.
+
+        ``text_name``: the texts' names joined by ``+`` (one text: its name).
+        """
         model = model_folder_name(self.model)
         device = f"{self.device}-{self.threads}t" if self.device == "cpu" else self.device
+        tasks = "" if self.tasks == "default" else f"-{self.tasks}"  # default: the names folders had before sets
+        # Conditions added later are named only when set, so earlier results keep their folder.
+        chunk = f"_chunk{self.prefill_chunk}" if self.prefill_chunk else ""
+        budget = f"_budget{self.memory_budget}" if self.memory_budget else ""
         return (
             f"{model}_{self.dtype}_{device}_{text_name}_ppl{self.ppl_tokens}x{self.ppl_windows}"
-            f"_ret{self.cases}-seed{self.seed}_dec{self.decode_tokens}"
+            f"_ret{self.cases}{tasks}-seed{self.seed}_dec{self.decode_tokens}{chunk}{budget}"
         )
 
 
@@ -126,6 +148,7 @@ def fingerprint(method: BenchMethod) -> dict[str, str]:
     }
     if method.source == "kvpress":
         found["kvpress"] = metadata.version("kvpress")
+    found.update(getattr(method, "versions", dict)())  # a peer row: its backend's version
     return found
 
 
@@ -200,13 +223,16 @@ def plan(
     force: bool,
     parts: dict[str, tuple[str, ...]] | None = None,
     reuse_stale: bool = False,
+    shown: tuple[str, ...] = PARTS,
 ) -> dict[tuple[str, int], list[str]]:
     """Which parts each (spec, context) must measure: missing or stale ones, or all with ``force``.
 
-    ``parts`` limits a spec to some parts (a question-aware row measures retrieval only); by
-    default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
+    ``shown`` names every part a row can show (one perplexity part per text, see
+    :func:`~kvcompress.bench.methods.perplexity_parts`); ``parts`` limits a spec to some of them (a
+    question-aware row measures retrieval only); by default every spec measures all. A stale part (measured under another :func:`fingerprint`) is
     measured again unless ``reuse_stale``. When any speed at ``C`` is measured, every row's speed at
-    ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs.
+    ``C`` is (the baseline's too), so that speed and memory ratios never compare two runs; the same
+    for throughput.
     Every stored part that will be shown is read here, so a corrupt one fails before anything runs.
 
     Raises:
@@ -216,19 +242,20 @@ def plan(
     todo = {}
     for context in contexts:
         for spec in specs:
-            wanted = parts.get(spec, PARTS)
+            wanted = parts.get(spec, shown)
             todo[spec, context] = []
-            for part in PARTS:
+            for part in shown:
                 if force and part in wanted:
                     todo[spec, context].append(part)
                     continue
                 stored = store.load(spec, context, part)
                 if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
                     todo[spec, context].append(part)
-        if any("speed" in todo[s, context] for s in specs):  # speeds at C are measured together
-            for spec in specs:
-                if "speed" in parts.get(spec, PARTS) and "speed" not in todo[spec, context]:
-                    todo[spec, context].insert(0, "speed")
+        for timed in ("speed", "throughput"):  # timings at C are measured together
+            if any(timed in todo[s, context] for s in specs):
+                for spec in specs:
+                    if timed in parts.get(spec, shown) and timed not in todo[spec, context]:
+                        todo[spec, context].insert(0, timed)
     return todo
 
 
@@ -246,7 +273,7 @@ def device_label(device: str) -> str:
     return device
 
 
-def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> dict:
+def conditions_of(config: BenchConfig, text_names: list[str], found_versions: dict) -> dict:
     """The conditions stated with every figure (copied into every row)."""
     return {
         "model": config.model,
@@ -254,16 +281,20 @@ def conditions_of(config: BenchConfig, text_name: str, found_versions: dict) -> 
         "device": device_label(config.device),
         "threads": config.threads,
         "batch": 1,
-        "text": text_name,
+        "text": ",".join(text_names),
         "ppl_tokens": config.ppl_tokens,
         "ppl_windows": config.ppl_windows,
         "ppl_scoring": "token by token at true positions, after the compressed context",
         "retrieval_cases": config.cases,
+        "retrieval_tasks": config.tasks,
         "retrieval_seed": config.seed,
         "retrieval_haystack": "generated plain sentences",
         "decode_tokens": config.decode_tokens,
-        "decode": "greedy, one token per step, after a warm-up; prompt: the first C tokens of the text",
-        "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated",
+        "prefill_chunk": config.prefill_chunk,
+        "memory_budget": config.memory_budget,
+        "decode": f"greedy, one token per step, after a warm-up; prompt: the first C tokens of the text '{text_names[0]}'",
+        "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated; "
+        "prefill peak: the same, read right after the prefill",
         **found_versions,
     }
 
@@ -274,18 +305,20 @@ class BenchResult:
     rows: list[dict]
     table: str
     retrieval_table: str
+    throughput_table: str
     header: str
     paths: dict[str, Path]
 
 
 class _Inputs:
-    """The model, the text's ids and the retrieval cases, loaded only when something must be measured."""
+    """The model, the texts' ids and the retrieval cases, loaded only when something must be measured."""
 
-    def __init__(self, config: BenchConfig, text):
-        self.config, self.text = config, text
+    def __init__(self, config: BenchConfig, texts: list):
+        self.config, self.texts = config, {text.name: text for text in texts}
         self._loaded = None
-        self._ids = None
+        self._ids = {}
         self._cases = {}
+        self._budgets = {}
 
     def model(self):
         if self._loaded is None:
@@ -295,16 +328,30 @@ class _Inputs:
             )
         return self._loaded
 
-    def ids(self) -> torch.Tensor:
-        if self._ids is None:
+    def ids(self, name: str | None = None) -> torch.Tensor:
+        """``(L,)`` token ids of the text ``name`` (default: the first text)."""
+        name = name or next(iter(self.texts))
+        if name not in self._ids:
             _, tokenizer = self.model()
-            self._ids = torch.tensor(tokenizer(self.text.body, add_special_tokens=False)["input_ids"])  # (L,)
-        return self._ids
+            self._ids[name] = torch.tensor(tokenizer(self.texts[name].body, add_special_tokens=False)["input_ids"])
+        return self._ids[name]
+
+    def budget(self, context: int) -> int:
+        """The KV memory budget of throughput at ``context``: ``--memory-budget``, or the most bytes
+        ``none``'s cache holds at batch :data:`BUDGET_BATCH` (prefill, then the decode steps)."""
+        if self.config.memory_budget:
+            return self.config.memory_budget
+        if context not in self._budgets:
+            per_sequence, fixed = sequence_nbytes(
+                resolve(BASELINE), self.model()[0], self.ids()[:context][None], self.config.decode_tokens, self.config.prefill_chunk
+            )
+            self._budgets[context] = BUDGET_BATCH * per_sequence + fixed
+        return self._budgets[context]
 
     def cases(self, context: int):
         if context not in self._cases:
             _, tokenizer = self.model()
-            self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed)
+            self._cases[context] = make_cases(tokenizer, context, self.config.cases, self.config.seed, self.config.tasks)
         return self._cases[context]
 
     def check(self, methods: list[BenchMethod]) -> None:
@@ -324,7 +371,7 @@ class _Inputs:
                 raise BenchError(str(err)) from None
 
     def check_lengths(self) -> None:
-        """Every context fits the model's positions, and the text holds a perplexity window of each.
+        """Every context fits the model's positions, and every text holds a perplexity window of each.
 
         Raises:
             BenchError: naming the longest context that would fit.
@@ -332,18 +379,19 @@ class _Inputs:
         config = self.config
         limit = self.model()[0].config.get_text_config().max_position_embeddings
         room = max(config.ppl_tokens + 1, QUESTION_ROOM)
-        tokens = len(self.ids())
         for context in config.contexts:
             if context + room > limit:
                 raise BenchError(
                     f"--contexts {context} needs {context + room} positions but {config.model} has {limit}; "
                     f"use contexts up to {limit - room}"
                 )
-            if context + config.ppl_tokens + 1 > tokens:
-                raise BenchError(
-                    f"the text {self.text.name!r} has {tokens} tokens, too few for --contexts {context} plus "
-                    f"{config.ppl_tokens} scored tokens; pass a longer --text"
-                )
+            for name in self.texts:
+                tokens = len(self.ids(name))
+                if context + config.ppl_tokens + 1 > tokens:
+                    raise BenchError(
+                        f"the text {name!r} has {tokens} tokens, too few for --contexts {context} plus "
+                        f"{config.ppl_tokens} scored tokens; pass a longer --text"
+                    )
 
 
 def run(
@@ -351,8 +399,8 @@ def run(
 ) -> BenchResult:
     """Measure what is missing or stale, reuse the rest, and write the table, ``results.json`` and ``results.csv``.
 
-    ``only`` limits what is measured (and, with ``force``, remeasured) to some parts; the table
-    shows every part stored. ``reuse_stale`` reuses parts measured by other code (see
+    ``only`` limits what is measured (and, with ``force``, remeasured) to some parts (by default all
+    but throughput); the tables show every part stored. ``reuse_stale`` reuses parts measured by other code (see
     :func:`fingerprint`) instead of measuring them again. A row showing a stale part (reused, or
     outside ``only``) is marked as such in the table and in its ``stale`` column.
 
@@ -366,14 +414,24 @@ def run(
     methods = {spec: resolve(spec) for spec in specs}
     if not config.contexts or any(c < 1 for c in config.contexts):
         raise BenchError("--contexts needs positive token counts, e.g. --contexts 1024,4096")
-    text = load_text(config.text)
-    folder = out / config.folder_name(text.name)
+    texts = [load_text(source) for source in config.texts]
+    names = [text.name for text in texts]
+    if not names or len(set(names)) < len(names):
+        raise BenchError(f"--texts {','.join(config.texts)!r} must name each text once, e.g. --texts prose,kjv")
+    chunked = [spec for spec, m in methods.items() if config.prefill_chunk and m.source == "kvpress"]
+    if chunked:
+        raise BenchError(
+            f"--prefill-chunk: kvpress compresses in one prefill forward, so {', '.join(chunked)} cannot be chunked; "
+            "run kvpress rows without --prefill-chunk"
+        )
+    folder = out / config.folder_name("+".join(names))
     _check_writable(folder)
     store = PartStore(folder, {spec: fingerprint(m) for spec, m in methods.items()})
-    conditions = conditions_of(config, text.name, versions(list(methods.values())))
-    wanted = {spec: tuple(p for p in m.parts if p in only) for spec, m in methods.items()}
-    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale)
-    inputs = _Inputs(config, text)
+    conditions = conditions_of(config, names, versions(list(methods.values())))
+    shown = tuple(p for kind in ALL_PARTS for p in (perplexity_parts(names) if kind == "perplexity" else (kind,)))
+    wanted = {spec: tuple(p for p in shown if part_kind(p) in m.parts and part_kind(p) in only) for spec, m in methods.items()}
+    todo = plan(store, specs, config.contexts, force, wanted, reuse_stale, shown)
+    inputs = _Inputs(config, texts)
     total = sum(len(parts) for parts in todo.values())
     if total:
         inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
@@ -387,16 +445,18 @@ def run(
     results = []
     for context in config.contexts:
         for spec in specs:
-            stored = {p: store.load(spec, context, p) for p in PARTS}
+            stored = {p: store.load(spec, context, p) for p in shown}
             stale = "; ".join(dict.fromkeys(s.stale for s in stored.values() if s is not None and s.stale))
             parts = {p: s.data if s is not None else None for p, s in stored.items()}
             results.append({"spec": spec, "source": methods[spec].source, "context": context, "stale": stale, **parts})
     rows = report.build_rows(results, conditions)
     table = report.format_table(rows)
-    retrieval_table = report.format_retrieval(rows, FORMS)
+    retrieval_table = report.format_retrieval(rows, task_names(config.tasks), LIST_TASKS)
+    throughput_table = report.format_throughput(rows)
     header = describe(conditions)
-    paths = report.write_outputs(folder, rows, results, conditions, "\n\n".join([header, table, retrieval_table]))
-    return BenchResult(folder, rows, table, retrieval_table, header, paths)
+    text = "\n\n".join(t for t in [header, table, retrieval_table, throughput_table] if t)
+    paths = report.write_outputs(folder, rows, results, conditions, text)
+    return BenchResult(folder, rows, table, retrieval_table, throughput_table, header, paths)
 
 
 def _check_writable(folder: Path) -> None:
@@ -413,23 +473,30 @@ def _check_writable(folder: Path) -> None:
 
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
     label = f"{part} {method.spec} C={context}"
-    if part == "speed":
+    if part in ("speed", "throughput"):
         request = {
             "spec": method.spec,
+            "part": part,
             "model": config.model,
             "dtype": config.dtype,
             "device": config.device,
             "threads": config.threads,
             "ids": inputs.ids()[:context].tolist(),
             "decode_tokens": config.decode_tokens,
+            "prefill_chunk": config.prefill_chunk,
         }
+        if part == "throughput":
+            request["budget"] = inputs.budget(context)
         return measure_in_subprocess(request)
     model, tokenizer = inputs.model()
-    if part == "perplexity":
-        ids = inputs.ids()
+    if part_kind(part) == "perplexity":
+        ids = inputs.ids(part.partition("[")[2].rstrip("]") or None)  # perplexity[kjv] -> kjv; perplexity: the only text
         offsets = spread_offsets(len(ids), context + config.ppl_tokens + 1, config.ppl_windows)
-        return perplexity(method, model, ids, context, config.ppl_tokens, offsets, desc=label, tokenizer=tokenizer)
-    return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label)
+        return perplexity(
+            method, model, ids, context, config.ppl_tokens, offsets, desc=label, chunk=config.prefill_chunk,
+            tokenizer=tokenizer,
+        )
+    return run_retrieval(method, model, tokenizer, inputs.cases(context), desc=label, prefill_chunk=config.prefill_chunk)
 
 
 def describe(conditions: dict) -> str:
@@ -439,10 +506,35 @@ def describe(conditions: dict) -> str:
         f"model {c['model']}, {c['dtype']}, {c['device']}, threads {c['threads']}, batch {c['batch']}; "
         f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']} (source "
         f"{c['kvcompress_source']}), python {c['python']}\n"
-        f"perplexity: text '{c['text']}', {c['ppl_tokens']} tokens scored token by token after the C compressed "
-        f"tokens, at {c['ppl_windows']} windows spread over the text\n"
-        f"retrieval: {c['retrieval_cases']} cases (forms {', '.join(FORMS)}; depths 0.1-0.9), seed "
-        f"{c['retrieval_seed']}, haystack of {c['retrieval_haystack']}, exact match on numbers\n"
-        f"speed: prefill of the first C tokens of the text, then {c['decode_tokens']} greedy decode steps, after a "
-        f"warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}"
+        f"perplexity: text {', '.join(repr(t) for t in c['text'].split(','))}, {c['ppl_tokens']} tokens scored token "
+        f"by token after the C compressed tokens, at {c['ppl_windows']} windows spread over each text\n"
+        f"retrieval: {_retrieval_conditions(c)}\n"
+        f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
+        f"steps, after a warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
+        f"throughput (when measured): the largest batch whose KV cache fits "
+        f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
+        f"at that batch, {c['decode_tokens']} greedy steps timed; × none: none's tokens/s at its batch"
+    )
+
+
+def _chunked(c: dict) -> str:
+    return f", fed {c['prefill_chunk']} tokens at a time (compressing between chunks)" if c.get("prefill_chunk") else ""
+
+
+def _budget(c: dict) -> str:
+    if c.get("memory_budget"):
+        return f"--memory-budget {c['memory_budget']:,} bytes"
+    return f"the budget of none's cache at batch {BUDGET_BATCH} (the bytes it holds at C plus the decode steps)"
+
+
+def _retrieval_conditions(c: dict) -> str:
+    """The retrieval line of :func:`describe`: the task set and how replies are scored."""
+    tasks = c["retrieval_tasks"]
+    which = f"tasks {', '.join(task_names(tasks))}" if tasks == "default" else f"task set '{tasks}': {', '.join(task_names(tasks))}"
+    cases = f"{c['retrieval_cases']} cases ({which}; depths 0.1-0.9), seed {c['retrieval_seed']}, haystack of {c['retrieval_haystack']}"
+    if tasks == "default":
+        return f"{cases}, exact match on numbers"
+    return (
+        f"{cases}; exact match on the reply's numbers, words, UUIDs or variable names; a list answer "
+        f"({', '.join(LIST_TASKS)}) needs every item and no distractor, its recall (in parentheses) is the fraction found"
     )

@@ -1,0 +1,82 @@
+"""The bench parts beyond speed, on the default model at short lengths: perplexity per text, throughput
+under a KV memory budget, chunked prefill's figures (under 30 s together on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import kvcompress
+from kvcompress.bench import runner, speed
+from kvcompress.bench.methods import resolve
+from kvcompress.buffer import CHUNK
+
+pytestmark = pytest.mark.model
+
+C, DECODE = 64, 8  # short: the harness's own checks (decode steps >= 32) are the CLI's
+# SmolLM2-135M in float32: 30 layers, 3 KV heads of dim 64; one token's keys and values in all of them.
+TOKEN_BYTES = 2 * 30 * 3 * 64 * 4
+
+
+@pytest.fixture
+def smol_bench(smol, monkeypatch):
+    """The harness loads the session's default model instead of loading it again."""
+    monkeypatch.setattr(kvcompress, "load_model", lambda *args, **kwargs: smol)
+
+
+def _slots(tokens: int) -> int:
+    return -(-tokens // CHUNK) * CHUNK  # the full-precision buffer reserves whole chunks
+
+
+def test_perplexity_is_a_column_per_text_with_finite_ratios(tmp_path, smol_bench):
+    """Two texts given by path (short, so tokenizing them is quick; ``kjv`` and ``prose`` load the same way)."""
+    paths = []
+    for name, line in (("fox", "The quick brown fox jumps over the lazy dog, then rests by the river. "),
+                       ("ledger", "Item {i}: seven crates of pears were shipped to the northern harbour. ")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text("".join(line.format(i=i) for i in range(60)))
+        paths.append(str(path))
+    config = runner.BenchConfig(methods=("streaming:window=16",), contexts=(64,), threads=2, texts=tuple(paths),
+                                ppl_tokens=8, ppl_windows=1)
+    result = runner.run(config, tmp_path / "out", only=("perplexity",))
+    fox, ledger = (runner.load_text(p).name for p in paths)
+    assert result.folder.name.split("_")[3] == f"{fox}+{ledger}"
+    for row in result.rows:
+        for text in (fox, ledger):
+            assert math.isfinite(row[f"ppl[{text}]"]) and math.isfinite(row[f"ppl_delta_pct[{text}]"])
+    assert result.rows[0][f"ppl_delta_pct[{ledger}]"] == 0.0
+    assert result.rows[1][f"ppl[{fox}]"] != result.rows[1][f"ppl[{ledger}]"]
+    header = result.table.splitlines()[0]
+    assert f"ppl {fox} (Δ% vs none)" in header and f"ppl {ledger} (Δ% vs none)" in header
+    stored = sorted(p.name for p in (result.folder / "parts" / "C64").iterdir())
+    assert stored == sorted(f"{s}.perplexity[{t}].json" for s in ("streaming_window=16", "none") for t in (fox, ledger))
+
+
+def test_throughput_batch_fits_the_budget_and_none_gets_batch_4(smol):
+    model, tokenizer = smol
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 60, return_tensors="pt")["input_ids"][:, :C]
+    per_sequence, fixed = speed.sequence_nbytes(resolve("none"), model, ids, DECODE)
+    assert per_sequence == _slots(C + DECODE) * TOKEN_BYTES and fixed == 0
+    budget = runner.BUDGET_BATCH * per_sequence
+    none = speed.throughput(resolve("none"), model, ids, DECODE, budget)
+    assert none["batch"] == 4 and none["cache_bytes"] == budget
+    window = speed.throughput(resolve("streaming:window=16"), model, ids, DECODE, budget)
+    # Sink and window in whole chunks, and the masks of evicted slots: about half of none's 128 slots.
+    assert _slots(4 + 16) * TOKEN_BYTES <= window["bytes_per_sequence"] < per_sequence
+    assert window["batch"] == budget // window["bytes_per_sequence"] > 4
+    for found in (none, window):
+        assert found["batch"] * found["bytes_per_sequence"] <= found["cache_bytes"] <= budget
+        assert found["tokens_per_s"] > 0
+    with pytest.raises(speed.MeasurementError, match="raise --memory-budget"):
+        speed.throughput(resolve("none"), model, ids, DECODE, per_sequence - 1)
+
+
+def test_chunked_prefill_reports_its_time_and_peak(smol):
+    model, tokenizer = smol
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 60, return_tensors="pt")["input_ids"][:, :C]
+    found = speed.measure(resolve("streaming:window=16"), model, ids, DECODE, chunk=16)
+    whole = speed.measure(resolve("streaming:window=16"), model, ids, DECODE)
+    assert found["prefill_s"] > 0 and found["prefill_peak_memory_bytes"] > 0
+    # Later chunks attend to the evicted earlier ones: the same bytes, other tokens kept, so other greedy steps.
+    assert found["kv_bytes_after_prefill"] == whole["kv_bytes_after_prefill"]
