@@ -6,8 +6,6 @@ fork that reads the compressed context without copying it; :func:`generate` is t
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from kvcompress.attach import attach
