@@ -1,4 +1,4 @@
-"""The ``kvcompress`` command: ``info``, ``demo``, ``generate``, ``compress``, ``ask``, ``bench`` and ``calibrate``.
+"""The ``kvcompress`` command: ``info``, ``demo``, ``generate``, ``compress``, ``ask``, ``bench``, ``calibrate`` and ``serve``.
 
 Bad input ends with one line on stderr that names the fix, and exit code 2; no traceback.
 """
@@ -228,6 +228,40 @@ def cmd_calibrate(args) -> None:
     print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text} -> {out}", file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    from kvcompress.registry import SpecError, parse_spec
+
+    try:  # check the spec before the model loads, so a typo fails fast
+        parse_spec(args.method)
+    except SpecError as err:
+        raise UsageError(str(err)) from None
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("kvcompress serve needs fastapi and uvicorn: pip install 'kvcompress[serve]'") from None
+    for flag in ("max_batch", "max_queue", "memory_budget", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.store:
+        store = Path(args.store)
+        if store.exists() and not store.is_dir():
+            raise UsageError(f"--store {args.store!r} is a file; pass a folder (it is created if missing)")
+        _check_writable(store / "probe", "--store")
+    from kvcompress.serve import run
+
+    run(args)
+
+
+def _size(text: str) -> int:
+    from kvcompress.serve import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_method_and_context(parser: argparse.ArgumentParser, method_help: str) -> None:
     """``--method`` and the context (``--context`` or ``--context-file``, one required): read by :func:`_read_context`."""
     parser.add_argument("--method", default="none", help=method_help)
@@ -298,6 +332,35 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--tokens", type=int, default=4096, help="tokens measured, in one sequence (default 4096)")
     cal.add_argument("--out", default=None, help="safetensors file to write (default: the model's default calibration, used by make_cache)")
     cal.set_defaults(run=cmd_calibrate)
+
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server that keeps compressed contexts and reuses them",
+        description="Serve one model with one compression method over an OpenAI-compatible API (/v1/completions, "
+        "/v1/chat/completions with streaming, /v1/models, /health, /metrics). A completion's prompt, or every chat "
+        "message but the last, is the context: it is compressed once and kept, keyed by its tokens, so sending it "
+        "again skips the prefill; the question (a completion's `question` field, or the last chat message) is not "
+        "compressed. Greedy decoding only. SIGINT/SIGTERM finish queued requests, save kept contexts to --store, and exit.",
+    )
+    serve.add_argument("--model", default=None, help=model_help)
+    serve.add_argument("--method", default="none", help="compression spec for every context, e.g. 'snapkv:ratio=0.5+kivi:bits=4' (default none)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--name", default=None, help="the model's name in the API, which requests must send as `model` (default: --model's name)")
+    serve.add_argument(
+        "--memory-budget", type=_size, default="1GiB",
+        help="bytes of compressed contexts kept in memory, e.g. 512MiB or 2GiB; the least recently used beyond it go to --store (default 1GiB)",
+    )
+    serve.add_argument(
+        "--store", default=None,
+        help="folder for contexts moved out of memory, in the saved-cache format; contexts found there are reused and "
+        "those in memory are saved there at shutdown (default: a temporary folder, removed at exit)",
+    )
+    serve.add_argument("--max-batch", type=int, default=8, help="most queued requests of one context answered as one batch (default 8)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
+    serve.add_argument("--max-body-bytes", type=_size, default="4MiB", help="larger request bodies get HTTP 413 (default 4MiB)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level (default info)")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

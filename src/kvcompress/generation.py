@@ -119,7 +119,7 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
     size = selection.replay
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
     lengths = attention_mask.sum(-1, keepdim=True)  # (B, 1)
-    first = tokenizer.encode(_asked_part(tokenizer, selection.replay_prompt(True)), add_special_tokens=False)
+    first = tokenizer.encode(asked_part(tokenizer, selection.replay_prompt(True)), add_special_tokens=False)
     chunks = max(-(-len(row) // size) for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kwargs = {cache_kwarg(model): cache}
@@ -170,7 +170,7 @@ RESUME = 8  # tokens of the chunk before that a replay chunk's prompt quotes, to
 def _resume(tokenizer, selection, tail: list[int]) -> list[int]:
     """The prompt of a later replay chunk: the instruction, then the end of the chunk before."""
     text = selection.replay_prompt(False) + " " + tokenizer.decode(tail)
-    return tokenizer.encode(_asked_part(tokenizer, text), add_special_tokens=False)
+    return tokenizer.encode(asked_part(tokenizer, text), add_special_tokens=False)
 
 
 def _encode(tokenizer, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +186,8 @@ def _contexts(context: str | list[str]) -> list[str]:
     return contexts
 
 
-def _check_room(model, tokens: int, max_new_tokens: int) -> None:
+def check_room(model, tokens: int, max_new_tokens: int) -> None:
+    """Raise :class:`ContextTooLongError` unless ``tokens`` of prompt plus ``max_new_tokens`` fit the model's positions."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and tokens + max_new_tokens > limit:
         fix = "shorten the context" if tokens >= limit else f"lower max_new_tokens to {limit - tokens} or shorten the context"
@@ -222,7 +223,7 @@ def compress(
             "(kvcompress.make_cache) or empty this one with cache.reset()"
         )
     ids, mask = _encode(tokenizer, [split_prompt(tokenizer, c, None)[0] for c in contexts], model.device, special=True)
-    _check_room(model, ids.shape[1], 0)
+    check_room(model, ids.shape[1], 0)
     # Without a chat template nothing may follow the context: its last token is held back, to be fed
     # with the question (or alone, to continue the text), so an answer always starts from a step.
     held_back = 0 if getattr(tokenizer, "chat_template", None) else 1
@@ -232,7 +233,7 @@ def compress(
     return cache
 
 
-def _asked_part(tokenizer, question: str | None) -> str:
+def asked_part(tokenizer, question: str | None) -> str:
     """What follows a compressed context in the model's prompt: the question and, with a chat
     template, the end of the user turn and the assistant header (see :func:`split_prompt`)."""
     marker = "\x00kvcompress context\x00"
@@ -241,7 +242,12 @@ def _asked_part(tokenizer, question: str | None) -> str:
 
 @torch.no_grad()
 def ask(
-    model, tokenizer, cache: CompressedCache, question: str | None | list[str | None], max_new_tokens: int = 64
+    model,
+    tokenizer,
+    cache: CompressedCache,
+    question: str | None | list[str | None],
+    max_new_tokens: int = 64,
+    streamer=None,
 ) -> str | list[str]:
     """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
 
@@ -249,6 +255,10 @@ def ask(
     (:meth:`~kvcompress.cache.CompressedCache.fork`) that reads the context as it is held and stores
     only the question's and the answer's tokens. With a cache of one context, a list of questions is
     answered as one batch over that context; with a batch of contexts, one question each (or one for all).
+
+    ``streamer``: a transformers ``BaseStreamer``, handed to ``model.generate``: its ``put`` gets the
+    prompt's ``(B, T)`` ids, then each step's ``(B,)`` new tokens (every row: ``kvcompress serve``
+    streams a batch of questions with it), and ``end()`` once generation stops.
 
     Returns:
         The answer, or a list of answers for a list of questions or a batch of contexts.
@@ -272,13 +282,13 @@ def ask(
         raise ValueError(f"the cache holds {rows} contexts: ask one question, or one per context, not {len(questions)}")
     fork = cache.fork(copies)
     ids, mask = fork.context
-    asked_ids, asked_mask = _encode(tokenizer, [_asked_part(tokenizer, q) for q in questions], model.device, special=False)
+    asked_ids, asked_mask = _encode(tokenizer, [asked_part(tokenizer, q) for q in questions], model.device, special=False)
     seen = cache.get_seq_length()
     # What the cache has not seen of the context (nothing, or a last token held back) goes with the question.
     input_ids, attention_mask = torch.cat([ids, asked_ids], 1), torch.cat([mask, asked_mask], 1)
     if input_ids.shape[1] == seen:
         raise ValueError("nothing follows the compressed context: ask a question")
-    _check_room(model, input_ids.shape[1], max_new_tokens)
+    check_room(model, input_ids.shape[1], max_new_tokens)
     with attach(model, fork):
         out = model.generate(
             input_ids=input_ids,
@@ -286,6 +296,7 @@ def ask(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
             **{cache_kwarg(model): fork},
         )
     answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
@@ -372,7 +383,7 @@ def answer(
     ctx_ids, ctx_mask = _encode(tokenizer, [p[0] for p in parts], model.device, special=True)
     ask_ids, ask_mask = _encode(tokenizer, [p[1] for p in parts], model.device, special=False)
     input_ids = torch.cat([ctx_ids, ask_ids], 1)
-    _check_room(model, input_ids.shape[1], max_new_tokens)
+    check_room(model, input_ids.shape[1], max_new_tokens)
     with attach(model, cache):
         with cache.deferred():  # the context waits for the question's step to be compressed with it
             prefill(model, ctx_ids, ctx_mask, cache, logits_to_keep=1, chunk=prefill_chunk)

@@ -1,0 +1,736 @@
+"""``kvcompress serve``: an OpenAI-compatible HTTP server that compresses each context once and reuses it.
+
+One model and one method, chosen at start. How a request splits into the compressed context and the
+uncompressed question (the rule is the library's, so an answer equals :func:`kvcompress.generate`
+with the same context, question, method and ``max_new_tokens``, greedy):
+
+- ``/v1/completions``: ``prompt`` is the context. An optional ``question`` field (``extra_body`` in the
+  ``openai`` client) is asked after it; without one the model answers the prompt itself.
+- ``/v1/chat/completions``: every message has role ``user``. One message: it is the context, with no
+  question (the prompt is then exactly the chat template's prompt for that message). Several: all but
+  the last, joined by blank lines, are the context, and the last is the question.
+
+A compressed context is kept under a hash of the model, the method and the context's token ids, so
+the same document sent again is not prefilled again. Kept contexts are held in memory up to a budget
+of bytes (:attr:`CompressedCache.nbytes`); the least recently used go to disk in the saved format
+(:meth:`CompressedCache.save`) and come back on their next use. The model runs on one worker thread:
+requests queue, and those waiting for the same context are answered as one batch (each row its own
+fork of the context, so no request sees another's tokens). Only greedy decoding is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import queue
+import re
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.generation.streamers import BaseStreamer
+
+from kvcompress.cache import CacheFileError, CompressedCache, load_cache
+from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_prompt
+from kvcompress.models import model_identity, model_name
+
+log = logging.getLogger("kvcompress.serve")
+
+DEFAULT_BUDGET = 1 << 30
+DEFAULT_MAX_BODY = 4 << 20
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"100000"``; ValueError naming the accepted forms."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match[2].lower() not in units:
+        raise ValueError(f"{text!r} is not a size; write bytes, or a number with KiB, MiB, GiB (or kB, MB, GB), e.g. 512MiB")
+    return int(float(match[1]) * units[match[2].lower()])
+
+
+# --------------------------------------------------------------------------------------- kept contexts
+
+
+class ContextStore:
+    """Compressed contexts by key: the most recently used in memory up to ``budget`` bytes, the rest on disk.
+
+    Pure bookkeeping: ``save(cache, path)`` and ``load(path)`` do the file work, ``size(cache)`` gives
+    a context's bytes. Used by one thread (the server's worker).
+    """
+
+    def __init__(self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes):
+        self.folder, self.budget = Path(folder), budget
+        self._save, self._load, self._size = save, load, size
+        self.memory: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (cache, bytes), oldest first
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.disk = {p.stem for p in self.folder.glob("*.kvc")}  # saved by an earlier run, or evicted
+        self.evictions = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(size for _, size in self.memory.values())
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.kvc"
+
+    def get(self, key: str) -> tuple[object | None, str | None]:
+        """``(cache, "memory" | "disk")`` for a kept context (now the most recently used), else ``(None, None)``."""
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            return self.memory[key][0], "memory"
+        if key in self.disk:
+            try:
+                cache = self._load(self.path(key))
+            except CacheFileError as err:  # damaged, or saved for another model: compress again
+                log.warning("dropping kept context %s: %s", key, err)
+                self.disk.discard(key)
+                self.path(key).unlink(missing_ok=True)
+                return None, None
+            return cache, "disk"
+        return None, None
+
+    def put(self, key: str, cache) -> None:
+        """Keep ``cache`` as the most recently used; move the least recently used to disk while over budget
+        (a context larger than the whole budget goes straight to disk)."""
+        self.memory[key] = (cache, self._size(cache))
+        self.memory.move_to_end(key)
+        while self.memory and self.kept_bytes > self.budget:
+            old, (old_cache, _) = self.memory.popitem(last=False)
+            self._spill(old, old_cache)
+            self.evictions += 1
+
+    def _spill(self, key: str, cache) -> None:
+        if key not in self.disk:  # a context reloaded from disk is still there, unchanged
+            self._save(cache, self.path(key))
+            self.disk.add(key)
+
+    def save_all(self) -> int:
+        """Write every context held in memory to disk (at shutdown); returns how many were written."""
+        written = [key for key in self.memory if key not in self.disk]
+        for key, (cache, _) in self.memory.items():
+            self._spill(key, cache)
+        return len(written)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Strict):
+    """Fields shared by both endpoints. Sampling is refused (greedy only); a field is never silently ignored."""
+
+    model: str
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | int | None = None
+    seed: int | None = None  # greedy decoding is deterministic: any seed gives the same answer
+    user: str | None = None
+
+    def check(self) -> None:
+        refused = {
+            "temperature": (self.temperature, (None, 0)),
+            "top_p": (self.top_p, (None, 1)),
+            "n": (self.n, (None, 1)),
+            "presence_penalty": (self.presence_penalty, (None, 0)),
+            "frequency_penalty": (self.frequency_penalty, (None, 0)),
+            "logprobs": (self.logprobs, (None, False, 0)),
+        }
+        for name, (value, allowed) in refused.items():
+            if value not in allowed:
+                raise ApiError(
+                    400,
+                    f"{name}={value!r} is not supported: this server decodes greedily; omit {name} or set it to {allowed[1]!r}",
+                    "unsupported_parameter",
+                    name,
+                )
+        if self.stop:
+            raise ApiError(
+                400, "stop sequences are not supported; omit stop and cut the answer yourself", "unsupported_parameter", "stop"
+            )
+        if self.stream_options and set(self.stream_options) - {"include_usage"}:
+            raise ApiError(400, "stream_options supports only include_usage", "unsupported_parameter", "stream_options")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    question: str | None = None  # asked after the compressed prompt; `extra_body={"question": ...}` in openai
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = None
+
+    def parts(self) -> tuple[str, str | None]:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ApiError(
+                    400, f"prompt holds {len(self.prompt)} texts; send one prompt per request", "invalid_prompt", "prompt"
+                )
+            return self.prompt[0], self.question
+        if self.echo:
+            raise ApiError(400, "echo is not supported; omit it", "unsupported_parameter", "echo")
+        return self.prompt, self.question
+
+
+class _Text(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: str
+    content: str | list[_Text]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def parts(self) -> tuple[str, str | None]:
+        roles = sorted({m.role for m in self.messages} - {"user"})
+        if roles:
+            raise ApiError(
+                400,
+                f"messages may have only role 'user' (got {', '.join(roles)}): every message but the last is the "
+                "compressed context and the last one is the question; put instructions in the messages' text",
+                "unsupported_role",
+                "messages",
+            )
+        texts = [m.text() for m in self.messages]
+        if len(texts) == 1:
+            return texts[0], None
+        return "\n\n".join(texts[:-1]), texts[-1]
+
+
+# ------------------------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class Job:
+    """One request waiting for the model: what to ask, and where its tokens go (an asyncio queue)."""
+
+    key: str
+    context: str
+    question: str | None
+    max_tokens: int
+    prompt_tokens: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queued: float = field(default_factory=time.perf_counter)
+
+    def emit(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new tokens to its job as they come, and ends a row at EOS or at its own
+    ``max_tokens`` (a batch decodes up to the largest one)."""
+
+    def __init__(self, jobs: list[Job], eos: set[int]):
+        self.jobs, self.eos = jobs, eos
+        self.prompt_seen = False
+        self.counts = [0] * len(jobs)
+        self.finish: list[str | None] = [None] * len(jobs)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call gets the prompt's ids
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            if self.finish[i] is not None:
+                continue
+            if token in self.eos:
+                self.finish[i] = "stop"
+                continue
+            self.counts[i] += 1
+            self.jobs[i].emit(("token", token))
+            if self.counts[i] >= self.jobs[i].max_tokens:
+                self.finish[i] = "length"
+
+    def end(self) -> None:
+        self.finish = [f or "length" for f in self.finish]
+
+
+class Metrics:
+    """Counters the worker and the handlers update, read by ``/metrics``."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts: dict[str, float] = dict.fromkeys(
+            [
+                "requests",
+                "completions",
+                "chat_completions",
+                "streamed",
+                "prefills",
+                "memory_hits",
+                "disk_hits",
+                "prompt_tokens",
+                "completion_tokens",
+                "batches",
+                "largest_batch",
+                "prefill_seconds",
+                "decode_seconds",
+                "queue_seconds",
+            ],
+            0,
+        )
+        self.errors: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        with self.lock:
+            for name, value in values.items():
+                self.counts[name] += value
+
+    def error(self, status: int) -> None:
+        with self.lock:
+            self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+
+
+class Engine:
+    """The model's one worker thread: takes queued jobs, batches those of one context, answers them."""
+
+    def __init__(self, model, tokenizer, method: str, store: ContextStore, metrics: Metrics, max_batch: int, max_queue: int):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.store, self.metrics, self.max_batch = store, metrics, max_batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(
+                429, f"{self.jobs.maxsize} requests are already waiting; retry later", "server_busy", kind="server_error"
+            ) from None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish the jobs already queued, then end the worker."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self.jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            groups: dict[str, list[Job]] = {}
+            for job in batch:
+                groups.setdefault(job.key, []).append(job)
+            for jobs in groups.values():
+                self._answer(jobs)
+
+    def _context(self, job: Job) -> tuple[CompressedCache, str]:
+        cache, where = self.store.get(job.key)
+        if cache is not None:
+            self.metrics.add(**{f"{where}_hits": 1})
+            return cache, where
+        start = time.perf_counter()
+        cache = compress(self.model, self.tokenizer, job.context, self.method)
+        self.metrics.add(prefills=1, prefill_seconds=time.perf_counter() - start)
+        return cache, "prefilled"
+
+    def _answer(self, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        self.metrics.add(batches=1, queue_seconds=sum(start - j.queued for j in jobs))
+        with self.metrics.lock:
+            self.metrics.counts["largest_batch"] = max(self.metrics.counts["largest_batch"], len(jobs))
+        try:
+            cache, where = self._context(jobs[0])
+            streamer = _RowStreamer(jobs, self.eos)
+            asked = time.perf_counter()
+            questions, longest = [j.question for j in jobs], max(j.max_tokens for j in jobs)
+            with torch.inference_mode():
+                ask(self.model, self.tokenizer, cache, questions, longest, streamer=streamer)
+            self.metrics.add(decode_seconds=time.perf_counter() - asked)
+            self.store.put(jobs[0].key, cache)
+            log.info(
+                "answered %d request(s) of context %s (%s; %d tokens, %s bytes): %.2f s context, %.2f s decode",
+                len(jobs), jobs[0].key[:12], where, cache.get_seq_length(), f"{cache.nbytes:,}", asked - start,
+                time.perf_counter() - asked,
+            )  # fmt: skip
+        except Exception as err:  # the jobs fail; the worker and the server go on
+            log.exception("answering %d request(s) failed", len(jobs))
+            for job in jobs:
+                job.emit(("error", err))
+            return
+        for job, finish, count in zip(jobs, streamer.finish, streamer.counts):
+            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=count)
+            job.emit(("done", finish or "length", count))
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app reads it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        chunks, size, more = [], 0, True
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            size = int(declared)
+        else:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False) and size <= self.limit
+        if size > self.limit:
+            err = ApiError(413, f"the request body is over {self.limit:,} bytes; send a shorter prompt", "request_too_large")
+            return await _error_response(err)(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():  # the body read above, then the client's own messages (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str, str | None]:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", "invalid_json", None
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {loc!r}; see /docs for the fields this server takes", "unknown_parameter", loc
+    return f"{loc or 'body'}: {first.get('msg')}", "invalid_value", loc
+
+
+def create_app(
+    model,
+    tokenizer,
+    method: str = "none",
+    *,
+    name: str | None = None,
+    memory_budget: int = DEFAULT_BUDGET,
+    store: str | Path | None = None,
+    max_batch: int = 8,
+    max_queue: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> FastAPI:
+    """The ASGI app serving ``model`` with compression ``method`` (a spec, checked here).
+
+    Args:
+        name: the model's name in the API (default: the name it was loaded under).
+        memory_budget: bytes of compressed contexts kept in memory; the least recently used beyond go to disk.
+        store: folder for contexts moved to disk. Given, it persists: contexts found there are reused and
+            those in memory are saved there at shutdown. None: a temporary folder, removed at shutdown.
+        max_batch: the most queued requests answered in one batch (those of one context are batched).
+        max_queue: requests waiting beyond this get a 429.
+        max_body_bytes: larger request bodies get a 413.
+    """
+    from kvcompress.cache import make_cache
+
+    make_cache(method, model)  # a bad spec fails here, not at the first request
+    name = name or model_name(model)
+    temporary = tempfile.TemporaryDirectory(prefix="kvcompress-serve-") if store is None else None
+    folder = Path(temporary.name if temporary else store)
+    digest = hashlib.sha256(json.dumps([model_identity(model), method]).encode()).hexdigest()
+    kept = ContextStore(
+        folder,
+        memory_budget,
+        save=lambda cache, path: cache.save(path, tokenizer),
+        load=lambda path: load_cache(path, model, tokenizer),
+    )
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, method, kept, metrics, max_batch, max_queue)
+    # The worker's tokenizer pads (which changes its Rust state); requests are tokenized with a copy.
+    request_tokenizer = copy.deepcopy(tokenizer)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        log.info(
+            "serving %s with %s on one worker; kept contexts in %s (budget %s bytes)", name, method, folder, f"{memory_budget:,}"
+        )
+        yield
+        await asyncio.to_thread(engine.stop)
+        if temporary is None:
+            written = kept.save_all()
+            log.info("saved %d kept context(s) to %s", written, folder)
+        else:
+            temporary.cleanup()
+
+    app = FastAPI(title="kvcompress serve", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.state.engine, app.state.store, app.state.metrics = engine, kept, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        metrics.error(err.status)
+        log.info("%s %s -> %d %s", request.method, request.url.path, err.status, err.message)
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        message, code, param = _validation_message(err)
+        return await api_error(request, ApiError(400, message, code, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return await api_error(request, ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, err: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return await api_error(request, ApiError(500, f"internal error: {err}", "internal_error", kind="server_error"))
+
+    def submit(req: CompletionRequest | ChatRequest, max_tokens: int) -> Job:
+        if req.model != name:
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not served here; this server serves {name!r} (see /v1/models)",
+                "model_not_found",
+                "model",
+            )
+        req.check()
+        context, question = req.parts()
+        if not context:
+            raise ApiError(400, "the context is empty; send some text", "invalid_prompt")
+        context_ids = request_tokenizer(split_prompt(request_tokenizer, context, None)[0])["input_ids"]
+        asked = request_tokenizer(asked_part(request_tokenizer, question), add_special_tokens=False)["input_ids"]
+        try:
+            check_room(model, len(context_ids) + len(asked), max_tokens)
+        except ContextTooLongError as err:
+            raise ApiError(400, str(err), "context_length_exceeded", "max_tokens") from None
+        key = hashlib.sha256(digest.encode() + json.dumps(context_ids).encode()).hexdigest()[:32]
+        job = Job(key, context, question, max_tokens, len(context_ids) + len(asked), asyncio.get_running_loop())
+        engine.submit(job)
+        metrics.add(requests=1, streamed=int(req.stream))
+        return job
+
+    async def tokens(job: Job):
+        """Each new token id of ``job``, then ``("done", finish_reason, count)``; ApiError/500 on failure."""
+        while True:
+            event = await job.events.get()
+            if event[0] == "error":
+                err = event[1]
+                if isinstance(err, ContextTooLongError):
+                    raise ApiError(400, str(err), "context_length_exceeded")
+                if isinstance(err, ValueError):
+                    raise ApiError(400, str(err), "invalid_request")
+                raise ApiError(500, f"internal error: {err}", "internal_error", kind="server_error")
+            yield event
+            if event[0] == "done":
+                return
+
+    async def answer(job: Job) -> tuple[str, str, int]:
+        ids, finish, count = [], "length", 0
+        async for event in tokens(job):
+            if event[0] == "token":
+                ids.append(event[1])
+            else:
+                _, finish, count = event
+        return request_tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, count
+
+    def usage(job: Job, count: int) -> dict:
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": count, "total_tokens": job.prompt_tokens + count}
+
+    def stream(job: Job, chunk: Callable[[str | None, str | None], dict], include_usage: bool, first: dict | None = None):
+        async def events():
+            ids, sent, count = [], "", 0
+            if first is not None:
+                yield _sse(first)
+            try:
+                async for event in tokens(job):
+                    if event[0] == "token":
+                        ids.append(event[1])
+                        text = request_tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+                        # Hold back a partial character and trailing spaces: the whole equals the stripped answer.
+                        visible = text.rstrip() if not text.endswith("\ufffd") else sent
+                        if visible.startswith(sent) and len(visible) > len(sent):
+                            yield _sse(chunk(visible[len(sent) :], None))
+                            sent = visible
+                    else:
+                        _, finish, count = event
+                        final = request_tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        if final.startswith(sent) and len(final) > len(sent):
+                            yield _sse(chunk(final[len(sent) :], None))
+                        yield _sse(chunk(None, finish))
+            except ApiError as err:
+                metrics.error(err.status)
+                yield _sse(err.body())
+            if include_usage:
+                yield _sse({**chunk(None, None), "choices": [], "usage": usage(job, count)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "method": method, "queued": engine.jobs.qsize()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "kvcompress", "method": method}],
+        }
+
+    @app.get("/metrics")
+    async def show_metrics():
+        with metrics.lock:
+            counts, errors = dict(metrics.counts), dict(metrics.errors)
+        return {
+            **counts,
+            "errors": errors,
+            "kept_bytes": kept.kept_bytes,
+            "memory_budget": kept.budget,
+            "kept_in_memory": len(kept.memory),
+            "kept_on_disk": len(kept.disk),
+            "evictions": kept.evictions,
+            "queued": engine.jobs.qsize(),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        job = submit(req, req.max_tokens or 16)
+        metrics.add(completions=1)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
+
+        if req.stream:
+            return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")))
+        text, finish, count = await answer(job)
+        return {**chunk(text, finish), "usage": usage(job, count)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        job = submit(req, req.max_completion_tokens or req.max_tokens or 128)
+        metrics.add(chat_completions=1)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name, "choices": [choice]}
+
+        if req.stream:
+            first = chunk("", None)
+            first["choices"][0]["delta"]["role"] = "assistant"
+            return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")), first)
+        text, finish, count = await answer(job)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": name,
+            "choices": [choice],
+            "usage": usage(job, count),
+        }
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def run(args) -> None:
+    """``kvcompress serve``: load the model, then serve until SIGINT/SIGTERM (which saves kept contexts)."""
+    import uvicorn
+
+    from kvcompress.models import load_model
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tokenizer = load_model(args.model)
+    app = create_app(
+        model,
+        tokenizer,
+        args.method,
+        name=args.name,
+        memory_budget=args.memory_budget,
+        store=args.store,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
+    # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (queued requests answered, kept contexts
+    # saved by the lifespan), then raises the signal again for the handler it found: make that one a
+    # no-op, so a clean shutdown exits with status 0.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    log.info("shut down")

@@ -1,0 +1,316 @@
+"""``kvcompress serve``: the real server on a local port, spoken to over HTTP (httpx and the openai client)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import kvcompress
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from kvcompress.serve import ContextStore, create_app, parse_size
+
+pytestmark = pytest.mark.model
+
+METHOD = "kivi:bits=4,residual=16"
+DOCS = [
+    "The harbour town of Elm kept its records in a stone tower. The keeper, Ada Brook, wrote down every ship.",
+    "In the spring of 1851 the ship Aurora arrived at Elm with a cargo of salt and a red flag.",
+    "Mount Corra is the tallest peak of the Vell range; its glacier feeds the river Sand.",
+]
+QUESTIONS = ["Who was the keeper?", "What did the ship carry?"]
+TOKENS = 3
+JSON = {"Content-Type": "application/json"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """Run ``app`` under uvicorn in a thread on a free port; yield its base URL; shut it down (lifespan too)."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(smol, tmp_path_factory):
+    model, tokenizer = smol
+    app = create_app(model, tokenizer, METHOD, name="smol", store=tmp_path_factory.mktemp("store"), max_body_bytes=1 << 20)
+    with _serving(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def expected(smol):
+    """Answers of the library itself, one request at a time: {(doc, question): answer}."""
+    model, tokenizer = smol
+    out = {}
+    for doc in DOCS[:2]:
+        cache = kvcompress.compress(model, tokenizer, doc, METHOD)
+        for q in [*QUESTIONS, None]:
+            out[doc, q] = kvcompress.ask(model, tokenizer, cache, q, max_new_tokens=TOKENS)
+    return out
+
+
+def _metrics(url: str) -> dict:
+    return httpx.get(f"{url}/metrics").json()
+
+
+def test_answers_equal_the_library_and_a_document_sent_again_is_not_prefilled(server, expected, smol):
+    url, _ = server
+    doc, q = DOCS[0], QUESTIONS[0]
+    before = _metrics(url)
+    body = {"model": "smol", "prompt": doc, "question": q, "max_tokens": TOKENS, "temperature": 0}
+    first = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["text"] == expected[doc, q]
+    usage = first.json()["usage"]
+    assert (
+        0 < usage["completion_tokens"] <= TOKENS and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
+    after_first = _metrics(url)
+    assert after_first["prefills"] == before["prefills"] + 1 and after_first["prefill_seconds"] > before["prefill_seconds"]
+
+    chat = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": doc}, {"role": "user", "content": QUESTIONS[1]}],
+        "max_tokens": TOKENS,
+    }
+    reply = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=120).json()
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected[doc, QUESTIONS[1]]}
+    alone = httpx.post(f"{url}/v1/completions", json={**body, "question": None}, timeout=120).json()
+    assert alone["choices"][0]["text"] == expected[doc, None]
+    one_message = {"model": "smol", "messages": [{"role": "user", "content": doc}], "max_tokens": TOKENS}
+    assert (
+        httpx.post(f"{url}/v1/chat/completions", json=one_message, timeout=120).json()["choices"][0]["message"]["content"]
+        == expected[doc, None]
+    )
+
+    after = _metrics(url)
+    assert after["prefills"] == after_first["prefills"]  # the same document three more times: no prefill
+    assert after["memory_hits"] == after_first["memory_hits"] + 3
+    assert after["decode_seconds"] > after_first["decode_seconds"] and after["kept_bytes"] > 0
+
+
+def _sse(lines) -> list[dict]:
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_gives_the_same_answer_in_pieces(server, expected):
+    url, _ = server
+    doc, q = DOCS[1], QUESTIONS[1]
+    chat = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": doc}, {"role": "user", "content": q}],
+        "max_tokens": TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(response.iter_lines())
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == expected[doc, q]
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"] > 0
+    body = {"model": "smol", "prompt": [doc], "question": QUESTIONS[0], "max_tokens": TOKENS, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        chunks = _sse(response.iter_lines())
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected[doc, QUESTIONS[0]]
+
+
+def test_the_openai_client_talks_to_it(server, expected):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["smol"]
+    doc = DOCS[0]
+    done = client.completions.create(
+        model="smol", prompt=doc, max_tokens=TOKENS, temperature=0, extra_body={"question": QUESTIONS[1]}
+    )
+    assert done.choices[0].text == expected[doc, QUESTIONS[1]]
+    stream = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": doc}, {"role": "user", "content": QUESTIONS[0]}],
+        max_tokens=TOKENS,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected[doc, QUESTIONS[0]]
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="greedily"):
+        client.completions.create(model="smol", prompt=doc, temperature=0.8)
+
+
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
+    url, _ = server
+    good = {"model": "smol", "prompt": DOCS[0], "max_tokens": 2}
+    cases = [
+        ({"content": b'{"model": "smol", "prompt": ', "headers": JSON}, 400, "invalid_json"),
+        ({"content": b"[1, 2]", "headers": JSON}, 400, "invalid_value"),
+        ({"json": {**good, "model": "other"}}, 404, "model_not_found"),
+        ({"json": {**good, "prompt": "word " * 9000}}, 400, "context_length_exceeded"),
+        ({"json": {**good, "max_tokens": 100_000}}, 400, "context_length_exceeded"),
+        ({"json": {**good, "max_tokens": 0}}, 400, "invalid_value"),
+        ({"json": {**good, "temperature": 1.0}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "n": 2}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "stop": ["\n"]}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "best_of": 3}}, 400, "unknown_parameter"),
+        ({"json": {**good, "prompt": ""}}, 400, "invalid_prompt"),
+        ({"json": {**good, "prompt": ["a", "b"]}}, 400, "invalid_prompt"),
+        ({"json": {**good, "prompt": 12}}, 400, "invalid_value"),
+        ({"content": b"x" * ((1 << 20) + 1)}, 413, "request_too_large"),
+    ]
+    for kwargs, status, code in cases:
+        response = httpx.post(f"{url}/v1/completions", timeout=60, **kwargs)
+        assert response.status_code == status, (kwargs.get("json", kwargs.get("content"))[:80], response.text)
+        error = response.json()["error"]
+        assert error["code"] == code and error["message"] and error["type"], error
+    chat = {"model": "smol", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_role"
+    assert httpx.post(f"{url}/v1/chat/completions", json={"model": "smol", "messages": []}).status_code == 400
+    assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{url}/v1/completions").status_code == 405
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.post(f"{url}/v1/completions", json=good, timeout=120).status_code == 200
+    assert _metrics(url)["errors"]["400"] >= 13
+
+
+def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_stays_in_budget(smol, expected, tmp_path):
+    model, tokenizer = smol
+    one = kvcompress.compress(model, tokenizer, DOCS[0], METHOD).nbytes
+    budget = one + one // 2  # room for one kept context: the other goes to disk, and comes back
+    app = create_app(model, tokenizer, METHOD, name="smol", memory_budget=budget, store=tmp_path, max_batch=8)
+    prompts = [(doc, q) for doc in DOCS[:2] for q in QUESTIONS]
+    requests, answers, kept = 200, [], []
+
+    async def load(url):
+        gate = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+            async def one_request(i):
+                doc, q = prompts[i % len(prompts)]
+                async with gate:
+                    r = await client.post(
+                        "/v1/completions", json={"model": "smol", "prompt": doc, "question": q, "max_tokens": TOKENS}
+                    )
+                    if i % 10 == 0:
+                        kept.append((await client.get("/metrics")).json()["kept_bytes"])
+                assert r.status_code == 200, r.text
+                answers.append((doc, q, r.json()["choices"][0]["text"]))
+
+            await asyncio.gather(*(one_request(i) for i in range(requests)))
+
+    start = time.perf_counter()
+    with _serving(app) as url:
+        asyncio.run(load(url))
+        metrics = _metrics(url)
+    seconds = time.perf_counter() - start
+    assert len(answers) == requests
+    wrong = [(doc[:20], q, got, expected[doc, q]) for doc, q, got in answers if got != expected[doc, q]]
+    assert not wrong, wrong
+    assert max(kept) <= budget and metrics["kept_bytes"] <= budget
+    assert metrics["evictions"] > 0 and metrics["disk_hits"] > 0 and metrics["prefills"] == 2  # reloaded, never compressed again
+    assert metrics["largest_batch"] > 1 and metrics["batches"] < requests
+    print(f"\n{requests} requests, 8 concurrent: {seconds:.1f} s, {metrics['batches']} batches, {metrics['disk_hits']} disk hits")
+
+
+def test_a_context_reloaded_from_disk_answers_the_same(smol, expected, tmp_path):
+    model, tokenizer = smol
+    doc, q = DOCS[0], QUESTIONS[0]
+    body = {"model": "smol", "prompt": doc, "question": q, "max_tokens": TOKENS}
+    app = create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)
+    with _serving(app) as url:  # a clean shutdown saves what it kept
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == expected[doc, q]
+    assert len(list(tmp_path.glob("*.kvc"))) == 1
+    again = create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)
+    with _serving(again) as url:
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == expected[doc, q]
+        metrics = _metrics(url)
+    assert metrics["disk_hits"] == 1 and metrics["prefills"] == 0
+
+
+def test_the_command_serves_and_saves_its_contexts_on_sigterm(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(kvcompress.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "kvcompress.cli", "serve", "--method", "kivi:4", "--port", str(port), "--store", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() is not None else "timeout"
+            )
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": DOCS[2]}], "max_tokens": 2}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "saved 1 kept context(s)" in out and len(list(tmp_path.glob("*.kvc"))) == 1
+
+
+def test_the_store_moves_the_least_recently_used_to_disk_and_back(tmp_path):
+    saved = {}
+    store = ContextStore(
+        tmp_path, budget=10, save=lambda c, p: saved.__setitem__(p.stem, c), load=lambda p: saved[p.stem], size=len
+    )
+    store.put("a", "aaaa")
+    store.put("b", "bbbb")
+    assert store.get("a") == ("aaaa", "memory")  # a is now the most recent
+    store.put("c", "cccc")  # 12 bytes > 10: b, the least recent, goes to disk
+    assert list(store.memory) == ["a", "c"] and store.disk == {"b"} and store.kept_bytes == 8
+    assert store.get("b") == ("bbbb", "disk") and store.get("zz") == (None, None)
+    store.put("big", "x" * 11)  # larger than the budget: everything goes to disk
+    assert store.kept_bytes == 0 and store.disk == {"a", "b", "c", "big"}
+    assert parse_size("512MiB") == 512 << 20 and parse_size("2GB") == 2 * 10**9 and parse_size("100") == 100
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("12 parsecs")
+
+
+def test_serve_help_explains_every_flag_and_a_bad_spec_fails_before_loading(capsys):
+    from kvcompress.cli import build_parser, main
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 10 and all(a.help and len(a.help) > 20 for a in flags), [a.dest for a in flags if not a.help]
+    assert main(["serve", "--method", "nosuchmethod:1"]) == 2
+    assert "nosuchmethod" in capsys.readouterr().err
