@@ -3,11 +3,14 @@ session-wide load), and GPU tests that skip through :func:`requires_gpu` when th
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n auto`: a worker per core) each worker computes on one thread; alone, on two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -24,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from kvcompress.serve import ContextStore, create_app, parse_size
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.xdist_group("serve")]  # one worker: one server for the module
 
 METHOD = "kivi:bits=4,residual=16"
 DOCS = [

@@ -27,8 +27,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 import random
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +103,13 @@ class Calibration:
         if self.retrieval is not None:
             tensors["retrieval"] = self.retrieval
         metadata = {"format": FORMAT, "identity": json.dumps(self.identity), "tokens": str(self.tokens), "text": self.text}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # one per writer: two processes may race
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous().float() for k, v in tensors.items()}, tmp, metadata=metadata)
+            Path(tmp).replace(path)  # atomic: a concurrent reader never sees half a file
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return path
 
     @classmethod
