@@ -87,6 +87,12 @@ def test_a_column_per_perplexity_text_with_its_ratio_to_none():
     assert "11.000 (+10.0%)" in kivi and "30.000 (+50.0%)" in kivi and "20.000 (+0.0%)" in none
 
 
+def test_a_table_without_perplexity_has_one_plain_perplexity_column():
+    speed_only = [{k: v for k, v in r.items() if k != "perplexity"} for r in RESULTS[:2]]
+    header = report.format_table(report.build_rows(speed_only, CONDITIONS)).splitlines()[0]
+    assert "perplexity (Δ% vs none)" in header and "ppl perplexity" not in header
+
+
 def test_throughput_rows_and_table_compare_tokens_per_second_with_none():
     def result(spec, batch, per_seq, tps):
         thr = {"budget_bytes": 4000, "bytes_per_sequence": per_seq, "batch": batch, "cache_bytes": batch * per_seq,

@@ -179,7 +179,7 @@ def format_table(rows: list[dict]) -> str:
     """The main table: a row per method and context, in the order given; a perplexity column per text."""
     texts = text_names(rows)
     at = COLUMNS.index("perplexity")
-    header = [*COLUMNS[:at], *(f"ppl {t} (Δ% vs none)" for t in texts or ["perplexity"]), *COLUMNS[at + 1 :]]
+    header = [*COLUMNS[:at], *([f"ppl {t} (Δ% vs none)" for t in texts] or ["perplexity (Δ% vs none)"]), *COLUMNS[at + 1 :]]
     text = _grid(header, [_cells(r, texts) for r in rows])
     stale = dict.fromkeys(r["stale"] for r in rows if r["stale"])
     if stale:
