@@ -12,6 +12,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 # Under pytest-xdist (`-n auto`: a worker per core) each worker computes on one thread; alone, on two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core this process may run on (not the host's count), at most 4, since
+    each worker loads the default model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
