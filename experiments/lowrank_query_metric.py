@@ -9,7 +9,7 @@ stays. Caveat: ``w`` is measured on the first half of the same text (a real cali
 measure it on the calibration text). Llama-specific (reads ``q_proj``). Run:
 ``python experiments/lowrank_query_metric.py`` (~2 min).
 """
-import torch, math, kvcompress
+import torch, kvcompress
 from transformers import DynamicCache
 from kvcompress.generation import cache_kwarg
 from kvcompress.calibration import Rotary, Calibration, default_path
