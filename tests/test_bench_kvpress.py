@@ -11,7 +11,8 @@ from packaging.requirements import Requirement
 
 from kvcompress.bench import kvpress_adapter
 from kvcompress.bench.kvpress_adapter import KVPressMethod, KVPressUnavailable, check_kvpress, parse_press_spec
-from kvcompress.bench.methods import fill_context, resolve
+from kvcompress.bench.feed import fill_context
+from kvcompress.bench.methods import resolve
 from kvcompress.bench.perplexity import perplexity
 
 

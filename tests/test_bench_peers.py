@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvcompress.bench import peers
-from kvcompress.bench.methods import fill_context, resolve, step
+from kvcompress.bench.feed import fill_context, step
+from kvcompress.bench.methods import resolve
 from kvcompress.bench.plot import family, method_name
 from kvcompress.cli import main
 

@@ -143,6 +143,7 @@ class PeerCacheMethod:
     def answer(self, model, tokenizer, context: str, question: str, max_new_tokens: int, prefill_chunk: int | None = None) -> str:
         """The context prefilled into the cache (quantized as it goes), then the question and answer
         by ``model.generate`` continuing that cache: the question is read after the cached context."""
+        from kvcompress.bench.feed import fill_context
         from kvcompress.generation import split_prompt
         from kvcompress.models import cache_kwarg
 
@@ -150,9 +151,7 @@ class PeerCacheMethod:
         ctx = tokenizer(before, return_tensors="pt")["input_ids"].to(model.device)  # (1, C)
         asked = tokenizer(after, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)  # (1, q)
         cache = self.new_cache(model)
-        chunk = prefill_chunk or ctx.shape[1]
-        for start in range(0, ctx.shape[1], chunk):  # plain forwards: the cache quantizes as it fills
-            model(input_ids=ctx[:, start : start + chunk], use_cache=True, **{cache_kwarg(model): cache})
+        fill_context(self, model, ctx, cache, prefill_chunk)
         ids = torch.cat([ctx, asked], 1)
         out = model.generate(
             input_ids=ids,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvcompress.bench.methods import BenchMethod, fill_context, step
+from kvcompress.bench.feed import fill_context, step
+from kvcompress.bench.methods import BenchMethod
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def continuation_nll(
     Args:
         window: ``(C + N + 1,)`` token ids.
         context: ``C``, tokens prefilled (and compressed) before scoring.
-        chunk: prefill the context this many tokens at a time (see :func:`~kvcompress.bench.methods.fill_context`).
+        chunk: prefill the context this many tokens at a time (see :func:`~kvcompress.bench.feed.fill_context`).
 
     Returns:
         ``N`` floats, one per scored token, in order.

@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from kvcompress.bench.methods import BenchMethod, fill_context, resolve, step
+from kvcompress.bench.feed import fill_context, step
+from kvcompress.bench.methods import BenchMethod, resolve
 from kvcompress.cache import CompressedCache
 
 WARMUP_CONTEXT = 256
@@ -91,7 +92,7 @@ def measure(
     method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int, chunk: int | None = None, tokenizer=None
 ) -> dict:
     """Warm up, then time the prefill of ``(1, C)`` ids and ``decode_tokens`` greedy steps (the
-    ``tokenizer``: see :func:`~kvcompress.bench.methods.fill_context`).
+    ``tokenizer``: see :func:`~kvcompress.bench.feed.fill_context`).
 
     Returns:
         ``prefill_s``, ``prefill_peak_memory_bytes``, ``decode_ms_per_token`` (mean over the steps),
