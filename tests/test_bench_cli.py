@@ -29,6 +29,7 @@ def no_measuring(monkeypatch):
         raise AssertionError("measured despite bad input")
 
     monkeypatch.setattr(runner, "measure_in_subprocess", refuse)
+    monkeypatch.setattr(runner, "measure_interleaved", refuse)
     monkeypatch.setattr(runner, "perplexity", refuse)
     monkeypatch.setattr(runner, "run_retrieval", refuse)
 
@@ -192,25 +193,29 @@ def test_ctrl_c_keeps_the_finished_parts_and_propagates(tmp_path, smol_bench, mo
     measured = []
 
     def measure(part, method, context, config, inputs):
-        if len(measured) == 2:
+        if len(measured) == 3:
             raise KeyboardInterrupt
         measured.append((method.spec, part))
         return _fake_part(part)
 
+    def speeds_in_turns(requests):  # every row's speed at C in one call (speed.measure_interleaved)
+        measured.extend((r["spec"], "speed") for r in requests)
+        return [_fake_part("speed") for _ in requests]
+
     monkeypatch.setattr(runner, "_measure", measure)
+    monkeypatch.setattr(runner, "measure_interleaved", speeds_in_turns)
     argv = ["bench", "--out", str(tmp_path), "--methods", "none,kivi:bits=4", "--contexts", "64", "--texts", "prose"]
     args = build_parser().parse_args(argv)
     with pytest.raises(KeyboardInterrupt):
         run_from_args(args, UsageError)
     (folder,) = tmp_path.iterdir()
     stored = sorted(p.name for p in (folder / "parts" / "C64").iterdir())
-    assert stored == ["none.perplexity.json", "none.speed.json"]
+    assert stored == ["kivi_bits=4.speed.json", "none.perplexity.json", "none.speed.json"]
     assert all(json.loads(p.read_text())["data"] for p in (folder / "parts" / "C64").iterdir())
     measured.clear()
     monkeypatch.setattr(runner, "_measure", lambda part, method, *rest: measured.append((method.spec, part)) or _fake_part(part))
     run_from_args(args, UsageError)
-    # none's speed again too: kivi's speed is compared with a baseline measured in the same run.
-    assert measured == [("none", "speed"), ("none", "retrieval"), *[("kivi:bits=4", p) for p in runner.PARTS]]
+    assert measured == [("none", "retrieval"), ("kivi:bits=4", "perplexity"), ("kivi:bits=4", "retrieval")]
 
 
 @pytest.mark.model
@@ -225,7 +230,7 @@ def test_parts_limits_what_is_measured(tmp_path, monkeypatch, no_measuring):
         return {"prefill_s": 1.0, "decode_ms_per_token": 2.0, "context_tokens": 64, "kv_bytes_after_prefill": 640,
                 "peak_memory_bytes": 1, "memory_after_load_bytes": 1, "memory_kind": "rss"}
 
-    monkeypatch.setattr(runner, "measure_in_subprocess", fake_speed)  # perplexity and retrieval still refuse
+    monkeypatch.setattr(runner, "measure_interleaved", lambda requests: [fake_speed(r) for r in requests])  # the others refuse
     config = runner.BenchConfig(methods=("kivi:bits=4",), contexts=(64,), threads=1, texts=("prose",))
     result = runner.run(config, tmp_path, only=("speed",))
     assert measured == ["none", "kivi:bits=4"]

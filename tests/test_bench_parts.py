@@ -80,3 +80,20 @@ def test_chunked_prefill_reports_its_time_and_peak(smol):
     assert found["prefill_s"] > 0 and found["prefill_peak_memory_bytes"] > 0
     # Later chunks attend to the evicted earlier ones: the same bytes, other tokens kept, so other greedy steps.
     assert found["kv_bytes_after_prefill"] == whole["kv_bytes_after_prefill"]
+
+
+def test_decode_steps_in_turns_start_a_new_group_when_memory_is_short(smol, monkeypatch):
+    """Each row's process decodes a few steps in turn; when free memory would not hold another process,
+    the next group starts with a fresh baseline, and every row's ratio is to the baseline of its group."""
+    monkeypatch.setattr(speed, "MEMORY_RESERVE", math.inf)  # never room: the baseline and one row per group
+    _, tokenizer = smol
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 20)["input_ids"][:C]
+    base = {"model": runner.DEFAULT_MODEL, "dtype": "float32", "device": "cpu", "threads": 1, "ids": ids,
+            "decode_tokens": 6, "prefill_chunk": None}  # 6 steps in turns of 4: the last turn takes 2
+    specs = ["none", "streaming:window=16", "kivi:bits=4"]
+    found = speed.measure_interleaved([{**base, "spec": spec} for spec in specs], round_steps=4)
+    assert [r["decode_group"] for r in found] == [0, 0, 1]
+    assert all(len(r["decode_step_ms"]) == 6 and r["tokens_end"] == C + 6 for r in found)
+    assert found[0]["baseline_decode_ms"] == found[0]["decode_ms_per_token"] == found[1]["baseline_decode_ms"]
+    assert found[2]["baseline_decode_ms"] > 0
+    assert all(r["peak_memory_bytes"] >= r["memory_after_load_bytes"] > 0 for r in found)

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from kvcompress.bench import report, runner
 from kvcompress.bench.methods import resolve
@@ -216,6 +217,7 @@ def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
     config, folder = _stored_run(tmp_path)
     monkeypatch.setattr(runner._Inputs, "model", _no_model)
     monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
+    monkeypatch.setattr(runner, "measure_interleaved", _no_model)
     result = runner.run(config, tmp_path)
     assert result.folder == folder
     assert [(r["method"], r["context"]) for r in result.rows] == [
@@ -246,6 +248,7 @@ def test_reused_stale_rows_are_marked_in_table_csv_and_json(tmp_path, monkeypatc
     config, folder = _stored_run(tmp_path, old)
     monkeypatch.setattr(runner._Inputs, "model", _no_model)
     monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
+    monkeypatch.setattr(runner, "measure_interleaved", _no_model)
     result = runner.run(config, tmp_path, reuse_stale=True)
     why = f"kvcompress_source 0123456789abcdef (now {runner.source_hash()})"
     assert [r["stale"] for r in result.rows] == [why] * 4
@@ -268,6 +271,10 @@ def test_run_measures_stale_parts_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner._Inputs, "check", lambda self, methods: None)
     monkeypatch.setattr(runner, "_measure", fake_measure)
+    monkeypatch.setattr(runner._Inputs, "ids", lambda self, name=None: torch.zeros(4096, dtype=torch.long))
+    monkeypatch.setattr(  # speed: every row's at C in one call
+        runner, "measure_interleaved", lambda requests: [fake_measure("speed", resolve(r["spec"]), len(r["ids"]), None, None) for r in requests]
+    )
     result = runner.run(config, tmp_path)
     assert len(measured) == 2 * 2 * len(runner.PARTS)
     assert not any(r["stale"] for r in result.rows) and "*" not in result.table

@@ -45,7 +45,7 @@ from kvcompress.bench.methods import (
 )
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
-from kvcompress.bench.speed import measure_in_subprocess, sequence_nbytes
+from kvcompress.bench.speed import ROUND_STEPS, measure_in_subprocess, measure_interleaved, sequence_nbytes
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.calibration import CalibrationError
 from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
@@ -290,6 +290,7 @@ def conditions_of(config: BenchConfig, text_names: list[str], found_versions: di
         "retrieval_seed": config.seed,
         "retrieval_haystack": "generated plain sentences",
         "decode_tokens": config.decode_tokens,
+        "decode_rounds_of": ROUND_STEPS,
         "prefill_chunk": config.prefill_chunk,
         "memory_budget": config.memory_budget,
         "decode": f"greedy, one token per step, after a warm-up; prompt: the first C tokens of the text '{text_names[0]}'",
@@ -436,8 +437,18 @@ def run(
     if total:
         inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
     with tqdm(total=total, desc="bench", unit="part", file=sys.stderr) as bar:
+        for context in config.contexts:  # speed first, every row's decode steps in turns (see measure_interleaved)
+            timed = [spec for spec in specs if "speed" in todo[spec, context]]
+            if timed:
+                bar.set_postfix_str(f"speed of {len(timed)} rows in turns, C={context}")
+                requests = [_speed_request("speed", methods[spec], context, config, inputs) for spec in timed]
+                for spec, data in zip(timed, measure_interleaved(requests)):
+                    store.save(spec, context, "speed", data)
+                bar.update(len(timed))
         for (spec, context), parts in todo.items():
             for part in parts:
+                if part == "speed":
+                    continue
                 bar.set_postfix_str(f"{spec} C={context} {part}")
                 data = _measure(part, methods[spec], context, config, inputs)
                 store.save(spec, context, part, data)
@@ -471,23 +482,28 @@ def _check_writable(folder: Path) -> None:
         ) from None
 
 
+def _speed_request(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
+    """What a measuring process of :mod:`kvcompress.bench.speed` needs for one row's speed or throughput."""
+    request = {
+        "spec": method.spec,
+        "part": part,
+        "model": config.model,
+        "dtype": config.dtype,
+        "device": config.device,
+        "threads": config.threads,
+        "ids": inputs.ids()[:context].tolist(),
+        "decode_tokens": config.decode_tokens,
+        "prefill_chunk": config.prefill_chunk,
+    }
+    if part == "throughput":
+        request["budget"] = inputs.budget(context)
+    return request
+
+
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
     label = f"{part} {method.spec} C={context}"
     if part in ("speed", "throughput"):
-        request = {
-            "spec": method.spec,
-            "part": part,
-            "model": config.model,
-            "dtype": config.dtype,
-            "device": config.device,
-            "threads": config.threads,
-            "ids": inputs.ids()[:context].tolist(),
-            "decode_tokens": config.decode_tokens,
-            "prefill_chunk": config.prefill_chunk,
-        }
-        if part == "throughput":
-            request["budget"] = inputs.budget(context)
-        return measure_in_subprocess(request)
+        return measure_in_subprocess(_speed_request(part, method, context, config, inputs))
     model, tokenizer = inputs.model()
     if part_kind(part) == "perplexity":
         ids = inputs.ids(part.partition("[")[2].rstrip("]") or None)  # perplexity[kjv] -> kjv; perplexity: the only text
@@ -510,11 +526,18 @@ def describe(conditions: dict) -> str:
         f"by token after the C compressed tokens, at {c['ppl_windows']} windows spread over each text\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
         f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
-        f"steps, after a warm-up; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
+        f"steps, after a warm-up{_turns(c)}; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
         f"throughput (when measured): the largest batch whose KV cache fits "
         f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
         f"at that batch, {c['decode_tokens']} greedy steps timed; × none: none's tokens/s at its batch"
     )
+
+
+def _turns(c: dict) -> str:
+    if not c.get("decode_rounds_of"):
+        return ""
+    return (f", every row's process taking {c['decode_rounds_of']} steps in turn (decode ms × none: ratio to none's "
+            "steps in the same rounds)")
 
 
 def _chunked(c: dict) -> str:

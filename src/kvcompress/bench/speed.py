@@ -14,6 +14,9 @@ The peak memory of the prefill alone is read right after it (before any decode s
 
 The process warms up (a short prefill and a few decode steps through the same method), then times
 the prefill of the context and ``decode_tokens`` greedy decode steps, one token at a time.
+:func:`measure_interleaved` keeps the processes of all rows alive and has them take their decode
+steps in turns, a few steps each, so that load from outside the benchmark that comes and goes
+(other programs, a shared host) slows every row alike and ratios to ``none`` hold.
 
 Throughput (:func:`throughput`): the bytes one sequence's cache holds at most, measured on a real
 sequence (prefill, then the decode steps; the cache's ``fixed_nbytes``, held once whatever the
@@ -21,16 +24,19 @@ batch, apart), give the largest batch whose cache fits the budget; the same cont
 many times is then decoded greedily in one batch, its cache's bytes read after every step (and
 checked against the budget), and tokens/s timed.
 
-Run as ``python -m kvcompress.bench.speed`` with a JSON request on stdin; it prints one JSON line.
+Run as ``python -m kvcompress.bench.speed`` with a JSON request on stdin; it prints one JSON line
+(with ``--in-turns``, the protocol of :func:`_child_in_turns`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,35 +63,85 @@ def _peak_memory(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
 
 
-@torch.no_grad()
-def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int, chunk: int | None = None, tokenizer=None) -> dict:
-    """Prefill ``(1, C)`` ids (``chunk`` tokens at a time, when given), then decode ``steps`` tokens greedily.
+class _Decoding:
+    """One method's greedy decode of one context, driven from outside: the prefill happens on creation
+    (``chunk`` tokens at a time, when given), then each :meth:`steps` call decodes more tokens.
 
-    Returns:
-        ``cache``, ``prefill_s``, ``step_s`` (seconds of each decode step), ``kv_after_prefill``
-        (cache bytes after the prefill), ``kv_max`` (the most bytes it held after any step) and
-        ``prefill_peak`` (:func:`_peak_memory` right after the prefill).
+    The method's session stays open until :meth:`close` (or the end of a ``with`` block), so the steps
+    of one decode can be spread over time, in turn with other processes' (:func:`measure_interleaved`).
+
+    Attributes:
+        cache, prefill_s, prefill_peak (:func:`_peak_memory` right after the prefill), kv_after_prefill
+        (cache bytes after the prefill), kv_max (the most bytes it held after any step), step_s (seconds of
+        each decode step so far).
     """
-    device = model.device
-    cache = method.new_cache(model)
-    with method.session(model, cache):
-        _sync(device)
+
+    @torch.no_grad()
+    def __init__(self, method: BenchMethod, model, ids: torch.Tensor, chunk: int | None = None, tokenizer=None):
+        self.method, self.model, self.position = method, model, ids.shape[1]
+        self.cache = method.new_cache(model)
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(method.session(model, self.cache))
+        _sync(model.device)
         start = time.perf_counter()
-        logits = fill_context(method, model, ids, cache, chunk, tokenizer)  # (1, 1, V)
-        _sync(device)
-        prefill_s = time.perf_counter() - start
-        prefill_peak = _peak_memory(device)
-        kv_after_prefill = kv_max = method.nbytes(cache)
-        token = logits[:, -1:].argmax(-1)  # (1, 1)
-        times = []
-        for i in range(steps):
+        logits = fill_context(method, model, ids, self.cache, chunk, tokenizer)  # (1, 1, V)
+        _sync(model.device)
+        self.prefill_s = time.perf_counter() - start
+        self.prefill_peak = _peak_memory(model.device)
+        self.kv_after_prefill = self.kv_max = method.nbytes(self.cache)
+        self.token = logits[:, -1:].argmax(-1)  # (1, 1)
+        self.step_s: list[float] = []
+
+    @torch.no_grad()
+    def steps(self, count: int) -> None:
+        """Decode ``count`` more tokens greedily, timing each step."""
+        for _ in range(count):
             start = time.perf_counter()
-            token = step(model, cache, token, ids.shape[1] + i)[:, -1:].argmax(-1)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            kv_max = max(kv_max, method.nbytes(cache))
-    return {"cache": cache, "prefill_s": prefill_s, "step_s": times, "kv_after_prefill": kv_after_prefill,
-            "kv_max": kv_max, "prefill_peak": prefill_peak}
+            self.token = step(self.model, self.cache, self.token, self.position)[:, -1:].argmax(-1)
+            _sync(self.model.device)
+            self.step_s.append(time.perf_counter() - start)
+            self.position += 1
+            self.kv_max = max(self.kv_max, self.method.nbytes(self.cache))
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> _Decoding:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int, chunk: int | None = None, tokenizer=None) -> _Decoding:
+    """Prefill ``(1, C)`` ids, then decode ``steps`` tokens greedily (see :class:`_Decoding`)."""
+    with _Decoding(method, model, ids, chunk, tokenizer) as run:
+        run.steps(steps)
+    return run
+
+
+def _summary(run: _Decoding, context: int) -> dict:
+    """The figures of a finished :class:`_Decoding` (see :func:`measure`)."""
+    times = run.step_s
+    return {
+        "prefill_s": run.prefill_s,
+        "prefill_peak_memory_bytes": run.prefill_peak,
+        "decode_ms_per_token": 1000 * sum(times) / len(times),
+        "decode_ms_median": 1000 * sorted(times)[len(times) // 2],
+        "decode_step_ms": [1000 * t for t in times],
+        "decode_tokens": len(times),
+        "context_tokens": context,
+        "kv_bytes_after_prefill": run.kv_after_prefill,
+        "kv_bytes_end": run.method.nbytes(run.cache),
+        "tokens_end": context + len(times),
+    }
+
+
+def _warm_up(method: BenchMethod, model, ids: torch.Tensor, chunk: int | None, tokenizer) -> None:
+    """A short prefill and a few decode steps through the same method; then peak GPU memory counts from here."""
+    _greedy(method, model, ids[:, :WARMUP_CONTEXT], WARMUP_STEPS, chunk, tokenizer)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
 
 
 def measure(
@@ -100,23 +156,8 @@ def measure(
         ``kv_bytes_after_prefill``, ``kv_bytes_end`` and ``tokens_end``.
     """
     ids = ids.to(model.device)
-    _greedy(method, model, ids[:, :WARMUP_CONTEXT], WARMUP_STEPS, chunk, tokenizer)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    run = _greedy(method, model, ids, decode_tokens, chunk, tokenizer)
-    times = run["step_s"]
-    return {
-        "prefill_s": run["prefill_s"],
-        "prefill_peak_memory_bytes": run["prefill_peak"],
-        "decode_ms_per_token": 1000 * sum(times) / len(times),
-        "decode_ms_median": 1000 * sorted(times)[len(times) // 2],
-        "decode_step_ms": [1000 * t for t in times],
-        "decode_tokens": decode_tokens,
-        "context_tokens": ids.shape[1],
-        "kv_bytes_after_prefill": run["kv_after_prefill"],
-        "kv_bytes_end": method.nbytes(run["cache"]),
-        "tokens_end": ids.shape[1] + decode_tokens,
-    }
+    _warm_up(method, model, ids, chunk, tokenizer)
+    return _summary(_greedy(method, model, ids, decode_tokens, chunk, tokenizer), ids.shape[1])
 
 
 def fixed_nbytes(cache) -> int:
@@ -130,7 +171,7 @@ def sequence_nbytes(
     """``(most bytes one sequence's cache holds over its prefill and decode steps, fixed bytes)``, measured
     on ``(1, C)`` ids; ``nbytes`` counts no fixed bytes (see :attr:`kvcompress.cache.CompressedCache.fixed_nbytes`)."""
     run = _greedy(method, model, ids.to(model.device), decode_tokens, chunk, tokenizer)
-    return run["kv_max"], fixed_nbytes(run["cache"])
+    return run.kv_max, fixed_nbytes(run.cache)
 
 
 @torch.no_grad()
@@ -213,8 +254,8 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
-def _child(request: dict) -> dict:
-    """Body of the measuring process: load the model, measure speed or throughput, add the memory figures."""
+def _load(request: dict):
+    """The measuring process's model, tokenizer, method, ``(1, C)`` ids, and its memory after loading the model."""
     import psutil
 
     from kvcompress.models import load_model
@@ -223,16 +264,51 @@ def _child(request: dict) -> dict:
     method = resolve(request["spec"])
     model, tokenizer = load_model(request["model"], dtype=getattr(torch, request["dtype"]), device=request["device"])
     if model.device.type == "cuda":
-        loaded, kind = torch.cuda.memory_allocated(model.device), "torch.cuda.max_memory_allocated"
+        memory = {"memory_after_load_bytes": torch.cuda.memory_allocated(model.device),
+                  "memory_kind": "torch.cuda.max_memory_allocated"}
     else:
-        loaded, kind = psutil.Process().memory_info().rss, "peak RSS of the process (ru_maxrss)"
-    ids, chunk = torch.tensor([request["ids"]]), request.get("prefill_chunk")
+        memory = {"memory_after_load_bytes": psutil.Process().memory_info().rss,
+                  "memory_kind": "peak RSS of the process (ru_maxrss)"}
+    ids = torch.tensor([request["ids"]], device=model.device)
+    return model, tokenizer, method, ids, memory
+
+
+def _child(request: dict) -> dict:
+    """Body of the measuring process: load the model, measure speed or throughput, add the memory figures."""
+    model, tokenizer, method, ids, memory = _load(request)
+    chunk = request.get("prefill_chunk")
     if request.get("part") == "throughput":
         result = throughput(method, model, ids, request["decode_tokens"], request["budget"], chunk, tokenizer)
     else:
         result = measure(method, model, ids, request["decode_tokens"], chunk, tokenizer)
-    result.update(peak_memory_bytes=_peak_memory(model.device), memory_after_load_bytes=loaded, memory_kind=kind)
-    return result
+    return {**result, "peak_memory_bytes": _peak_memory(model.device), **memory}
+
+
+def _send(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _child_in_turns() -> None:
+    """Body of a measuring process driven by :func:`measure_interleaved`, one JSON line each way.
+
+    Reads the request; loads, warms up and prefills, then says ``{"ready": true}``; then decodes
+    ``{"steps": n}`` tokens per order, answering ``{"done": n}``; on ``{"finish": true}`` prints the figures
+    of :func:`measure` and ends.
+    """
+    request = json.loads(sys.stdin.readline())
+    model, tokenizer, method, ids, memory = _load(request)
+    chunk = request.get("prefill_chunk")
+    _warm_up(method, model, ids, chunk, tokenizer)
+    with _Decoding(method, model, ids, chunk, tokenizer) as run:
+        _send({"ready": True})
+        for line in sys.stdin:
+            order = json.loads(line)
+            if "finish" in order:
+                break
+            run.steps(order["steps"])
+            _send({"done": order["steps"]})
+    _send({**_summary(run, ids.shape[1]), "peak_memory_bytes": _peak_memory(model.device), **memory})
 
 
 def measure_in_subprocess(request: dict) -> dict:
@@ -260,5 +336,110 @@ def measure_in_subprocess(request: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+ROUND_STEPS = 4  # decode steps a process takes per turn in :func:`measure_interleaved`
+MEMORY_RESERVE = 1.5  # another process starts when free memory holds this many of the largest so far
+
+
+class _InTurns:
+    """A measuring process run with ``--in-turns`` (:func:`_child_in_turns`): started, warmed up and prefilled on creation."""
+
+    def __init__(self, request: dict):
+        self.spec, self.left = request["spec"], request["decode_tokens"]
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvcompress.bench.speed", "--in-turns"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=dict(os.environ, TQDM_DISABLE="1"),
+        )
+        self.ask(request)
+
+    def ask(self, message: dict) -> dict:
+        """Send one order, wait for its answer."""
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.proc.wait()
+            self._stderr.seek(0)
+            tail = self._stderr.read().strip().splitlines()[-5:]
+            raise MeasurementError(f"measuring {self.spec!r} failed: " + " | ".join(tail))
+        return json.loads(line)
+
+    def turn(self, steps: int) -> None:
+        count = min(steps, self.left)
+        if count:
+            self.ask({"steps": count})
+            self.left -= count
+
+    def rss(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def finish(self) -> dict:
+        result = self.ask({"finish": True})
+        self.close()
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._stderr.close()
+
+
+def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) -> list[dict]:
+    """:func:`measure_in_subprocess` for each speed request, with the decode steps of all of them taken in turns.
+
+    Each request gets its own process, which loads the model, warms up and prefills while the others
+    wait, so prefill time and peak memory are measured alone. Then each process in turn decodes
+    ``round_steps`` tokens, round after round, until every one has decoded its ``decode_tokens``: load
+    from outside that comes and goes slows every row alike, and the ratio to the first request (the
+    baseline) compares the same stretch of time. Every result has ``baseline_decode_ms``: the baseline's
+    mean step time over the same rounds, and ``decode_group``: which group of processes it decoded with (below).
+
+    The processes of a round stay alive together. When free memory would not hold another (under
+    :data:`MEMORY_RESERVE` times the largest so far), those started finish their rounds and the next
+    group starts with a fresh baseline process, whose figures serve only as that group's ``baseline_decode_ms``.
+
+    Raises:
+        MeasurementError: a process failed.
+    """
+    import psutil
+
+    results: list[dict | None] = [None] * len(requests)
+    pending = list(range(1, len(requests)))
+    first, groups = True, 0
+    while first or pending:
+        group: list[tuple[int | None, _InTurns]] = []
+        try:
+            group.append((0 if first else None, _InTurns(requests[0])))
+            largest = group[0][1].rss()
+            while pending and (len(group) < 2 or psutil.virtual_memory().available > MEMORY_RESERVE * largest):
+                index = pending.pop(0)
+                group.append((index, _InTurns(requests[index])))
+                largest = max(largest, group[-1][1].rss())
+            while any(proc.left for _, proc in group):
+                for _, proc in group:
+                    proc.turn(round_steps)
+            finished = [(index, proc.finish()) for index, proc in group]
+        finally:
+            for _, proc in group:
+                proc.close()
+        baseline = finished[0][1]["decode_ms_per_token"]
+        for index, result in finished:
+            if index is not None:
+                results[index] = {**result, "baseline_decode_ms": baseline, "decode_rounds_of": round_steps,
+                                  "decode_group": groups}
+        first, groups = False, groups + 1
+    return results
+
+
 if __name__ == "__main__":
-    print(json.dumps(_child(json.loads(sys.stdin.read()))))
+    if sys.argv[1:] == ["--in-turns"]:
+        _child_in_turns()
+    else:
+        print(json.dumps(_child(json.loads(sys.stdin.read()))))
