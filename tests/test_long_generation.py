@@ -76,8 +76,9 @@ def test_long_generation_with_eviction_stays_bounded(tiny, method):
         real = int(valid.sum()) if valid is not None else 2 * len(layer)
         assert real <= 2 * (layer_budget + block - 1)  # 2 KV heads (AdaKV: shared between them)
         # Per KV head at most budget + block - 1 tokens, capacity reserved 64 slots at a time, of
-        # K and V (2 x 32 fp32) and a float32 score; plus the layer's int64 budget per head.
-        bound += 2 * _round_up(layer_budget + block - 1, 64) * (2 * 32 * 4 + 4) + 2 * 8
+        # K and V (2 x 32 fp32), a float32 score and a validity byte (dropped slots wait, masked,
+        # for the next compaction); plus the layer's int64 budget per head.
+        bound += 2 * _round_up(layer_budget + block - 1, 64) * (2 * 32 * 4 + 4 + 1) + 2 * 8
     assert max(history[200:]) <= bound
     assert history[-1] < 2 * 2 * (16 + 800) * 2 * 32 * 4 / 5  # under a fifth of the uncompressed cache
 

@@ -122,38 +122,41 @@ class FullPrecisionBuffer:
     def valid(self) -> torch.Tensor | None:
         return None if self._valid is None else self._valid[:, :, : self.n]
 
-    def compact(self, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def compact(self, keep: torch.Tensor, in_place: bool = False, room: int = 0) -> torch.Tensor:
         """Keep the slots where ``keep`` ``(B, H, S)`` is True; return the ``(B, H, n)`` old slot of each.
 
-        The capacity becomes the kept count rounded up to a chunk: freed memory is released, and the
-        next tokens fit without reallocating. ``in_place`` reuses the storage when its capacity is
-        already that, for callers that hold no view of it (views from :meth:`keys_values` would
-        then see the compacted tokens): a decode loop that evicts about as many tokens as it adds
-        (H2O, TOVA) then never reallocates.
+        The capacity becomes the kept count plus ``room`` (tokens about to arrive), rounded up to a
+        chunk: freed memory is released, and the next tokens fit without reallocating. ``in_place``
+        reuses the storage when its capacity is already that, for callers that hold no view of it
+        (views from :meth:`keys_values` would then see the compacted tokens): a decode loop that
+        evicts about as many tokens as it adds (H2O, TOVA) then never reallocates.
         """
         index, valid = compaction_index(keep)  # (B, H, n)
         batch, heads, n = index.shape
         k, v = gather_slots(self.k[:, :, : self.n], index), gather_slots(self.v[:, :, : self.n], index)  # (B, H, n, D)
-        if not in_place or self.k.shape[:2] != (batch, heads) or _round_up(n, self.chunk) != self.k.shape[2]:
-            self.k = self.v = None  # reallocated by append below
+        capacity = _round_up(n + room, self.chunk)
         self.n = 0
         self._valid = None
+        if not in_place or self.k.shape[:2] != (batch, heads) or capacity != self.k.shape[2]:
+            self._reserve(batch, heads, (k.shape[3], v.shape[3]), k.dtype, k.device, capacity)
         self.append(k, v, valid)
         return index
 
-    def drop(self, keep: torch.Tensor, room: int) -> torch.Tensor | None:
+    def drop(self, keep: torch.Tensor, room: int, headroom: int = 0) -> torch.Tensor | None:
         """Drop the slots where ``keep`` ``(B, H, S)`` is False, moving nothing when that frees nothing.
 
         While the kept tokens need the capacity held anyway and ``room`` more tokens still fit, the
         dropped slots are only marked invalid (attention masks them): a decode loop that evicts a
         token per step (streaming, H2O, TOVA) then copies nothing until the buffer is full, and is
-        compacted once a chunk. Returns the ``(B, H, n)`` old slot of each slot held afterwards, or
-        None when slots did not move.
+        compacted about once a chunk. A compaction leaves ``headroom`` slots free (a decode loop's next
+        tokens; 0 for a prompt just cut to its budget, which then holds no more than it needs), so
+        the next tokens never force a reallocation that the next eviction would undo. Returns the
+        ``(B, H, n)`` old slot of each slot held afterwards, or None when slots did not move.
         """
         capacity = self.k.shape[2]
         kept = int(keep.sum(-1).max())
-        if _round_up(kept, self.chunk) < capacity or self.n + room > capacity:
-            return self.compact(keep, in_place=True)
+        if _round_up(kept + headroom, self.chunk) < capacity or self.n + room > capacity:
+            return self.compact(keep, in_place=True, room=headroom)
         if self._valid is None:
             self._valid = torch.ones(*self.k.shape[:3], dtype=torch.bool, device=self.k.device)
         self._valid[:, :, : self.n] = keep

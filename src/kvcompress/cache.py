@@ -228,13 +228,14 @@ class CompressedLayer(CacheLayerMixin):
             dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores,
         )
         selected = self.selection.select(view)
+        first = self.budget is None  # the prompt cut to its budget; later cuts are in a decode loop
         self.budget = selected.budget
         keep = selected.keep
         if keep is None:
             return False
         self.queries = self.query_positions = None
         if self.store is None:  # the window is the whole layer: evicted slots may only be masked
-            window_index = self.window.drop(keep, self.selection.block)
+            window_index = self.window.drop(keep, self.selection.block, headroom=0 if first else self.selection.block)
             if window_index is None:  # nothing moved
                 if self.attention is not None and not self.selection.accumulate:
                     self.attention = torch.zeros_like(self.attention)

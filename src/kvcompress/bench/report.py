@@ -21,7 +21,7 @@ COLUMNS = (  # the perplexity column is one per text: "ppl <text> (Δ% vs none)"
     "perplexity",
     "retrieval acc.",
     "prefill ms (× none)",
-    "prefill peak (× none)",
+    "prefill added (× none)",
     "decode ms/token (× none)",
     "peak memory (× none)",
 )
@@ -76,6 +76,7 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
             row["decode_ms_per_token"] = speed["decode_ms_per_token"]
             row["peak_memory_bytes"] = speed["peak_memory_bytes"]
             row["prefill_peak_memory_bytes"] = speed.get("prefill_peak_memory_bytes")  # absent before it was measured
+            row["prefill_added_bytes"] = speed.get("prefill_added_bytes")
             row["memory_after_load_bytes"] = speed["memory_after_load_bytes"]
             row["memory_kind"] = speed["memory_kind"]
             if ref_speed:
@@ -87,6 +88,7 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
                 row["decode_x"] = _ratio(speed["decode_ms_per_token"], base_decode)
                 row["peak_memory_x"] = _ratio(speed["peak_memory_bytes"], ref_speed["peak_memory_bytes"])
                 row["prefill_peak_memory_x"] = _ratio(row["prefill_peak_memory_bytes"], ref_speed.get("prefill_peak_memory_bytes"))
+                row["prefill_added_x"] = _ratio(row["prefill_added_bytes"], ref_speed.get("prefill_added_bytes"))
         ref_ppl = _perplexities(ref, conditions)
         deltas = []
         for name, ppl in _perplexities(r, conditions).items():
@@ -162,7 +164,7 @@ def _cells(row: dict, texts: list[str]) -> list[str]:
         cells.append(missing)
     if "prefill_s" in row:
         cells.append(f"{1000 * row['prefill_s']:,.0f}" + _fmt_x(row.get("prefill_x")))
-        cells.append(_mib(row.get("prefill_peak_memory_bytes")) + _fmt_x(row.get("prefill_peak_memory_x")))
+        cells.append(_mib(row.get("prefill_added_bytes")) + _fmt_x(row.get("prefill_added_x")))
         cells.append(f"{row['decode_ms_per_token']:.1f}" + _fmt_x(row.get("decode_x")))
         cells.append(_mib(row["peak_memory_bytes"]) + _fmt_x(row.get("peak_memory_x")))
     else:

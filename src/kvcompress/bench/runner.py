@@ -294,8 +294,9 @@ def conditions_of(config: BenchConfig, text_names: list[str], found_versions: di
         "prefill_chunk": config.prefill_chunk,
         "memory_budget": config.memory_budget,
         "decode": f"greedy, one token per step, after a warm-up; prompt: the first C tokens of the text '{text_names[0]}'",
-        "peak_memory": "CPU: peak RSS of a fresh process per row, weights included; GPU: max_memory_allocated; "
-        "prefill peak: the same, read right after the prefill",
+        "peak_memory": "CPU: peak RSS of a process per row from after its warm-up, weights included; GPU: "
+        "max_memory_allocated; prefill added: the same peak read right after the prefill, less the memory held just "
+        "before it",
         **found_versions,
     }
 

@@ -4,13 +4,16 @@ throughput: tokens/s of batched greedy decode at the largest batch whose cache f
 Measured in a fresh Python process per (method, context), so the peak memory of one row is not
 the high-water mark left by another:
 
-- CPU: peak resident set size of the whole process (``getrusage(RUSAGE_SELF).ru_maxrss``): model
-  weights, runtime, activations and cache included. The resident size after the model loaded is
-  reported beside it, so the difference is what prefill and decode added.
+- CPU: peak resident set size of the whole process from after the warm-up to the end (Linux: the
+  kernel's ``VmHWM``, reset after the warm-up; elsewhere ``ru_maxrss`` since the process started):
+  model weights, runtime, activations and cache included. The resident size after the model loaded
+  is reported beside it.
 - GPU: ``torch.cuda.max_memory_allocated`` from after the warm-up to the end (weights included),
   beside the memory allocated after the model loaded.
 
-The peak memory of the prefill alone is read right after it (before any decode step), the same way.
+The peak of the prefill is read right after it (before any decode step), the same way, and what
+the prefill added: that peak less the memory held just before it (``prefill_added_bytes``), which is
+what a long prompt costs beyond the weights (its cache, activations and transient copies).
 
 The process warms up (a short prefill and a few decode steps through the same method), then times
 the prefill of the context and ``decode_tokens`` greedy decode steps, one token at a time.
@@ -58,9 +61,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _memory_now(device: torch.device) -> int:
+    """Memory held now: ``memory_allocated`` on a GPU, the process's resident set size on CPU."""
+    import psutil
+
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
+
+
+def _reset_peak(device: torch.device) -> None:
+    """Start the peak over from the memory held now: ``reset_peak_memory_stats`` on a GPU; on Linux, the
+    process's resident high-water mark (``VmHWM``), reset by writing 5 to ``/proc/self/clear_refs``.
+    Elsewhere the CPU peak stays the peak since the process started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory(device: torch.device) -> int:
-    """Peak memory so far: ``max_memory_allocated`` on a GPU, the process's peak RSS on CPU."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    """Peak memory since :func:`_reset_peak`: ``max_memory_allocated`` on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return _peak_rss_bytes()
 
 
 class _Decoding:
@@ -71,7 +101,8 @@ class _Decoding:
     of one decode can be spread over time, in turn with other processes' (:func:`measure_interleaved`).
 
     Attributes:
-        cache, prefill_s, prefill_peak (:func:`_peak_memory` right after the prefill), kv_after_prefill
+        cache, prefill_s, memory_before (:func:`_memory_now` before the prefill), prefill_peak
+        (:func:`_peak_memory` right after the prefill), kv_after_prefill
         (cache bytes after the prefill), kv_max (the most bytes it held after any step), step_s (seconds of
         each decode step so far).
     """
@@ -83,6 +114,7 @@ class _Decoding:
         self._session = contextlib.ExitStack()
         self._session.enter_context(method.session(model, self.cache))
         _sync(model.device)
+        self.memory_before = _memory_now(model.device)
         start = time.perf_counter()
         logits = fill_context(method, model, ids, self.cache, chunk, tokenizer)  # (1, 1, V)
         _sync(model.device)
@@ -126,6 +158,7 @@ def _summary(run: _Decoding, context: int) -> dict:
     return {
         "prefill_s": run.prefill_s,
         "prefill_peak_memory_bytes": run.prefill_peak,
+        "prefill_added_bytes": run.prefill_peak - run.memory_before,
         "decode_ms_per_token": 1000 * sum(times) / len(times),
         "decode_ms_median": 1000 * sorted(times)[len(times) // 2],
         "decode_step_ms": [1000 * t for t in times],
@@ -138,10 +171,9 @@ def _summary(run: _Decoding, context: int) -> dict:
 
 
 def _warm_up(method: BenchMethod, model, ids: torch.Tensor, chunk: int | None, tokenizer) -> None:
-    """A short prefill and a few decode steps through the same method; then peak GPU memory counts from here."""
+    """A short prefill and a few decode steps through the same method; then peak memory counts from here."""
     _greedy(method, model, ids[:, :WARMUP_CONTEXT], WARMUP_STEPS, chunk, tokenizer)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
+    _reset_peak(model.device)
 
 
 def measure(
@@ -151,7 +183,8 @@ def measure(
     ``tokenizer``: see :func:`~kvcompress.bench.feed.fill_context`).
 
     Returns:
-        ``prefill_s``, ``prefill_peak_memory_bytes``, ``decode_ms_per_token`` (mean over the steps),
+        ``prefill_s``, ``prefill_peak_memory_bytes``, ``prefill_added_bytes`` (that peak less the memory held
+        before the prefill), ``decode_ms_per_token`` (mean over the steps),
         ``decode_ms_median``, ``decode_step_ms`` (each step),
         ``kv_bytes_after_prefill``, ``kv_bytes_end`` and ``tokens_end``.
     """
@@ -268,7 +301,7 @@ def _load(request: dict):
                   "memory_kind": "torch.cuda.max_memory_allocated"}
     else:
         memory = {"memory_after_load_bytes": psutil.Process().memory_info().rss,
-                  "memory_kind": "peak RSS of the process (ru_maxrss)"}
+                  "memory_kind": "peak RSS of the process (VmHWM, reset after the warm-up where Linux allows)"}
     ids = torch.tensor([request["ids"]], device=model.device)
     return model, tokenizer, method, ids, memory
 
