@@ -227,8 +227,8 @@ class CompressedLayer(CacheLayerMixin):
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
             dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores,
         )
-        selected = self.selection.select(view)
         first = self.budget is None  # the prompt cut to its budget; later cuts are in a decode loop
+        selected = self.selection.select(view)
         self.budget = selected.budget
         keep = selected.keep
         if keep is None:

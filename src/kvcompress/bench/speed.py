@@ -289,19 +289,14 @@ def _peak_rss_bytes() -> int:
 
 def _load(request: dict):
     """The measuring process's model, tokenizer, method, ``(1, C)`` ids, and its memory after loading the model."""
-    import psutil
-
     from kvcompress.models import load_model
 
     torch.set_num_threads(request["threads"])
     method = resolve(request["spec"])
     model, tokenizer = load_model(request["model"], dtype=getattr(torch, request["dtype"]), device=request["device"])
-    if model.device.type == "cuda":
-        memory = {"memory_after_load_bytes": torch.cuda.memory_allocated(model.device),
-                  "memory_kind": "torch.cuda.max_memory_allocated"}
-    else:
-        memory = {"memory_after_load_bytes": psutil.Process().memory_info().rss,
-                  "memory_kind": "peak RSS of the process (VmHWM, reset after the warm-up where Linux allows)"}
+    kind = ("torch.cuda.max_memory_allocated" if model.device.type == "cuda" else
+            "peak RSS of the process (VmHWM; speed: from after the warm-up where Linux allows)")
+    memory = {"memory_after_load_bytes": _memory_now(model.device), "memory_kind": kind}
     ids = torch.tensor([request["ids"]], device=model.device)
     return model, tokenizer, method, ids, memory
 
@@ -344,6 +339,11 @@ def _child_in_turns() -> None:
     _send({**_summary(run, ids.shape[1]), "peak_memory_bytes": _peak_memory(model.device), **memory})
 
 
+def _failed(spec: str, stderr: str) -> MeasurementError:
+    """The error of a measuring process that failed: the last lines of its stderr."""
+    return MeasurementError(f"measuring {spec!r} failed: " + " | ".join(stderr.strip().splitlines()[-5:]))
+
+
 def measure_in_subprocess(request: dict) -> dict:
     """Run :func:`measure` (or :func:`throughput`) in a fresh process (see the module docstring for what the memory means).
 
@@ -364,8 +364,7 @@ def measure_in_subprocess(request: dict) -> dict:
         env=env,
     )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-5:]
-        raise MeasurementError(f"measuring {request['spec']!r} failed: " + " | ".join(tail))
+        raise _failed(request["spec"], proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -397,8 +396,7 @@ class _InTurns:
         if not line:
             self.proc.wait()
             self._stderr.seek(0)
-            tail = self._stderr.read().strip().splitlines()[-5:]
-            raise MeasurementError(f"measuring {self.spec!r} failed: " + " | ".join(tail))
+            raise _failed(self.spec, self._stderr.read())
         return json.loads(line)
 
     def turn(self, steps: int) -> None:
