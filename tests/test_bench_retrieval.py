@@ -159,6 +159,9 @@ def test_default_set_is_unchanged(tokenizer):
 def test_task_sets_and_names():
     assert task_names("default") == FORMS and task_names("ruler") == RULER_TASKS
     assert task_names(("vt", "passkey")) == ("vt", "passkey")
+    assert task_names("single-number, multikey") == ("single-number", "multikey") and task_names("vt") == ("vt",)
+    with pytest.raises(ValueError, match="tasks: passkey"):
+        task_names("single-number,niah")
     with pytest.raises(ValueError, match="sets: default, ruler"):
         task_names("rular")
     with pytest.raises(ValueError, match="tasks: passkey"):

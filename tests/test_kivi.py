@@ -1,9 +1,12 @@
-"""KIVI quantization on tensors: packing, error vs bits, exact bytes, block-wise freeing."""
+"""KIVI quantization: packing, error vs bits, exact bytes, block-wise freeing, attention on the codes."""
+
+import contextlib
 
 import pytest
 import torch
 
 from kvcompress.methods.kivi import KIVI, pack, quantize, unpack
+from kvcompress.step import DenseSegment, Operands
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -119,4 +122,73 @@ def test_kernel_reads_a_store_that_grew_and_was_compacted():
     query, weights = torch.randn(1, 3, 3, 64), torch.rand(1, 3, 3, 160)
     segment = store.segment()
     torch.testing.assert_close(segment.logits(query), query @ ref_keys.transpose(-1, -2), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(segment.mix(weights), weights @ ref_values, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(segment.mix(weights), weights @ ref_values, atol=1e-4, rtol=1e-4)  # sums of ~80
+
+
+@pytest.mark.parametrize("bits, group", [(2, 32), (4, 32), (4, 16), (8, 32)])
+@pytest.mark.parametrize("holes", [False, True])
+@pytest.mark.parametrize("observe", [0, 1])
+@pytest.mark.parametrize("window", [0, 7])
+def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, observe, window):
+    """A decode step over [codes | window] in one kernel call (``kivi_attend``) gives the output and the
+    observed attention of the segment path and of sdpa on dequantized keys and values (float32 sums in
+    another order: atol 1e-5)."""
+    from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
+
+    torch.manual_seed(bits + group + window)
+    batch, heads, rep, stored = 2, 3, 3, 4 * group
+    store = KIVI(bits=bits, group=group).new_store(0, 64, torch.float32)
+    store.append(torch.randn(batch, heads, stored, 64), torch.randn(batch, heads, stored, 64), None, None)
+    buffer_k, buffer_v = torch.randn(2, batch, heads, 16, 64)  # a window is a view of a buffer with spare room
+    segments = (store.segment(), DenseSegment(buffer_k[:, :, :window], buffer_v[:, :, :window])) if window else (store.segment(),)
+    valid = torch.rand(batch, heads, stored + window) > 0.3 if holes else None
+    operands = Operands(segments, valid, heads, observe)
+    query = torch.randn(batch, heads * rep, 1, 64)
+    one = attend_one_pass(query, operands, 0.125)
+    assert one is not None  # the kernel applies to these operands
+    for other in (attend_segments(query, operands, 0.125), attend_dense(query, operands, 0.125)):
+        torch.testing.assert_close(one.output, other.output, atol=1e-5, rtol=1e-5)
+        if observe:
+            torch.testing.assert_close(one.observed, other.observed, atol=1e-6, rtol=1e-5)
+        else:
+            assert one.observed is None
+
+
+def test_one_pass_declines_what_it_does_not_compute():
+    """Several queries per row, a second stored segment, or bfloat16 windows go to the segment path."""
+    from kvcompress.attention import attend_one_pass
+
+    store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
+    store.append(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), None, None)
+    window = DenseSegment(torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64))
+    assert attend_one_pass(torch.randn(1, 9, 2, 64), Operands((store.segment(), window), None, 3), 0.1) is None
+    assert attend_one_pass(torch.randn(1, 9, 1, 64), Operands((window, store.segment()), None, 3), 0.1) is None
+    half = DenseSegment(torch.randn(1, 3, 4, 64).bfloat16(), torch.randn(1, 3, 4, 64).bfloat16())
+    assert attend_one_pass(torch.randn(1, 9, 1, 64), Operands((store.segment(), half), None, 3), 0.1) is None
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("spec", ["kivi:bits=4,residual=32", "snapkv:ratio=0.5,window=8+kivi:bits=2,residual=32"])
+def test_decoding_through_the_model_reads_codes_in_one_pass_and_matches_the_reference(smol, spec, monkeypatch):
+    """Greedy decoding with ``model.generate`` takes the one-pass path at every layer of every decode step,
+    and gives the logits of the plain-PyTorch reference path (dequantized keys and values, sdpa)."""
+    import kvcompress
+    from kvcompress.attention import reference_path
+    from kvcompress.methods.kivi import KIVISegment
+
+    model, tokenizer = smol
+    ids = tokenizer("Tides rise and fall twice a day as the moon pulls on the oceans. " * 12, return_tensors="pt")["input_ids"]
+    calls = []
+    one = KIVISegment.attend_one
+    monkeypatch.setattr(KIVISegment, "attend_one", lambda self, *a, **k: calls.append(1) or one(self, *a, **k))
+    scores = {}
+    for path in ("one pass", "reference"):
+        cache = kvcompress.make_cache(spec, model)
+        reference = reference_path() if path == "reference" else contextlib.nullcontext()
+        with torch.no_grad(), kvcompress.attach(model, cache), reference:
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        scores[path] = torch.stack(out.scores, 1)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 5 * layers  # every decode step after the prompt, every layer
+    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)

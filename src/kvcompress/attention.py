@@ -4,12 +4,15 @@ Every compressed layer builds its own mask from its own slots (valid slots, the 
 causally, each token always seeing itself), so layers and heads may hold different tokens
 (per-layer budgets, ragged heads, padding after eviction): there is no other mask path.
 
-Two paths compute the same result (tests compare them):
+Three paths compute the same result (tests compare them):
 
 - **dense**: when every segment is full precision and the step needs no attention weights from
   the pass (or has more than :data:`SEGMENT_QUERIES` queries, as a prefill does): the segments'
   keys and values go to torch's ``scaled_dot_product_attention``; the weights of observed queries,
   if any, come from a second pass over those queries only (:func:`summed_attention`).
+- **one pass**: a decode step (one query per row) over a stored segment that can attend on its own
+  (``attend_one``, e.g. KIVI's codes) and the full-precision window: logits, softmax and both mixes
+  in one kernel call, the weights returned only when a scorer observes them.
 - **segments**: each segment computes its logits from the queries and mixes its own values from
   the weights (a quantized or latent segment without rebuilding full-precision keys or values),
   with one softmax over all of them; queries go in chunks so the ``(G, S)`` weights stay bounded,
@@ -28,7 +31,7 @@ import contextvars
 
 import torch
 
-from kvcompress.step import Attended, Operands
+from kvcompress.step import Attended, DenseSegment, Operands
 
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
 SEGMENT_QUERIES = 64  # above this many queries, all-dense operands go to sdpa even when observed
@@ -139,7 +142,32 @@ def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     dense_only = all(segment.dense_only for segment in operands.segments)
     if _REFERENCE.get() or (dense_only and (operands.observe == 0 or query.shape[2] > SEGMENT_QUERIES)):
         return attend_dense(query, operands, scaling)
-    return attend_segments(query, operands, scaling)
+    return attend_one_pass(query, operands, scaling) or attend_segments(query, operands, scaling)
+
+
+def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> Attended | None:
+    """The one-pass path (see the module docstring); None where it does not apply."""
+    batch, q_heads, new, dim = query.shape
+    segments, heads = operands.segments, operands.heads
+    window = segments[1] if len(segments) == 2 else None
+    if (
+        new != 1
+        or not hasattr(segments[0], "attend_one")
+        or len(segments) > 2
+        or (window is not None and not isinstance(window, DenseSegment))
+    ):
+        return None
+    grouped = query.reshape(batch, heads, q_heads // heads, dim)  # (B, H, rep, D)
+    done = segments[0].attend_one(grouped, window, operands.valid, scaling, weights=bool(operands.observe))
+    if done is None:
+        return None
+    out, weights = done
+    observed = None
+    if operands.observe:  # the query's row, averaged over the query heads of each KV head; a padding query counts zero
+        observed = weights.mean(2)
+        if operands.valid is not None:
+            observed = observed * operands.valid[..., -1:]
+    return Attended(out.reshape(batch, q_heads, 1, dim).to(query.dtype), observed)
 
 
 def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:

@@ -24,6 +24,7 @@ from kvcompress.models import cache_dir
 SOURCES = Path(__file__).parent / "csrc"
 # -march=native: the library is built on the machine that runs it (the CPU is part of its name).
 CFLAGS = ("-O3", "-march=native", "-std=c99", "-shared", "-fPIC")
+LIBS = ("-lm",)  # after the source: expf
 
 
 def _cpu() -> str:
@@ -44,7 +45,7 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
     source = SOURCES / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS + LIBS).encode() + _cpu().encode()).hexdigest()[:16]
     library = cache_dir() / "native" / f"{name}-{digest}.so"
     try:
         if not library.is_file():
@@ -53,7 +54,7 @@ def load(name: str) -> ctypes.CDLL | None:
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
                 built = Path(tmp) / library.name
-                result = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+                result = subprocess.run([compiler, *CFLAGS, str(source), *LIBS, "-o", str(built)], capture_output=True, text=True)
                 if result.returncode:
                     raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
                 built.replace(library)  # atomic: a concurrent process sees all of it or nothing

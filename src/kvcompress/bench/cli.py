@@ -77,13 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--ppl-windows", type=int, help=f"perplexity windows spread over the text {preset('ppl_windows')}")
     parser.add_argument(
         "--retrieval-cases", "--cases", dest="cases", type=int,
-        help=f"retrieval cases per context length {preset('cases')}; with --retrieval-tasks ruler a multiple of 8 "
+        help=f"retrieval cases per context length {preset('cases')}; with other --retrieval-tasks a multiple of their count "
         f"(a case of each task per round), default {DEFAULTS['ruler_cases']} (--quick: {QUICK['ruler_cases']})",
     )
     parser.add_argument(
         "--retrieval-tasks", default="default",
         help="retrieval task set: default (passkey, kv, two-part) or ruler (RULER-style: single-number, single-word, "
-        "single-uuid, multikey, multivalue, multiquery, vt, cwe; named in the results folder)",
+        "single-uuid, multikey, multivalue, multiquery, vt, cwe), or comma-separated task names of either, e.g. "
+        "single-number,single-word,single-uuid,multikey (the RULER tasks the default model solves); named in the "
+        "results folder",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval cases")
     parser.add_argument("--decode-tokens", type=int, help=f"greedy tokens timed for decode speed {preset('decode_tokens')}")

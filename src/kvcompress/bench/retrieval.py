@@ -271,15 +271,18 @@ def _facts(form: str, depth: float | None, rng: random.Random) -> _Facts:
 
 
 def task_names(tasks: str | tuple[str, ...]) -> tuple[str, ...]:
-    """The tasks of a set name of :data:`TASK_SETS` (``default``, ``ruler``), or a tuple of task names, checked.
+    """The tasks of a set name of :data:`TASK_SETS` (``default``, ``ruler``), of comma-separated task
+    names (``single-number,multikey``), or of a tuple of task names, checked.
 
     Raises:
         ValueError: an unknown set or task, naming the valid ones.
     """
     if isinstance(tasks, str):
-        if tasks not in TASK_SETS:
-            raise ValueError(f"unknown retrieval task set {tasks!r}; sets: {', '.join(TASK_SETS)}")
-        return TASK_SETS[tasks]
+        if tasks in TASK_SETS:
+            return TASK_SETS[tasks]
+        if "," not in tasks and tasks not in FORMS + RULER_TASKS:
+            raise ValueError(f"unknown retrieval task set {tasks!r}; sets: {', '.join(TASK_SETS)}, or task names")
+        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
     unknown = [t for t in tasks if t not in FORMS + RULER_TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown retrieval tasks {unknown or tasks!r}; tasks: {', '.join(FORMS + RULER_TASKS)}")

@@ -17,10 +17,11 @@
  * usual shapes: group and P multiples of 8), an explicitly vectorized path keeps the accumulators
  * of three query rows in registers; otherwise plain loops the compiler vectorizes.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -47,6 +48,27 @@ static inline float meta_at(const void *m, int kind, int64_t i) {
     float f;
     memcpy(&f, &x, sizeof f);
     return f;
+}
+
+/* n scales or zero points from element i0 on, as float32 into dst (F16C converts float16 8 at a time). */
+static void meta_run(float *restrict dst, const void *m, int kind, int64_t i0, int64_t n) {
+    int64_t i = 0;
+    if (kind == 0) {
+        memcpy(dst, (const float *)m + i0, sizeof(float) * n);
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)m + i0;
+    if (kind == 2) {
+        for (; i < n; ++i) {
+            const uint32_t x = (uint32_t)h[i] << 16;
+            memcpy(dst + i, &x, sizeof x);
+        }
+        return;
+    }
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; ++i) dst[i] = meta_at(m, kind, i0 + i);
 }
 
 #ifdef __AVX2__
@@ -99,140 +121,261 @@ static inline __attribute__((always_inline)) void value_tile(float *out, const f
     for (int r = 0; r < rows; ++r)
         for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(out + r * ostride + d0 + 8 * v, a[r][v]);
 }
+
+/* e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
+ * error under 2e-7), times 2^n through the exponent bits; 0 below -87 (so for -inf). */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
 #endif
+
+/* Scratch of key_logits_one: qs (G * D), acc (G * group), unpacked (group), s and z (D each). */
+static size_t key_scratch(int64_t G, int64_t D, int64_t group) { return (size_t)(G * D + G * group + group + 2 * D); }
+
+/* One (row, head): q (G, D); codes (P, N); scale and minimum from element `meta0` on, (N / group, D);
+ * out (G, N) with row stride `ldo`. */
+static void key_logits_one(const float *restrict qb, const uint8_t *restrict cb, const void *scale, const void *minimum,
+                           int meta, int64_t meta0, float *restrict ob, int64_t ldo, int64_t G, int64_t D, int64_t N,
+                           int bits, int64_t group, float *scratch) {
+    const int per = 8 / bits;
+    const int64_t P = D / per, K = N / group;
+    const unsigned mask = (1u << bits) - 1u;
+    float *qs = scratch, *acc = qs + G * D, *unpacked = acc + G * group, *s = unpacked + group, *z = s + D;
+    for (int64_t k = 0; k < K; ++k) {
+        meta_run(s, scale, meta, meta0 + k * D, D);
+        meta_run(z, minimum, meta, meta0 + k * D, D);
+        for (int64_t j = 0; j < G; ++j) {
+            float qz = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+                qs[j * D + d] = qb[j * D + d] * s[d];
+                qz += qb[j * D + d] * z[d];
+            }
+            for (int64_t t = 0; t < group; ++t) acc[j * group + t] = qz;
+        }
+#ifdef __AVX2__
+        if (group % 8 == 0) {
+            for (int64_t t0 = 0; t0 < group; t0 += 32) {
+                const int vecs = (int)((group - t0 < 32 ? group - t0 : 32) / 8);
+                for (int64_t j0 = 0; j0 < G; j0 += 3) {
+                    float *a = acc + j0 * group + t0;
+                    const float *w = qs + j0 * D;
+                    const uint8_t *c = cb + k * group + t0;
+                    const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
+                    /* constant shapes, so the accumulators stay in registers */
+                    if (rows == 3 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 4);
+                    else if (rows == 3 && vecs == 2) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 2);
+                    else if (rows == 1 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 1, 4);
+                    else key_tile(a, w, c, group, D, P, N, bits, mask, rows, vecs);
+                }
+            }
+        } else
+#endif
+        for (int64_t p = 0; p < P; ++p) {
+            const uint8_t *row = cb + p * N + k * group;
+            for (int i = 0; i < per; ++i) {
+                const int shift = bits * i;
+                for (int64_t t = 0; t < group; ++t) unpacked[t] = (float)((row[t] >> shift) & mask);
+                for (int64_t j = 0; j < G; ++j) {
+                    const float w = qs[j * D + i * P + p];
+                    float *restrict a = acc + j * group;
+                    for (int64_t t = 0; t < group; ++t) a[t] += w * unpacked[t];
+                }
+            }
+        }
+        for (int64_t j = 0; j < G; ++j) memcpy(ob + j * ldo + k * group, acc + j * group, sizeof(float) * group);
+    }
+}
 
 /* q: (BH, G, D); codes: (BH, P, N); scale, minimum: (BH, N / group, D); out: (BH, G, N). */
 int kivi_key_logits(const float *restrict q, const uint8_t *restrict codes, const void *scale, const void *minimum,
                     int meta, float *restrict out, int64_t BH, int64_t G, int64_t D, int64_t N, int bits,
                     int64_t group) {
+    const int64_t P = D * bits / 8;
+    float *scratch = malloc(sizeof(float) * key_scratch(G, D, group));
+    if (!scratch) return 1;
+    for (int64_t bh = 0; bh < BH; ++bh)
+        key_logits_one(q + bh * G * D, codes + bh * P * N, scale, minimum, meta, bh * (N / group) * D, out + bh * G * N, N,
+                       G, D, N, bits, group, scratch);
+    free(scratch);
+    return 0;
+}
+
+/* Scratch of value_mix_one: zacc (G * E), unpacked (D), s and z (E each), sfull and zfull (N * E each). */
+static size_t value_scratch(int64_t G, int64_t D, int64_t N, int64_t group) {
+    const int64_t E = D / group;
+    return (size_t)(G * E + D + 2 * E + 2 * N * E);
+}
+
+/* One (row, head): w (G, N) with row stride `ldw`; codes (N, P); scale and minimum from element `meta0`
+ * on, (N, D / group); out (G, D), overwritten. */
+static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *restrict cb, const void *scale,
+                          const void *minimum, int meta, int64_t meta0, float *restrict ob, int64_t G, int64_t D,
+                          int64_t N, int bits, int64_t group, float *scratch) {
     const int per = 8 / bits;
-    const int64_t P = D / per, K = N / group;
+    const int64_t P = D / per, E = D / group;
     const unsigned mask = (1u << bits) - 1u;
-    float *qs = malloc(sizeof(float) * G * D), *acc = malloc(sizeof(float) * G * group);
-    float *unpacked = malloc(sizeof(float) * group), *s = malloc(sizeof(float) * D), *z = malloc(sizeof(float) * D);
-    if (!qs || !acc || !unpacked || !s || !z) { free(qs); free(acc); free(unpacked); free(s); free(z); return 1; }
-    for (int64_t bh = 0; bh < BH; ++bh) {
-        const float *qb = q + bh * G * D;
-        const uint8_t *cb = codes + bh * P * N;
-        float *ob = out + bh * G * N;
-        for (int64_t k = 0; k < K; ++k) {
-            for (int64_t d = 0; d < D; ++d) {
-                s[d] = meta_at(scale, meta, (bh * K + k) * D + d);
-                z[d] = meta_at(minimum, meta, (bh * K + k) * D + d);
-            }
-            for (int64_t j = 0; j < G; ++j) {
-                float qz = 0.f;
-                for (int64_t d = 0; d < D; ++d) {
-                    qs[j * D + d] = qb[j * D + d] * s[d];
-                    qz += qb[j * D + d] * z[d];
-                }
-                for (int64_t t = 0; t < group; ++t) acc[j * group + t] = qz;
-            }
+    float *zacc = scratch, *unpacked = zacc + G * E, *s = unpacked + D, *z = s + E, *sfull = z + E, *zfull = sfull + N * E;
+    memset(ob, 0, sizeof(float) * G * D);
+    memset(zacc, 0, sizeof(float) * G * E);
 #ifdef __AVX2__
-            if (group % 8 == 0) {
-                for (int64_t t0 = 0; t0 < group; t0 += 32) {
-                    const int vecs = (int)((group - t0 < 32 ? group - t0 : 32) / 8);
-                    for (int64_t j0 = 0; j0 < G; j0 += 3) {
-                        float *a = acc + j0 * group + t0;
-                        const float *w = qs + j0 * D;
-                        const uint8_t *c = cb + k * group + t0;
-                        const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
-                        /* constant shapes, so the accumulators stay in registers */
-                        if (rows == 3 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 4);
-                        else if (rows == 3 && vecs == 2) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 2);
-                        else if (rows == 1 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 1, 4);
-                        else key_tile(a, w, c, group, D, P, N, bits, mask, rows, vecs);
-                    }
-                }
-            } else
-#endif
-            for (int64_t p = 0; p < P; ++p) {
-                const uint8_t *row = cb + p * N + k * group;
-                for (int i = 0; i < per; ++i) {
-                    const int shift = bits * i;
-                    for (int64_t t = 0; t < group; ++t) unpacked[t] = (float)((row[t] >> shift) & mask);
-                    for (int64_t j = 0; j < G; ++j) {
-                        const float w = qs[j * D + i * P + p];
-                        float *restrict a = acc + j * group;
-                        for (int64_t t = 0; t < group; ++t) a[t] += w * unpacked[t];
-                    }
-                }
+    if (group % 8 == 0 && P % 8 == 0) { /* runs of 8 channels share a slot and a scale */
+        meta_run(sfull, scale, meta, meta0, N * E);
+        meta_run(zfull, minimum, meta, meta0, N * E);
+        for (int64_t d0 = 0; d0 < D; d0 += 32) {
+            const int vecs = (int)((D - d0 < 32 ? D - d0 : 32) / 8);
+            for (int64_t j0 = 0; j0 < G; j0 += 3) {
+                const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
+                float *o = ob + j0 * D;
+                const float *wr = wb + j0 * ldw;
+                /* constant shapes, so the accumulators stay in registers */
+                if (rows == 3 && vecs == 4) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 3, 4);
+                else if (rows == 3 && vecs == 2) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 3, 2);
+                else if (rows == 1 && vecs == 4) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 1, 4);
+                else value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, rows, vecs);
             }
-            for (int64_t j = 0; j < G; ++j) memcpy(ob + j * N + k * group, acc + j * group, sizeof(float) * group);
+        }
+        for (int64_t j = 0; j < G; ++j)
+            for (int64_t n = 0; n < N; ++n)
+                for (int64_t e = 0; e < E; ++e) zacc[j * E + e] += wb[j * ldw + n] * zfull[n * E + e];
+    } else
+#endif
+    for (int64_t n = 0; n < N; ++n) {
+        int any = 0;
+        for (int64_t j = 0; j < G; ++j) any |= wb[j * ldw + n] != 0.f;
+        if (!any) continue; /* a masked slot */
+        const uint8_t *row = cb + n * P;
+        for (int i = 0; i < per; ++i) {
+            const int shift = bits * i;
+            float *restrict u = unpacked + i * P;
+            for (int64_t p = 0; p < P; ++p) u[p] = (float)((row[p] >> shift) & mask);
+        }
+        for (int64_t e = 0; e < E; ++e) {
+            s[e] = meta_at(scale, meta, meta0 + n * E + e);
+            z[e] = meta_at(minimum, meta, meta0 + n * E + e);
+        }
+        for (int64_t j = 0; j < G; ++j) {
+            const float wj = wb[j * ldw + n];
+            float *restrict a = ob + j * D;
+            for (int64_t e = 0; e < E; ++e) {
+                const float ws = wj * s[e];
+                const float *restrict u = unpacked + e * group;
+                float *restrict ae = a + e * group;
+                zacc[j * E + e] += wj * z[e];
+                for (int64_t t = 0; t < group; ++t) ae[t] += ws * u[t];
+            }
         }
     }
-    free(qs); free(acc); free(unpacked); free(s); free(z);
-    return 0;
+    for (int64_t j = 0; j < G; ++j)
+        for (int64_t d = 0; d < D; ++d) ob[j * D + d] += zacc[j * E + d / group];
 }
 
 /* w: (BH, G, N); codes: (BH, N, P); scale, minimum: (BH, N, D / group); out: (BH, G, D). */
 int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const void *scale, const void *minimum,
                    int meta, float *restrict out, int64_t BH, int64_t G, int64_t D, int64_t N, int bits,
                    int64_t group) {
-    const int per = 8 / bits;
-    const int64_t P = D / per, E = D / group;
-    const unsigned mask = (1u << bits) - 1u;
-    float *zacc = malloc(sizeof(float) * G * E), *unpacked = malloc(sizeof(float) * D);
-    float *s = malloc(sizeof(float) * E), *z = malloc(sizeof(float) * E), *sfull = malloc(sizeof(float) * N * E);
-    if (!zacc || !unpacked || !s || !z || !sfull) { free(zacc); free(unpacked); free(s); free(z); free(sfull); return 1; }
-    for (int64_t bh = 0; bh < BH; ++bh) {
-        const float *wb = w + bh * G * N;
-        const uint8_t *cb = codes + bh * N * P;
-        float *ob = out + bh * G * D;
-        memset(ob, 0, sizeof(float) * G * D);
-        memset(zacc, 0, sizeof(float) * G * E);
+    const int64_t P = D * bits / 8;
+    float *scratch = malloc(sizeof(float) * value_scratch(G, D, N, group));
+    if (!scratch) return 1;
+    for (int64_t bh = 0; bh < BH; ++bh)
+        value_mix_one(w + bh * G * N, N, codes + bh * N * P, scale, minimum, meta, bh * N * (D / group), out + bh * G * D,
+                      G, D, N, bits, group, scratch);
+    free(scratch);
+    return 0;
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float sum = 0.f;
+    int64_t d = 0;
 #ifdef __AVX2__
-        if (group % 8 == 0 && P % 8 == 0) { /* runs of 8 channels share a slot and a scale */
-            for (int64_t i = 0; i < N * E; ++i) sfull[i] = meta_at(scale, meta, bh * N * E + i);
-            for (int64_t d0 = 0; d0 < D; d0 += 32) {
-                const int vecs = (int)((D - d0 < 32 ? D - d0 : 32) / 8);
-                for (int64_t j0 = 0; j0 < G; j0 += 3) {
-                    const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
-                    float *o = ob + j0 * D;
-                    const float *wr = wb + j0 * N;
-                    /* constant shapes, so the accumulators stay in registers */
-                    if (rows == 3 && vecs == 4) value_tile(o, wr, cb, sfull, d0, N, D, N, P, E, group, bits, mask, 3, 4);
-                    else if (rows == 3 && vecs == 2) value_tile(o, wr, cb, sfull, d0, N, D, N, P, E, group, bits, mask, 3, 2);
-                    else if (rows == 1 && vecs == 4) value_tile(o, wr, cb, sfull, d0, N, D, N, P, E, group, bits, mask, 1, 4);
-                    else value_tile(o, wr, cb, sfull, d0, N, D, N, P, E, group, bits, mask, rows, vecs);
-                }
-            }
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t e = 0; e < E; ++e) {
-                    const float zn = meta_at(minimum, meta, (bh * N + n) * E + e);
-                    for (int64_t j = 0; j < G; ++j) zacc[j * E + e] += wb[j * N + n] * zn;
-                }
-        } else
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
 #endif
-        for (int64_t n = 0; n < N; ++n) {
-            int any = 0;
-            for (int64_t j = 0; j < G; ++j) any |= wb[j * N + n] != 0.f;
-            if (!any) continue; /* a masked slot */
-            const uint8_t *row = cb + n * P;
-            for (int i = 0; i < per; ++i) {
-                const int shift = bits * i;
-                float *restrict u = unpacked + i * P;
-                for (int64_t p = 0; p < P; ++p) u[p] = (float)((row[p] >> shift) & mask);
-            }
-            for (int64_t e = 0; e < E; ++e) {
-                s[e] = meta_at(scale, meta, (bh * N + n) * E + e);
-                z[e] = meta_at(minimum, meta, (bh * N + n) * E + e);
-            }
-            for (int64_t j = 0; j < G; ++j) {
-                const float wj = wb[j * N + n];
-                float *restrict a = ob + j * D;
-                for (int64_t e = 0; e < E; ++e) {
-                    const float ws = wj * s[e];
-                    const float *restrict u = unpacked + e * group;
-                    float *restrict ae = a + e * group;
-                    zacc[j * E + e] += wj * z[e];
-                    for (int64_t t = 0; t < group; ++t) ae[t] += ws * u[t];
-                }
-            }
-        }
-        for (int64_t j = 0; j < G; ++j)
-            for (int64_t d = 0; d < D; ++d) ob[j * D + d] += zacc[j * E + d / group];
+    for (; d < n; ++d) sum += a[d] * b[d];
+    return sum;
+}
+
+/* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own
+ * token) to -inf, then softmax. */
+static void softmax_row(float *restrict x, int64_t n, float scaling, const uint8_t *allow) {
+    float top = -INFINITY, sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = (allow && !allow[i] && i != n - 1) ? -INFINITY : x[i] * scaling;
+        top = x[i] > top ? x[i] : top;
     }
-    free(zacc); free(unpacked); free(s); free(z); free(sfull);
+    int64_t i = 0;
+#ifdef __AVX2__
+    const __m256 m = _mm256_set1_ps(top);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int k = 0; k < 8; ++k) sum += lanes[k];
+#endif
+    for (; i < n; ++i) {
+        x[i] = expf(x[i] - top);
+        sum += x[i];
+    }
+    const float inv = 1.f / sum;
+    for (i = 0; i < n; ++i) x[i] *= inv;
+}
+
+/* One decode step of attention over [KIVI codes | full-precision window], for every (row, head):
+ * q (BH, G, D) float32, the G query rows that read one KV head; key codes (BH, P, N) channel-major with
+ * kscale, kmin (BH, N / group, D); value codes (BH, N, P) with vscale, vmin (BH, N, D / group); window
+ * keys and values (W, D) float32 per (row, head), `wstride` elements apart; allow (BH, N + W) uint8, or
+ * NULL when every slot is real; scaling, the softmax scale. Writes out (BH, G, D) and, unless NULL,
+ * probs (BH, G, N + W): the attention weights. Logits, softmax and both mixes in one call, so the
+ * (G, N + W) weights of a head never leave this function's scratch. */
+int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const void *kscale, const void *kmin,
+                const uint8_t *restrict vcodes, const void *vscale, const void *vmin, int meta,
+                const float *restrict wk, const float *restrict wv, int64_t wstride, const uint8_t *allow,
+                float scaling, float *restrict out, float *probs, int64_t BH, int64_t G, int64_t D, int64_t N,
+                int64_t W, int bits, int64_t group) {
+    const int64_t P = D * bits / 8, S = N + W, E = D / group;
+    const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, N, group);
+    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)));
+    if (!logits) return 1;
+    float *scratch = logits + G * S;
+    for (int64_t bh = 0; bh < BH; ++bh) {
+        const float *qb = q + bh * G * D, *kw = wk + bh * wstride, *vw = wv + bh * wstride;
+        float *ob = out + bh * G * D;
+        if (N) key_logits_one(qb, kcodes + bh * P * N, kscale, kmin, meta, bh * (N / group) * D, logits, S, G, D, N,
+                              bits, group, scratch);
+        for (int64_t j = 0; j < G; ++j)
+            for (int64_t w = 0; w < W; ++w) logits[j * S + N + w] = dot(qb + j * D, kw + w * D, D);
+        for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * S, S, scaling, allow ? allow + bh * S : NULL);
+        if (probs) memcpy(probs + bh * G * S, logits, sizeof(float) * G * S);
+        if (N) value_mix_one(logits, S, vcodes + bh * N * P, vscale, vmin, meta, bh * N * E, ob, G, D, N, bits, group,
+                             scratch);
+        else memset(ob, 0, sizeof(float) * G * D);
+        for (int64_t j = 0; j < G; ++j)
+            for (int64_t w = 0; w < W; ++w) {
+                const float p = logits[j * S + N + w];
+                for (int64_t d = 0; d < D; ++d) ob[j * D + d] += p * vw[w * D + d];
+            }
+    }
+    free(logits);
     return 0;
 }

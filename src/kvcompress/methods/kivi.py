@@ -258,6 +258,38 @@ class KIVISegment:
         out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"], t["value_min"], store.bits, store.block)
         return out.to(weights.dtype)
 
+    def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
+                   weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One decode query per row over ``[these codes | window]`` in one kernel call (``kvcompress::kivi_attend``):
+        ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)``
+        attention weights; None where the kernel does not apply (the caller takes the segment path)."""
+        t, store = self.store.tensors, self.store
+        dim = query.shape[-1]
+        if window is None:  # an empty window: zero slots of the right shape
+            keys = values = query.new_empty(*query.shape[:2], 0, dim, dtype=torch.float32)
+        else:
+            keys, values = window.keys, window.values
+        if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
+            return None
+        keys, values = _rows(keys), _rows(values)
+        if keys.stride(1) != values.stride(1):
+            keys, values = keys.contiguous(), values.contiguous()
+        allow = torch.empty(0, dtype=torch.uint8) if valid is None else valid.to(torch.uint8).contiguous()
+        out, probs = kivi_attend(
+            query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
+            t["value_min"], keys, values, allow, scaling, weights, store.bits, store.block,
+        )
+        return out, probs if weights else None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, H, W, D)`` as the kernel reads it: each (row, head) a contiguous ``(W, D)`` block, the blocks
+    one stride apart (a view of a buffer with spare capacity qualifies); else a contiguous copy."""
+    batch, heads, tokens, dim = t.shape
+    if t.stride(3) == 1 and t.stride(2) == dim and (batch == 1 or t.stride(0) == heads * t.stride(1)):
+        return t
+    return t.contiguous()
+
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
 
@@ -307,3 +339,41 @@ def value_mix(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, m
 @value_mix.register_fake
 def _(weights, codes, scale, minimum, bits, group):
     return weights.new_empty(*weights.shape[:3], codes.shape[3] * 8 // bits)
+
+
+@torch.library.custom_op("kvcompress::kivi_attend", mutates_args=())
+def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_min: torch.Tensor,
+                value_codes: torch.Tensor, value_scale: torch.Tensor, value_min: torch.Tensor, window_keys: torch.Tensor,
+                window_values: torch.Tensor, allow: torch.Tensor, scaling: float, weights: bool, bits: int,
+                group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of attention over ``[codes | window]``: ``(B, H, G, D)`` float32 queries, key codes
+    ``(B, H, P, N)`` and value codes ``(B, H, N, P)`` with their scales and zero points (as in
+    :func:`key_logits` and :func:`value_mix`), float32 window keys and values ``(B, H, W, D)`` (each
+    (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, N + W)`` uint8 or empty
+    (every slot real; the last slot, the query's own token, is always allowed). Returns the ``(B, H, G, D)``
+    output and, if ``weights``, the ``(B, H, G, N + W)`` softmax weights (else an empty tensor)."""
+    import ctypes
+
+    batch, heads, rows, dim = query.shape
+    tokens, window = key_codes.shape[3], window_keys.shape[2]
+    out = query.new_empty(batch, heads, rows, dim)
+    probs = query.new_empty(batch, heads, rows, tokens + window) if weights else query.new_empty(0)
+    meta = [t.contiguous() for t in (key_scale, key_min, value_scale, value_min)]
+    codes = [t.contiguous() for t in (key_codes, value_codes)]
+    pointer = lambda t: ctypes.c_void_p(t.data_ptr() if t.numel() else None)  # noqa: E731
+    status = native.load("kivi").kivi_attend(
+        pointer(query), pointer(codes[0]), pointer(meta[0]), pointer(meta[1]), pointer(codes[1]), pointer(meta[2]),
+        pointer(meta[3]), ctypes.c_int(_META[key_scale.dtype]), pointer(window_keys), pointer(window_values),
+        ctypes.c_int64(window_keys.stride(1)), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(probs),
+        *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window)), ctypes.c_int(bits), ctypes.c_int64(group),
+    )
+    if status:
+        raise MemoryError("kvcompress::kivi_attend: the kernel could not allocate its scratch buffers")
+    return out, probs
+
+
+@kivi_attend.register_fake
+def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, allow,
+      scaling, weights, bits, group):
+    slots = key_codes.shape[3] + window_keys.shape[2]
+    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
