@@ -71,55 +71,97 @@ static void meta_run(float *restrict dst, const void *m, int kind, int64_t i0, i
     for (; i < n; ++i) dst[i] = meta_at(m, kind, i0 + i);
 }
 
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float sum = 0.f;
+    int64_t d = 0;
 #ifdef __AVX2__
-/* acc[r][t] += sum_d w[r][d] * code(channel d, token t) for `rows` rows of stride `stride` and
- * `vecs` * 8 tokens; codes (P, N) channel-major from `c` (the tile's first token). */
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+#endif
+    for (; d < n; ++d) sum += a[d] * b[d];
+    return sum;
+}
+
+#ifdef __AVX2__
+/* acc[r][t] += sum_d w[r][d] * code(channel d, token t) for `rows` query rows (w's rows D apart, acc's
+ * `stride` apart) and 8 * `vecs` tokens; codes (P, N) channel-major from `c` (the tile's first token).
+ * Each byte is loaded and widened once; its 8 / bits slots (channels p, P + p, ...) are unpacked from it
+ * with constant shifts. Constant `bits`, `rows`, `vecs`: the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void key_tile(float *acc, const float *w, const uint8_t *c, int64_t stride,
-                                                           int64_t D, int64_t P, int64_t N, int bits, unsigned mask,
+                                                           int64_t D, int64_t P, int64_t N, const int bits,
                                                            const int rows, const int vecs) {
-    const __m256i lowbits = _mm256_set1_epi32((int)mask);
-    __m256 a[3][4];
+    const int per = 8 / bits;
+    const __m256i lowbits = _mm256_set1_epi32((1 << bits) - 1);
+    __m256 a[3][2];
     for (int r = 0; r < rows; ++r)
         for (int v = 0; v < vecs; ++v) a[r][v] = _mm256_loadu_ps(acc + r * stride + 8 * v);
-    for (int64_t d = 0; d < D; ++d) {
-        const __m128i shift = _mm_cvtsi32_si128(bits * (int)(d / P));
-        const uint8_t *row = c + (d % P) * N;
-        __m256 wq[3];
-        for (int r = 0; r < rows; ++r) wq[r] = _mm256_set1_ps(w[r * D + d]);
-        for (int v = 0; v < vecs; ++v) {
-            const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * v)));
-            const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, shift), lowbits));
-            for (int r = 0; r < rows; ++r) a[r][v] = _mm256_fmadd_ps(wq[r], code, a[r][v]);
+    for (int64_t p = 0; p < P; ++p) {
+        const uint8_t *row = c + p * N;
+        __m256i x[2];
+        for (int v = 0; v < vecs; ++v) x[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * v)));
+        for (int i = 0; i < per; ++i) {
+            const float *wd = w + i * P + p;
+            for (int v = 0; v < vecs; ++v) {
+                const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x[v], bits * i), lowbits));
+                for (int r = 0; r < rows; ++r) a[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(wd + r * D), code, a[r][v]);
+            }
         }
     }
     for (int r = 0; r < rows; ++r)
         for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(acc + r * stride + 8 * v, a[r][v]);
 }
 
-/* out[r][d] += sum_n w[r][n] s[n][d / group] code(token n, channel d) for `rows` rows of stride `stride`
- * (weights) and `ostride` (out), channels d0 .. d0 + 8 * vecs; codes (N, P) token-major. Scales as float32. */
-static inline __attribute__((always_inline)) void value_tile(float *out, const float *w, const uint8_t *codes,
-                                                             const float *scale, int64_t d0, int64_t stride,
-                                                             int64_t ostride, int64_t N, int64_t P, int64_t E,
-                                                             int64_t group, int bits, unsigned mask, const int rows,
-                                                             const int vecs) {
-    const __m256i lowbits = _mm256_set1_epi32((int)mask);
+/* out[r][i P + p0 + 0..7] = sum_n ws[e_i][r][n] code(token n, channel i P + p0 + 0..7) for `rows` rows and
+ * every slot i: the 8 bytes p0 .. p0 + 7 of each token are loaded and widened once, their slots unpacked
+ * with constant shifts. ws (E, G, N): the weights times each token's scale of value group e (channels
+ * e * group ..), from query row j0 on; e_i = (i P + p0) / group (group % 8 == 0: one group per 8 channels).
+ * Codes (N, P) token-major. */
+static inline __attribute__((always_inline)) void value_tile(float *out, const float *ws, const uint8_t *codes,
+                                                             int64_t p0, int64_t D, int64_t N, int64_t P, int64_t G,
+                                                             int64_t group, const int bits, const int rows) {
+    const int per = 8 / bits;
+    const __m256i lowbits = _mm256_set1_epi32((1 << bits) - 1);
+    const float *wr[4][3];
     __m256 a[3][4];
-    for (int r = 0; r < rows; ++r)
-        for (int v = 0; v < vecs; ++v) a[r][v] = _mm256_setzero_ps();
+    for (int i = 0; i < per; ++i)
+        for (int r = 0; r < rows; ++r) {
+            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * N;
+            a[r][i] = _mm256_setzero_ps();
+        }
     for (int64_t n = 0; n < N; ++n) {
-        const uint8_t *row = codes + n * P;
-        for (int v = 0; v < vecs; ++v) {
-            const int64_t d = d0 + 8 * v;
-            const __m128i shift = _mm_cvtsi32_si128(bits * (int)(d / P));
-            const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + d % P)));
-            const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(x, shift), lowbits));
-            const float sc = scale[n * E + d / group];
-            for (int r = 0; r < rows; ++r) a[r][v] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * stride + n] * sc), code, a[r][v]);
+        const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + n * P + p0)));
+        for (int i = 0; i < per; ++i) {
+            const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, bits * i), lowbits));
+            for (int r = 0; r < rows; ++r) a[r][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr[i][r] + n), code, a[r][i]);
         }
     }
     for (int r = 0; r < rows; ++r)
-        for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(out + r * ostride + d0 + 8 * v, a[r][v]);
+        for (int i = 0; i < per; ++i) _mm256_storeu_ps(out + r * D + i * P + p0, a[r][i]);
+}
+
+/* The tiles with constant bits and rows (and vecs), dispatched once per tile. */
+#define KEY_TILE(B, R, V) key_tile(a, w, c, group, D, P, N, B, R, V)
+static void key_tile_any(float *a, const float *w, const uint8_t *c, int64_t group, int64_t D, int64_t P, int64_t N,
+                         int bits, int rows, int vecs) {
+#define KEY_ROWS(B)                                                                                                    \
+    if (vecs == 2) { if (rows == 3) KEY_TILE(B, 3, 2); else if (rows == 2) KEY_TILE(B, 2, 2); else KEY_TILE(B, 1, 2); } \
+    else { if (rows == 3) KEY_TILE(B, 3, 1); else if (rows == 2) KEY_TILE(B, 2, 1); else KEY_TILE(B, 1, 1); }
+    if (bits == 2) { KEY_ROWS(2) } else if (bits == 4) { KEY_ROWS(4) } else { KEY_ROWS(8) }
+#undef KEY_ROWS
+}
+#undef KEY_TILE
+
+static void value_tile_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t P,
+                           int64_t G, int64_t group, int bits, int rows) {
+#define VALUE_ROWS(B)                                                                                                  \
+    if (rows == 3) value_tile(o, ws, cb, p0, D, N, P, G, group, B, 3);                                                 \
+    else if (rows == 2) value_tile(o, ws, cb, p0, D, N, P, G, group, B, 2);                                            \
+    else value_tile(o, ws, cb, p0, D, N, P, G, group, B, 1);
+    if (bits == 2) { VALUE_ROWS(2) } else if (bits == 4) { VALUE_ROWS(4) } else { VALUE_ROWS(8) }
+#undef VALUE_ROWS
 }
 
 /* e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
@@ -169,19 +211,11 @@ static void key_logits_one(const float *restrict qb, const uint8_t *restrict cb,
         }
 #ifdef __AVX2__
         if (group % 8 == 0) {
-            for (int64_t t0 = 0; t0 < group; t0 += 32) {
-                const int vecs = (int)((group - t0 < 32 ? group - t0 : 32) / 8);
-                for (int64_t j0 = 0; j0 < G; j0 += 3) {
-                    float *a = acc + j0 * group + t0;
-                    const float *w = qs + j0 * D;
-                    const uint8_t *c = cb + k * group + t0;
-                    const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
-                    /* constant shapes, so the accumulators stay in registers */
-                    if (rows == 3 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 4);
-                    else if (rows == 3 && vecs == 2) key_tile(a, w, c, group, D, P, N, bits, mask, 3, 2);
-                    else if (rows == 1 && vecs == 4) key_tile(a, w, c, group, D, P, N, bits, mask, 1, 4);
-                    else key_tile(a, w, c, group, D, P, N, bits, mask, rows, vecs);
-                }
+            for (int64_t t0 = 0; t0 < group; t0 += 16) {
+                const int vecs = group - t0 >= 16 ? 2 : 1;
+                for (int64_t j0 = 0; j0 < G; j0 += 3)
+                    key_tile_any(acc + j0 * group + t0, qs + j0 * D, cb + k * group + t0, group, D, P, N, bits,
+                                 (int)(G - j0 < 3 ? G - j0 : 3), vecs);
             }
         } else
 #endif
@@ -215,10 +249,11 @@ int kivi_key_logits(const float *restrict q, const uint8_t *restrict codes, cons
     return 0;
 }
 
-/* Scratch of value_mix_one: zacc (G * E), unpacked (D), s and z (E each), sfull and zfull (N * E each). */
+/* Scratch of value_mix_one: zacc (G * E), unpacked (D), s and z (E each), scales and zero points as
+ * stored and transposed (N * E each), weights times scales (E * G * N). */
 static size_t value_scratch(int64_t G, int64_t D, int64_t N, int64_t group) {
     const int64_t E = D / group;
-    return (size_t)(G * E + D + 2 * E + 2 * N * E);
+    return (size_t)(G * E + D + 2 * E + 4 * N * E + G * N * E);
 }
 
 /* One (row, head): w (G, N) with row stride `ldw`; codes (N, P); scale and minimum from element `meta0`
@@ -230,28 +265,28 @@ static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *
     const int64_t P = D / per, E = D / group;
     const unsigned mask = (1u << bits) - 1u;
     float *zacc = scratch, *unpacked = zacc + G * E, *s = unpacked + D, *z = s + E, *sfull = z + E, *zfull = sfull + N * E;
+    float *st = zfull + N * E, *zt = st + N * E, *ws = zt + N * E;
     memset(ob, 0, sizeof(float) * G * D);
     memset(zacc, 0, sizeof(float) * G * E);
 #ifdef __AVX2__
     if (group % 8 == 0 && P % 8 == 0) { /* runs of 8 channels share a slot and a scale */
         meta_run(sfull, scale, meta, meta0, N * E);
         meta_run(zfull, minimum, meta, meta0, N * E);
-        for (int64_t d0 = 0; d0 < D; d0 += 32) {
-            const int vecs = (int)((D - d0 < 32 ? D - d0 : 32) / 8);
-            for (int64_t j0 = 0; j0 < G; j0 += 3) {
-                const int rows = (int)(G - j0 < 3 ? G - j0 : 3);
-                float *o = ob + j0 * D;
-                const float *wr = wb + j0 * ldw;
-                /* constant shapes, so the accumulators stay in registers */
-                if (rows == 3 && vecs == 4) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 3, 4);
-                else if (rows == 3 && vecs == 2) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 3, 2);
-                else if (rows == 1 && vecs == 4) value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, 1, 4);
-                else value_tile(o, wr, cb, sfull, d0, ldw, D, N, P, E, group, bits, mask, rows, vecs);
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t e = 0; e < E; ++e) {
+                st[e * N + n] = sfull[n * E + e];
+                zt[e * N + n] = zfull[n * E + e];
             }
-        }
-        for (int64_t j = 0; j < G; ++j)
-            for (int64_t n = 0; n < N; ++n)
-                for (int64_t e = 0; e < E; ++e) zacc[j * E + e] += wb[j * ldw + n] * zfull[n * E + e];
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t j = 0; j < G; ++j) {
+                const float *restrict wj = wb + j * ldw, *restrict se = st + e * N;
+                float *restrict wse = ws + (e * G + j) * N;
+                for (int64_t n = 0; n < N; ++n) wse[n] = wj[n] * se[n];
+                zacc[j * E + e] = dot(wj, zt + e * N, N);
+            }
+        for (int64_t p0 = 0; p0 < P; p0 += 8)
+            for (int64_t j0 = 0; j0 < G; j0 += 3)
+                value_tile_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, P, G, group, bits, (int)(G - j0 < 3 ? G - j0 : 3));
     } else
 #endif
     for (int64_t n = 0; n < N; ++n) {
@@ -298,29 +333,30 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
     return 0;
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float sum = 0.f;
-    int64_t d = 0;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
-#endif
-    for (; d < n; ++d) sum += a[d] * b[d];
-    return sum;
-}
-
 /* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own
  * token) to -inf, then softmax. */
 static void softmax_row(float *restrict x, int64_t n, float scaling, const uint8_t *allow) {
     float top = -INFINITY, sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (!allow) { /* every slot real: scale and take the maximum 8 at a time */
+        const __m256 sc = _mm256_set1_ps(scaling);
+        __m256 hi = _mm256_set1_ps(-INFINITY);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + i), sc);
+            _mm256_storeu_ps(x + i, y);
+            hi = _mm256_max_ps(hi, y);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, hi);
+        for (int k = 0; k < 8; ++k) top = lanes[k] > top ? lanes[k] : top;
+    }
+#endif
+    for (; i < n; ++i) {
         x[i] = (allow && !allow[i] && i != n - 1) ? -INFINITY : x[i] * scaling;
         top = x[i] > top ? x[i] : top;
     }
-    int64_t i = 0;
+    i = 0;
 #ifdef __AVX2__
     const __m256 m = _mm256_set1_ps(top);
     __m256 acc = _mm256_setzero_ps();
