@@ -10,9 +10,11 @@ Three paths compute the same result (tests compare them):
   the pass (or has more than :data:`SEGMENT_QUERIES` queries, as a prefill does): the segments'
   keys and values go to torch's ``scaled_dot_product_attention``; the weights of observed queries,
   if any, come from a second pass over those queries only (:func:`summed_attention`).
-- **one pass**: a decode step (one query per row) over a stored segment that can attend on its own
-  (``attend_one``, e.g. KIVI's codes) and the full-precision window: logits, softmax and both mixes
-  in one kernel call, the weights returned only when a scorer observes them.
+- **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
+  ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
+  codes) and the full-precision window: logits, the slots' mask, softmax and the value mix in one
+  kernel call per layer, the weights returned only when a scorer observes them (so H2O and TOVA
+  score from the step's own pass). Taken first wherever it applies, on the CPU with the C kernels.
 - **segments**: each segment computes its logits from the queries and mixes its own values from
   the weights (a quantized or latent segment without rebuilding full-precision keys or values),
   with one softmax over all of them; queries go in chunks so the ``(G, S)`` weights stay bounded,
@@ -28,8 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 
 import torch
+
+from kvcompress import native
 
 from kvcompress.step import Attended, DenseSegment, Operands
 
@@ -139,26 +144,32 @@ def reference_path():
 
 def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     """``(B, Hq, q, D)`` queries over a layer's operands: the output and, if asked, observed attention."""
-    dense_only = all(segment.dense_only for segment in operands.segments)
-    if _REFERENCE.get() or (dense_only and (operands.observe == 0 or query.shape[2] > SEGMENT_QUERIES)):
+    if _REFERENCE.get():
         return attend_dense(query, operands, scaling)
-    return attend_one_pass(query, operands, scaling) or attend_segments(query, operands, scaling)
+    one = attend_one_pass(query, operands, scaling)
+    if one is not None:
+        return one
+    dense_only = all(segment.dense_only for segment in operands.segments)
+    if dense_only and (operands.observe == 0 or query.shape[2] > SEGMENT_QUERIES):
+        return attend_dense(query, operands, scaling)
+    return attend_segments(query, operands, scaling)
 
 
 def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> Attended | None:
     """The one-pass path (see the module docstring); None where it does not apply."""
     batch, q_heads, new, dim = query.shape
     segments, heads = operands.segments, operands.heads
-    window = segments[1] if len(segments) == 2 else None
-    if (
-        new != 1
-        or not hasattr(segments[0], "attend_one")
-        or len(segments) > 2
-        or (window is not None and not isinstance(window, DenseSegment))
-    ):
+    first, window = segments[0], (segments[1] if len(segments) == 2 else None)
+    if new != 1 or len(segments) > 2 or (window is not None and not isinstance(window, DenseSegment)):
         return None
     grouped = query.reshape(batch, heads, q_heads // heads, dim)  # (B, H, rep, D)
-    done = segments[0].attend_one(grouped, window, operands.valid, scaling, weights=bool(operands.observe))
+    weights = bool(operands.observe)
+    if len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
+        done = _dense_one_pass(grouped, first, operands.valid, scaling, weights)
+    elif hasattr(first, "attend_one"):
+        done = first.attend_one(grouped, window, operands.valid, scaling, weights=weights)
+    else:
+        return None
     if done is None:
         return None
     out, weights = done
@@ -168,6 +179,64 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
         if operands.valid is not None:
             observed = observed * operands.valid[..., -1:]
     return Attended(out.reshape(batch, q_heads, 1, dim).to(query.dtype), observed)
+
+
+def _dense_one_pass(query, segment: DenseSegment, valid, scaling: float, weights: bool):
+    """``(B, H, G, D)`` float32 grouped queries over float32 slots through ``kvcompress::dense_attend``:
+    ``(out, weights or None)``; None off the CPU, for other dtypes, or without the C kernels."""
+    keys, values = segment.keys, segment.values
+    if keys.dtype != torch.float32 or query.dtype != torch.float32 or keys.device.type != "cpu":
+        return None
+    if values.shape[-1] != keys.shape[-1] or native.load("dense") is None:
+        return None
+    keys, values = kernel_rows(keys), kernel_rows(values)
+    if keys.stride(1) != values.stride(1):
+        keys, values = keys.contiguous(), values.contiguous()
+    allow = _NO_MASK if valid is None else valid.to(torch.uint8).contiguous()
+    out, probs = dense_attend(query.contiguous(), keys, values, allow, scaling, weights)
+    return out, probs if weights else None
+
+
+_NO_MASK = torch.empty(0, dtype=torch.uint8)
+
+
+def kernel_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, H, S, D)`` as the C kernels read it: each (row, head) a contiguous ``(S, D)`` block, the
+    blocks one stride apart (a view of a buffer with spare capacity qualifies); else a contiguous copy."""
+    batch, heads, slots, dim = t.shape
+    if t.stride(3) == 1 and t.stride(2) == dim and (batch == 1 or t.stride(0) == heads * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
+def data_pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    """The address a C kernel reads ``t`` at (NULL for an empty tensor)."""
+    return ctypes.c_void_p(t.data_ptr() if t.numel() else None)
+
+
+@torch.library.custom_op("kvcompress::dense_attend", mutates_args=())
+def dense_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allow: torch.Tensor, scaling: float,
+                 weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step over float32 slots: ``(B, H, G, D)`` queries, keys and values ``(B, H, S, D)`` (each
+    (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, S)`` uint8 or empty (every
+    slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output and,
+    if ``weights``, the ``(B, H, G, S)`` softmax weights (else an empty tensor)."""
+    batch, heads, rows, dim = query.shape
+    slots = keys.shape[2]
+    out = query.new_empty(batch, heads, rows, dim)
+    probs = query.new_empty(batch, heads, rows, slots) if weights else query.new_empty(0)
+    status = native.load("dense").dense_attend(
+        data_pointer(query), data_pointer(keys), data_pointer(values), ctypes.c_int64(keys.stride(1)), data_pointer(allow),
+        ctypes.c_float(scaling), data_pointer(out), data_pointer(probs), *map(ctypes.c_int64, (batch * heads, rows, dim, slots)),
+    )
+    if status:
+        raise MemoryError("kvcompress::dense_attend: the kernel could not allocate its scratch buffer")
+    return out, probs
+
+
+@dense_attend.register_fake
+def _(query, keys, values, allow, scaling, weights):
+    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], keys.shape[2]) if weights else query.new_empty(0))
 
 
 def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:

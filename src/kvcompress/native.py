@@ -45,7 +45,8 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
     source = SOURCES / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS + LIBS).encode() + _cpu().encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))  # what the sources include
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(CFLAGS + LIBS).encode() + _cpu().encode()).hexdigest()[:16]
     library = cache_dir() / "native" / f"{name}-{digest}.so"
     try:
         if not library.is_file():

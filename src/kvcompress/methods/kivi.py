@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
+from kvcompress.attention import data_pointer, kernel_rows
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -271,7 +272,7 @@ class KIVISegment:
             keys, values = window.keys, window.values
         if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
             return None
-        keys, values = _rows(keys), _rows(values)
+        keys, values = kernel_rows(keys), kernel_rows(values)
         if keys.stride(1) != values.stride(1):
             keys, values = keys.contiguous(), values.contiguous()
         allow = torch.empty(0, dtype=torch.uint8) if valid is None else valid.to(torch.uint8).contiguous()
@@ -281,14 +282,6 @@ class KIVISegment:
         )
         return out, probs if weights else None
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ``(B, H, W, D)`` as the kernel reads it: each (row, head) a contiguous ``(W, D)`` block, the blocks
-    one stride apart (a view of a buffer with spare capacity qualifies); else a contiguous copy."""
-    batch, heads, tokens, dim = t.shape
-    if t.stride(3) == 1 and t.stride(2) == dim and (batch == 1 or t.stride(0) == heads * t.stride(1)):
-        return t
-    return t.contiguous()
 
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
@@ -360,7 +353,7 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
     probs = query.new_empty(batch, heads, rows, tokens + window) if weights else query.new_empty(0)
     meta = [t.contiguous() for t in (key_scale, key_min, value_scale, value_min)]
     codes = [t.contiguous() for t in (key_codes, value_codes)]
-    pointer = lambda t: ctypes.c_void_p(t.data_ptr() if t.numel() else None)  # noqa: E731
+    pointer = data_pointer
     status = native.load("kivi").kivi_attend(
         pointer(query), pointer(codes[0]), pointer(meta[0]), pointer(meta[1]), pointer(codes[1]), pointer(meta[2]),
         pointer(meta[3]), ctypes.c_int(_META[key_scale.dtype]), pointer(window_keys), pointer(window_values),

@@ -1,0 +1,95 @@
+/* What the attention kernels share: a vectorized e^x, a dot product, and the softmax of one row of
+ * logits with the step's mask. Static inline: each kernel source includes it. */
+#ifndef KVCOMPRESS_SOFTMAX_H
+#define KVCOMPRESS_SOFTMAX_H
+#include <math.h>
+#include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+/* e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
+ * error under 2e-7), times 2^n through the exponent bits; 0 below -87 (so for -inf). */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+#ifdef __AVX2__
+static inline float hsum8(__m256 x) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+}
+#endif
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float sum = 0.f;
+    int64_t d = 0;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    sum = hsum8(acc);
+#endif
+    for (; d < n; ++d) sum += a[d] * b[d];
+    return sum;
+}
+
+/* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own
+ * token) to -inf, then softmax. */
+static inline void softmax_row(float *restrict x, int64_t n, float scaling, const uint8_t *allow) {
+    float top = -INFINITY, sum = 0.f;
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (!allow) { /* every slot real: scale and take the maximum 8 at a time */
+        const __m256 sc = _mm256_set1_ps(scaling);
+        __m256 hi = _mm256_set1_ps(-INFINITY);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + i), sc);
+            _mm256_storeu_ps(x + i, y);
+            hi = _mm256_max_ps(hi, y);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, hi);
+        for (int k = 0; k < 8; ++k) top = lanes[k] > top ? lanes[k] : top;
+    }
+#endif
+    for (; i < n; ++i) {
+        x[i] = (allow && !allow[i] && i != n - 1) ? -INFINITY : x[i] * scaling;
+        top = x[i] > top ? x[i] : top;
+    }
+    i = 0;
+#ifdef __AVX2__
+    const __m256 m = _mm256_set1_ps(top);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int k = 0; k < 8; ++k) sum += lanes[k];
+#endif
+    for (; i < n; ++i) {
+        x[i] = expf(x[i] - top);
+        sum += x[i];
+    }
+    const float inv = 1.f / sum;
+    for (i = 0; i < n; ++i) x[i] *= inv;
+}
+
+#endif
