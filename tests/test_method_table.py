@@ -272,7 +272,9 @@ def baseline(smol, prompt):
 def test_compression_off_equals_uncompressed(row, smol, prompt, baseline):
     model, _ = smol
     _, logits = _decode_logits(model, kvcompress.make_cache(row.off, model), prompt, 20)
-    torch.testing.assert_close(logits, baseline, atol=1e-5, rtol=0)
+    # Decode steps take the one-pass kernel, which sums in another order than sdpa: after 30 layers,
+    # logits of magnitude ~20 differ by up to ~3e-5 (any real difference is orders of magnitude more).
+    torch.testing.assert_close(logits, baseline, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("row", [r for r in TABLE if r.nbytes is not None], ids=lambda r: r.name)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention
+from kvcompress import attention, buffer
+from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
 from kvcompress.step import DenseSegment, Operands
 
 
@@ -32,6 +33,30 @@ def test_dense_one_pass_equals_the_segment_path_and_sdpa(batch, heads, rep, slot
             assert one.observed is None
 
 
+@pytest.mark.parametrize("observe", [0, 1])
+def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(observe):
+    """AdaKV's layout: heads holding different numbers of slots, each read where it is held (padding of the
+    shorter heads never read), then the window with a padded row and an evicted slot."""
+    torch.manual_seed(observe)
+    batch, heads, rep = 2, 3, 3
+    store = RaggedStore(lambda: FullPrecisionBuffer(chunk=1))
+    store.append(torch.randn(batch, heads, 40, 64), torch.randn(batch, heads, 40, 64), torch.rand(batch, heads, 40) > 0.4)
+    assert len(set(store.lengths().flatten().tolist())) > 1  # the heads really differ
+    window_k, window_v = torch.randn(2, batch, heads, 12, 64)[:, :, :, :7]
+    window_valid = torch.ones(batch, heads, 7, dtype=torch.bool)
+    window_valid[0, :, 0] = False  # padding
+    window_valid[1, 2, 3] = False  # evicted, still held
+    valid = torch.cat([store.valid(), window_valid], -1)
+    operands = Operands((store.segment(), DenseSegment(window_k, window_v)), valid, heads, observe)
+    query = torch.randn(batch, heads * rep, 1, 64)
+    one = attention.attend_one_pass(query, operands, 0.125)
+    assert one is not None
+    for other in (attention.attend_segments(query, operands, 0.125), attention.attend_dense(query, operands, 0.125)):
+        torch.testing.assert_close(one.output, other.output, atol=1e-6, rtol=1e-5)
+        if observe:
+            torch.testing.assert_close(one.observed, other.observed, atol=1e-7, rtol=1e-5)
+
+
 def test_dense_one_pass_declines_other_dtypes_and_two_segments():
     keys = torch.randn(1, 3, 8, 64)
     half = DenseSegment(keys.bfloat16(), keys.bfloat16())
@@ -41,7 +66,9 @@ def test_dense_one_pass_declines_other_dtypes_and_two_segments():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("spec", ["h2o:budget=40,window=8,block=8", "streaming:window=48,sink=4", "tova:budget=40,block=8"])
+@pytest.mark.parametrize(
+    "spec", ["h2o:budget=40,window=8,block=8", "streaming:window=48,sink=4", "tova:budget=40,block=8", "adakv:budget=40,block=8"]
+)
 def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monkeypatch):
     """``model.generate`` with an eviction cache takes the one-pass path at every layer of every decode
     step (H2O and TOVA scoring from its weights), evicts as it goes, and gives the logits of the reference
@@ -49,8 +76,9 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     model, tokenizer = smol
     ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 8, return_tensors="pt")["input_ids"]
     calls = []
-    one = attention._dense_one_pass
-    monkeypatch.setattr(attention, "_dense_one_pass", lambda *a, **k: calls.append(1) or one(*a, **k))
+    one = attention.dense_attend
+    monkeypatch.setattr(attention, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
+    monkeypatch.setattr(buffer, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
     scores, held = {}, {}
     for path in ("one pass", "reference"):
         cache = kvcompress.make_cache(spec, model)

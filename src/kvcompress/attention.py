@@ -35,7 +35,6 @@ import ctypes
 import torch
 
 from kvcompress import native
-
 from kvcompress.step import Attended, DenseSegment, Operands
 
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
@@ -183,18 +182,30 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
 
 def _dense_one_pass(query, segment: DenseSegment, valid, scaling: float, weights: bool):
     """``(B, H, G, D)`` float32 grouped queries over float32 slots through ``kvcompress::dense_attend``:
-    ``(out, weights or None)``; None off the CPU, for other dtypes, or without the C kernels."""
-    keys, values = segment.keys, segment.values
-    if keys.dtype != torch.float32 or query.dtype != torch.float32 or keys.device.type != "cpu":
+    ``(out, weights or None)``; None where the kernel does not apply (see :func:`dense_one_pass_applies`)."""
+    if not dense_one_pass_applies(query, segment):
         return None
-    if values.shape[-1] != keys.shape[-1] or native.load("dense") is None:
-        return None
-    keys, values = kernel_rows(keys), kernel_rows(values)
+    keys, values = kernel_rows(segment.keys), kernel_rows(segment.values)
     if keys.stride(1) != values.stride(1):
         keys, values = keys.contiguous(), values.contiguous()
-    allow = _NO_MASK if valid is None else valid.to(torch.uint8).contiguous()
-    out, probs = dense_attend(query.contiguous(), keys, values, allow, scaling, weights)
+    out, probs = dense_attend(query.contiguous(), [], [], 0, keys, values, mask_bytes(valid), scaling, weights)
     return out, probs if weights else None
+
+
+def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool:
+    """Whether ``kvcompress::dense_attend`` can read these float32 CPU segments (the C kernels built)."""
+    for segment in segments:
+        keys, values = segment.keys, segment.values
+        if keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.device.type != "cpu":
+            return False
+        if values.shape[-1] != keys.shape[-1] or keys.shape[-1] != query.shape[-1]:
+            return False
+    return query.dtype == torch.float32 and native.load("dense") is not None
+
+
+def mask_bytes(valid: torch.Tensor | None) -> torch.Tensor:
+    """A ``(B, H, S)`` validity mask as the C kernels read it: contiguous uint8, or empty for "all real"."""
+    return _NO_MASK if valid is None else valid.to(torch.uint8).contiguous()
 
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
@@ -215,19 +226,42 @@ def data_pointer(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 @torch.library.custom_op("kvcompress::dense_attend", mutates_args=())
-def dense_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allow: torch.Tensor, scaling: float,
-                 weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step over float32 slots: ``(B, H, G, D)`` queries, keys and values ``(B, H, S, D)`` (each
-    (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, S)`` uint8 or empty (every
+def dense_attend(
+    query: torch.Tensor,
+    stored_keys: list[torch.Tensor],
+    stored_values: list[torch.Tensor],
+    stored: int,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    allow: torch.Tensor,
+    scaling: float,
+    weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step over float32 slots ``[stored | window]``: ``(B, H, G, D)`` queries; the stored part
+    ``stored`` slots per (row, head), held per head as ``(n_i, D)`` tensors in ``stored_keys`` /
+    ``stored_values`` (``B * H`` of each, row-major; heads shorter than ``stored`` are padded, never
+    read; empty lists and 0 when there is none); window keys and values ``(B, H, W, D)`` (each (row, head)
+    a contiguous block, blocks one stride apart); ``allow`` ``(B, H, stored + W)`` uint8 or empty (every
     slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output and,
-    if ``weights``, the ``(B, H, G, S)`` softmax weights (else an empty tensor)."""
+    if ``weights``, the ``(B, H, G, stored + W)`` softmax weights (else an empty tensor)."""
     batch, heads, rows, dim = query.shape
-    slots = keys.shape[2]
+    window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
-    probs = query.new_empty(batch, heads, rows, slots) if weights else query.new_empty(0)
+    probs = query.new_empty(batch, heads, rows, stored + window) if weights else query.new_empty(0)
+    parts = None, None, None
+    if stored:
+        held = [t.contiguous() for t in (*stored_keys, *stored_values)]  # no copy for the buffers' views
+        count = batch * heads
+        pointers = ctypes.c_void_p * count
+        parts = (
+            pointers(*(t.data_ptr() if t.numel() else None for t in held[:count])),
+            pointers(*(t.data_ptr() if t.numel() else None for t in held[count:])),
+            (ctypes.c_int64 * count)(*(t.shape[0] for t in held[:count])),
+        )
     status = native.load("dense").dense_attend(
-        data_pointer(query), data_pointer(keys), data_pointer(values), ctypes.c_int64(keys.stride(1)), data_pointer(allow),
-        ctypes.c_float(scaling), data_pointer(out), data_pointer(probs), *map(ctypes.c_int64, (batch * heads, rows, dim, slots)),
+        data_pointer(query), *parts, ctypes.c_int64(stored), data_pointer(window_keys), data_pointer(window_values),
+        ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), data_pointer(allow),
+        ctypes.c_float(scaling), data_pointer(out), data_pointer(probs), *map(ctypes.c_int64, (batch * heads, rows, dim)),
     )
     if status:
         raise MemoryError("kvcompress::dense_attend: the kernel could not allocate its scratch buffer")
@@ -235,8 +269,9 @@ def dense_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 @dense_attend.register_fake
-def _(query, keys, values, allow, scaling, weights):
-    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], keys.shape[2]) if weights else query.new_empty(0))
+def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, weights):
+    slots = stored + window_keys.shape[2]
+    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
 
 
 def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:

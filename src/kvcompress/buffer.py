@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from kvcompress.attention import dense_attend, dense_one_pass_applies, kernel_rows, mask_bytes
 from kvcompress.state import state_of
 from kvcompress.step import DenseSegment
 
@@ -302,6 +303,29 @@ class RaggedSegment:
                 if s is not None:
                     out[b, h, :, : len(s)] = s.logits(query[b, h][None, None])[0, 0]
         return out
+
+    def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
+                   weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One decode query per row over ``[these heads | window]`` in one kernel call
+        (``kvcompress::dense_attend``), each head read where it is held: ``(B, H, G, D)`` grouped queries ->
+        ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)`` weights; None unless every head
+        and the window (which holds the step's token) are float32 on the CPU (``adakv+kivi`` takes the
+        segment path)."""
+        heads = [s for row in self.rows for s in row]
+        if window is None or not all(s is None or isinstance(s, DenseSegment) for s in heads):
+            return None  # the step's own token is the window's last slot
+        if not dense_one_pass_applies(query, window, *(s for s in heads if s is not None)):
+            return None
+        empty = query.new_empty(0, query.shape[-1])
+        keys = [s.keys[0, 0] if s is not None else empty for s in heads]
+        values = [s.values[0, 0] if s is not None else empty for s in heads]
+        window_keys, window_values = kernel_rows(window.keys), kernel_rows(window.values)
+        if window_keys.stride(1) != window_values.stride(1):
+            window_keys, window_values = window_keys.contiguous(), window_values.contiguous()
+        out, probs = dense_attend(
+            query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, weights
+        )
+        return out, probs if weights else None
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         out = None

@@ -332,6 +332,8 @@ class CompressedLayer(CacheLayerMixin):
         masks = [part.valid() for part in parts]
         if all(m is None for m in masks):
             return None
+        if len(masks) == 1:  # one part: its mask as it is (a view), no copy
+            return masks[0]
         shape = next(m for m in masks if m is not None).shape[:2]
         return torch.cat(
             [m if m is not None else torch.ones(*shape, len(p), dtype=torch.bool, device=self.device) for m, p in zip(masks, parts)],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.attention import data_pointer, kernel_rows
+from kvcompress.attention import data_pointer, kernel_rows, mask_bytes
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -275,10 +275,9 @@ class KIVISegment:
         keys, values = kernel_rows(keys), kernel_rows(values)
         if keys.stride(1) != values.stride(1):
             keys, values = keys.contiguous(), values.contiguous()
-        allow = torch.empty(0, dtype=torch.uint8) if valid is None else valid.to(torch.uint8).contiguous()
         out, probs = kivi_attend(
             query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
-            t["value_min"], keys, values, allow, scaling, weights, store.bits, store.block,
+            t["value_min"], keys, values, mask_bytes(valid), scaling, weights, store.bits, store.block,
         )
         return out, probs if weights else None
 
