@@ -6,10 +6,12 @@ causally, each token always seeing itself), so layers and heads may hold differe
 
 Three paths compute the same result (tests compare them):
 
-- **dense**: when every segment is full precision and the step needs no attention weights from
-  the pass (or has more than :data:`SEGMENT_QUERIES` queries, as a prefill does): the segments'
-  keys and values go to torch's ``scaled_dot_product_attention``; the weights of observed queries,
-  if any, come from a second pass over those queries only (:func:`summed_attention`).
+- **dense**: when the step has more than :data:`SEGMENT_QUERIES` queries (a prompt, or a chunk of
+  one), or every segment is full precision and the step needs no attention weights from the pass:
+  the segments' keys and values (rebuilt in full precision once for the step, one layer at a time,
+  for a quantized or latent segment) go to torch's ``scaled_dot_product_attention``; the weights of
+  observed queries, if any, come from a second pass over those queries only (:func:`summed_attention`).
+  With many queries a matrix product over rebuilt keys beats unpacking the codes once per query.
 - **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
   ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
   codes) and the full-precision window: logits, the slots' mask, softmax and the value mix in one
@@ -38,7 +40,7 @@ from kvcompress import native
 from kvcompress.step import Attended, DenseSegment, Operands
 
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
-SEGMENT_QUERIES = 64  # above this many queries, all-dense operands go to sdpa even when observed
+SEGMENT_QUERIES = 64  # above this many queries, the step goes to sdpa over rebuilt keys and values
 LOGITS_BUDGET = 1 << 24  # elements of one chunk's (B, Hq, chunk, S) weights in the segment path
 
 
@@ -148,8 +150,9 @@ def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     one = attend_one_pass(query, operands, scaling)
     if one is not None:
         return one
-    dense_only = all(segment.dense_only for segment in operands.segments)
-    if dense_only and (operands.observe == 0 or query.shape[2] > SEGMENT_QUERIES):
+    if query.shape[2] > SEGMENT_QUERIES:  # a prompt or a chunk of one: rebuild each segment once, then sdpa
+        return attend_dense(query, operands, scaling)
+    if operands.observe == 0 and all(segment.dense_only for segment in operands.segments):
         return attend_dense(query, operands, scaling)
     return attend_segments(query, operands, scaling)
 
