@@ -64,3 +64,22 @@ def test_buffer_compaction_in_place_reuses_storage_that_fits():
     buf.compact(keep)
     assert torch.equal(view, before)  # the view still reads the tokens it was taken on
     assert buf.keys_values()[0][0, 0, :, 0].tolist() == [float(i) for i in range(1, 60) if i != 5]
+
+
+def test_one_slot_over_budget_drops_what_the_ranking_drops():
+    """The sort-free path of a head one slot over its budget (every decode step of H2O and TOVA) drops the
+    slot ``rank(scores) < budget`` drops: the lowest score, the newest of equal ones, never a protected
+    slot, nothing in a head within its budget."""
+    from kvcompress.methods.budgets import Uniform, rank
+
+    torch.manual_seed(0)
+    for trial in range(200):
+        scores = torch.randint(0, 4, (2, 3, 12)).float()  # few values: many ties
+        valid = torch.rand(2, 3, 12) > 0.2
+        protected = valid & (torch.rand(2, 3, 12) > 0.7)
+        if trial % 10 == 0:
+            protected = valid.clone()  # every valid slot protected: nothing can go
+        scores = scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
+        budget = valid.sum(-1, keepdim=True) - torch.randint(0, 2, (2, 3, 1))  # over by one or not at all
+        expected = protected | (valid & (rank(scores) < budget))
+        assert torch.equal(Uniform().keep(scores, valid, protected, budget), expected)

@@ -33,6 +33,17 @@ def rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
+def lowest_slot(scores: torch.Tensor, valid: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``(B, H, S)`` bool: in each head that ``where`` ``(B, H, 1)`` marks, the valid slot :func:`rank` puts
+    last (the lowest score; of equal ones the newest), unless every valid slot scores +inf (protected).
+    What ``rank(scores) < budget`` drops when a head holds one slot over its budget, without a sort."""
+    among = scores.masked_fill(~valid, torch.inf)
+    lowest = among.min(-1, keepdim=True).values  # (B, H, 1)
+    newest = among.shape[-1] - 1 - (among == lowest).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+    drop = where & (lowest < torch.inf)
+    return torch.zeros_like(valid).scatter_(-1, newest, drop)
+
+
 def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:
     """PyramidKV's per-layer budgets: an arithmetic sequence from the first layer down to
     ``average / beta`` at the last, averaging ``average``."""
@@ -64,6 +75,9 @@ class Uniform:
     def keep(self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """``(B, H, S)`` slots kept: per head, the protected ones and the best scores up to the budget
         (protected slots score +inf, so they count toward it; they stay even past it)."""
+        over = valid.sum(-1, keepdim=True) - budget  # (B, H, 1)
+        if bool((over <= 1).all()):  # a decode step of H2O or TOVA (block=1): at most one slot per head goes
+            return protected | (valid & ~lowest_slot(scores, valid, over > 0))
         return protected | (valid & (rank(scores) < budget))
 
 
