@@ -12,6 +12,19 @@ from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
 from kvcompress.step import DenseSegment, Operands
 
 
+def _assert_one_pass_equals_the_other_paths(query: torch.Tensor, operands: Operands) -> None:
+    """The one-pass path applies and gives the output and observed attention of the segment path and of
+    sdpa (float32 sums in another order: atol 1e-6, 1e-7 for the weights)."""
+    one = attention.attend_one_pass(query, operands, 0.125)
+    assert one is not None
+    for other in (attention.attend_segments(query, operands, 0.125), attention.attend_dense(query, operands, 0.125)):
+        torch.testing.assert_close(one.output, other.output, atol=1e-6, rtol=1e-5)
+        if operands.observe:
+            torch.testing.assert_close(one.observed, other.observed, atol=1e-7, rtol=1e-5)
+        else:
+            assert one.observed is None
+
+
 @pytest.mark.parametrize("batch, heads, rep, slots", [(1, 3, 3, 300), (2, 3, 3, 77), (2, 2, 1, 5), (1, 1, 4, 40)])
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("observe", [0, 1])
@@ -22,15 +35,7 @@ def test_dense_one_pass_equals_the_segment_path_and_sdpa(batch, heads, rep, slot
     keys, values = torch.randn(2, batch, heads, slots + 9, 64)[:, :, :, :slots]
     valid = torch.rand(batch, heads, slots) > 0.3 if holes else None
     operands = Operands((DenseSegment(keys, values),), valid, heads, observe)
-    query = torch.randn(batch, heads * rep, 1, 64)
-    one = attention.attend_one_pass(query, operands, 0.125)
-    assert one is not None
-    for other in (attention.attend_segments(query, operands, 0.125), attention.attend_dense(query, operands, 0.125)):
-        torch.testing.assert_close(one.output, other.output, atol=1e-6, rtol=1e-5)
-        if observe:
-            torch.testing.assert_close(one.observed, other.observed, atol=1e-7, rtol=1e-5)
-        else:
-            assert one.observed is None
+    _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
 
 
 @pytest.mark.parametrize("observe", [0, 1])
@@ -48,13 +53,7 @@ def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(obs
     window_valid[1, 2, 3] = False  # evicted, still held
     valid = torch.cat([store.valid(), window_valid], -1)
     operands = Operands((store.segment(), DenseSegment(window_k, window_v)), valid, heads, observe)
-    query = torch.randn(batch, heads * rep, 1, 64)
-    one = attention.attend_one_pass(query, operands, 0.125)
-    assert one is not None
-    for other in (attention.attend_segments(query, operands, 0.125), attention.attend_dense(query, operands, 0.125)):
-        torch.testing.assert_close(one.output, other.output, atol=1e-6, rtol=1e-5)
-        if observe:
-            torch.testing.assert_close(one.observed, other.observed, atol=1e-7, rtol=1e-5)
+    _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
 
 
 def test_dense_one_pass_declines_other_dtypes_and_two_segments():
