@@ -27,6 +27,7 @@ against).
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -282,15 +283,12 @@ class KIVISegment:
         return out, probs if weights else None
 
 
-
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
 
 
 def _call(name: str, out: torch.Tensor, first: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
           sizes: tuple[int, ...], bits: int, group: int) -> torch.Tensor:
     """Run the C kernel ``name`` on CPU tensors, writing ``out``."""
-    import ctypes
-
     tensors = [t.contiguous() for t in (first, codes, scale, minimum)]
     pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
     status = getattr(native.load("kivi"), name)(
@@ -344,8 +342,6 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
     (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, N + W)`` uint8 or empty
     (every slot real; the last slot, the query's own token, is always allowed). Returns the ``(B, H, G, D)``
     output and, if ``weights``, the ``(B, H, G, N + W)`` softmax weights (else an empty tensor)."""
-    import ctypes
-
     batch, heads, rows, dim = query.shape
     tokens, window = key_codes.shape[3], window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
@@ -354,9 +350,9 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
     codes = [t.contiguous() for t in (key_codes, value_codes)]
     pointer = data_pointer
     status = native.load("kivi").kivi_attend(
-        pointer(query), pointer(codes[0]), pointer(meta[0]), pointer(meta[1]), pointer(codes[1]), pointer(meta[2]),
-        pointer(meta[3]), ctypes.c_int(_META[key_scale.dtype]), pointer(window_keys), pointer(window_values),
-        ctypes.c_int64(window_keys.stride(1)), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(probs),
+        *map(pointer, (query, codes[0], meta[0], meta[1], codes[1], meta[2], meta[3])), ctypes.c_int(_META[key_scale.dtype]),
+        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(allow),
+        ctypes.c_float(scaling), pointer(out), pointer(probs),
         *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window)), ctypes.c_int(bits), ctypes.c_int64(group),
     )
     if status:
