@@ -165,11 +165,11 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     if new != 1 or len(segments) > 2 or (window is not None and not isinstance(window, DenseSegment)):
         return None
     grouped = query.reshape(batch, heads, q_heads // heads, dim)  # (B, H, rep, D)
-    weights = bool(operands.observe)
+    observe = bool(operands.observe)
     if len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
-        done = _dense_one_pass(grouped, first, operands.valid, scaling, weights)
+        done = _dense_one_pass(grouped, first, operands.valid, scaling, observe)
     elif hasattr(first, "attend_one"):
-        done = first.attend_one(grouped, window, operands.valid, scaling, weights=weights)
+        done = first.attend_one(grouped, window, operands.valid, scaling, weights=observe)
     else:
         return None
     if done is None:
@@ -188,9 +188,7 @@ def _dense_one_pass(query, segment: DenseSegment, valid, scaling: float, weights
     ``(out, weights or None)``; None where the kernel does not apply (see :func:`dense_one_pass_applies`)."""
     if not dense_one_pass_applies(query, segment):
         return None
-    keys, values = kernel_rows(segment.keys), kernel_rows(segment.values)
-    if keys.stride(1) != values.stride(1):
-        keys, values = keys.contiguous(), values.contiguous()
+    keys, values = kernel_pair(segment.keys, segment.values)
     out, probs = dense_attend(query.contiguous(), [], [], 0, keys, values, mask_bytes(valid), scaling, weights)
     return out, probs if weights else None
 
@@ -221,6 +219,15 @@ def kernel_rows(t: torch.Tensor) -> torch.Tensor:
     if t.stride(3) == 1 and t.stride(2) == dim and (batch == 1 or t.stride(0) == heads * t.stride(1)):
         return t
     return t.contiguous()
+
+
+def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as :func:`kernel_rows`, their (row, head) blocks the same stride apart (one stride
+    reaches both in the kernels); copies only where a view does not qualify."""
+    keys, values = kernel_rows(keys), kernel_rows(values)
+    if keys.stride(1) != values.stride(1):
+        keys, values = keys.contiguous(), values.contiguous()
+    return keys, values
 
 
 def data_pointer(t: torch.Tensor) -> ctypes.c_void_p:
@@ -257,8 +264,8 @@ def dense_attend(
         count = batch * heads
         pointers = ctypes.c_void_p * count
         parts = (
-            pointers(*(t.data_ptr() if t.numel() else None for t in held[:count])),
-            pointers(*(t.data_ptr() if t.numel() else None for t in held[count:])),
+            pointers(*map(data_pointer, held[:count])),
+            pointers(*map(data_pointer, held[count:])),
             (ctypes.c_int64 * count)(*(t.shape[0] for t in held[:count])),
         )
     status = native.load("dense").dense_attend(

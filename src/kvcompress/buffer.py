@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from kvcompress.attention import dense_attend, dense_one_pass_applies, kernel_rows, mask_bytes
+from kvcompress.attention import dense_attend, dense_one_pass_applies, kernel_pair, mask_bytes
 from kvcompress.state import state_of
 from kvcompress.step import DenseSegment
 
@@ -319,9 +319,7 @@ class RaggedSegment:
         empty = query.new_empty(0, query.shape[-1])
         keys = [s.keys[0, 0] if s is not None else empty for s in heads]
         values = [s.values[0, 0] if s is not None else empty for s in heads]
-        window_keys, window_values = kernel_rows(window.keys), kernel_rows(window.values)
-        if window_keys.stride(1) != window_values.stride(1):
-            window_keys, window_values = window_keys.contiguous(), window_values.contiguous()
+        window_keys, window_values = kernel_pair(window.keys, window.values)
         out, probs = dense_attend(
             query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, weights
         )

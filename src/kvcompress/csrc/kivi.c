@@ -231,12 +231,12 @@ static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *
     const int per = 8 / bits;
     const int64_t P = D / per, E = D / group;
     const unsigned mask = (1u << bits) - 1u;
-    float *zacc = scratch, *unpacked = zacc + G * E, *s = unpacked + D, *z = s + E, *sfull = z + E, *zfull = sfull + N * E;
-    float *st = zfull + N * E, *zt = st + N * E, *ws = zt + N * E;
+    float *zacc = scratch, *unpacked = zacc + G * E, *s = unpacked + D, *z = s + E;
     memset(ob, 0, sizeof(float) * G * D);
     memset(zacc, 0, sizeof(float) * G * E);
 #ifdef __AVX2__
     if (group % 8 == 0 && P % 8 == 0) { /* runs of 8 channels share a slot and a scale */
+        float *sfull = z + E, *zfull = sfull + N * E, *st = zfull + N * E, *zt = st + N * E, *ws = zt + N * E;
         meta_run(sfull, scale, meta, meta0, N * E);
         meta_run(zfull, minimum, meta, meta0, N * E);
         for (int64_t n = 0; n < N; ++n)
@@ -322,18 +322,13 @@ int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const v
         float *ob = out + bh * G * D;
         if (N) key_logits_one(qb, kcodes + bh * P * N, kscale, kmin, meta, bh * (N / group) * D, logits, S, G, D, N,
                               bits, group, scratch);
-        for (int64_t j = 0; j < G; ++j)
-            for (int64_t w = 0; w < W; ++w) logits[j * S + N + w] = dot(qb + j * D, kw + w * D, D);
+        if (W) logits_of(qb, kw, logits + N, S, G, D, W);
         for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * S, S, scaling, allow ? allow + bh * S : NULL);
         if (probs) memcpy(probs + bh * G * S, logits, sizeof(float) * G * S);
         if (N) value_mix_one(logits, S, vcodes + bh * N * P, vscale, vmin, meta, bh * N * E, ob, G, D, N, bits, group,
                              scratch);
         else memset(ob, 0, sizeof(float) * G * D);
-        for (int64_t j = 0; j < G; ++j)
-            for (int64_t w = 0; w < W; ++w) {
-                const float p = logits[j * S + N + w];
-                for (int64_t d = 0; d < D; ++d) ob[j * D + d] += p * vw[w * D + d];
-            }
+        if (W) mix_into(logits + N, S, vw, ob, G, D, W);
     }
     free(logits);
     return 0;

@@ -1,5 +1,6 @@
-/* What the attention kernels share: a vectorized e^x, a dot product, and the softmax of one row of
- * logits with the step's mask. Static inline: each kernel source includes it. */
+/* What the attention kernels share: a vectorized e^x, dot products, logits and value mixing over
+ * float32 keys and values (a layer's window, or all its slots), and the softmax of one row of logits
+ * with the step's mask. Static inline: each kernel source includes it. */
 #ifndef KVCOMPRESS_SOFTMAX_H
 #define KVCOMPRESS_SOFTMAX_H
 #include <math.h>
@@ -46,6 +47,69 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 #endif
     for (; d < n; ++d) sum += a[d] * b[d];
     return sum;
+}
+
+/* logits[j * ld + s] = q_j . k_s for G rows and n slots of keys (n, D). */
+static inline void logits_of(const float *restrict qb, const float *restrict kb, float *restrict logits, int64_t ld,
+                      int64_t G, int64_t D, int64_t n) {
+#ifdef __AVX2__
+    if (D % 8 == 0 && G == 3) { /* the usual GQA decode shape: each key read once for the three rows */
+        for (int64_t s = 0; s < n; ++s) {
+            const float *k = kb + s * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 x = _mm256_loadu_ps(k + d);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + d), x, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + D + d), x, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + 2 * D + d), x, a2);
+            }
+            logits[s] = hsum8(a0);
+            logits[ld + s] = hsum8(a1);
+            logits[2 * ld + s] = hsum8(a2);
+        }
+        return;
+    }
+#endif
+    for (int64_t s = 0; s < n; ++s)
+        for (int64_t j = 0; j < G; ++j) logits[j * ld + s] = dot(qb + j * D, kb + s * D, D);
+}
+
+/* out (G, D) += sum_s w[j * ld + s] v_s over n slots of values (n, D). */
+static inline void mix_into(const float *restrict w, int64_t ld, const float *restrict vb, float *restrict ob, int64_t G,
+                     int64_t D, int64_t n) {
+#ifdef __AVX2__
+    if (D % 32 == 0 && G == 3) { /* 32 channels at a time: three rows' accumulators stay in registers */
+        for (int64_t d0 = 0; d0 < D; d0 += 32) {
+            __m256 a[3][4];
+            for (int r = 0; r < 3; ++r)
+                for (int v = 0; v < 4; ++v) a[r][v] = _mm256_loadu_ps(ob + r * D + d0 + 8 * v);
+            for (int64_t s = 0; s < n; ++s) {
+                const float *v = vb + s * D + d0;
+                const __m256 x0 = _mm256_loadu_ps(v), x1 = _mm256_loadu_ps(v + 8), x2 = _mm256_loadu_ps(v + 16),
+                             x3 = _mm256_loadu_ps(v + 24);
+                for (int r = 0; r < 3; ++r) {
+                    const __m256 p = _mm256_broadcast_ss(w + r * ld + s);
+                    a[r][0] = _mm256_fmadd_ps(p, x0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(p, x1, a[r][1]);
+                    a[r][2] = _mm256_fmadd_ps(p, x2, a[r][2]);
+                    a[r][3] = _mm256_fmadd_ps(p, x3, a[r][3]);
+                }
+            }
+            for (int r = 0; r < 3; ++r)
+                for (int v = 0; v < 4; ++v) _mm256_storeu_ps(ob + r * D + d0 + 8 * v, a[r][v]);
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < G; ++j) {
+        float *restrict o = ob + j * D;
+        for (int64_t s = 0; s < n; ++s) {
+            const float p = w[j * ld + s];
+            if (p == 0.f) continue; /* a masked slot */
+            const float *restrict v = vb + s * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+        }
+    }
 }
 
 /* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.attention import data_pointer, kernel_rows, mask_bytes
+from kvcompress.attention import data_pointer, kernel_pair, mask_bytes
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -273,9 +273,7 @@ class KIVISegment:
             keys, values = window.keys, window.values
         if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
             return None
-        keys, values = kernel_rows(keys), kernel_rows(values)
-        if keys.stride(1) != values.stride(1):
-            keys, values = keys.contiguous(), values.contiguous()
+        keys, values = kernel_pair(keys, values)
         out, probs = kivi_attend(
             query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
             t["value_min"], keys, values, mask_bytes(valid), scaling, weights, store.bits, store.block,
