@@ -90,3 +90,62 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
     assert held["one pass"] == held["reference"] < ids.shape[1]  # both evicted the same number of slots
     torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("observe", [-1, 300])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe, padded):
+    """H2O's prompt: a step whose many queries are all observed (or the last 300 of them) gets its output
+    and the attention each slot received from one chunked pass; they equal sdpa's output and the separate
+    pass of the reference, with a left-padded row and slots held before the step (float32: atol 1e-6)."""
+    torch.manual_seed(observe + padded)
+    batch, heads, rep, held, new = 2, 3, 3, 20, 400
+    keys, values = torch.randn(2, batch, heads, held + new, 64)
+    valid = None
+    if padded:
+        valid = torch.ones(batch, heads, held + new, dtype=torch.bool)
+        valid[0, :, : held + 30] = False  # row 0: padding, then its prompt starts 30 tokens into the step
+        valid[1, 1, 5] = False  # an evicted slot, still held
+    operands = Operands((DenseSegment(keys, values),), valid, heads, observe)
+    query = torch.randn(batch, heads * rep, new, 64)
+    assert attention.observed_count(observe, new) > attention.QUERY_CHUNK  # what sends a step to this path
+    fused = attention.attend_observing(query, operands, 0.125)
+    reference = attention.attend_dense(query, operands, 0.125)
+    rows = slice(None) if valid is None else valid[..., -new:].repeat_interleave(rep, 1)  # padding queries' output is not used
+    torch.testing.assert_close(fused.output[rows], reference.output[rows], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused.observed, reference.observed, atol=1e-6, rtol=1e-5)
+    assert fused.observed.sum() > 0
+
+
+@pytest.mark.model
+def test_h2o_scores_a_long_prompt_from_its_own_pass_and_matches_the_reference(smol, monkeypatch):
+    """Through ``model.generate``: H2O's prompt of more than QUERY_CHUNK tokens takes the one chunked pass
+    at every layer, and the tokens then kept and the logits equal those of the reference path (sdpa, and
+    the prompt's attention from a separate pass)."""
+    model, tokenizer = smol
+    ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 24, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > attention.QUERY_CHUNK
+    calls = []
+    fused = attention.attend_observing
+    monkeypatch.setattr(attention, "attend_observing", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    scores, kept = {}, {}
+    for path in ("one pass", "reference"):
+        cache = kvcompress.make_cache("h2o:budget=96", model)
+        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
+        with torch.no_grad(), kvcompress.attach(model, cache), reference:
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        scores[path] = torch.stack(out.scores, 1)
+        kept[path] = [layer.state() for layer in cache.compressed_layers]
+    assert kept["one pass"][0]["window.n"] < ids.shape[1]  # it evicted
+    assert len(calls) == model.config.num_hidden_layers  # the prompt, once per layer; decode steps go elsewhere
+    for ours, theirs in zip(kept["one pass"], kept["reference"]):  # the same slots kept, the same scores
+        torch.testing.assert_close(_held(ours), _held(theirs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
+
+
+def _held(state: dict) -> dict:
+    """A layer's tensors, its window's keys and values cut to the slots it holds (spare room holds anything)."""
+    n = state["window.n"]
+    return {name: value[..., :n, :] if name in ("window.k", "window.v") else value
+            for name, value in state.items() if isinstance(value, torch.Tensor)}

@@ -10,7 +10,9 @@ Three paths compute the same result (tests compare them):
   one), or every segment is full precision and the step needs no attention weights from the pass:
   the segments' keys and values (rebuilt in full precision once for the step, one layer at a time,
   for a quantized or latent segment) go to torch's ``scaled_dot_product_attention``; the weights of
-  observed queries, if any, come from a second pass over those queries only (:func:`summed_attention`).
+  a few observed queries (SnapKV's window) come from a second pass over those queries only
+  (:func:`summed_attention`); when many are observed (H2O's prompt), the output and the weights
+  come from one chunked pass instead (:func:`attend_observing`).
   With many queries a matrix product over rebuilt keys beats unpacking the codes once per query.
 - **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
   ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
@@ -42,6 +44,7 @@ from kvcompress.step import Attended, DenseSegment, Operands
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
 SEGMENT_QUERIES = 64  # above this many queries, the step goes to sdpa over rebuilt keys and values
 LOGITS_BUDGET = 1 << 24  # elements of one chunk's (B, Hq, chunk, S) weights in the segment path
+WEIGHTS_BUDGET = 1 << 20  # elements of one chunk's weights when observing many queries (a few MB: cache-sized)
 
 
 def allowed(valid: torch.Tensor, new: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -151,6 +154,8 @@ def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     if one is not None:
         return one
     if query.shape[2] > SEGMENT_QUERIES:  # a prompt or a chunk of one: rebuild each segment once, then sdpa
+        if observed_count(operands.observe, query.shape[2]) > QUERY_CHUNK:
+            return attend_observing(query, operands, scaling)  # H2O's prompt: weights from the same pass
         return attend_dense(query, operands, scaling)
     if operands.observe == 0 and all(segment.dense_only for segment in operands.segments):
         return attend_dense(query, operands, scaling)
@@ -290,11 +295,17 @@ def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.
     return torch.ones(batch, heads, len(operands), dtype=torch.bool, device=device)
 
 
+def dense_operands(operands: Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, S, D)`` keys and values of every segment, rebuilt in full precision and joined."""
+    kvs = [segment.dense() for segment in operands.segments]
+    keys = torch.cat([k for k, _ in kvs], 2) if len(kvs) > 1 else kvs[0][0]
+    values = torch.cat([v for _, v in kvs], 2) if len(kvs) > 1 else kvs[0][1]
+    return keys, values
+
+
 def attend_dense(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     """The dense path (see the module docstring), and the reference for every other."""
-    kvs = [segment.dense() for segment in operands.segments]
-    keys = torch.cat([k for k, _ in kvs], 2) if len(kvs) > 1 else kvs[0][0]  # (B, H, S, D)
-    values = torch.cat([v for _, v in kvs], 2) if len(kvs) > 1 else kvs[0][1]
+    keys, values = dense_operands(operands)
     batch, q_heads, new, _ = query.shape
     heads, slots = keys.shape[1], keys.shape[2]
     mask, is_causal = None, False
@@ -312,6 +323,50 @@ def attend_dense(query: torch.Tensor, operands: Operands, scaling: float) -> Att
         m = observed_count(operands.observe, new)
         observed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, heads, keys.device), scaling)
     return Attended(out, observed)
+
+
+def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
+    """The dense path for a step that observes many queries (H2O's prompt): the output and the
+    attention each slot receives from the same pass, in chunks of queries over rebuilt keys.
+
+    A chunk's queries see only the slots before its end, so its logits stop there. The softmax stays
+    unnormalized (``e``): one product with the values and a column of ones gives both the value mix
+    and the row sums, which then divide the mix and the observing row vector, so ``e`` is read by
+    two products and never rescaled. Keys are transposed once, so every chunk's product reads them
+    in the layout the matrix product wants (about half the time of a transposed view on the CPU)."""
+    keys, values = dense_operands(operands)
+    batch, q_heads, new, dim = query.shape
+    heads, slots = keys.shape[1], keys.shape[2]
+    rep = q_heads // heads
+    m = observed_count(operands.observe, new)
+    valid = operands.valid
+    real = torch.ones(batch, heads, new, device=query.device) if valid is None else valid[..., -new:].float()
+    real[..., : new - m] = 0  # queries before the observed ones count zero, as do padding queries
+    chunk = max(16, WEIGHTS_BUDGET // max(1, batch * q_heads * slots))
+    grouped = (query.float() * scaling).view(batch, heads, rep, new, dim)
+    keys_t = keys.float().transpose(-1, -2).contiguous()  # (B, H, D, S)
+    ones = torch.ones(batch, heads, slots, 1, device=query.device)
+    values_1 = torch.cat([values.float(), ones], -1)  # (B, H, S, D + 1)
+    output = torch.empty(batch, heads, rep, new, dim, dtype=torch.float32, device=query.device)
+    observed = torch.zeros(batch, heads, slots, dtype=torch.float32, device=query.device)
+    for start in range(0, new, chunk):
+        stop = min(start + chunk, new)
+        c, end = stop - start, slots - (new - stop)  # the chunk's queries are the last tokens of [:end]
+        rows = grouped[:, :, :, start:stop].reshape(batch, heads, rep * c, dim)
+        e = torch.matmul(rows, keys_t[..., :end]).view(batch, heads, rep, c, end)
+        if valid is None:  # the chunk's own block is causal; everything before it is seen
+            own = torch.ones(c, c, dtype=torch.bool, device=query.device).triu_(1)
+            e[..., end - c :].masked_fill_(own, -torch.inf)
+        else:
+            e.masked_fill_(~allowed(valid[..., :end], c)[:, :, None], -torch.inf)
+        e = e.view(batch, heads, rep * c, end)
+        e.sub_(e.amax(-1, keepdim=True)).exp_()
+        mixed = torch.matmul(e, values_1[:, :, :end])  # (B, H, rep*c, D + 1): the mix, then the row sums
+        total = mixed[..., dim:]
+        output[:, :, :, start:stop] = (mixed[..., :dim] / total).view(batch, heads, rep, c, dim)
+        weigh = real[:, :, None, start:stop].expand(batch, heads, rep, c).reshape(batch, heads, 1, rep * c)
+        observed[..., :end] += torch.matmul(weigh / (rep * total.transpose(-1, -2)), e).squeeze(-2)
+    return Attended(output.view(batch, q_heads, new, dim).to(query.dtype), observed)
 
 
 def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
