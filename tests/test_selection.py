@@ -1,5 +1,6 @@
 """Eviction bookkeeping on tensors: StreamingLLM's choice and the buffer's per-row compaction."""
 
+import pytest
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer, compaction_index
@@ -83,3 +84,34 @@ def test_one_slot_over_budget_drops_what_the_ranking_drops():
         budget = valid.sum(-1, keepdim=True) - torch.randint(0, 2, (2, 3, 1))  # over by one or not at all
         expected = protected | (valid & (rank(scores) < budget))
         assert torch.equal(Uniform().keep(scores, valid, protected, budget), expected)
+
+
+def test_the_c_scan_drops_what_the_ranking_drops():
+    """``drop_lowest`` (one C scan per layer, H2O's and TOVA's decode step) keeps what ranking keeps: the
+    lowest score outside the first ``sink`` and newest ``recent`` valid slots, the newest of equal ones,
+    per head and per budget; it declines (the caller ranks) when a head is more than one slot over."""
+    from kvcompress import native
+    from kvcompress.methods.budgets import drop_lowest, rank
+
+    if native.load("select") is None:
+        pytest.skip("no C compiler: the ranking path is the only one")
+    torch.manual_seed(1)
+    dropped = 0
+    for trial in range(300):
+        slots, sink = 16, trial % 3
+        scores = torch.randint(0, 4, (2, 3, slots)).float()  # few values: many ties
+        valid = torch.rand(2, 3, slots) > 0.2
+        count = valid.sum(-1, keepdim=True)
+        recent = torch.randint(0, 6, (2, 3, 1))
+        budget = count - torch.randint(0, 2, (2, 3, 1))  # over by one or not at all
+        age = valid.cumsum(-1) - 1
+        protected = valid & ((age < sink) | (age >= count - recent))
+        ranked = scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
+        expected = protected | (valid & (rank(ranked) < budget))
+        answered, keep = drop_lowest(scores, valid, budget, recent, sink)
+        assert answered
+        assert torch.equal(valid if keep is None else keep, expected)
+        dropped += int((valid & ~expected).sum())
+    assert dropped > 300  # the cases really drop slots
+    valid = torch.ones(1, 2, 8, dtype=torch.bool)
+    assert drop_lowest(torch.rand(1, 2, 8), valid, torch.tensor([[[8], [5]]]), torch.ones(1, 2, 1), 0) == (False, None)

@@ -39,6 +39,7 @@ import ctypes
 import torch
 
 from kvcompress import native
+from kvcompress.native import data_pointer
 from kvcompress.step import Attended, DenseSegment, Operands
 
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
@@ -233,11 +234,6 @@ def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     if keys.stride(1) != values.stride(1):
         keys, values = keys.contiguous(), values.contiguous()
     return keys, values
-
-
-def data_pointer(t: torch.Tensor) -> ctypes.c_void_p:
-    """The address a C kernel reads ``t`` at (NULL for an empty tensor)."""
-    return ctypes.c_void_p(t.data_ptr() if t.numel() else None)
 
 
 @torch.library.custom_op("kvcompress::dense_attend", mutates_args=())

@@ -38,6 +38,11 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def data_pointer(t) -> ctypes.c_void_p:
+    """The address a C kernel reads the tensor ``t`` at (NULL for an empty tensor)."""
+    return ctypes.c_void_p(t.data_ptr() if t.numel() else None)
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled library of ``csrc/<name>.c``, built on first use; None (said once) when it cannot be."""

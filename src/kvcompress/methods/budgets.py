@@ -20,10 +20,13 @@ Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
 import torch
+
+from kvcompress import native
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,31 @@ def lowest_slot(scores: torch.Tensor, valid: torch.Tensor, where: torch.Tensor) 
     newest = among.shape[-1] - 1 - (among == lowest).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
     drop = where & (lowest < torch.inf)
     return torch.zeros_like(valid).scatter_(-1, newest, drop)
+
+
+def drop_lowest(
+    scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, recent: torch.Tensor, sink: int
+) -> tuple[bool, torch.Tensor | None]:
+    """The decode step of eviction one token at a time (H2O, TOVA) in one C call (``csrc/select.c``):
+    every head one slot over its ``(B, H, 1)`` budget drops the valid slot :func:`lowest_slot` drops
+    among those outside the first ``sink`` and the newest ``recent`` ``(B, H, 1)``.
+
+    Returns ``(True, keep)`` with the ``(B, H, S)`` kept slots (None when no head is over its budget),
+    or ``(False, None)`` when the kernel cannot answer (not built, not on the CPU, or a head more than
+    one slot over): the caller then ranks."""
+    library = native.load("select") if scores.device.type == "cpu" else None
+    if library is None:
+        return False, None
+    batch, heads, slots = valid.shape
+    scores, valid = scores.float().contiguous(), valid.contiguous()  # held here while the kernel reads them
+    budget, recent = (t.to(torch.int64).expand(batch, heads, 1).contiguous() for t in (budget, recent))
+    keep = valid.clone()
+    dropped = library.drop_lowest(
+        *map(native.data_pointer, (scores, valid, keep, budget, recent)), *map(ctypes.c_int64, (sink, batch * heads, slots))
+    )
+    if dropped < 0:
+        return False, None
+    return True, keep if dropped else None
 
 
 def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:

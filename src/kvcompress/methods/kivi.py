@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.attention import data_pointer, kernel_pair, mask_bytes
+from kvcompress.attention import kernel_pair, mask_bytes
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -346,7 +346,7 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
     probs = query.new_empty(batch, heads, rows, tokens + window) if weights else query.new_empty(0)
     meta = [t.contiguous() for t in (key_scale, key_min, value_scale, value_min)]
     codes = [t.contiguous() for t in (key_codes, value_codes)]
-    pointer = data_pointer
+    pointer = native.data_pointer
     status = native.load("kivi").kivi_attend(
         *map(pointer, (query, codes[0], meta[0], meta[1], codes[1], meta[2], meta[3])), ctypes.c_int(_META[key_scale.dtype]),
         pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(allow),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.budgets import ALLOCATIONS, allocation
+from kvcompress.methods.budgets import ALLOCATIONS, Uniform, allocation, drop_lowest
 from kvcompress.protocols import LayerView, Selected, Selection
 
 
@@ -103,8 +103,12 @@ class ScoredEviction(Selection):
             return Selected(None, view.budget)
         policy = allocation(self.allocation, self.beta, self.alpha, self.sink)
         valid = view.valid
-        count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         budget = view.budget
+        if budget is not None and self.block == 1 and type(policy).keep is Uniform.keep:
+            answered, keep = drop_lowest(self.score(view), valid, budget, self.recent(budget), self.sink)
+            if answered:  # a decode step of H2O or TOVA: at most one slot per head goes, found in one C scan
+                return Selected(keep, budget)
+        count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         if budget is None:  # the first compression (the prompt) cuts straight to the budget
             basis = count if view.expected is None else view.expected.to(count)[:, None, None].expand_as(count)
             average = torch.full_like(count, self.budget) if self.budget else torch.ceil(basis * (1 - self.ratio)).long()
