@@ -201,9 +201,17 @@ class RaggedStore:
         self.block = new_store().block
         self.rows: list[list] = []  # [B][H] inner stores
         self.device = None
+        self._changed()
+
+    def _changed(self) -> None:
+        """Forget the length and validity worked out from the inner stores (they changed)."""
+        self._length: int | None = None
+        self._valid: torch.Tensor | None | bool = False  # False: not worked out
 
     def __len__(self) -> int:
-        return max((len(s) for row in self.rows for s in row), default=0)
+        if self._length is None:
+            self._length = max((len(s) for row in self.rows for s in row), default=0)
+        return self._length
 
     @property
     def nbytes(self) -> int:
@@ -218,6 +226,7 @@ class RaggedStore:
     def shape(self, value: str) -> None:  # restoring: build the inner stores the entries fill
         batch, heads = map(int, value.split("x"))
         self.rows = [[self.new_store() for _ in range(heads)] for _ in range(batch)]
+        self._changed()
 
     def state(self, prefix: str) -> dict:
         """The inner stores' entries, ``stores.<b * H + h>.``-prefixed (see :mod:`kvcompress.state`)."""
@@ -238,19 +247,25 @@ class RaggedStore:
                 k, v = keys[b, h, take][None, None], values[b, h, take][None, None]  # (1, 1, n_bh, D)
                 if k.shape[2]:
                     self.rows[b][h].append(k, v, None, None)
+        self._changed()
 
     def segment(self) -> RaggedSegment:
         return RaggedSegment([[s.segment() if len(s) else None for s in row] for row in self.rows], len(self))
 
     def valid(self) -> torch.Tensor | None:
-        valid = torch.zeros(len(self.rows), len(self.rows[0]), len(self), dtype=torch.bool, device=self.device)
-        for b, row in enumerate(self.rows):
-            for h, s in enumerate(row):
-                own = s.valid()
-                valid[b, h, : len(s)] = True if own is None else own[0, 0]
-        return None if bool(valid.all()) else valid
+        """``(B, H, S)`` validity (the padding of shorter heads is invalid), or None when every slot is
+        real; worked out once per change (a decode step reads it twice per layer)."""
+        if self._valid is False:
+            valid = torch.zeros(len(self.rows), len(self.rows[0]), len(self), dtype=torch.bool, device=self.device)
+            for b, row in enumerate(self.rows):
+                for h, s in enumerate(row):
+                    own = s.valid()
+                    valid[b, h, : len(s)] = True if own is None else own[0, 0]
+            self._valid = None if bool(valid.all()) else valid
+        return self._valid
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        self._changed()
         indices = []
         for b, row in enumerate(self.rows):
             for h, s in enumerate(row):
@@ -270,6 +285,7 @@ class RaggedStore:
             rows.append(self.rows[i] if i not in seen else copy.deepcopy(self.rows[i]))
             seen.add(i)
         self.rows = rows
+        self._changed()
 
 
 class RaggedSegment:
