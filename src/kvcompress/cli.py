@@ -209,7 +209,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from kvcompress.calibration import MIN_TOKENS, CalibrationError, calibrate, default_path
+    from kvcompress.calibration import MIN_TOKENS, CalibrationError, calibrate, default_path, retrieval_heads
 
     if args.tokens < MIN_TOKENS:
         raise UsageError(f"--tokens must be at least {MIN_TOKENS}")
@@ -224,8 +224,11 @@ def cmd_calibrate(args) -> None:
         calibration = calibrate(model, tokenizer, text, tokens=args.tokens, text_name=Path(args.text).name if args.text else None)
     except CalibrationError as err:
         raise UsageError(str(err)) from None
+    if args.retrieval_heads:
+        calibration.retrieval = retrieval_heads(model, tokenizer)
     calibration.save(out)
-    print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text} -> {out}", file=sys.stderr)
+    also = " and the retrieval heads" if args.retrieval_heads else ""
+    print(f"[kvcompress] calibrated on {calibration.tokens} tokens of {calibration.text}{also} -> {out}", file=sys.stderr)
 
 
 def cmd_serve(args) -> None:
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--text", default=None, help="UTF-8 text file (default: standard-library code the benchmarks never score)")
     cal.add_argument("--tokens", type=int, default=4096, help="tokens measured, in one sequence (default 4096)")
     cal.add_argument("--out", default=None, help="safetensors file to write (default: the model's default calibration, used by make_cache)")
+    cal.add_argument("--retrieval-heads", action="store_true",
+                     help="also measure which KV heads retrieve from far context (for allocation=retrieval; about a minute on CPU)")
     cal.set_defaults(run=cmd_calibrate)
 
     serve = sub.add_parser(
