@@ -147,10 +147,12 @@ class Retrieval(Uniform):
     """Retrieval heads keep a large budget, the others (streaming heads) ``sink`` + ``floor`` tokens.
 
     With ``n`` KV heads in the model's compressed layers, an average of ``A`` tokens per head out of ``T``
-    (``basis``) and ``s = sink + floor``, the ``ceil(n (A - s) / (T - s))`` heads with the highest
-    retrieval scores share what the streaming heads leave of the ``n A`` tokens (at most ``T`` each):
-    the target compression chooses the split. Which tokens a head keeps within its budget is the
-    scorer's choice (beyond the protected sinks and window).
+    (``basis``) and ``s = sink + floor``, the ``floor(n (A - s) / (T - s))`` heads with the highest
+    retrieval scores keep all ``T`` tokens and the others share what is left of the ``n A`` (at least
+    ``s`` each): the target compression chooses the split. A retrieval head never drops a token by a
+    question-agnostic score (rounding the count up instead made 22 heads at 4x keep all but 5 to 169
+    of 4,096 tokens, and the fewer they kept, the fewer RULER-style needles survived). Which tokens a
+    streaming head keeps within its budget is the scorer's choice (beyond the protected sinks and window).
     """
 
     sink: int = 0
@@ -165,12 +167,12 @@ class Retrieval(Uniform):
         out = []
         for a, t in zip(average[:, 0, 0].tolist(), basis[:, 0, 0].tolist()):
             stream = min(self.sink + floor, a)
-            count = 0 if t <= stream else min(n, math.ceil(n * (a - stream) / (t - stream)))
-            big = min(t, math.ceil((n * a - (n - count) * stream) / count)) if count else stream
+            count = 0 if t <= stream else min(n, math.floor(n * (a - stream) / (t - stream)))
+            rest = max(stream, (n * a - count * t) // (n - count)) if count < n else t  # the streaming heads' share
             chosen = torch.zeros(flat.numel(), dtype=torch.bool)
             chosen[order[:count]] = True
             mine = chosen.view(-1, heads)[layer_idx]  # (H,) retrieval heads of this layer
-            out.append(torch.where(mine, big, stream))
+            out.append(torch.where(mine, t, rest))
         return torch.stack(out).to(average)[..., None]  # (B, H, 1)
 
 
