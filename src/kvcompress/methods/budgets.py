@@ -11,9 +11,10 @@ nothing of how the scores were made, so any scorer takes any allocation
   each head keeping at least ``alpha`` of its share (Ada-KV, https://arxiv.org/abs/2407.11550).
   Heads then hold different numbers of tokens (``ragged``), stored apart so nothing is padded.
 - ``retrieval``: the KV heads that copy from far context (retrieval heads, scored once per model by
-  :func:`kvcompress.calibration.retrieval_heads`) keep a large budget, the others their sinks and
-  window; how many heads are retrieval heads follows from the average budget (DuoAttention,
-  https://arxiv.org/abs/2410.10819; RazorAttention, https://arxiv.org/abs/2407.11550). Ragged.
+  :func:`kvcompress.calibration.retrieval_heads`) keep every token, the others share the rest (at
+  least their sinks and window); how many heads are retrieval heads follows from the average budget
+  (DuoAttention, https://arxiv.org/abs/2410.10819; RazorAttention, https://arxiv.org/abs/2407.15891).
+  Ragged.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
 """
@@ -144,7 +145,7 @@ class Adaptive(Uniform):
 
 @dataclass(frozen=True)
 class Retrieval(Uniform):
-    """Retrieval heads keep a large budget, the others (streaming heads) ``sink`` + ``floor`` tokens.
+    """Retrieval heads keep every token, the others (streaming heads) share the rest, at least ``sink`` + ``floor``.
 
     With ``n`` KV heads in the model's compressed layers, an average of ``A`` tokens per head out of ``T``
     (``basis``) and ``s = sink + floor``, the ``floor(n (A - s) / (T - s))`` heads with the highest
