@@ -98,3 +98,20 @@ def test_retrieval_heads_keep_more_and_the_rest_is_freed(smol, tmp_path):
     bare = calibration.save(tmp_path / "bare.safetensors")
     with pytest.raises(CalibrationError, match="no retrieval-head scores"):
         kvcompress.make_cache(f"knorm:ratio=0.9,allocation=retrieval,calibration={bare}", model)
+
+
+@pytest.mark.model
+def test_a_layer_of_retrieval_heads_is_quantized_like_the_others(smol, tmp_path):
+    """With KIVI, a layer whose heads all keep every token (so it never evicts) still moves its tokens
+    into the quantized store: only the residual and a block at most stay in full precision."""
+    model, tokenizer = smol
+    calibration = load_or_build(model)
+    calibration.retrieval = torch.zeros(30, 3)
+    calibration.retrieval[2] = 1.0  # every head of layer 2
+    path = calibration.save(tmp_path / "calibration.safetensors")
+    spec = f"knorm:ratio=0.85,window=8,sink=4,allocation=retrieval,calibration={path}+kivi:bits=4,group=16,residual=16"
+    cache = kvcompress.compress(model, tokenizer, CONTEXT, spec)
+    layer = cache.compressed_layers[2]
+    assert layer.valid() is None  # nothing evicted here: every head keeps every token
+    assert len(layer.store) > 0 and len(layer.window) < 16 + 16
+    assert len(layer.store) + len(layer.window) == cache.get_seq_length()

@@ -260,7 +260,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.store is None:
             return
         if isinstance(self.store, RaggedStore):
-            if evicted:  # heads hold different tokens from now on: each moves its own
+            # Heads hold different tokens once the layer has evicted: each moves its own. A layer whose
+            # heads all keep every token (retrieval heads) never evicts, and moves them all the same.
+            full = self.window.valid() is None and len(self.window) - self.residual >= self.store.block
+            if evicted or full:
                 self._settle_ragged()
             return
         ready = len(self.window) - self.residual
