@@ -262,8 +262,7 @@ class CompressedLayer(CacheLayerMixin):
         if isinstance(self.store, RaggedStore):
             # Heads hold different tokens once the layer has evicted: each moves its own. A layer whose
             # heads all keep every token (retrieval heads) never evicts, and moves them all the same.
-            full = self.window.valid() is None and len(self.window) - self.residual >= self.store.block
-            if evicted or full:
+            if evicted or (len(self.window) - self.residual >= self.store.block and self.window.valid() is None):
                 self._settle_ragged()
             return
         ready = len(self.window) - self.residual

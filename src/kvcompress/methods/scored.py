@@ -104,8 +104,10 @@ class ScoredEviction(Selection):
         policy = allocation(self.allocation, self.beta, self.alpha, self.sink)
         valid = view.valid
         budget = view.budget
+        scores = None
         if budget is not None and self.block == 1 and type(policy).keep is Uniform.keep:
-            answered, keep = drop_lowest(self.score(view), valid, budget, self.recent(budget), self.sink)
+            scores = self.score(view)
+            answered, keep = drop_lowest(scores, valid, budget, self.recent(budget), self.sink)
             if answered:  # a decode step of H2O or TOVA: at most one slot per head goes, found in one C scan
                 return Selected(keep, budget)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
@@ -120,5 +122,6 @@ class ScoredEviction(Selection):
             return Selected(None, budget)
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = oldest real token
         protected = valid & ((age < self.sink) | (age >= count - self.recent(budget)))
-        scores = self.score(view).float().masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
+        scores = (self.score(view) if scores is None else scores).float()  # scored once, if the C scan declined
+        scores = scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
         return Selected(policy.keep(scores, valid, protected, budget), budget)
