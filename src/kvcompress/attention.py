@@ -236,7 +236,7 @@ def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     return keys, values
 
 
-@torch.library.custom_op("kvcompress::dense_attend", mutates_args=())
+@native.custom_op("kvcompress::dense_attend")
 def dense_attend(
     query: torch.Tensor,
     stored_keys: list[torch.Tensor],

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from kvcompress.models import cache_dir
 
 SOURCES = Path(__file__).parent / "csrc"
@@ -36,6 +38,27 @@ def _cpu() -> str:
     except OSError:
         pass
     return f"{platform.machine()} {flags}"
+
+
+def custom_op(name: str):
+    """Register the decorated function as the ``torch.library`` custom op ``name`` (no mutated inputs).
+
+    The returned callable goes through the dispatcher only while ``torch.compile`` traces (the op, with
+    the fake implementation given to ``.register_fake``, is what a compiled graph holds); in eager mode
+    it calls the function itself: the dispatcher costs about 20 microseconds a call, 0.6 ms of a decode
+    step that calls a kernel once per layer of a 30-layer model. ``.op`` is the registered op."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return op(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+
+        call.op, call.register_fake = op, op.register_fake
+        return call
+
+    return register
 
 
 def data_pointer(t) -> ctypes.c_void_p:

@@ -298,7 +298,7 @@ def _call(name: str, out: torch.Tensor, first: torch.Tensor, codes: torch.Tensor
     return out
 
 
-@torch.library.custom_op("kvcompress::kivi_key_logits", mutates_args=())
+@native.custom_op("kvcompress::kivi_key_logits")
 def key_logits(query: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``(B, H, G, D)`` float32 queries · keys of channel-major codes ``(B, H, P, N)``: ``(B, H, G, N)``.
 
@@ -313,7 +313,7 @@ def _(query, codes, scale, minimum, bits, group):
     return query.new_empty(*query.shape[:3], codes.shape[3])
 
 
-@torch.library.custom_op("kvcompress::kivi_value_mix", mutates_args=())
+@native.custom_op("kvcompress::kivi_value_mix")
 def value_mix(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``(B, H, G, N)`` float32 weights · values of token-major codes ``(B, H, N, P)``: ``(B, H, G, D)``.
 
@@ -329,7 +329,7 @@ def _(weights, codes, scale, minimum, bits, group):
     return weights.new_empty(*weights.shape[:3], codes.shape[3] * 8 // bits)
 
 
-@torch.library.custom_op("kvcompress::kivi_attend", mutates_args=())
+@native.custom_op("kvcompress::kivi_attend")
 def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_min: torch.Tensor,
                 value_codes: torch.Tensor, value_scale: torch.Tensor, value_min: torch.Tensor, window_keys: torch.Tensor,
                 window_values: torch.Tensor, allow: torch.Tensor, scaling: float, weights: bool, bits: int,

@@ -1,0 +1,46 @@
+"""The C kernels registered as ``torch.library`` custom ops: the registrations are sound (schema, fake
+tensors, no aliasing: ``torch.library.opcheck``), and the eager call, which skips the dispatcher, gives
+what the registered op gives."""
+
+import pytest
+import torch
+
+from kvcompress import attention, native
+from kvcompress.methods import kivi
+from kvcompress.methods.kivi import KIVI
+
+
+def _kivi_tensors(bits: int, group: int = 32):
+    store = KIVI(bits=bits, group=group).new_store(0, 64, torch.float32)
+    store.append(torch.randn(2, 3, 4 * group, 64), torch.randn(2, 3, 4 * group, 64), None, None)
+    return store.tensors
+
+
+def _cases():
+    torch.manual_seed(0)
+    query = torch.randn(2, 3, 3, 64)
+    keys, values = torch.randn(2, 2, 3, 40, 64)
+    allow = (torch.rand(2, 3, 40) > 0.3).to(torch.uint8)
+    yield "dense_attend", attention.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, True)
+    held = [torch.randn(n, 64) for n in (5, 9, 7, 3, 9, 1)]
+    allow = torch.ones(2, 3, 9 + 40, dtype=torch.uint8)
+    yield "dense_attend stored", attention.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, False)
+    t = _kivi_tensors(4)
+    yield "kivi_key_logits", kivi.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
+    yield "kivi_value_mix", kivi.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)
+    t = _kivi_tensors(2)
+    allow = torch.ones(2, 3, 128 + 40, dtype=torch.uint8)
+    yield "kivi_attend", kivi.kivi_attend, (
+        query, t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"], t["value_min"],
+        keys, values, allow, 0.125, True, 2, 32,
+    )
+
+
+@pytest.mark.parametrize("name, call, args", list(_cases()), ids=[c[0] for c in _cases()])
+def test_registered_op_is_sound_and_the_eager_call_equals_it(name, call, args):
+    if native.load("dense") is None or native.load("kivi") is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    torch.library.opcheck(call.op, args, test_utils=("test_schema", "test_faketensor"))
+    eager, registered = call(*args), call.op(*args)
+    for mine, theirs in zip(eager if isinstance(eager, tuple) else (eager,), registered if isinstance(registered, tuple) else (registered,)):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
