@@ -1,5 +1,7 @@
 """Eviction bookkeeping on tensors: StreamingLLM's choice and the buffer's per-row compaction."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -115,3 +117,27 @@ def test_the_c_scan_drops_what_the_ranking_drops():
     assert dropped > 300  # the cases really drop slots
     valid = torch.ones(1, 2, 8, dtype=torch.bool)
     assert drop_lowest(torch.rand(1, 2, 8), valid, torch.tensor([[[8], [5]]]), torch.ones(1, 2, 1), 0) == (False, None)
+
+
+def test_streaming_decode_step_keeps_what_its_age_rule_keeps():
+    """StreamingLLM's decode step (one C scan) keeps the first ``sink`` and the newest ``window`` valid
+    slots of every head, as its age rule does, with evicted-but-held slots anywhere and heads over by
+    one or not at all; several tokens over (a prompt) takes the age rule itself."""
+    torch.manual_seed(2)
+    dropped = 0
+    for trial in range(200):
+        sink, window = trial % 3, 4 + trial % 5
+        valid = torch.rand(2, 3, 20) > 0.3
+        count = valid.sum(-1, keepdim=True)
+        over = torch.randint(0, 2, (2, 3, 1))  # heads over by one or not at all
+        valid &= valid.cumsum(-1) <= torch.minimum(count, torch.tensor(sink + window) + over)  # trim to at most +1
+        count = valid.sum(-1, keepdim=True)
+        age = valid.cumsum(-1) - 1
+        expected = valid & ((age < sink) | (age >= count - window))
+        keep = StreamingLLM(window=window, sink=sink).select(SimpleNamespace(valid=valid)).keep
+        assert torch.equal(valid if keep is None else keep, expected)
+        dropped += int((valid & ~expected).sum())
+    assert dropped > 100
+    valid = torch.ones(1, 2, 30, dtype=torch.bool)  # 30 tokens, 4 + 8 kept
+    keep = StreamingLLM(window=8, sink=4).select(SimpleNamespace(valid=valid)).keep
+    assert keep.sum(-1).tolist() == [[12, 12]] and keep[0, 0, :4].all() and keep[0, 0, -8:].all()

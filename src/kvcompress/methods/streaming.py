@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
+from kvcompress.methods.budgets import drop_lowest
 from kvcompress.protocols import LayerView, Selected, Selection
 from kvcompress.registry import register
 
@@ -43,6 +45,13 @@ class StreamingLLM(Selection):
 
     def select(self, view: LayerView) -> Selected:
         valid = view.valid
+        keep_at_most = self.sink + self.window
+        if valid.shape[-1] <= keep_at_most:  # no head can be over (the slots held bound every head's count)
+            return Selected(None)
+        budget, window = torch.tensor(keep_at_most), torch.tensor(self.window)
+        answered, keep = drop_lowest(valid.new_zeros(valid.shape, dtype=torch.float32), valid, budget, window, self.sink)
+        if answered:  # a decode step: each head at most one token over drops its oldest outside the sinks (one C scan)
+            return Selected(keep)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1) real tokens per row and head
         if bool((count <= self.sink + self.window).all()):
             return Selected(None)
