@@ -21,6 +21,7 @@ from kvcompress.state import state_of
 from kvcompress.step import DenseSegment
 
 CHUNK = 64  # default tokens of capacity reserved at a time
+RAGGED_CHUNK = 16  # per head of a RaggedStore (a head holds a share of a layer's tokens: less spare room)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -245,8 +246,13 @@ class RaggedStore:
             for h in range(heads):
                 take = slice(None) if valid is None else valid[b, h]
                 k, v = keys[b, h, take][None, None], values[b, h, take][None, None]  # (1, 1, n_bh, D)
-                if k.shape[2]:
-                    self.rows[b][h].append(k, v, None, None)
+                inner = self.rows[b][h]
+                if not k.shape[2]:
+                    continue
+                if isinstance(inner, FullPrecisionBuffer):  # a head's first tokens (a prompt's cut) get no spare room
+                    inner.append(k, v, None, None, exact=not len(inner))
+                else:
+                    inner.append(k, v, None, None)
         self._changed()
 
     def segment(self) -> RaggedSegment:
@@ -265,11 +271,23 @@ class RaggedStore:
         return self._valid
 
     def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop the slots where ``keep`` ``(B, H, S)`` is False; return the ``(B, H, n)`` old slot of each
+        (padded with 0 past a head's length). A full-precision head only masks what it drops while
+        that frees no chunk of its capacity (:meth:`FullPrecisionBuffer.drop`): a decode step that
+        evicts a token then moves nothing, where compacting would copy every head it holds."""
         self._changed()
         indices = []
         for b, row in enumerate(self.rows):
             for h, s in enumerate(row):
-                indices.append(s.compact(keep[b, h, : len(s)][None, None])[0, 0] if len(s) else keep.new_zeros(0, dtype=torch.long))
+                if not len(s):
+                    indices.append(keep.new_zeros(0, dtype=torch.long))
+                    continue
+                mine = keep[b, h, : len(s)][None, None]
+                if isinstance(s, FullPrecisionBuffer):
+                    moved = s.drop(mine, room=self.block, headroom=self.block)
+                    indices.append(torch.arange(len(s), device=keep.device) if moved is None else moved[0, 0])
+                else:
+                    indices.append(s.compact(mine)[0, 0])
         n = max((len(i) for i in indices), default=0)
         index = torch.zeros(len(indices), n, dtype=torch.long, device=keep.device)
         for i, kept in enumerate(indices):

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.buffer import CHUNK, FullPrecisionBuffer, RaggedStore
+from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
@@ -73,8 +73,8 @@ class CompressedLayer(CacheLayerMixin):
         self.head_scores = head_scores  # (L, H) the model's retrieval-head scores, if the selection asks
         self.ragged = selection is not None and selection.ragged
         # With a store, the window never holds more than residual + block - 1 tokens between steps;
-        # a ragged layer's window collects the tokens of one block of decoding.
-        chunk = selection.block if self.ragged else (CHUNK if storage is None else 1)
+        # a ragged layer's window collects a chunk of decoding before its heads take their tokens.
+        chunk = RAGGED_CHUNK if self.ragged else (CHUNK if storage is None else 1)
         self.window = FullPrecisionBuffer(chunk=chunk)
         self.store = None
         self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the storage needs them
@@ -98,7 +98,7 @@ class CompressedLayer(CacheLayerMixin):
             self.store = RaggedStore(
                 (lambda: storage.new_store(self.layer_idx, head_dim, self.dtype))
                 if storage is not None
-                else (lambda: FullPrecisionBuffer(chunk=1))
+                else (lambda: FullPrecisionBuffer(chunk=RAGGED_CHUNK))
             )
         elif self.storage is not None:
             self.store = self.storage.new_store(self.layer_idx, head_dim, self.dtype)
@@ -243,7 +243,12 @@ class CompressedLayer(CacheLayerMixin):
             return self._moved([window_index])
         stored = len(self.store)
         kept = [self.store.compact(keep[..., :stored])] if stored else []
-        window_index = self.window.compact(keep[..., stored:], in_place=True)  # (B, H, n) old slot of each
+        if isinstance(self.store, RaggedStore):  # evicted window slots masked until a chunk is free, as in the heads
+            window_index = self.window.drop(keep[..., stored:], self.selection.block, headroom=self.selection.block)
+            if window_index is None:  # nothing moved
+                window_index = torch.arange(len(self.window), device=self.device).expand(*keep.shape[:2], -1)
+        else:
+            window_index = self.window.compact(keep[..., stored:], in_place=True)  # (B, H, n) old slot of each
         if self.positions is not None:
             self.positions = self.positions.gather(-1, window_index)
         return self._moved([*kept, window_index + stored])
@@ -260,9 +265,11 @@ class CompressedLayer(CacheLayerMixin):
         if self.store is None:
             return
         if isinstance(self.store, RaggedStore):
-            # Heads hold different tokens once the layer has evicted: each moves its own. A layer whose
-            # heads all keep every token (retrieval heads) never evicts, and moves them all the same.
-            if evicted or (len(self.window) - self.residual >= self.store.block and self.window.valid() is None):
+            # Heads hold different tokens once the layer has evicted: each moves its own valid ones (a
+            # layer whose heads all keep every token, retrieval heads, never evicts and moves them all),
+            # once the window holds a chunk beyond the residual: a decode step that evicts a token then
+            # moves nothing, where settling every step would copy into every head.
+            if len(self.window) - self.residual >= max(self.store.block, RAGGED_CHUNK):
                 self._settle_ragged()
             return
         ready = len(self.window) - self.residual
