@@ -152,8 +152,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         if self.held is not None:
             self._observe_held(query.shape[2], scaling)
-        evicted = self._evict(inputs.expected)
-        self._settle(evicted)
+        self._evict(inputs.expected)
+        self._settle()
 
     def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
         """A replay step (KVzip): the ``q`` new tokens attend to every held slot and causally to each
@@ -186,7 +186,8 @@ class CompressedLayer(CacheLayerMixin):
     def compress_held(self) -> None:
         """Compress what held steps left, with no step to follow them (after a replay)."""
         self.held = None
-        self._settle(self._evict())
+        self._evict()
+        self._settle()
 
     def _positions(self, given: torch.Tensor | None, start: int, new: int) -> torch.Tensor:
         """``(B or 1, q)`` positions of the step's tokens: the model's, or ``start .. start + q - 1``."""
@@ -260,7 +261,7 @@ class CompressedLayer(CacheLayerMixin):
             self.attention = self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device)
         return True
 
-    def _settle(self, evicted: bool) -> None:
+    def _settle(self) -> None:
         """Move the oldest window tokens into the store, whole blocks at a time."""
         if self.store is None:
             return
