@@ -36,7 +36,10 @@ def _cases():
     )
 
 
-@pytest.mark.parametrize("name, call, args", list(_cases()), ids=[c[0] for c in _cases()])
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name, call, args", CASES, ids=[c[0] for c in CASES])
 def test_registered_op_is_sound_and_the_eager_call_equals_it(name, call, args):
     if native.load("dense") is None or native.load("kivi") is None:
         pytest.skip("no C compiler: the kernels are not built")

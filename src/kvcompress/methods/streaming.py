@@ -53,7 +53,7 @@ class StreamingLLM(Selection):
         if answered:  # a decode step: each head at most one token over drops its oldest outside the sinks (one C scan)
             return Selected(keep)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1) real tokens per row and head
-        if bool((count <= self.sink + self.window).all()):
+        if bool((count <= keep_at_most).all()):
             return Selected(None)
         rank = valid.cumsum(-1) - 1  # (B, H, S) age rank of each real token, 0 = oldest
         return Selected(valid & ((rank < self.sink) | (rank >= count - self.window)))
