@@ -35,6 +35,10 @@ def _cases():
         keys, values, allow, 0.125, True, 2, 32,
     )
 
+    logits = torch.randn(2, 3, 3, 8, 40)  # 8 queries, the last 8 of 40 slots
+    allow = (torch.rand(2, 3, 8, 40) > 0.3).to(torch.uint8)
+    yield "observe_rows", attention.observe_rows, (logits, allow, torch.rand(2, 3, 8), torch.zeros(2, 3, 40))
+
 
 CASES = list(_cases())
 
@@ -43,7 +47,18 @@ CASES = list(_cases())
 def test_registered_op_is_sound_and_the_eager_call_equals_it(name, call, args):
     if native.load("dense") is None or native.load("kivi") is None:
         pytest.skip("no C compiler: the kernels are not built")
-    torch.library.opcheck(call.op, args, test_utils=("test_schema", "test_faketensor"))
-    eager, registered = call(*args), call.op(*args)
-    for mine, theirs in zip(eager if isinstance(eager, tuple) else (eager,), registered if isinstance(registered, tuple) else (registered,)):
-        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    torch.library.opcheck(call.op, _copies(args), test_utils=("test_schema", "test_faketensor"))
+    eager_args, registered_args = _copies(args), _copies(args)  # an op that writes into its arguments writes into these
+    eager, registered = call(*eager_args), call.op(*registered_args)
+    outputs = (eager, registered) if eager is not None else (eager_args, registered_args)
+    mine, theirs = (o if isinstance(o, (tuple, list)) else (o,) for o in outputs)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if eager is None:  # the op wrote its results: they differ from what it was given
+        assert not torch.equal(eager_args[0], args[0])
+
+
+def _copies(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)

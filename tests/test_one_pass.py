@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention, buffer
+from kvcompress import attention, buffer, native
 from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
 from kvcompress.step import DenseSegment, Operands
 
@@ -92,12 +92,19 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("observe", [-1, 300])
+@pytest.mark.parametrize("observe", [-1, 300, 32])
 @pytest.mark.parametrize("padded", [False, True])
-def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe, padded):
-    """H2O's prompt: a step whose many queries are all observed (or the last 300 of them) gets its output
-    and the attention each slot received from one chunked pass; they equal sdpa's output and the separate
-    pass of the reference, with a left-padded row and slots held before the step (float32: atol 1e-6)."""
+@pytest.mark.parametrize("kernel", ["C", "torch"])
+def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe, padded, kernel, monkeypatch):
+    """A prompt whose queries are all observed (H2O), or the last 300 or 32 of them (SnapKV's window): the
+    observed queries get their output and the attention each slot received from one chunked pass (each
+    row in the C kernel, or in torch operations where it is not built), the others go to sdpa; together
+    they equal sdpa's output and the separate pass of the reference, with a left-padded row and slots
+    held before the step (float32: atol 1e-6)."""
+    if kernel == "C" and native.load("dense") is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    if kernel == "torch":
+        monkeypatch.setattr(native, "load", lambda name: None)
     torch.manual_seed(observe + padded)
     batch, heads, rep, held, new = 2, 3, 3, 20, 400
     keys, values = torch.randn(2, batch, heads, held + new, 64)
@@ -108,7 +115,6 @@ def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe,
         valid[1, 1, 5] = False  # an evicted slot, still held
     operands = Operands((DenseSegment(keys, values),), valid, heads, observe)
     query = torch.randn(batch, heads * rep, new, 64)
-    assert attention.observed_count(observe, new) > attention.QUERY_CHUNK  # what sends a step to this path
     fused = attention.attend_observing(query, operands, 0.125)
     reference = attention.attend_dense(query, operands, 0.125)
     rows = slice(None) if valid is None else valid[..., -new:].repeat_interleave(rep, 1)  # padding queries' output is not used
@@ -118,19 +124,20 @@ def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe,
 
 
 @pytest.mark.model
-def test_h2o_scores_a_long_prompt_from_its_own_pass_and_matches_the_reference(smol, monkeypatch):
-    """Through ``model.generate``: H2O's prompt of more than QUERY_CHUNK tokens takes the one chunked pass
-    at every layer, and the tokens then kept and the logits equal those of the reference path (sdpa, and
-    the prompt's attention from a separate pass)."""
+@pytest.mark.parametrize("spec", ["h2o:budget=96", "snapkv:budget=96"])
+def test_a_scored_prompt_is_observed_in_its_own_pass_and_matches_the_reference(smol, monkeypatch, spec):
+    """Through ``model.generate``: a long prompt whose queries a scorer observes (all of them for H2O, the
+    window for SnapKV) takes the one chunked pass at every layer, and the tokens then kept and the logits
+    equal those of the reference path (sdpa, and the prompt's attention from a separate pass)."""
     model, tokenizer = smol
     ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 24, return_tensors="pt")["input_ids"]
-    assert ids.shape[1] > attention.QUERY_CHUNK
+    assert ids.shape[1] > attention.SEGMENT_QUERIES
     calls = []
     fused = attention.attend_observing
     monkeypatch.setattr(attention, "attend_observing", lambda *a, **k: calls.append(1) or fused(*a, **k))
     scores, kept = {}, {}
     for path in ("one pass", "reference"):
-        cache = kvcompress.make_cache("h2o:budget=96", model)
+        cache = kvcompress.make_cache(spec, model)
         reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
         with torch.no_grad(), kvcompress.attach(model, cache), reference:
             out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, output_scores=True,

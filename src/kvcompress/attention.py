@@ -9,10 +9,9 @@ Three paths compute the same result (tests compare them):
 - **dense**: when the step has more than :data:`SEGMENT_QUERIES` queries (a prompt, or a chunk of
   one), or every segment is full precision and the step needs no attention weights from the pass:
   the segments' keys and values (rebuilt in full precision once for the step, one layer at a time,
-  for a quantized or latent segment) go to torch's ``scaled_dot_product_attention``; the weights of
-  a few observed queries (SnapKV's window) come from a second pass over those queries only
-  (:func:`summed_attention`); when many are observed (H2O's prompt), the output and the weights
-  come from one chunked pass instead (:func:`attend_observing`).
+  for a quantized or latent segment) go to torch's ``scaled_dot_product_attention``; when a scorer
+  observes the last queries (SnapKV's window, all of H2O's prompt), those queries instead get their
+  output and the attention each slot receives from one chunked pass (:func:`attend_observing`).
   With many queries a matrix product over rebuilt keys beats unpacking the codes once per query.
 - **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
   ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
@@ -155,8 +154,8 @@ def attend(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     if one is not None:
         return one
     if query.shape[2] > SEGMENT_QUERIES:  # a prompt or a chunk of one: rebuild each segment once, then sdpa
-        if observed_count(operands.observe, query.shape[2]) > QUERY_CHUNK:
-            return attend_observing(query, operands, scaling)  # H2O's prompt: weights from the same pass
+        if operands.observe:  # the observed queries' weights come from their own pass, the others' output from sdpa
+            return attend_observing(query, operands, scaling)
         return attend_dense(query, operands, scaling)
     if operands.observe == 0 and all(segment.dense_only for segment in operands.segments):
         return attend_dense(query, operands, scaling)
@@ -302,54 +301,75 @@ def dense_operands(operands: Operands) -> tuple[torch.Tensor, torch.Tensor]:
 def attend_dense(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
     """The dense path (see the module docstring), and the reference for every other."""
     keys, values = dense_operands(operands)
-    batch, q_heads, new, _ = query.shape
+    batch, _, new, _ = query.shape
+    out = _sdpa(query, keys, values, operands.valid, scaling)
+    observed = None
+    if operands.observe:
+        m = observed_count(operands.observe, new)
+        observed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, keys.shape[1], keys.device), scaling)
+    return Attended(out, observed)
+
+
+def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scaling: float):
+    """torch's sdpa of ``(B, Hq, q, D)`` queries, the last ``q`` of the ``S`` slots, with the slots' mask."""
+    q_heads, new = query.shape[1], query.shape[2]
     heads, slots = keys.shape[1], keys.shape[2]
     mask, is_causal = None, False
-    if operands.valid is not None:
-        mask = allowed(operands.valid, new).repeat_interleave(q_heads // heads, dim=1)  # (B, Hq, q, S)
+    if valid is not None:
+        mask = allowed(valid, new).repeat_interleave(q_heads // heads, dim=1)  # (B, Hq, q, S)
     elif new == slots and new > 1:
         is_causal = True  # torch aligns its causal mask top-left: right only when q == S
     elif new > 1:
         mask = allowed(torch.ones(1, 1, slots, dtype=torch.bool, device=keys.device), new)  # (1, 1, q, S)
-    out = torch.nn.functional.scaled_dot_product_attention(
+    return torch.nn.functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
     )
-    observed = None
-    if operands.observe:
-        m = observed_count(operands.observe, new)
-        observed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, heads, keys.device), scaling)
-    return Attended(out, observed)
 
 
 def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:
-    """The dense path for a step that observes many queries (H2O's prompt): the output and the
-    attention each slot receives from the same pass, in chunks of queries over rebuilt keys.
+    """The dense path for a step with many queries of which some are observed (all of H2O's prompt,
+    SnapKV's window): the queries before the observed ones go to sdpa; the observed ones get their
+    output and the attention each slot receives from one pass, in chunks of queries over rebuilt keys.
 
-    A chunk's queries see only the slots before its end, so its logits stop there. The softmax stays
-    unnormalized (``e``): one product with the values and a column of ones gives both the value mix
-    and the row sums, which then divide the mix and the observing row vector, so ``e`` is read by
-    two products and never rescaled. Keys are transposed once, so every chunk's product reads them
-    in the layout the matrix product wants (about half the time of a transposed view on the CPU)."""
+    A chunk's queries see only the slots before its end, so its logits stop there. Keys are transposed
+    once, so every chunk's product reads them in the layout the matrix product wants (about half the
+    time of a transposed view on the CPU). On the CPU, :func:`observe_rows` then turns each row into
+    its weights and adds it to the observation while the row sits in the cache, and one product with
+    the values gives the output. Elsewhere the softmax stays unnormalized (``e``): one product with the
+    values and a column of ones gives both the value mix and the row sums, which then divide the mix
+    and the observing row vector, so ``e`` is read by two products and never rescaled."""
     keys, values = dense_operands(operands)
     batch, q_heads, new, dim = query.shape
     heads, slots = keys.shape[1], keys.shape[2]
     rep = q_heads // heads
     m = observed_count(operands.observe, new)
     valid = operands.valid
-    real = torch.ones(batch, heads, new, device=query.device) if valid is None else valid[..., -new:].float()
-    real[..., : new - m] = 0  # queries before the observed ones count zero, as do padding queries
+    real = torch.ones(batch, heads, new, device=query.device) if valid is None else valid[..., -new:].float()  # padding queries count zero
     chunk = max(16, WEIGHTS_BUDGET // max(1, batch * q_heads * slots))
     grouped = (query.float() * scaling).view(batch, heads, rep, new, dim)
     keys_t = keys.float().transpose(-1, -2).contiguous()  # (B, H, D, S)
-    ones = torch.ones(batch, heads, slots, 1, device=query.device)
-    values_1 = torch.cat([values.float(), ones], -1)  # (B, H, S, D + 1)
+    native_rows = query.device.type == "cpu" and native.load("dense") is not None
+    if not native_rows:
+        ones = torch.ones(batch, heads, slots, 1, device=query.device)
+        values_1 = torch.cat([values.float(), ones], -1)  # (B, H, S, D + 1)
     output = torch.empty(batch, heads, rep, new, dim, dtype=torch.float32, device=query.device)
     observed = torch.zeros(batch, heads, slots, dtype=torch.float32, device=query.device)
-    for start in range(0, new, chunk):
+    first, before = new - m, slots - m  # the unobserved queries are the last `first` tokens of [:before]
+    if first:
+        part = None if valid is None else valid[..., :before]
+        early = _sdpa(query[:, :, :first], keys[:, :, :before], values[:, :, :before], part, scaling)
+        output[:, :, :, :first] = early.float().view(batch, heads, rep, first, dim)
+    for start in range(first, new, chunk):
         stop = min(start + chunk, new)
         c, end = stop - start, slots - (new - stop)  # the chunk's queries are the last tokens of [:end]
         rows = grouped[:, :, :, start:stop].reshape(batch, heads, rep * c, dim)
         e = torch.matmul(rows, keys_t[..., :end]).view(batch, heads, rep, c, end)
+        if native_rows:  # each row's mask, softmax and observation in one C pass; then the value mix
+            allow = _NO_MASK if valid is None else allowed(valid[..., :end], c).to(torch.uint8)
+            observe_rows(e, allow, real[..., start:stop] / rep, observed)
+            mixed = torch.matmul(e.view(batch, heads, rep * c, end), values[:, :, :end].float())
+            output[:, :, :, start:stop] = mixed.view(batch, heads, rep, c, dim)
+            continue
         if valid is None:  # the chunk's own block is causal; everything before it is seen
             own = torch.ones(c, c, dtype=torch.bool, device=query.device).triu_(1)
             e[..., end - c :].masked_fill_(own, -torch.inf)
@@ -363,6 +383,20 @@ def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) ->
         weigh = real[:, :, None, start:stop].expand(batch, heads, rep, c).reshape(batch, heads, 1, rep * c)
         observed[..., :end] += torch.matmul(weigh / (rep * total.transpose(-1, -2)), e).squeeze(-2)
     return Attended(output.view(batch, q_heads, new, dim).to(query.dtype), observed)
+
+
+@native.custom_op("kvcompress::observe_rows", mutates=("logits", "observed"))
+def observe_rows(logits: torch.Tensor, allow: torch.Tensor, weigh: torch.Tensor, observed: torch.Tensor) -> None:
+    """One chunk of observed queries in place (``csrc/dense.c``): ``logits`` ``(B, H, G, c, n)`` float32,
+    scaled, of ``c`` queries that are the last ``c`` of ``n`` slots, become their softmax weights (masked
+    where ``allow`` ``(B, H, c, n)`` uint8 is 0, or causally only when it is empty; 0 after each query's own
+    token), and ``observed`` ``(B, H, S >= n)`` gains ``weigh`` ``(B, H, c)`` times each query's row."""
+    batch, heads, rows, c, n = logits.shape
+    weigh = weigh.float().contiguous()
+    native.load("dense").observe_rows(
+        data_pointer(logits), data_pointer(allow), data_pointer(weigh), data_pointer(observed),
+        ctypes.c_int64(observed.shape[-1]), *map(ctypes.c_int64, (batch * heads, rows, c, n)),
+    )
 
 
 def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:

@@ -40,8 +40,9 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def custom_op(name: str):
-    """Register the decorated function as the ``torch.library`` custom op ``name`` (no mutated inputs).
+def custom_op(name: str, mutates: tuple[str, ...] = ()):
+    """Register the decorated function as the ``torch.library`` custom op ``name``, which writes into the
+    arguments named in ``mutates`` (none by default).
 
     The returned callable goes through the dispatcher only while ``torch.compile`` traces (the op, with
     the fake implementation given to ``.register_fake``, is what a compiled graph holds); in eager mode
@@ -49,7 +50,7 @@ def custom_op(name: str):
     step that calls a kernel once per layer of a 30-layer model. ``.op`` is the registered op."""
 
     def register(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=mutates)(fn)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):

@@ -44,3 +44,30 @@ int dense_attend(const float *restrict q, const float *const *keys, const float 
     free(logits);
     return 0;
 }
+
+/* One chunk of a prompt's observed queries (H2O's prompt, SnapKV's window), in place over the chunk's
+ * logits, already scaled: e (BH, G, c, n), the G query rows of each KV head for c queries that are the
+ * last c of n slots (query i sees slots up to n - c + i, its own token). Each row: masked where
+ * allow (BH, c, n) uint8 is 0 (NULL: causal only), softmax, the slots after the query's own token set
+ * to 0 (so a matrix product with the values gives the output); then observed[bh * ostride + s] +=
+ * weigh[bh * c + i] * row[s]. Each row is read three times (maximum, exponent, normalize and observe)
+ * while it sits in the cache, instead of once per torch operation from memory. */
+void observe_rows(float *restrict e, const uint8_t *allow, const float *restrict weigh, float *restrict observed,
+                  int64_t ostride, int64_t BH, int64_t G, int64_t c, int64_t n) {
+    for (int64_t bh = 0; bh < BH; ++bh) {
+        float *restrict o = observed + bh * ostride;
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t i = 0; i < c; ++i) {
+                float *restrict x = e + ((bh * G + g) * c + i) * n;
+                const int64_t len = n - c + i + 1;
+                if (allow) {
+                    const uint8_t *a = allow + (bh * c + i) * n;
+                    for (int64_t s = 0; s < len - 1; ++s)
+                        if (!a[s]) x[s] = -INFINITY; /* the query's own token is always seen */
+                }
+                memset(x + len, 0, sizeof(float) * (n - len));
+                const float inv = 1.f / row_exp(x, len, row_max(x, len));
+                row_scale_add(x, o, len, inv, weigh[bh * c + i]);
+            }
+    }
+}

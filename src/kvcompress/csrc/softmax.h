@@ -29,6 +29,27 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* exp8's method on 16 floats; 2^n through scalef. */
+static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 seen = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_mov_ps(seen, _mm512_scalef_ps(p, n));
+}
+#endif
+
 #ifdef __AVX2__
 static inline float hsum8(__m256 x) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -112,10 +133,83 @@ static inline void mix_into(const float *restrict w, int64_t ld, const float *re
     }
 }
 
+/* The largest of n floats. */
+static inline float row_max(const float *restrict x, int64_t n) {
+    float top = -INFINITY;
+    int64_t s = 0;
+#ifdef __AVX512F__
+    __m512 hi = _mm512_set1_ps(-INFINITY);
+    for (; s + 16 <= n; s += 16) hi = _mm512_max_ps(hi, _mm512_loadu_ps(x + s));
+    top = _mm512_reduce_max_ps(hi);
+#elif defined(__AVX2__)
+    __m256 hi = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= n; s += 8) hi = _mm256_max_ps(hi, _mm256_loadu_ps(x + s));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, hi);
+    for (int k = 0; k < 8; ++k) top = lanes[k] > top ? lanes[k] : top;
+#endif
+    for (; s < n; ++s) top = x[s] > top ? x[s] : top;
+    return top;
+}
+
+/* x[s] = e^(x[s] - top) over n floats (0 for -inf); returns their sum. */
+static inline float row_exp(float *restrict x, int64_t n, float top) {
+    float sum = 0.f;
+    int64_t s = 0;
+#ifdef __AVX512F__
+    const __m512 m = _mm512_set1_ps(top);
+    __m512 acc = _mm512_setzero_ps();
+    for (; s + 16 <= n; s += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + s), m));
+        _mm512_storeu_ps(x + s, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+    const __m256 m = _mm256_set1_ps(top);
+    __m256 acc = _mm256_setzero_ps();
+    for (; s + 8 <= n; s += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), m));
+        _mm256_storeu_ps(x + s, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; s < n; ++s) {
+        x[s] = expf(x[s] - top);
+        sum += x[s];
+    }
+    return sum;
+}
+
+/* x[s] *= inv over n floats and, unless o is NULL, o[s] += w * x[s]. */
+static inline void row_scale_add(float *restrict x, float *restrict o, int64_t n, float inv, float w) {
+    int64_t s = 0;
+#ifdef __AVX512F__
+    const __m512 iv = _mm512_set1_ps(inv), wv = _mm512_set1_ps(w);
+    for (; s + 16 <= n; s += 16) {
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(x + s), iv);
+        _mm512_storeu_ps(x + s, p);
+        if (o) _mm512_storeu_ps(o + s, _mm512_fmadd_ps(wv, p, _mm512_loadu_ps(o + s)));
+    }
+#elif defined(__AVX2__)
+    const __m256 iv = _mm256_set1_ps(inv), wv = _mm256_set1_ps(w);
+    for (; s + 8 <= n; s += 8) {
+        const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + s), iv);
+        _mm256_storeu_ps(x + s, p);
+        if (o) _mm256_storeu_ps(o + s, _mm256_fmadd_ps(wv, p, _mm256_loadu_ps(o + s)));
+    }
+#endif
+    for (; s < n; ++s) {
+        x[s] *= inv;
+        if (o) o[s] += w * x[s];
+    }
+}
+
 /* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own
  * token) to -inf, then softmax. */
 static inline void softmax_row(float *restrict x, int64_t n, float scaling, const uint8_t *allow) {
-    float top = -INFINITY, sum = 0.f;
+    float top = -INFINITY;
     int64_t i = 0;
 #ifdef __AVX2__
     if (!allow) { /* every slot real: scale and take the maximum 8 at a time */
@@ -135,25 +229,7 @@ static inline void softmax_row(float *restrict x, int64_t n, float scaling, cons
         x[i] = (allow && !allow[i] && i != n - 1) ? -INFINITY : x[i] * scaling;
         top = x[i] > top ? x[i] : top;
     }
-    i = 0;
-#ifdef __AVX2__
-    const __m256 m = _mm256_set1_ps(top);
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
-        _mm256_storeu_ps(x + i, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
-    for (int k = 0; k < 8; ++k) sum += lanes[k];
-#endif
-    for (; i < n; ++i) {
-        x[i] = expf(x[i] - top);
-        sum += x[i];
-    }
-    const float inv = 1.f / sum;
-    for (i = 0; i < n; ++i) x[i] *= inv;
+    row_scale_add(x, NULL, n, 1.f / row_exp(x, n, top), 0.f);
 }
 
 #endif
