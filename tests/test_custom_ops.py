@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompress import attention, native
-from kvcompress.methods import kivi
+from kvcompress.methods import kivi, lowrank
 from kvcompress.methods.kivi import KIVI
 
 
@@ -39,13 +39,20 @@ def _cases():
     allow = (torch.rand(2, 3, 8, 40) > 0.3).to(torch.uint8)
     yield "observe_rows", attention.observe_rows, (logits, allow, torch.rand(2, 3, 8), torch.zeros(2, 3, 40))
 
+    basis_t = torch.randn(1, 8, 3 * 64)  # one group of 3 heads, rank 8
+    angle = torch.rand(50, 64)
+    yield "lowrank_logits", lowrank.lowrank_logits, (
+        query, torch.randn(2, 1, 40, 8), basis_t, torch.randn(1, 3 * 64), torch.randint(0, 50, (2, 3, 40), dtype=torch.int32),
+        angle.cos(), angle.sin(),
+    )
+
 
 CASES = list(_cases())
 
 
 @pytest.mark.parametrize("name, call, args", CASES, ids=[c[0] for c in CASES])
 def test_registered_op_is_sound_and_the_eager_call_equals_it(name, call, args):
-    if native.load("dense") is None or native.load("kivi") is None:
+    if any(native.load(name) is None for name in ("dense", "kivi", "lowrank")):
         pytest.skip("no C compiler: the kernels are not built")
     torch.library.opcheck(call.op, _copies(args), test_utils=("test_schema", "test_faketensor"))
     eager_args, registered_args = _copies(args), _copies(args)  # an op that writes into its arguments writes into these

@@ -96,6 +96,38 @@ def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dim", [32, 64, 128])  # the any-D path, and the two register paths
+@pytest.mark.parametrize("groups", [1, 3])
+def test_logits_kernel_equals_rebuilt_rotated_keys(dim, groups):
+    """``kvcompress::lowrank_logits`` (keys rebuilt and rotated token by token, never written) equals the
+    logits over keys rebuilt, rotated and multiplied in torch, for latents read through a strided view
+    (a buffer with spare room), scattered positions and 5 query rows per KV head (float32: atol 1e-4)."""
+    from kvcompress import native
+    from kvcompress.methods.lowrank import lowrank_logits
+
+    if native.load("lowrank") is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    torch.manual_seed(dim + groups)
+    batch, heads, rows, n, rank = 2, 3, 5, 37, 12
+    width = heads // groups * dim  # E
+    held = torch.randn(batch, groups, n + 9, rank)  # 9 spare slots: the latents are a strided view
+    latent = held[:, :, :n]
+    basis = torch.linalg.qr(torch.randn(groups, width, rank))[0]  # (G, E, r)
+    mean = torch.randn(groups, width)
+    positions = torch.randint(0, 300, (batch, heads, n), dtype=torch.int32)
+    angle = torch.arange(300)[:, None] * 10000 ** (-torch.arange(0, dim, 2) / dim)  # (P, D/2)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (P, D)
+    query = torch.randn(batch, heads, rows, dim)
+    keys = (latent @ basis.transpose(1, 2) + mean[:, None])  # (B, G, N, E)
+    keys = keys.view(batch, groups, n, heads // groups, dim).transpose(2, 3).reshape(batch, heads, n, dim)
+    c, s = cos[positions.long()], sin[positions.long()]
+    half = dim // 2
+    rotated = keys * c + torch.cat([-keys[..., half:], keys[..., :half]], -1) * s
+    expected = query @ rotated.transpose(-1, -2)
+    got = lowrank_logits(query, latent, basis.transpose(1, 2).contiguous(), mean, positions, cos, sin)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.model
 def test_model_with_latent_values_equals_rebuilt_values(smol):
     """Attention that mixes stored values in latent space gives the logits of sdpa on rebuilt values."""

@@ -24,6 +24,7 @@ never evaluates on the text its calibration saw.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import json
@@ -201,21 +202,33 @@ class Rotary:
         """
         if positions.dim() >= 3 and positions.shape[-2] > 1 and bool((positions == positions[..., :1, :]).all()):
             positions = positions[..., :1, :]
-        top = int(positions.max()) + 1 if positions.numel() else 1
-        if self.cos is None or top > self.cos.shape[0] or self.cos.dtype != dtype:
-            size = max(256, 1 << (top - 1).bit_length())
-            ref = torch.zeros((), dtype=torch.float32, device=positions.device)
-            with torch.no_grad():
-                cos, sin = self.emb(ref, torch.arange(size, device=positions.device)[None], **self.kwargs)
-            if cos.shape[-1] != self.head_dim:
-                raise ValueError(f"partial rotary embeddings ({cos.shape[-1]} of {self.head_dim} dims) are not supported")
-            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        self.table(int(positions.max()) + 1 if positions.numel() else 1, dtype, positions.device)
         if positions.dim() and all(size == 1 for size in positions.shape[:-1]) and positions.shape[-1] > 1:
             first, n = int(positions.flatten()[0]), positions.shape[-1]
             if int(positions.flatten()[-1]) == first + n - 1 and bool((positions.diff(dim=-1) == 1).all()):
                 shape = (*positions.shape, self.cos.shape[-1])  # consecutive positions: a view, no gather
                 return self.cos[first : first + n].expand(shape), self.sin[first : first + n].expand(shape)
         return self.cos[positions], self.sin[positions]
+
+    def table(self, top: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, D)`` ``cos`` and ``sin`` tables of at least positions ``0 .. top - 1``."""
+        if self.cos is None or top > self.cos.shape[0] or self.cos.dtype != dtype:
+            size = max(256, 1 << (top - 1).bit_length())
+            ref = torch.zeros((), dtype=torch.float32, device=device)
+            with torch.no_grad():
+                cos, sin = self.emb(ref, torch.arange(size, device=device)[None], **self.kwargs)
+            if cos.shape[-1] != self.head_dim:
+                raise ValueError(f"partial rotary embeddings ({cos.shape[-1]} of {self.head_dim} dims) are not supported")
+            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        return self.cos, self.sin
+
+    @functools.cached_property
+    def half_split(self) -> bool:
+        """Whether the model rotates the two halves of a head against each other (Llama's ``rotate_half``),
+        the layout ``kvcompress::lowrank_logits`` assumes."""
+        x = torch.arange(1.0, self.head_dim + 1)
+        half = self.head_dim // 2
+        return torch.equal(self.rotate_half(x), torch.cat([-x[half:], x[:half]]))
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply the rotation of ``positions`` ``(...)`` to ``x`` ``(..., D)``."""

@@ -18,7 +18,9 @@ pre-rotary basis against +50% with a post-rotary one (joint heads: -0.7% against
 spreads a key's energy over every channel pair at a rate that depends on its position, so
 post-rotary keys are far from low-rank. The price: rebuilding costs a rotation per key per step,
 and queries cannot be projected into the key latent space (the rotation differs per key), so only
-the value half of attention runs in latent space (:class:`LatentValues`).
+the value half of attention runs in latent space (:class:`LatentValues`). On the CPU the keys'
+logits come from ``kvcompress::lowrank_logits`` (``csrc/lowrank.c``), which rebuilds, rotates and
+multiplies each key while it is in registers and cache, never writing the ``(B, H, N, D)`` keys.
 
 Values are mixed in latent space: ``softmax(q Kᵀ) (mu + Z Uᵀ) = mu + (softmax(q Kᵀ) Z) Uᵀ``,
 exactly (softmax rows sum to one). The store's attention segment (:class:`LatentSegment`) does
@@ -43,18 +45,22 @@ Departures:
 - The first ``sink`` tokens of each row are also kept in full precision: attention-sink keys are
   outliers that no basis fits (SmolLM2, ``key_ratio=0.75,value_ratio=0.25``: +28% perplexity
   with ``sink=0``, +3% with the default 4).
-- Keys are rebuilt (and rotated) for attention in plain PyTorch: the memory is saved, decode speed
-  is not (measurements in ``experiments/README.md``).
+- Rebuilding a key costs ``r_k`` multiply-adds per dimension, more arithmetic than reading the
+  full-precision key costs memory time on a CPU at the default ranks: decode stays slower than
+  uncompressed (measurements in ``experiments/README.md``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from kvcompress.buffer import FullPrecisionBuffer, gather_slots
+from kvcompress import native
+from kvcompress.buffer import FullPrecisionBuffer
 from kvcompress.calibration import Rotary, load_or_build
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.protocols import Representation, Store
@@ -179,8 +185,10 @@ class LowRank(Representation):
                 rank = self.rank(variance, ratio)
                 if rank == basis.shape[-1]:
                     parts += [None, None]
-                else:
-                    parts += [mean.to(device, dtype), basis[..., :rank].to(device, dtype).contiguous()]
+                else:  # keys: each latent dim's column contiguous, the layout the logits kernel reads
+                    basis = basis[..., :rank].to(device, dtype)
+                    basis = basis.transpose(-1, -2).contiguous().transpose(-1, -2) if kind == "keys" else basis.contiguous()
+                    parts += [mean.to(device, dtype), basis]
             bases[layer] = LayerBasis(groups, *parts)
         residual = max(self.residual, inner.residual) if inner is not None else self.residual  # one window serves both
         storage = LowRankStorage(bases, Rotary(model), inner, heads, residual, self.sink)
@@ -306,6 +314,22 @@ class LowRankStore:
         heads = self.positions.shape[1]
         return self._heads(z if basis is None else z @ basis.transpose(1, 2) + mean[:, None], heads)
 
+    def key_logits(self, query: torch.Tensor, z_k: torch.Tensor) -> torch.Tensor | None:
+        """``(B, H, R, N)`` logits of ``R`` query rows per KV head over the stored keys, rebuilt and rotated
+        token by token in ``kvcompress::lowrank_logits`` (never written out); None where it does not
+        apply (a full-rank key side, not float32 on the CPU, no C compiler, another rotary layout)."""
+        b = self.basis
+        if b.key_basis is None or not _logits_kernel_applies(query, z_k, self.rotary):
+            return None
+        cos, sin = self.rotary.table(int(self.positions.max()) + 1, torch.float32, z_k.device)
+        logits = lowrank_logits(query.contiguous(), z_k, b.key_basis.transpose(1, 2), b.key_mean,
+                                self.positions.contiguous(), cos, sin)
+        if self.sinks.keys is not None:  # the sinks' slots: their exact keys
+            bi, hi, j = (self.sinks.slot >= 0).nonzero(as_tuple=True)
+            exact = (query[bi, hi] @ self.sinks.keys[bi, hi, j][..., None]).squeeze(-1)  # (K, R)
+            logits[bi, hi, :, self.sinks.slot[bi, hi, j]] = exact
+        return logits
+
     def _keys(self, z_k: torch.Tensor) -> torch.Tensor:
         b = self.basis
         keys = self._rebuild(z_k, b.key_basis, b.key_mean)
@@ -338,14 +362,15 @@ class LowRankStore:
             sink_slot = self.sinks.slot.clone()  # (B, H, m); a copy: settling more tokens fills it in place
             group = torch.arange(heads, device=z_v.device) // (heads // b.groups)  # (H,)
             slot = sink_slot.clamp_min(0)
-            picked = gather_slots(z_v[:, group], slot)  # (B, H, m, r_v)
+            rows = torch.arange(slot.shape[0], device=z_v.device)[:, None, None]
+            picked = z_v[rows, group[None, :, None], slot]  # (B, H, m, r_v), without copying every slot
             rebuilt = picked @ b.value_basis[group].transpose(1, 2)[None] + b.value_mean[group][None, :, None]  # (B, H, m, E)
             within = torch.arange(heads, device=z_v.device) % (heads // b.groups)  # (H,) place of the head in its group
             dim = self.sinks.values.shape[-1]
             index = (within[:, None] * dim + torch.arange(dim, device=z_v.device))[None, :, None].expand(*slot.shape, dim)
             rebuilt = rebuilt.gather(-1, index)  # (B, H, m, D) this head's part of the group's vector
             sink_error = (self.sinks.values - rebuilt) * (sink_slot >= 0)[..., None]
-        return LatentSegment(self._keys(z_k), LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error), self)
+        return LatentSegment(z_k, LatentValues(z_v, b.value_basis, b.value_mean, sink_slot, sink_error), self)
 
     def valid(self) -> torch.Tensor | None:
         return self.slots.valid
@@ -472,22 +497,74 @@ class LatentValues:
 
 @dataclass(frozen=True)
 class LatentSegment:
-    """The attention segment of a :class:`LowRankStore`: rebuilt (rotated) ``(B, H, N, D)`` keys, values
+    """The attention segment of a :class:`LowRankStore`: keys as their ``(B, G, N, r_k)`` latents (logits
+    from :meth:`LowRankStore.key_logits`, or over keys rebuilt and rotated once, :attr:`keys`), values
     left latent and mixed by :meth:`LatentValues.mix`."""
 
-    keys: torch.Tensor
+    key_latent: torch.Tensor
     values: LatentValues
     store: LowRankStore
     dense_only = False
 
     def __len__(self) -> int:
-        return self.keys.shape[2]
+        return self.key_latent.shape[2]
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """``(B, H, N, D)`` rebuilt, rotated keys (the path without the kernel)."""
+        return self.store._keys(self.key_latent)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.keys_values()
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.keys.transpose(-1, -2)
+        fused = self.store.key_logits(query, self.key_latent)
+        return fused if fused is not None else query @ self.keys.transpose(-1, -2)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         return self.values.mix(weights)
+
+
+def _logits_kernel_applies(query: torch.Tensor, z_k: torch.Tensor, rotary: Rotary) -> bool:
+    return (
+        query.dtype == z_k.dtype == torch.float32
+        and query.device.type == z_k.device.type == "cpu"
+        and z_k.stride(-1) == 1
+        and query.shape[-1] % 2 == 0
+        and rotary.half_split
+        and native.load("lowrank") is not None
+    )
+
+
+@native.custom_op("kvcompress::lowrank_logits")
+def lowrank_logits(
+    query: torch.Tensor,
+    latent: torch.Tensor,
+    basis_t: torch.Tensor,
+    mean: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """``(B, H, R, N)`` logits of ``(B, H, R, D)`` float32 queries over keys rebuilt from ``latent``
+    ``(B, G, N, r)`` (last dim contiguous) as ``mean (G, E) + basis_t (G, r, E)ᵀ latent`` (``E = H / G * D``:
+    a group's heads side by side) and rotated (half-split RoPE) at ``positions`` ``(B, H, N)`` int32 by
+    the ``(P, D)`` tables ``cos``, ``sin``; ``csrc/lowrank.c``."""
+    batch, heads, rows, dim = query.shape
+    groups, n, rank = latent.shape[1], latent.shape[2], latent.shape[3]
+    out = query.new_empty(batch, heads, rows, n)
+    basis_t, mean, cos, sin = (t.contiguous() for t in (basis_t, mean, cos, sin))
+    status = native.load("lowrank").lowrank_logits(
+        native.data_pointer(query), native.data_pointer(latent), *map(ctypes.c_int64, latent.stride()[:3]),
+        native.data_pointer(basis_t), native.data_pointer(mean), native.data_pointer(positions),
+        native.data_pointer(cos), native.data_pointer(sin), ctypes.c_int64(cos.shape[0]), native.data_pointer(out),
+        *map(ctypes.c_int64, (batch, heads, groups, rows, n, rank, dim)),
+    )
+    if status:
+        raise MemoryError("kvcompress::lowrank_logits: the kernel could not allocate its scratch row")
+    return out
+
+
+@lowrank_logits.register_fake
+def _(query, latent, basis_t, mean, positions, cos, sin):
+    return query.new_empty(*query.shape[:3], latent.shape[2])
