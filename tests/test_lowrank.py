@@ -201,6 +201,14 @@ def test_spec_validation_names_the_fix():
     assert LowRank(key_ratio=0.75).rank(torch.ones(1, 64), 0.75) == 16
 
 
+def test_default_split_keeps_a_quarter_of_the_keys_and_three_quarters_of_the_values():
+    """Half the dims in all, like ratio=0.5, spent where they cost least (pre-rotary keys are low-rank)."""
+    assert LowRank().ratios() == (0.75, 0.25)
+    assert LowRank(ratio=0.5).ratios() == (0.5, 0.5)
+    assert LowRank(key_ratio=0.75).ratios() == (0.75, 0.5)  # the other side falls back on 0.5, as before
+    assert LowRank(ratio=0.6, value_ratio=0.1).ratios() == (0.6, 0.1)
+
+
 class _Tokenizer:
     def __call__(self, text, return_tensors=None):
         return {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])}
