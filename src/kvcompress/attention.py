@@ -44,7 +44,7 @@ from kvcompress.step import Attended, DenseSegment, Operands
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
 SEGMENT_QUERIES = 64  # above this many queries, the step goes to sdpa over rebuilt keys and values
 LOGITS_BUDGET = 1 << 24  # elements of one chunk's (B, Hq, chunk, S) weights in the segment path
-WEIGHTS_BUDGET = 1 << 20  # elements of one chunk's weights when observing many queries (a few MB: cache-sized)
+WEIGHTS_BUDGET = 1 << 21  # elements of one chunk's weights when observing queries (8 MB; 4 MB measured 4 % slower)
 
 
 def allowed(valid: torch.Tensor, new: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
