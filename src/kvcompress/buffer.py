@@ -164,6 +164,12 @@ class FullPrecisionBuffer:
         self._valid[:, :, : self.n] = keep
         return None
 
+    def drop_index(self, keep: torch.Tensor, room: int, headroom: int = 0) -> torch.Tensor:
+        """:meth:`drop`, returning the ``(B, H, n)`` old slot of each slot held afterwards also when
+        nothing moved (then ``0 .. n - 1``)."""
+        moved = self.drop(keep, room, headroom)
+        return moved if moved is not None else torch.arange(self.n, device=keep.device).expand(*keep.shape[:2], -1)
+
     def take_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Remove and return the oldest ``count`` slots (keys, values, valid)."""
         k, v = self.keys_values()
@@ -284,8 +290,7 @@ class RaggedStore:
                     continue
                 mine = keep[b, h, : len(s)][None, None]
                 if isinstance(s, FullPrecisionBuffer):
-                    moved = s.drop(mine, room=self.block, headroom=self.block)
-                    indices.append(torch.arange(len(s), device=keep.device) if moved is None else moved[0, 0])
+                    indices.append(s.drop_index(mine, room=self.block, headroom=self.block)[0, 0])
                 else:
                     indices.append(s.compact(mine)[0, 0])
         n = max((len(i) for i in indices), default=0)

@@ -245,9 +245,7 @@ class CompressedLayer(CacheLayerMixin):
         stored = len(self.store)
         kept = [self.store.compact(keep[..., :stored])] if stored else []
         if isinstance(self.store, RaggedStore):  # evicted window slots masked until a chunk is free, as in the heads
-            window_index = self.window.drop(keep[..., stored:], self.selection.block, headroom=self.selection.block)
-            if window_index is None:  # nothing moved
-                window_index = torch.arange(len(self.window), device=self.device).expand(*keep.shape[:2], -1)
+            window_index = self.window.drop_index(keep[..., stored:], self.selection.block, headroom=self.selection.block)
         else:
             window_index = self.window.compact(keep[..., stored:], in_place=True)  # (B, H, n) old slot of each
         if self.positions is not None:

@@ -4,8 +4,9 @@
  * writes every rebuilt key, then reads it back to rotate it and again to multiply it: three passes
  * over (N, D) floats per head and step where this reads N latents of r floats. One thread.
  *
- * The rebuild is r multiply-adds per key dimension, so this is bound by arithmetic, not memory: at
- * r = 96 over E = 192 dims (SmolLM2's default lowrank), about one 16-wide multiply-add per cycle.
+ * The rebuild is r multiply-adds per key dimension, so this is bound by arithmetic, not memory: on
+ * SmolLM2 (E = 192 dims per layer, r = 48 by default, 96 at ratio=0.5), about one 16-wide
+ * multiply-add per cycle.
  *
  * Rotation is the half-split RoPE of Llama-style models: for d < D/2,
  *   rot[d] = k[d] cos[d] - k[d + D/2] sin[d],  rot[d + D/2] = k[d + D/2] cos[d + D/2] + k[d] sin[d + D/2].

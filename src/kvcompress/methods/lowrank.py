@@ -334,10 +334,8 @@ class LowRankStore:
         cos, sin = self.rotary.table(int(self.positions.max()) + 1, torch.float32, z_k.device)
         logits = lowrank_logits(query.contiguous(), z_k, b.key_basis.transpose(1, 2), b.key_mean,
                                 self.positions.contiguous(), cos, sin)
-        if self.sinks.keys is not None:  # the sinks' slots: their exact keys
-            bi, hi, j = (self.sinks.slot >= 0).nonzero(as_tuple=True)
-            exact = (query[bi, hi] @ self.sinks.keys[bi, hi, j][..., None]).squeeze(-1)  # (K, R)
-            logits[bi, hi, :, self.sinks.slot[bi, hi, j]] = exact
+        if self.sinks.keys is not None:
+            self.sinks.write_logits(logits, query)
         return logits
 
     def _keys(self, z_k: torch.Tensor) -> torch.Tensor:
@@ -441,15 +439,25 @@ class Sinks:
         self.keys[b, h, r], self.values[b, h, r] = keys[b, h, j], values[b, h, j]
         self.open = bool((self.slot < 0).any())
 
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(b, h, j)`` of every sink copy that stands for a held slot (``self.slot[b, h, j]``)."""
+        return (self.slot >= 0).nonzero(as_tuple=True)
+
     def write_keys(self, keys: torch.Tensor) -> None:
         """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` keys with the copies."""
-        b, h, j = (self.slot >= 0).nonzero(as_tuple=True)
+        b, h, j = self._held()
         keys[b, h, self.slot[b, h, j]] = self.keys[b, h, j]
 
     def write_values(self, values: torch.Tensor) -> None:
         """Overwrite the sinks' slots of rebuilt ``(B, H, N, D)`` values with the copies."""
-        b, h, j = (self.slot >= 0).nonzero(as_tuple=True)
+        b, h, j = self._held()
         values[b, h, self.slot[b, h, j]] = self.values[b, h, j]
+
+    def write_logits(self, logits: torch.Tensor, query: torch.Tensor) -> None:
+        """Overwrite the sinks' slots of ``(B, H, R, N)`` logits over rebuilt keys with those of the copies,
+        for the ``(B, H, R, D)`` query rows."""
+        b, h, j = self._held()
+        logits[b, h, :, self.slot[b, h, j]] = (query[b, h] @ self.keys[b, h, j][..., None]).squeeze(-1)  # (K, R)
 
     def compact(self, index: torch.Tensor, old: int) -> None:
         """Follow a compaction that kept ``index`` ``(B, H, n)`` (old slots) of ``old`` slots."""
