@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from kvcompress.bench.methods import resolve
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.texts import load_text, spread_offsets
+from kvcompress.buffer import CHUNK
 from kvcompress.models import cache_kwarg
 
 CONTEXT, TOKENS, WINDOWS = 48, 6, 2
@@ -44,6 +45,10 @@ def test_baseline_equals_dynamic_cache(smol, prose_ids):
         assert got == pytest.approx(want, abs=2e-4)
     mean = sum(map(sum, reference)) / (TOKENS * WINDOWS)
     assert result["perplexity"] == pytest.approx(math.exp(mean), rel=1e-4)
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    held = -(-CONTEXT // CHUNK) * CHUNK  # the window reserves capacity a chunk at a time, and holds it
+    assert result["kv_bytes_after_context"] == [held * per_token] * WINDOWS and result["context_tokens"] == CONTEXT
 
 
 def test_eviction_during_scoring_changes_the_result(smol, prose_ids):
@@ -55,6 +60,7 @@ def test_eviction_during_scoring_changes_the_result(smol, prose_ids):
     # the first attends to a cache that has dropped its oldest tokens.
     streaming = perplexity(resolve(f"streaming:sink=0,window={CONTEXT}"), model, prose_ids, CONTEXT, TOKENS, offsets)
     got, want = streaming["nll"][0], none["nll"][0]
+    assert streaming["kv_bytes_after_context"] == none["kv_bytes_after_context"]  # the window holds the whole context
     assert got[0] == pytest.approx(want[0], abs=2e-4)
     assert all(g != pytest.approx(w, abs=2e-4) for g, w in zip(got[1:], want[1:]))
 

@@ -88,6 +88,22 @@ def test_a_column_per_perplexity_text_with_its_ratio_to_none():
     assert "11.000 (+10.0%)" in kivi and "30.000 (+50.0%)" in kivi and "20.000 (+0.0%)" in none
 
 
+def test_without_speed_compression_comes_from_the_bytes_perplexity_held():
+    def result(spec, prose_bytes, kjv_bytes):
+        return {"spec": spec, "source": "kvcompress", "context": 64,
+                "perplexity[prose]": {"perplexity": 10.0, "kv_bytes_after_context": prose_bytes, "context_tokens": 64},
+                "perplexity[kjv]": {"perplexity": 20.0, "kv_bytes_after_context": kjv_bytes, "context_tokens": 64}}
+
+    old = {"spec": "h2o", "source": "kvcompress", "context": 64, "perplexity[prose]": {"perplexity": 11.0}}  # stored before bytes were
+    rows = report.build_rows([result("none", [6400, 6400], [6400]), result("snapkv", [1600, 1700], [1500]), old], CONDITIONS)
+    assert rows[0]["compression"] == 1.0 and rows[0]["kv_bytes_per_token"] == 100.0
+    assert rows[1]["kv_bytes_per_token"] == pytest.approx((1650 / 64 + 1500 / 64) / 2)  # windows, then texts
+    assert rows[1]["compression"] == pytest.approx(100 / rows[1]["kv_bytes_per_token"])
+    assert "compression" not in rows[2] and "kv_bytes_per_token" not in rows[2]
+    with_speed = report.build_rows([{**result("none", [64], [64]), "speed": _speed(1000, 2.0, 10.0, 2**30, 64)}], CONDITIONS)
+    assert with_speed[0]["kv_bytes_per_token"] == 1000  # the speed part's bytes win
+
+
 def test_a_table_without_perplexity_has_one_plain_perplexity_column():
     speed_only = [{k: v for k, v in r.items() if k != "perplexity"} for r in RESULTS[:2]]
     header = report.format_table(report.build_rows(speed_only, CONDITIONS)).splitlines()[0]

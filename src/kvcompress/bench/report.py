@@ -47,6 +47,17 @@ def _perplexities(result: dict, conditions: dict) -> dict[str, dict]:
     return found
 
 
+def _held_per_token(result: dict, conditions: dict) -> float | None:
+    """KV bytes per context token a result's perplexity parts recorded after compressing their contexts
+    (mean over windows and texts), or None: parts measured before they recorded it, or no perplexity."""
+    held = [
+        (sum(p["kv_bytes_after_context"]) / len(p["kv_bytes_after_context"]), p["context_tokens"])
+        for p in _perplexities(result, conditions).values()
+        if p and p.get("kv_bytes_after_context")
+    ]
+    return sum(b / t for b, t in held) / len(held) if held else None
+
+
 def build_rows(results: list[dict], conditions: dict) -> list[dict]:
     """One flat row per (method, context), with every raw figure, ratios to ``none`` and the conditions.
 
@@ -89,6 +100,9 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
                 row["peak_memory_x"] = _ratio(speed["peak_memory_bytes"], ref_speed["peak_memory_bytes"])
                 row["prefill_peak_memory_x"] = _ratio(row["prefill_peak_memory_bytes"], ref_speed.get("prefill_peak_memory_bytes"))
                 row["prefill_added_x"] = _ratio(row["prefill_added_bytes"], ref_speed.get("prefill_added_bytes"))
+        elif _held_per_token(r, conditions):  # no speed part: the bytes perplexity's caches held
+            row["kv_bytes_per_token"] = _held_per_token(r, conditions)
+            row["compression"] = _ratio(_held_per_token(ref, conditions), row["kv_bytes_per_token"])
         ref_ppl = _perplexities(ref, conditions)
         deltas = []
         for name, ppl in _perplexities(r, conditions).items():

@@ -525,6 +525,8 @@ def describe(conditions: dict) -> str:
         f"{c['kvcompress_source']}), python {c['python']}\n"
         f"perplexity: text {', '.join(repr(t) for t in c['text'].split(','))}, {c['ppl_tokens']} tokens scored token "
         f"by token after the C compressed tokens, at {c['ppl_windows']} windows spread over each text\n"
+        f"KV bytes/token: the cache's bytes after the speed part's prefill, or, in a row without speed, after "
+        f"perplexity's contexts (mean over windows and texts), over C\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
         f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
         f"steps, after a warm-up{_turns(c)}; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
