@@ -156,3 +156,36 @@ def _held(state: dict) -> dict:
     n = state["window.n"]
     return {name: value[..., :n, :] if name in ("window.k", "window.v") else value
             for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+@pytest.mark.model
+def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monkeypatch):
+    """``adakv+kivi``: every head of a ragged layer holds its own KIVI codes; each decode step reads each head's
+    codes and window slots in its own one-pass kernel call (no keys or values rebuilt), and ``model.generate``
+    gives the logits of the reference path (sdpa over dequantized keys and values)."""
+    from kvcompress.methods import kivi
+
+    if native.load("kivi") is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    model, tokenizer = smol
+    ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 8, return_tensors="pt")["input_ids"]
+    spec = "adakv:budget=48,window=8,block=8+kivi:bits=4,group=16,residual=16"
+    calls, steps = [], []
+    one, each = kivi.kivi_attend, buffer.RaggedSegment._attend_each
+    monkeypatch.setattr(kivi, "kivi_attend", lambda *a, **k: calls.append(a[1].shape[:2]) or one(*a, **k))
+    monkeypatch.setattr(buffer.RaggedSegment, "_attend_each", lambda *a, **k: steps.append(1) or each(*a, **k))
+    scores = {}
+    for path in ("one pass", "reference"):
+        cache = kvcompress.make_cache(spec, model)
+        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
+        with torch.no_grad(), kvcompress.attach(model, cache), reference:
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        scores[path] = torch.stack(out.scores, 1)
+        if path == "one pass":
+            store = cache.compressed_layers[0].store
+            assert isinstance(store, RaggedStore) and len(set(store.lengths().flatten().tolist())) > 1
+    # A layer step takes this path once every head holds codes (before, a head's tokens are all in the window).
+    assert len(steps) > 11 * model.config.num_hidden_layers // 2
+    assert len(calls) == len(steps) * model.config.num_key_value_heads and all(shape == (1, 1) for shape in calls)
+    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
