@@ -72,24 +72,36 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     """``model.generate`` with an eviction cache takes the one-pass path at every layer of every decode
     step (H2O and TOVA scoring from its weights), evicts as it goes, and gives the logits of the reference
     path (sdpa, and observed attention from a separate pass)."""
-    model, tokenizer = smol
-    ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 8, return_tensors="pt")["input_ids"]
+    model, _ = smol
     calls = []
     one = attention.dense_attend
     monkeypatch.setattr(attention, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
     monkeypatch.setattr(buffer, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
-    scores, held = {}, {}
+    caches = _generate_on_both_paths(smol, spec)
+    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
+    held = [len(cache.compressed_layers[0]) for cache in caches]
+    assert held[0] == held[1] < len(smol[1](PROMPT)["input_ids"])  # both evicted the same number of slots
+
+
+PROMPT = "Owls hunt at night and sleep through the day in hollow trees. " * 8
+
+
+def _generate_on_both_paths(smol, spec: str) -> tuple:
+    """12 greedy tokens after :data:`PROMPT` through ``model.generate``, on the fast paths and on the reference
+    path (sdpa, and observed attention from a separate pass); asserts their logits agree, returns both caches."""
+    model, tokenizer = smol
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    scores, caches = [], []
     for path in ("one pass", "reference"):
         cache = kvcompress.make_cache(spec, model)
         reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
         with torch.no_grad(), kvcompress.attach(model, cache), reference:
             out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
-        scores[path] = torch.stack(out.scores, 1)
-        held[path] = len(cache.compressed_layers[0])
-    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
-    assert held["one pass"] == held["reference"] < ids.shape[1]  # both evicted the same number of slots
-    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
+        scores.append(torch.stack(out.scores, 1))
+        caches.append(cache)
+    torch.testing.assert_close(scores[0], scores[1], atol=2e-4, rtol=1e-4)
+    return tuple(caches)
 
 
 @pytest.mark.parametrize("observe", [-1, 300, 32])
@@ -167,25 +179,14 @@ def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monk
 
     if native.load("kivi") is None:
         pytest.skip("no C compiler: the kernels are not built")
-    model, tokenizer = smol
-    ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 8, return_tensors="pt")["input_ids"]
-    spec = "adakv:budget=48,window=8,block=8+kivi:bits=4,group=16,residual=16"
+    model, _ = smol
     calls, steps = [], []
     one, each = kivi.kivi_attend, buffer.RaggedSegment._attend_each
     monkeypatch.setattr(kivi, "kivi_attend", lambda *a, **k: calls.append(a[1].shape[:2]) or one(*a, **k))
     monkeypatch.setattr(buffer.RaggedSegment, "_attend_each", lambda *a, **k: steps.append(1) or each(*a, **k))
-    scores = {}
-    for path in ("one pass", "reference"):
-        cache = kvcompress.make_cache(spec, model)
-        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
-        with torch.no_grad(), kvcompress.attach(model, cache), reference:
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        scores[path] = torch.stack(out.scores, 1)
-        if path == "one pass":
-            store = cache.compressed_layers[0].store
-            assert isinstance(store, RaggedStore) and len(set(store.lengths().flatten().tolist())) > 1
+    caches = _generate_on_both_paths(smol, "adakv:budget=48,window=8,block=8+kivi:bits=4,group=16,residual=16")
+    store = caches[0].compressed_layers[0].store
+    assert isinstance(store, RaggedStore) and len(set(store.lengths().flatten().tolist())) > 1
     # A layer step takes this path once every head holds codes (before, a head's tokens are all in the window).
     assert len(steps) > 11 * model.config.num_hidden_layers // 2
     assert len(calls) == len(steps) * model.config.num_key_value_heads and all(shape == (1, 1) for shape in calls)
-    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
