@@ -100,9 +100,9 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
                 row["peak_memory_x"] = _ratio(speed["peak_memory_bytes"], ref_speed["peak_memory_bytes"])
                 row["prefill_peak_memory_x"] = _ratio(row["prefill_peak_memory_bytes"], ref_speed.get("prefill_peak_memory_bytes"))
                 row["prefill_added_x"] = _ratio(row["prefill_added_bytes"], ref_speed.get("prefill_added_bytes"))
-        elif _held_per_token(r, conditions):  # no speed part: the bytes perplexity's caches held
-            row["kv_bytes_per_token"] = _held_per_token(r, conditions)
-            row["compression"] = _ratio(_held_per_token(ref, conditions), row["kv_bytes_per_token"])
+        elif held := _held_per_token(r, conditions):  # no speed part: the bytes perplexity's caches held
+            row["kv_bytes_per_token"] = held
+            row["compression"] = _ratio(_held_per_token(ref, conditions), held)
         ref_ppl = _perplexities(ref, conditions)
         deltas = []
         for name, ppl in _perplexities(r, conditions).items():
