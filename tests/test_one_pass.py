@@ -64,6 +64,28 @@ def test_dense_one_pass_declines_other_dtypes_and_two_segments():
     assert attention.attend_one_pass(torch.randn(1, 9, 1, 64), Operands(two, None, 3), 0.1) is None
 
 
+PROMPT = "Owls hunt at night and sleep through the day in hollow trees. " * 8
+
+
+def _generate_on_both_paths(smol, spec: str, prompt: str = PROMPT, new_tokens: int = 12) -> tuple:
+    """``new_tokens`` greedy tokens after ``prompt`` through ``model.generate``, on the fast paths and on the
+    reference path (sdpa, and observed attention from a separate pass); asserts their logits agree, returns
+    both caches."""
+    model, tokenizer = smol
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    scores, caches = [], []
+    for path in ("one pass", "reference"):
+        cache = kvcompress.make_cache(spec, model)
+        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
+        with torch.no_grad(), kvcompress.attach(model, cache), reference:
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1))
+        caches.append(cache)
+    torch.testing.assert_close(scores[0], scores[1], atol=2e-4, rtol=1e-4)
+    return tuple(caches)
+
+
 @pytest.mark.model
 @pytest.mark.parametrize(
     "spec", ["h2o:budget=40,window=8,block=8", "streaming:window=48,sink=4", "tova:budget=40,block=8", "adakv:budget=40,block=8"]
@@ -72,7 +94,7 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     """``model.generate`` with an eviction cache takes the one-pass path at every layer of every decode
     step (H2O and TOVA scoring from its weights), evicts as it goes, and gives the logits of the reference
     path (sdpa, and observed attention from a separate pass)."""
-    model, _ = smol
+    model, tokenizer = smol
     calls = []
     one = attention.dense_attend
     monkeypatch.setattr(attention, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
@@ -80,28 +102,7 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     caches = _generate_on_both_paths(smol, spec)
     assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
     held = [len(cache.compressed_layers[0]) for cache in caches]
-    assert held[0] == held[1] < len(smol[1](PROMPT)["input_ids"])  # both evicted the same number of slots
-
-
-PROMPT = "Owls hunt at night and sleep through the day in hollow trees. " * 8
-
-
-def _generate_on_both_paths(smol, spec: str) -> tuple:
-    """12 greedy tokens after :data:`PROMPT` through ``model.generate``, on the fast paths and on the reference
-    path (sdpa, and observed attention from a separate pass); asserts their logits agree, returns both caches."""
-    model, tokenizer = smol
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    scores, caches = [], []
-    for path in ("one pass", "reference"):
-        cache = kvcompress.make_cache(spec, model)
-        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
-        with torch.no_grad(), kvcompress.attach(model, cache), reference:
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        scores.append(torch.stack(out.scores, 1))
-        caches.append(cache)
-    torch.testing.assert_close(scores[0], scores[1], atol=2e-4, rtol=1e-4)
-    return tuple(caches)
+    assert held[0] == held[1] < len(tokenizer(PROMPT)["input_ids"])  # both evicted the same number of slots
 
 
 @pytest.mark.parametrize("observe", [-1, 300, 32])
@@ -142,25 +143,18 @@ def test_a_scored_prompt_is_observed_in_its_own_pass_and_matches_the_reference(s
     window for SnapKV) takes the one chunked pass at every layer, and the tokens then kept and the logits
     equal those of the reference path (sdpa, and the prompt's attention from a separate pass)."""
     model, tokenizer = smol
-    ids = tokenizer("Owls hunt at night and sleep through the day in hollow trees. " * 24, return_tensors="pt")["input_ids"]
-    assert ids.shape[1] > attention.SEGMENT_QUERIES
+    prompt = PROMPT * 3
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    assert prompt_tokens > attention.SEGMENT_QUERIES
     calls = []
     fused = attention.attend_observing
     monkeypatch.setattr(attention, "attend_observing", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    scores, kept = {}, {}
-    for path in ("one pass", "reference"):
-        cache = kvcompress.make_cache(spec, model)
-        reference = attention.reference_path() if path == "reference" else contextlib.nullcontext()
-        with torch.no_grad(), kvcompress.attach(model, cache), reference:
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        scores[path] = torch.stack(out.scores, 1)
-        kept[path] = [layer.state() for layer in cache.compressed_layers]
-    assert kept["one pass"][0]["window.n"] < ids.shape[1]  # it evicted
+    caches = _generate_on_both_paths(smol, spec, prompt, new_tokens=4)
+    kept = [[layer.state() for layer in cache.compressed_layers] for cache in caches]
+    assert kept[0][0]["window.n"] < prompt_tokens  # it evicted
     assert len(calls) == model.config.num_hidden_layers  # the prompt, once per layer; decode steps go elsewhere
-    for ours, theirs in zip(kept["one pass"], kept["reference"]):  # the same slots kept, the same scores
+    for ours, theirs in zip(*kept):  # the same slots kept, the same scores
         torch.testing.assert_close(_held(ours), _held(theirs), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(scores["one pass"], scores["reference"], atol=2e-4, rtol=1e-4)
 
 
 def _held(state: dict) -> dict:
