@@ -154,6 +154,44 @@ def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, obs
             assert one.observed is None
 
 
+@pytest.mark.parametrize("observe", [0, 1])
+@pytest.mark.parametrize("holes", [False, True])
+def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe, holes):
+    """Heads that each hold their own number of KIVI codes (``adakv+kivi``, per-head budgets) are read in one
+    kernel call per layer (``kivi_attend_heads``), padding to the longest head weighted 0: the output and
+    observed attention of the segment path and of sdpa on dequantized keys and values (atol 1e-5)."""
+    from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
+    from kvcompress.buffer import RaggedSegment
+    from kvcompress.methods import kivi
+
+    torch.manual_seed(observe + 2 * holes)
+    batch, heads, rep, group, window = 2, 3, 3, 16, 5
+    lengths = [[4, 1, 2], [3, 4, 1]]  # groups per (row, head)
+    stored = 4 * group
+    segments = []
+    for row in lengths:
+        segments.append([])
+        for n in row:
+            store = KIVI(bits=4, group=group).new_store(0, 64, torch.float32)
+            store.append(torch.randn(1, 1, n * group, 64), torch.randn(1, 1, n * group, 64), None, None)
+            segments[-1].append(store.segment())
+    held = torch.tensor(lengths).mul(group)[..., None] > torch.arange(stored)  # (B, H, stored): padding is not held
+    valid = torch.cat([held & (torch.rand(batch, heads, stored) > 0.3 if holes else held),
+                       torch.ones(batch, heads, window, dtype=torch.bool)], 2)
+    window_kv = DenseSegment(torch.randn(batch, heads, window, 64), torch.randn(batch, heads, window, 64))
+    operands = Operands((RaggedSegment(segments, stored), window_kv), valid, heads, observe)
+    query = torch.randn(batch, heads * rep, 1, 64)
+    calls, ragged = [], kivi.kivi_attend_heads
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
+        one = attend_one_pass(query, operands, 0.125)
+    assert one is not None and calls == [batch * heads]  # every head of the layer in one call
+    for other in (attend_segments(query, operands, 0.125), attend_dense(query, operands, 0.125)):
+        torch.testing.assert_close(one.output, other.output, atol=1e-5, rtol=1e-5)
+        if observe:
+            torch.testing.assert_close(one.observed, other.observed, atol=1e-6, rtol=1e-5)
+
+
 def test_one_pass_declines_what_it_does_not_compute():
     """Several queries per row, a second stored segment, or bfloat16 windows go to the segment path."""
     from kvcompress.attention import attend_one_pass

@@ -166,21 +166,22 @@ def _held(state: dict) -> dict:
 
 @pytest.mark.model
 def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monkeypatch):
-    """``adakv+kivi``: every head of a ragged layer holds its own KIVI codes; each decode step reads each head's
-    codes and window slots in its own one-pass kernel call (no keys or values rebuilt), and ``model.generate``
-    gives the logits of the reference path (sdpa over dequantized keys and values)."""
+    """``adakv+kivi``: every head of a ragged layer holds its own KIVI codes; each decode step reads every
+    head's codes and window slots in one kernel call per layer (no keys or values rebuilt, no call per
+    head), and ``model.generate`` gives the logits of the reference path (sdpa over dequantized keys and
+    values)."""
     from kvcompress.methods import kivi
 
     if native.load("kivi") is None:
         pytest.skip("no C compiler: the kernels are not built")
     model, _ = smol
-    calls, steps = [], []
-    one, each = kivi.kivi_attend, buffer.RaggedSegment._attend_each
+    calls, heads = [], []
+    one, ragged = kivi.kivi_attend, kivi.kivi_attend_heads
     monkeypatch.setattr(kivi, "kivi_attend", lambda *a, **k: calls.append(a[1].shape[:2]) or one(*a, **k))
-    monkeypatch.setattr(buffer.RaggedSegment, "_attend_each", lambda *a, **k: steps.append(1) or each(*a, **k))
+    monkeypatch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: heads.append(len(a[1])) or ragged(*a, **k))
     caches = _generate_on_both_paths(smol, "adakv:budget=48,window=8,block=8+kivi:bits=4,group=16,residual=16")
     store = caches[0].compressed_layers[0].store
     assert isinstance(store, RaggedStore) and len(set(store.lengths().flatten().tolist())) > 1
     # A layer step takes this path once every head holds codes (before, a head's tokens are all in the window).
-    assert len(steps) > 11 * model.config.num_hidden_layers // 2
-    assert len(calls) == len(steps) * model.config.num_key_value_heads and all(shape == (1, 1) for shape in calls)
+    assert len(heads) > 11 * model.config.num_hidden_layers // 2
+    assert heads == [model.config.num_key_value_heads] * len(heads) and not calls

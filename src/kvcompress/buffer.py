@@ -347,15 +347,16 @@ class RaggedSegment:
                    weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """One decode query per row over ``[these heads | window]`` in one kernel call
         (``kvcompress::dense_attend``), each head read where it is held: ``(B, H, G, D)`` grouped queries ->
-        ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)`` weights. Heads that all attend on
-        their own (``adakv+kivi``: KIVI codes) take one kernel call each instead (:meth:`_attend_each`).
+        ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)`` weights. Heads of a kind with its own
+        ragged kernel (``adakv+kivi``: KIVI codes, ``attend_heads``) take that kernel instead, again one call.
         None unless the window (which holds the step's token) and the heads are float32 on the CPU or all
-        attend on their own, and no head is empty: the caller then takes the segment path."""
+        of such a kind, and no head is empty: the caller then takes the segment path."""
         heads = [s for row in self.rows for s in row]
         if window is None:
             return None  # the step's own token is the window's last slot
-        if heads and all(s is not None and hasattr(s, "attend_one") for s in heads):
-            return self._attend_each(query, window, valid, scaling, weights)
+        kind = type(heads[0]) if heads else None
+        if hasattr(kind, "attend_heads") and all(type(s) is kind for s in heads):
+            return kind.attend_heads(heads, query, window, valid, self.length, scaling, weights)
         if not all(s is None or isinstance(s, DenseSegment) for s in heads):
             return None
         if not dense_one_pass_applies(query, window, *(s for s in heads if s is not None)):
@@ -368,26 +369,6 @@ class RaggedSegment:
             query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, weights
         )
         return out, probs if weights else None
-
-    def _attend_each(self, query, window: DenseSegment, valid, scaling: float, weights: bool):
-        """Each head's one-pass kernel over ``[its segment | its window slots]`` (a softmax is per head, so
-        one call per head is the whole attention): no keys or values rebuilt, one kernel call per head
-        instead of the segment path's torch operations per head. None if a head's kernel declines."""
-        batch, heads, groups, dim = query.shape
-        out = query.new_empty(batch, heads, groups, dim, dtype=torch.float32)
-        probs = query.new_zeros(batch, heads, groups, self.length + len(window), dtype=torch.float32) if weights else None
-        for b, row in enumerate(self.rows):
-            for h, s in enumerate(row):
-                n = len(s)
-                mine = None if valid is None else torch.cat([valid[b, h, :n], valid[b, h, self.length :]])[None, None]
-                part = DenseSegment(window.keys[b : b + 1, h : h + 1], window.values[b : b + 1, h : h + 1])
-                done = s.attend_one(query[b : b + 1, h : h + 1], part, mine, scaling, weights)
-                if done is None:
-                    return None
-                out[b, h] = done[0][0, 0]
-                if weights:
-                    probs[b, h, :, :n], probs[b, h, :, self.length :] = done[1][0, 0, :, :n], done[1][0, 0, :, n:]
-        return out, probs
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         out = None

@@ -280,6 +280,28 @@ class KIVISegment:
         )
         return out, probs if weights else None
 
+    @staticmethod
+    def attend_heads(heads: list[KIVISegment], query: torch.Tensor, window: DenseSegment, valid: torch.Tensor | None,
+                     stored: int, scaling: float, weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """:meth:`attend_one` for ragged heads (a :class:`kvcompress.buffer.RaggedSegment`): ``heads``, one
+        segment per (row, head), row-major, each its own number of the ``stored`` slots; one kernel call
+        (``kvcompress::kivi_attend_heads``) for all of them. ``valid`` ``(B, H, stored + W)`` or None. None where
+        the kernel does not apply (the heads differ in bits, group or metadata type)."""
+        first = heads[0].store
+        kinds = {(s.store.bits, s.store.block, s.store.tensors["key_scale"].dtype) for s in heads}
+        dim = query.shape[-1]
+        if len(kinds) > 1 or window.keys.dtype != torch.float32 or first.tensors["value_codes"].shape[3] * 8 // first.bits != dim:
+            return None
+        keys, values = kernel_pair(window.keys, window.values)
+        held = {name: [s.store.tensors[name] for s in heads] for name in KIVI_TENSORS}
+        out, probs = kivi_attend_heads(
+            query.float().contiguous(), *held.values(), stored, keys, values, mask_bytes(valid), scaling, weights,
+            first.bits, first.block,
+        )
+        return out, probs if weights else None
+
+
+KIVI_TENSORS = ("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min")  # a store's, in kernel order
 
 _META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
 
@@ -362,4 +384,44 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
 def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, allow,
       scaling, weights, bits, group):
     slots = key_codes.shape[3] + window_keys.shape[2]
+    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
+
+
+@native.custom_op("kvcompress::kivi_attend_heads")
+def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_scale: list[torch.Tensor],
+                      key_min: list[torch.Tensor], value_codes: list[torch.Tensor], value_scale: list[torch.Tensor],
+                      value_min: list[torch.Tensor], stored: int, window_keys: torch.Tensor, window_values: torch.Tensor,
+                      allow: torch.Tensor, scaling: float, weights: bool, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kivi_attend` over ragged heads: ``(B, H, G, D)`` float32 queries; per (row, head), row-major,
+    ``B * H`` of each list: one head's key codes ``(1, 1, P, n)``, scales and zero points ``(1, 1, n / group, D)``,
+    value codes ``(1, 1, n, P)``, scales and zero points ``(1, 1, n, D / group)``, ``n <= stored`` (a shorter
+    head's last slots are padding, weight 0). Window and ``allow`` as in :func:`kivi_attend`, over
+    ``stored + W`` slots. Returns the ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, stored + W)``
+    softmax weights (else an empty tensor)."""
+    batch, heads, rows, dim = query.shape
+    window = window_keys.shape[2]
+    out = query.new_empty(batch, heads, rows, dim)
+    probs = query.new_empty(batch, heads, rows, stored + window) if weights else query.new_empty(0)
+    count = batch * heads
+    lists = [[t.contiguous() for t in held] for held in (key_codes, key_scale, key_min, value_codes, value_scale, value_min)]
+    if any(len(held) != count for held in lists):
+        raise ValueError(f"kvcompress::kivi_attend_heads: {count} heads in the query, {[len(h) for h in lists]} in the lists")
+    pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in held)) for held in lists]
+    lengths = (ctypes.c_int64 * count)(*(t.shape[3] for t in lists[0]))
+    pointer = native.data_pointer
+    status = native.load("kivi").kivi_attend_heads(
+        pointer(query), *pointers, lengths, ctypes.c_int64(stored), ctypes.c_int(_META[key_scale[0].dtype]),
+        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1) if window else 0),
+        ctypes.c_int64(window), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(probs),
+        *map(ctypes.c_int64, (count, rows, dim)), ctypes.c_int(bits), ctypes.c_int64(group),
+    )
+    if status:
+        raise MemoryError("kvcompress::kivi_attend_heads: the kernel could not allocate its scratch buffers")
+    return out, probs
+
+
+@kivi_attend_heads.register_fake
+def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, stored, window_keys, window_values,
+      allow, scaling, weights, bits, group):
+    slots = stored + window_keys.shape[2]
     return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
