@@ -248,6 +248,9 @@ class RaggedStore:
         if not self.rows:
             self.rows = [[self.new_store() for _ in range(heads)] for _ in range(batch)]
             self.device = keys.device
+        if hasattr(self.rows[0][0], "encode"):  # quantized heads: one quantization per count of tokens taken
+            self._encode_by_count(keys, values, valid)
+            return
         for b in range(batch):
             for h in range(heads):
                 take = slice(None) if valid is None else valid[b, h]
@@ -259,6 +262,24 @@ class RaggedStore:
                     inner.append(k, v, None, None, exact=not len(inner))
                 else:
                     inner.append(k, v, None, None)
+        self._changed()
+
+    def _encode_by_count(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Append to quantized heads (``encode``/``extend``): the heads that take as many tokens are encoded
+        together (a decode step's settling has two or three such counts, not a quantization per head)."""
+        batch, heads, n, dim = keys.shape
+        if valid is None:
+            valid = torch.ones(batch, heads, n, dtype=torch.bool, device=keys.device)
+        counts = valid.sum(-1)  # (B, H)
+        for count in counts.unique().tolist():
+            if not count:
+                continue
+            mine = counts == count  # (B, H) the heads that take `count` tokens
+            take = valid & mine[..., None]
+            k, v = (t[take].view(1, -1, count, t.shape[-1]) for t in (keys, values))  # (1, heads taking, count, D)
+            new = self.rows[0][0].encode(k, v)
+            for i, (b, h) in enumerate(mine.nonzero().tolist()):  # row-major, as the boolean index took them
+                self.rows[b][h].extend({name: t[:, i : i + 1] for name, t in new.items()})
         self._changed()
 
     def segment(self) -> RaggedSegment:

@@ -162,8 +162,12 @@ class KIVIStore:
         return sum(t.numel() * t.element_size() for t in held)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
-        batch, heads, n, dim = keys.shape
-        g = self.block
+        self.extend(self.encode(keys, values, valid), valid)
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that hold ``(B, H, n, D)`` keys and values (``n`` a multiple of the group), as :meth:`extend`
+        takes them; ``valid`` ``(B, H, n)`` keeps padding out of the key statistics."""
+        n, dim, g = keys.shape[2], keys.shape[3], self.block
         # Keys: per channel, statistics over each group of g tokens.
         blocks = keys.unflatten(2, (n // g, g))  # (B, H, n/g, g, D)
         token_valid = None if valid is None else valid[..., None].unflatten(2, (n // g, g))  # (B, H, n/g, g, 1)
@@ -171,7 +175,7 @@ class KIVIStore:
         # Values: per token, statistics over each group of g channels.
         chans = values.unflatten(3, (values.shape[3] // g, g))  # (B, H, n, Dv/g, g); Dv may differ from D
         value_codes, value_scale, value_min = quantize(chans, self.bits, dim=4)
-        new = {
+        return {
             "key_codes": pack(key_codes.flatten(2, 3), self.bits).transpose(2, 3),  # (B, H, P, n)
             "key_scale": key_scale.squeeze(3).to(self.meta_dtype),  # (B, H, n/g, D)
             "key_min": key_min.squeeze(3).to(self.meta_dtype),
@@ -179,12 +183,16 @@ class KIVIStore:
             "value_scale": value_scale.squeeze(4).to(self.meta_dtype),  # (B, H, n, D/g)
             "value_min": value_min.squeeze(4).to(self.meta_dtype),
         }
+
+    def extend(self, new: dict[str, torch.Tensor], valid: torch.Tensor | None = None) -> None:
+        """Add the tokens :meth:`encode` made (``valid``: which of them are real, or None for all)."""
         old_n = len(self)
         self.tensors = {
             k: (torch.cat([self.tensors[k], t], self.TOKEN_DIM.get(k, 2)) if self.tensors else t).contiguous()
             for k, t in new.items()
         }
-        self._set_valid(old_n, n, valid, batch, heads, keys.device)
+        batch, heads, n = new["value_codes"].shape[:3]
+        self._set_valid(old_n, n, valid, batch, heads, new["value_codes"].device)
 
     def _set_valid(self, old_n, n, valid, batch, heads, device) -> None:
         if valid is None or bool(valid.all()):
@@ -221,6 +229,9 @@ class KIVIStore:
         g = self.block
         # (N/g,): a block lives while any row or head keeps one of its tokens
         live_blocks = keep.unflatten(2, (-1, g)).any(3).flatten(0, 1).any(0)
+        if bool(live_blocks.all()):  # no block is freed: nothing moves, the dropped slots are masked
+            self._valid = None if bool(keep.all()) else keep.clone()
+            return torch.arange(keep.shape[2], device=keep.device).expand(keep.shape)
         tokens = live_blocks.repeat_interleave(g)  # (N,)
         for name, t in self.tensors.items():
             index = live_blocks if name == "key_scale" or name == "key_min" else tokens
