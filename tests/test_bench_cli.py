@@ -28,7 +28,6 @@ def no_measuring(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("measured despite bad input")
 
-    monkeypatch.setattr(runner, "measure_in_subprocess", refuse)
     monkeypatch.setattr(runner, "measure_interleaved", refuse)
     monkeypatch.setattr(runner, "perplexity", refuse)
     monkeypatch.setattr(runner, "run_retrieval", refuse)

@@ -102,6 +102,20 @@ def test_decode_steps_in_turns_start_a_new_group_when_memory_is_short(smol, monk
     assert all(r["peak_memory_bytes"] >= r["memory_after_load_bytes"] > 0 for r in found)
 
 
+
+def test_throughput_batches_decode_in_turns_with_the_baseline(smol):
+    """Throughput rows take their decode steps in turns as speed rows do: every row keeps the baseline's
+    tokens/s over the same rounds, and its batch still fits the budget."""
+    model, tokenizer = smol
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 20)["input_ids"][:C]
+    budget = runner.BUDGET_BATCH * speed.sequence_nbytes(resolve("none"), model, torch.tensor([ids]), 6)[0]
+    base = {"model": runner.DEFAULT_MODEL, "dtype": "float32", "device": "cpu", "threads": 1, "ids": ids,
+            "decode_tokens": 6, "prefill_chunk": None, "part": "throughput", "budget": budget}
+    found = speed.measure_interleaved([{**base, "spec": spec} for spec in ("none", "streaming:window=16")], round_steps=4)
+    assert [r["batch"] for r in found][0] == 4 and found[1]["batch"] > 4
+    assert found[0]["baseline_tokens_per_s"] == found[0]["tokens_per_s"] == found[1]["baseline_tokens_per_s"] > 0
+    assert all(r["decode_tokens"] == 6 and r["cache_bytes"] <= budget for r in found)
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the CPU peak resets through Linux's /proc/self/clear_refs")
 def test_the_cpu_peak_starts_over_after_a_reset():
     """The prefill's peak is read from after the warm-up: memory held and freed before a reset does not count."""

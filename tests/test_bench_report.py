@@ -120,6 +120,11 @@ def test_throughput_rows_and_table_compare_tokens_per_second_with_none():
     assert rows[1]["throughput_batch"] == 16 and rows[1]["throughput_x"] == pytest.approx(3.0)
     table = report.format_throughput(rows)
     assert "300.0 (3.00×)" in table.splitlines()[3] and report.format_throughput(rows[:0]) == ""
+    # Measured in turns: the ratio is to none's tokens/s over the same rounds, not to none's own figure.
+    in_turns = result("kivi:bits=2", 16, 250, 300.0)
+    in_turns["throughput"]["baseline_tokens_per_s"] = 150.0
+    rows = report.build_rows([result("none", 4, 1000, 100.0), in_turns], CONDITIONS)
+    assert rows[1]["throughput_x"] == pytest.approx(2.0)
 
 
 def test_csv_and_json_hold_rows_and_conditions(tmp_path):
@@ -232,7 +237,6 @@ def _no_model(*args, **kwargs):
 def test_run_reuses_everything_without_loading_the_model(tmp_path, monkeypatch):
     config, folder = _stored_run(tmp_path)
     monkeypatch.setattr(runner._Inputs, "model", _no_model)
-    monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
     monkeypatch.setattr(runner, "measure_interleaved", _no_model)
     result = runner.run(config, tmp_path)
     assert result.folder == folder
@@ -263,7 +267,6 @@ def test_reused_stale_rows_are_marked_in_table_csv_and_json(tmp_path, monkeypatc
     old = {**runner.fingerprint(resolve("none")), "kvcompress_source": "0123456789abcdef"}
     config, folder = _stored_run(tmp_path, old)
     monkeypatch.setattr(runner._Inputs, "model", _no_model)
-    monkeypatch.setattr(runner, "measure_in_subprocess", _no_model)
     monkeypatch.setattr(runner, "measure_interleaved", _no_model)
     result = runner.run(config, tmp_path, reuse_stale=True)
     why = f"kvcompress_source 0123456789abcdef (now {runner.source_hash()})"

@@ -79,7 +79,6 @@ def test_quick_bench_writes_table_csv_json_and_plot_then_reuses(tmp_path, capsys
     def refuse(*args, **kwargs):
         raise AssertionError("a stored result was measured again")
 
-    monkeypatch.setattr(runner, "measure_in_subprocess", refuse)
     monkeypatch.setattr(runner, "measure_interleaved", refuse)
     monkeypatch.setattr(runner, "perplexity", refuse)
     monkeypatch.setattr(runner, "run_retrieval", refuse)

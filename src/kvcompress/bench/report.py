@@ -132,7 +132,8 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
             row["throughput_cache_bytes"] = thr["cache_bytes"]
             row["throughput_tokens_per_s"] = thr["tokens_per_s"]
             if ref_thr:
-                row["throughput_x"] = _ratio(thr["tokens_per_s"], ref_thr["tokens_per_s"])
+                # measured in turns (speed.measure_interleaved): none's tokens/s in the same rounds
+                row["throughput_x"] = _ratio(thr["tokens_per_s"], thr.get("baseline_tokens_per_s", ref_thr["tokens_per_s"]))
         row.update(conditions)
         rows.append(row)
     return rows

@@ -45,7 +45,7 @@ from kvcompress.bench.methods import (
 )
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.retrieval import LIST_TASKS, make_cases, run_retrieval, task_names
-from kvcompress.bench.speed import ROUND_STEPS, measure_in_subprocess, measure_interleaved, sequence_nbytes
+from kvcompress.bench.speed import ROUND_STEPS, measure_interleaved, sequence_nbytes
 from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.calibration import CalibrationError
 from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL
@@ -53,6 +53,7 @@ from kvcompress.registry import SpecError
 
 PARTS = DEFAULT_PARTS  # what a run measures unless told (throughput: --parts throughput)
 QUESTION_ROOM = 192  # positions a retrieval prompt needs beyond its context: template, question, answer
+TIMED = ("speed", "throughput")  # the parts whose rows decode in turns, the baseline's with them
 BUDGET_BATCH = 4  # the default KV memory budget of throughput: none's cache at this batch
 
 
@@ -251,7 +252,7 @@ def plan(
                 stored = store.load(spec, context, part)
                 if part in wanted and (stored is None or (stored.stale and not reuse_stale)):
                     todo[spec, context].append(part)
-        for timed in ("speed", "throughput"):  # timings at C are measured together
+        for timed in TIMED:  # timings at C are measured together
             if any(timed in todo[s, context] for s in specs):
                 for spec in specs:
                     if timed in parts.get(spec, shown) and timed not in todo[spec, context]:
@@ -438,17 +439,18 @@ def run(
     if total:
         inputs.check([methods[spec] for spec in dict.fromkeys(spec for (spec, _), parts in todo.items() if parts)])
     with tqdm(total=total, desc="bench", unit="part", file=sys.stderr) as bar:
-        for context in config.contexts:  # speed first, every row's decode steps in turns (see measure_interleaved)
-            timed = [spec for spec in specs if "speed" in todo[spec, context]]
-            if timed:
-                bar.set_postfix_str(f"speed of {len(timed)} rows in turns, C={context}")
-                requests = [_speed_request("speed", methods[spec], context, config, inputs) for spec in timed]
-                for spec, data in zip(timed, measure_interleaved(requests)):
-                    store.save(spec, context, "speed", data)
-                bar.update(len(timed))
+        for context in config.contexts:  # timings first, every row's decode steps in turns (see measure_interleaved)
+            for part in TIMED:
+                timed = [spec for spec in specs if part in todo[spec, context]]
+                if timed:
+                    bar.set_postfix_str(f"{part} of {len(timed)} rows in turns, C={context}")
+                    requests = [_speed_request(part, methods[spec], context, config, inputs) for spec in timed]
+                    for spec, data in zip(timed, measure_interleaved(requests)):
+                        store.save(spec, context, part, data)
+                    bar.update(len(timed))
         for (spec, context), parts in todo.items():
             for part in parts:
-                if part == "speed":
+                if part in TIMED:
                     continue
                 bar.set_postfix_str(f"{spec} C={context} {part}")
                 data = _measure(part, methods[spec], context, config, inputs)
@@ -503,8 +505,6 @@ def _speed_request(part: str, method: BenchMethod, context: int, config: BenchCo
 
 def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, inputs: _Inputs) -> dict:
     label = f"{part} {method.spec} C={context}"
-    if part in ("speed", "throughput"):
-        return measure_in_subprocess(_speed_request(part, method, context, config, inputs))
     model, tokenizer = inputs.model()
     if part_kind(part) == "perplexity":
         ids = inputs.ids(part.partition("[")[2].rstrip("]") or None)  # perplexity[kjv] -> kjv; perplexity: the only text
@@ -532,14 +532,14 @@ def describe(conditions: dict) -> str:
         f"steps, after a warm-up{_turns(c)}; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
         f"throughput (when measured): the largest batch whose KV cache fits "
         f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
-        f"at that batch, {c['decode_tokens']} greedy steps timed; × none: none's tokens/s at its batch"
+        f"at that batch, {c['decode_tokens']} greedy steps timed{_turns(c, 'tok/s')}; × none: none's tokens/s at its batch"
     )
 
 
-def _turns(c: dict) -> str:
+def _turns(c: dict, figure: str = "decode ms") -> str:
     if not c.get("decode_rounds_of"):
         return ""
-    return (f", every row's process taking {c['decode_rounds_of']} steps in turn (decode ms × none: ratio to none's "
+    return (f", every row's process taking {c['decode_rounds_of']} steps in turn ({figure} × none: ratio to none's "
             "steps in the same rounds)")
 
 

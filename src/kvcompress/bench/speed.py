@@ -25,15 +25,16 @@ Throughput (:func:`throughput`): the bytes one sequence's cache holds at most, m
 sequence (prefill, then the decode steps; the cache's ``fixed_nbytes``, held once whatever the
 batch, apart), give the largest batch whose cache fits the budget; the same context repeated that
 many times is then decoded greedily in one batch, its cache's bytes read after every step (and
-checked against the budget), and tokens/s timed.
+checked against the budget), and tokens/s timed. The rows' batches decode in turns too, as speed's do.
 
-Run as ``python -m kvcompress.bench.speed`` with a JSON request on stdin; it prints one JSON line
-(with ``--in-turns``, the protocol of :func:`_child_in_turns`).
+A measuring process runs as ``python -m kvcompress.bench.speed``, driven by :func:`measure_interleaved`
+over its stdin and stdout (the protocol of :func:`_child_in_turns`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -221,12 +222,84 @@ def _fill_batch(method: BenchMethod, model, ids: torch.Tensor, batch: int, chunk
     return cache, logits
 
 
-@torch.no_grad()
+class _Batched:
+    """One method's batched greedy decode at the largest batch whose cache fits ``budget`` bytes, driven from
+    outside like :class:`_Decoding`: sizing (one sequence's most bytes over ``decode_tokens`` steps), a
+    warm-up at that batch and the batch's prefill happen on creation; each :meth:`steps` call decodes more
+    tokens, reading the cache's bytes after every step; :meth:`summary` gives the figures of :func:`throughput`.
+
+    Raises:
+        MeasurementError: not even one sequence fits, or the batch's cache outgrew the budget.
+    """
+
+    @torch.no_grad()
+    def __init__(self, method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int, budget: int,
+                 chunk: int | None = None, tokenizer=None):
+        self.method, self.model, self.budget = method, model, budget
+        self.ids = ids = ids.to(model.device)
+        self.per_sequence, self.fixed = sequence_nbytes(method, model, ids, decode_tokens, chunk, tokenizer)
+        self.batch = (budget - self.fixed) // self.per_sequence
+        if self.batch < 1:
+            raise MeasurementError(
+                f"{method.spec!r}: one sequence's cache takes {self.per_sequence + self.fixed:,} bytes, more than the "
+                f"budget of {budget:,}; raise --memory-budget"
+            )
+        warm_cache, warm_logits = _fill_batch(method, model, ids[:, :WARMUP_CONTEXT], self.batch, chunk, tokenizer)
+        with method.session(model, warm_cache):
+            step(model, warm_cache, warm_logits.argmax(-1), min(WARMUP_CONTEXT, ids.shape[1]))
+        del warm_cache, warm_logits
+        self.cache, logits = _fill_batch(method, model, ids, self.batch, chunk, tokenizer)
+        self.held = method.nbytes(self.cache)
+        self.token = logits[:, -1:].argmax(-1)  # (batch, 1)
+        self.step_s: list[float] = []
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(method.session(model, self.cache))
+
+    @torch.no_grad()
+    def steps(self, count: int) -> None:
+        for _ in range(count):
+            position = self.ids.shape[1] + len(self.step_s)
+            _sync(self.model.device)
+            start = time.perf_counter()
+            self.token = step(self.model, self.cache, self.token, position)[:, -1:].argmax(-1)
+            _sync(self.model.device)
+            self.step_s.append(time.perf_counter() - start)
+            self.held = max(self.held, self.method.nbytes(self.cache))
+
+    def summary(self) -> dict:
+        if self.held + self.fixed > self.budget:
+            raise MeasurementError(
+                f"{self.method.spec!r}: at batch {self.batch} the cache held {self.held + self.fixed:,} bytes, over the "
+                f"budget of {self.budget:,} ({self.per_sequence:,} bytes per sequence measured alone)"
+            )
+        times = self.step_s
+        return {
+            "budget_bytes": self.budget,
+            "bytes_per_sequence": self.per_sequence,
+            "fixed_bytes": self.fixed,
+            "batch": self.batch,
+            "cache_bytes": self.held + self.fixed,
+            "tokens_per_s": self.batch * len(times) / sum(times),
+            "decode_ms_per_step": 1000 * sum(times) / len(times),
+            "decode_tokens": len(times),
+            "context_tokens": self.ids.shape[1],
+        }
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> _Batched:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def throughput(
     method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int, budget: int, chunk: int | None = None,
     tokenizer=None,
 ) -> dict:
-    """Tokens/s of greedy decode at the largest batch whose cache fits ``budget`` bytes.
+    """Tokens/s of greedy decode at the largest batch whose cache fits ``budget`` bytes (see :class:`_Batched`).
 
     Args:
         ids: ``(1, C)`` context ids, repeated for every sequence of the batch.
@@ -235,51 +308,14 @@ def throughput(
     Returns:
         ``budget_bytes``, ``bytes_per_sequence``, ``fixed_bytes``, ``batch``, ``cache_bytes`` (the most
         the batch's cache held after any step, fixed bytes included), ``tokens_per_s`` (batch x steps
-        / decode seconds), ``decode_ms_per_step`` and ``decode_tokens``.
+        / decode seconds), ``decode_ms_per_step``, ``decode_tokens`` and ``context_tokens``.
 
     Raises:
         MeasurementError: not even one sequence fits, or the batch's cache outgrew the budget.
     """
-    ids = ids.to(model.device)
-    per_sequence, fixed = sequence_nbytes(method, model, ids, decode_tokens, chunk, tokenizer)
-    batch = (budget - fixed) // per_sequence
-    if batch < 1:
-        raise MeasurementError(
-            f"{method.spec!r}: one sequence's cache takes {per_sequence + fixed:,} bytes, more than the budget of "
-            f"{budget:,}; raise --memory-budget"
-        )
-    warm_cache, warm_logits = _fill_batch(method, model, ids[:, :WARMUP_CONTEXT], batch, chunk, tokenizer)
-    with method.session(model, warm_cache):
-        step(model, warm_cache, warm_logits.argmax(-1), min(WARMUP_CONTEXT, ids.shape[1]))
-    del warm_cache, warm_logits
-    cache, logits = _fill_batch(method, model, ids, batch, chunk, tokenizer)
-    held = method.nbytes(cache)
-    token = logits[:, -1:].argmax(-1)  # (batch, 1)
-    times = []
-    with method.session(model, cache):
-        for i in range(decode_tokens):
-            _sync(model.device)
-            start = time.perf_counter()
-            token = step(model, cache, token, ids.shape[1] + i)[:, -1:].argmax(-1)
-            _sync(model.device)
-            times.append(time.perf_counter() - start)
-            held = max(held, method.nbytes(cache))
-    if held + fixed > budget:
-        raise MeasurementError(
-            f"{method.spec!r}: at batch {batch} the cache held {held + fixed:,} bytes, over the budget of {budget:,} "
-            f"({per_sequence:,} bytes per sequence measured alone)"
-        )
-    return {
-        "budget_bytes": budget,
-        "bytes_per_sequence": per_sequence,
-        "fixed_bytes": fixed,
-        "batch": batch,
-        "cache_bytes": held + fixed,
-        "tokens_per_s": batch * decode_tokens / sum(times),
-        "decode_ms_per_step": 1000 * sum(times) / len(times),
-        "decode_tokens": decode_tokens,
-        "context_tokens": ids.shape[1],
-    }
+    with _Batched(method, model, ids, decode_tokens, budget, chunk, tokenizer) as run:
+        run.steps(decode_tokens)
+    return run.summary()
 
 
 def _peak_rss_bytes() -> int:
@@ -301,17 +337,6 @@ def _load(request: dict):
     return model, tokenizer, method, ids, memory
 
 
-def _child(request: dict) -> dict:
-    """Body of the measuring process: load the model, measure speed or throughput, add the memory figures."""
-    model, tokenizer, method, ids, memory = _load(request)
-    chunk = request.get("prefill_chunk")
-    if request.get("part") == "throughput":
-        result = throughput(method, model, ids, request["decode_tokens"], request["budget"], chunk, tokenizer)
-    else:
-        result = measure(method, model, ids, request["decode_tokens"], chunk, tokenizer)
-    return {**result, "peak_memory_bytes": _peak_memory(model.device), **memory}
-
-
 def _send(message: dict) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -327,8 +352,14 @@ def _child_in_turns() -> None:
     request = json.loads(sys.stdin.readline())
     model, tokenizer, method, ids, memory = _load(request)
     chunk = request.get("prefill_chunk")
-    _warm_up(method, model, ids, chunk, tokenizer)
-    with _Decoding(method, model, ids, chunk, tokenizer) as run:
+    if request.get("part") == "throughput":
+        run = _Batched(method, model, ids, request["decode_tokens"], request["budget"], chunk, tokenizer)
+        summary = run.summary
+    else:
+        _warm_up(method, model, ids, chunk, tokenizer)
+        run = _Decoding(method, model, ids, chunk, tokenizer)
+        summary = functools.partial(_summary, run, ids.shape[1])
+    with run:
         _send({"ready": True})
         for line in sys.stdin:
             order = json.loads(line)
@@ -336,7 +367,7 @@ def _child_in_turns() -> None:
                 break
             run.steps(order["steps"])
             _send({"done": order["steps"]})
-    _send({**_summary(run, ids.shape[1]), "peak_memory_bytes": _peak_memory(model.device), **memory})
+    _send({**summary(), "peak_memory_bytes": _peak_memory(model.device), **memory})
 
 
 def _failed(spec: str, stderr: str) -> MeasurementError:
@@ -344,42 +375,18 @@ def _failed(spec: str, stderr: str) -> MeasurementError:
     return MeasurementError(f"measuring {spec!r} failed: " + " | ".join(stderr.strip().splitlines()[-5:]))
 
 
-def measure_in_subprocess(request: dict) -> dict:
-    """Run :func:`measure` (or :func:`throughput`) in a fresh process (see the module docstring for what the memory means).
-
-    Args:
-        request: ``spec``, ``model``, ``dtype`` (e.g. ``"float32"``), ``device``, ``threads``,
-            ``ids`` (the context, a list of ``C`` ids), ``decode_tokens``, optionally ``prefill_chunk``;
-            with ``"part": "throughput"`` and ``budget`` (bytes), :func:`throughput` instead of :func:`measure`.
-
-    Raises:
-        MeasurementError: the process failed.
-    """
-    env = dict(os.environ, TQDM_DISABLE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "kvcompress.bench.speed"],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise _failed(request["spec"], proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 ROUND_STEPS = 4  # decode steps a process takes per turn in :func:`measure_interleaved`
 MEMORY_RESERVE = 1.5  # another process starts when free memory holds this many of the largest so far
 
 
 class _InTurns:
-    """A measuring process run with ``--in-turns`` (:func:`_child_in_turns`): started, warmed up and prefilled on creation."""
+    """A measuring process (:func:`_child_in_turns`): started, warmed up and prefilled on creation."""
 
     def __init__(self, request: dict):
         self.spec, self.left = request["spec"], request["decode_tokens"]
         self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvcompress.bench.speed", "--in-turns"],
+            [sys.executable, "-m", "kvcompress.bench.speed"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env=dict(os.environ, TQDM_DISABLE="1"),
         )
@@ -422,19 +429,31 @@ class _InTurns:
         self._stderr.close()
 
 
-def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) -> list[dict]:
-    """:func:`measure_in_subprocess` for each speed request, with the decode steps of all of them taken in turns.
+def _baseline_of(result: dict) -> dict:
+    """What every row of a group measured in turns keeps of the baseline's figures over the same rounds."""
+    if "tokens_per_s" in result:  # throughput
+        return {"baseline_tokens_per_s": result["tokens_per_s"]}
+    return {"baseline_decode_ms": result["decode_ms_per_token"]}
 
-    Each request gets its own process, which loads the model, warms up and prefills while the others
+
+def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) -> list[dict]:
+    """:func:`measure` (or :func:`throughput`) for each request, each in a fresh process (see the module
+    docstring for what the memory means), with the decode steps of all of them taken in turns.
+
+    A request holds ``spec``, ``model``, ``dtype`` (e.g. ``"float32"``), ``device``, ``threads``, ``ids`` (the
+    context, a list of ``C`` ids), ``decode_tokens``, optionally ``prefill_chunk``; with ``"part":
+    "throughput"`` and ``budget`` (bytes), :func:`throughput` instead of :func:`measure`; the first is the
+    baseline. Each request gets its own process, which loads the model, warms up and prefills while the others
     wait, so prefill time and peak memory are measured alone. Then each process in turn decodes
     ``round_steps`` tokens, round after round, until every one has decoded its ``decode_tokens``: load
     from outside that comes and goes slows every row alike, and the ratio to the first request (the
     baseline) compares the same stretch of time. Every result has ``baseline_decode_ms``: the baseline's
-    mean step time over the same rounds, and ``decode_group``: which group of processes it decoded with (below).
+    mean step time over the same rounds (throughput: ``baseline_tokens_per_s``, the baseline's tokens/s
+    at its batch), and ``decode_group``: which group of processes it decoded with (below).
 
     The processes of a round stay alive together. When free memory would not hold another (under
     :data:`MEMORY_RESERVE` times the largest so far), those started finish their rounds and the next
-    group starts with a fresh baseline process, whose figures serve only as that group's ``baseline_decode_ms``.
+    group starts with a fresh baseline process, whose figures serve only as that group's baseline.
 
     Raises:
         MeasurementError: a process failed.
@@ -460,17 +479,13 @@ def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) ->
         finally:
             for _, proc in group:
                 proc.close()
-        baseline = finished[0][1]["decode_ms_per_token"]
+        baseline = _baseline_of(finished[0][1])
         for index, result in finished:
             if index is not None:
-                results[index] = {**result, "baseline_decode_ms": baseline, "decode_rounds_of": round_steps,
-                                  "decode_group": groups}
+                results[index] = {**result, **baseline, "decode_rounds_of": round_steps, "decode_group": groups}
         first, groups = False, groups + 1
     return results
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--in-turns"]:
-        _child_in_turns()
-    else:
-        print(json.dumps(_child(json.loads(sys.stdin.read()))))
+    _child_in_turns()
