@@ -532,15 +532,16 @@ def describe(conditions: dict) -> str:
         f"steps, after a warm-up{_turns(c)}; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
         f"throughput (when measured): the largest batch whose KV cache fits "
         f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
-        f"at that batch, {c['decode_tokens']} greedy steps timed{_turns(c, 'tok/s')}; × none: none's tokens/s at its batch"
+        f"at that batch, {c['decode_tokens']} greedy steps timed"
+        f"{_turns(c, 'tok/s', 'tokens/s') or '; × none: the ratio to none at its batch'}"
     )
 
 
-def _turns(c: dict, figure: str = "decode ms") -> str:
+def _turns(c: dict, figure: str = "decode ms", of: str = "steps") -> str:
     if not c.get("decode_rounds_of"):
         return ""
     return (f", every row's process taking {c['decode_rounds_of']} steps in turn ({figure} × none: ratio to none's "
-            "steps in the same rounds)")
+            f"{of} in the same rounds)")
 
 
 def _chunked(c: dict) -> str:
