@@ -94,41 +94,28 @@ def _peak_memory(device: torch.device) -> int:
         return _peak_rss_bytes()
 
 
-class _Decoding:
-    """One method's greedy decode of one context, driven from outside: the prefill happens on creation
-    (``chunk`` tokens at a time, when given), then each :meth:`steps` call decodes more tokens.
-
-    The method's session stays open until :meth:`close` (or the end of a ``with`` block), so the steps
-    of one decode can be spread over time, in turn with other processes' (:func:`measure_interleaved`).
+class _Steps:
+    """Greedy decode steps over an open cache, driven from outside: each :meth:`steps` call decodes more
+    tokens, timing each step and reading the cache's bytes after it. The method's session stays open
+    until :meth:`close` (or the end of a ``with`` block), so the steps of one decode can be spread over
+    time, in turn with other processes' (:func:`measure_interleaved`).
 
     Attributes:
-        cache, prefill_s, memory_before (:func:`_memory_now` before the prefill), prefill_peak
-        (:func:`_peak_memory` right after the prefill), kv_after_prefill
-        (cache bytes after the prefill), kv_max (the most bytes it held after any step), step_s (seconds of
-        each decode step so far).
+        cache, token (the ``(B, 1)`` next input), position, kv_max (the most bytes the cache held after
+        its fill or any step), step_s (seconds of each decode step so far).
     """
 
-    @torch.no_grad()
-    def __init__(self, method: BenchMethod, model, ids: torch.Tensor, chunk: int | None = None, tokenizer=None):
-        self.method, self.model, self.position = method, model, ids.shape[1]
-        self.cache = method.new_cache(model)
-        self._session = contextlib.ExitStack()
-        self._session.enter_context(method.session(model, self.cache))
-        _sync(model.device)
-        self.memory_before = _memory_now(model.device)
-        start = time.perf_counter()
-        logits = fill_context(method, model, ids, self.cache, chunk, tokenizer)  # (1, 1, V)
-        _sync(model.device)
-        self.prefill_s = time.perf_counter() - start
-        self.prefill_peak = _peak_memory(model.device)
-        self.kv_after_prefill = self.kv_max = method.nbytes(self.cache)
-        self.token = logits[:, -1:].argmax(-1)  # (1, 1)
+    def _open(self, method: BenchMethod, model, cache, logits: torch.Tensor, position: int) -> None:
+        self.method, self.model, self.cache, self.position = method, model, cache, position
+        self.kv_max = method.nbytes(cache)
+        self.token = logits[:, -1:].argmax(-1)  # (B, 1)
         self.step_s: list[float] = []
 
     @torch.no_grad()
     def steps(self, count: int) -> None:
         """Decode ``count`` more tokens greedily, timing each step."""
         for _ in range(count):
+            _sync(self.model.device)
             start = time.perf_counter()
             self.token = step(self.model, self.cache, self.token, self.position)[:, -1:].argmax(-1)
             _sync(self.model.device)
@@ -139,11 +126,36 @@ class _Decoding:
     def close(self) -> None:
         self._session.close()
 
-    def __enter__(self) -> _Decoding:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Decoding(_Steps):
+    """One method's greedy decode of one context (:class:`_Steps`): the prefill happens on creation
+    (``chunk`` tokens at a time, when given).
+
+    Attributes:
+        prefill_s, memory_before (:func:`_memory_now` before the prefill), prefill_peak
+        (:func:`_peak_memory` right after the prefill), kv_after_prefill (cache bytes after the prefill).
+    """
+
+    @torch.no_grad()
+    def __init__(self, method: BenchMethod, model, ids: torch.Tensor, chunk: int | None = None, tokenizer=None):
+        cache = method.new_cache(model)
+        self._session = contextlib.ExitStack()
+        self._session.enter_context(method.session(model, cache))
+        _sync(model.device)
+        self.memory_before = _memory_now(model.device)
+        start = time.perf_counter()
+        logits = fill_context(method, model, ids, cache, chunk, tokenizer)  # (1, 1, V)
+        _sync(model.device)
+        self.prefill_s = time.perf_counter() - start
+        self.prefill_peak = _peak_memory(model.device)
+        self._open(method, model, cache, logits, ids.shape[1])
+        self.kv_after_prefill = self.kv_max
 
 
 def _greedy(method: BenchMethod, model, ids: torch.Tensor, steps: int, chunk: int | None = None, tokenizer=None) -> _Decoding:
@@ -222,11 +234,10 @@ def _fill_batch(method: BenchMethod, model, ids: torch.Tensor, batch: int, chunk
     return cache, logits
 
 
-class _Batched:
-    """One method's batched greedy decode at the largest batch whose cache fits ``budget`` bytes, driven from
-    outside like :class:`_Decoding`: sizing (one sequence's most bytes over ``decode_tokens`` steps), a
-    warm-up at that batch and the batch's prefill happen on creation; each :meth:`steps` call decodes more
-    tokens, reading the cache's bytes after every step; :meth:`summary` gives the figures of :func:`throughput`.
+class _Batched(_Steps):
+    """One method's batched greedy decode (:class:`_Steps`) at the largest batch whose cache fits ``budget``
+    bytes: sizing (one sequence's most bytes over ``decode_tokens`` steps), a warm-up at that batch and the
+    batch's prefill happen on creation; :meth:`summary` gives the figures of :func:`throughput`.
 
     Raises:
         MeasurementError: not even one sequence fits, or the batch's cache outgrew the budget.
@@ -235,8 +246,8 @@ class _Batched:
     @torch.no_grad()
     def __init__(self, method: BenchMethod, model, ids: torch.Tensor, decode_tokens: int, budget: int,
                  chunk: int | None = None, tokenizer=None):
-        self.method, self.model, self.budget = method, model, budget
-        self.ids = ids = ids.to(model.device)
+        self.budget, self.context = budget, ids.shape[1]
+        ids = ids.to(model.device)
         self.per_sequence, self.fixed = sequence_nbytes(method, model, ids, decode_tokens, chunk, tokenizer)
         self.batch = (budget - self.fixed) // self.per_sequence
         if self.batch < 1:
@@ -248,29 +259,16 @@ class _Batched:
         with method.session(model, warm_cache):
             step(model, warm_cache, warm_logits.argmax(-1), min(WARMUP_CONTEXT, ids.shape[1]))
         del warm_cache, warm_logits
-        self.cache, logits = _fill_batch(method, model, ids, self.batch, chunk, tokenizer)
-        self.held = method.nbytes(self.cache)
-        self.token = logits[:, -1:].argmax(-1)  # (batch, 1)
-        self.step_s: list[float] = []
+        cache, logits = _fill_batch(method, model, ids, self.batch, chunk, tokenizer)
         self._session = contextlib.ExitStack()
-        self._session.enter_context(method.session(model, self.cache))
-
-    @torch.no_grad()
-    def steps(self, count: int) -> None:
-        for _ in range(count):
-            position = self.ids.shape[1] + len(self.step_s)
-            _sync(self.model.device)
-            start = time.perf_counter()
-            self.token = step(self.model, self.cache, self.token, position)[:, -1:].argmax(-1)
-            _sync(self.model.device)
-            self.step_s.append(time.perf_counter() - start)
-            self.held = max(self.held, self.method.nbytes(self.cache))
+        self._session.enter_context(method.session(model, cache))
+        self._open(method, model, cache, logits, ids.shape[1])
 
     def summary(self) -> dict:
-        if self.held + self.fixed > self.budget:
+        if self.kv_max + self.fixed > self.budget:
             raise MeasurementError(
-                f"{self.method.spec!r}: at batch {self.batch} the cache held {self.held + self.fixed:,} bytes, over the "
-                f"budget of {self.budget:,} ({self.per_sequence:,} bytes per sequence measured alone)"
+                f"{self.method.spec!r}: at batch {self.batch} the cache held {self.kv_max + self.fixed:,} bytes, over "
+                f"the budget of {self.budget:,} ({self.per_sequence:,} bytes per sequence measured alone)"
             )
         times = self.step_s
         return {
@@ -278,21 +276,12 @@ class _Batched:
             "bytes_per_sequence": self.per_sequence,
             "fixed_bytes": self.fixed,
             "batch": self.batch,
-            "cache_bytes": self.held + self.fixed,
+            "cache_bytes": self.kv_max + self.fixed,
             "tokens_per_s": self.batch * len(times) / sum(times),
             "decode_ms_per_step": 1000 * sum(times) / len(times),
             "decode_tokens": len(times),
-            "context_tokens": self.ids.shape[1],
+            "context_tokens": self.context,
         }
-
-    def close(self) -> None:
-        self._session.close()
-
-    def __enter__(self) -> _Batched:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def throughput(
