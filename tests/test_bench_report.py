@@ -102,6 +102,11 @@ def test_without_speed_compression_comes_from_the_bytes_perplexity_held():
     assert "compression" not in rows[2] and "kv_bytes_per_token" not in rows[2]
     with_speed = report.build_rows([{**result("none", [64], [64]), "speed": _speed(1000, 2.0, 10.0, 2**30, 64)}], CONDITIONS)
     assert with_speed[0]["kv_bytes_per_token"] == 1000  # the speed part's bytes win
+    # none's perplexity stored before it recorded bytes: its speed part's bytes per token serve as the reference
+    none_old = {"spec": "none", "source": "kvcompress", "context": 64, "perplexity[prose]": {"perplexity": 10.0},
+                "speed": _speed(100, 2.0, 10.0, 2**30, 64)}
+    rows = report.build_rows([none_old, result("snapkv", [1600], [1600])], CONDITIONS)
+    assert rows[1]["compression"] == pytest.approx(100 / 25)
 
 
 def test_a_table_without_perplexity_has_one_plain_perplexity_column():

@@ -102,7 +102,10 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
                 row["prefill_added_x"] = _ratio(row["prefill_added_bytes"], ref_speed.get("prefill_added_bytes"))
         elif held := _held_per_token(r, conditions):  # no speed part: the bytes perplexity's caches held
             row["kv_bytes_per_token"] = held
-            row["compression"] = _ratio(_held_per_token(ref, conditions), held)
+            # none's from its perplexity, or from its speed part's prefill (the same C tokens, held in full)
+            ref_held = _held_per_token(ref, conditions) or (
+                ref_speed["kv_bytes_after_prefill"] / ref_speed["context_tokens"] if ref_speed else None)
+            row["compression"] = _ratio(ref_held, held)
         ref_ppl = _perplexities(ref, conditions)
         deltas = []
         for name, ppl in _perplexities(r, conditions).items():
