@@ -102,7 +102,6 @@ def test_decode_steps_in_turns_start_a_new_group_when_memory_is_short(smol, monk
     assert all(r["peak_memory_bytes"] >= r["memory_after_load_bytes"] > 0 for r in found)
 
 
-
 def test_throughput_batches_decode_in_turns_with_the_baseline(smol):
     """Throughput rows take their decode steps in turns as speed rows do: every row keeps the baseline's
     tokens/s over the same rounds, and its batch still fits the budget."""
@@ -115,6 +114,7 @@ def test_throughput_batches_decode_in_turns_with_the_baseline(smol):
     assert [r["batch"] for r in found][0] == 4 and found[1]["batch"] > 4
     assert found[0]["baseline_tokens_per_s"] == found[0]["tokens_per_s"] == found[1]["baseline_tokens_per_s"] > 0
     assert all(r["decode_tokens"] == 6 and r["cache_bytes"] <= budget for r in found)
+
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the CPU peak resets through Linux's /proc/self/clear_refs")
 def test_the_cpu_peak_starts_over_after_a_reset():

@@ -296,12 +296,11 @@ class KIVISegment:
                      stored: int, scaling: float, weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """:meth:`attend_one` for ragged heads (a :class:`kvcompress.buffer.RaggedSegment`): ``heads``, one
         segment per (row, head), row-major, each its own number of the ``stored`` slots; one kernel call
-        (``kvcompress::kivi_attend_heads``) for all of them. ``valid`` ``(B, H, stored + W)`` or None. None where
-        the kernel does not apply (the heads differ in bits, group or metadata type)."""
+        (``kvcompress::kivi_attend_heads``) for all of them. ``valid`` ``(B, H, stored + W)`` or None. The heads
+        come from one layer's store factory, so they share bits, group and metadata type. None where the kernel
+        does not apply (as in :meth:`attend_one`)."""
         first = heads[0].store
-        kinds = {(s.store.bits, s.store.block, s.store.tensors["key_scale"].dtype) for s in heads}
-        dim = query.shape[-1]
-        if len(kinds) > 1 or window.keys.dtype != torch.float32 or first.tensors["value_codes"].shape[3] * 8 // first.bits != dim:
+        if window.keys.dtype != torch.float32 or first.tensors["value_codes"].shape[3] * 8 // first.bits != query.shape[-1]:
             return None
         keys, values = kernel_pair(window.keys, window.values)
         held = {name: [s.store.tensors[name] for s in heads] for name in KIVI_TENSORS}
