@@ -134,8 +134,12 @@ def test_streaming_decode_step_keeps_what_its_age_rule_keeps():
         count = valid.sum(-1, keepdim=True)
         age = valid.cumsum(-1) - 1
         expected = valid & ((age < sink) | (age >= count - window))
-        keep = StreamingLLM(window=window, sink=sink).select(SimpleNamespace(valid=valid)).keep
-        assert torch.equal(valid if keep is None else keep, expected)
+        held = torch.zeros(2, 3, 27, dtype=torch.bool)
+        held[..., :20] = valid  # also read in place, as a view of a buffer's mask with spare capacity
+        views = (valid, expected), (held[..., :20], expected), (held[:1, :1, :20], expected[:1, :1]), (held[:, 1:2, :20], expected[:, 1:2])
+        for given, want in views:
+            keep = StreamingLLM(window=window, sink=sink).select(SimpleNamespace(valid=given)).keep
+            assert torch.equal(given if keep is None else keep, want)
         dropped += int((valid & ~expected).sum())
     assert dropped > 100
     valid = torch.ones(1, 2, 30, dtype=torch.bool)  # 30 tokens, 4 + 8 kept

@@ -48,8 +48,7 @@ class StreamingLLM(Selection):
         keep_at_most = self.sink + self.window
         if valid.shape[-1] <= keep_at_most:  # no head can be over (the slots held bound every head's count)
             return Selected(None)
-        budget, window = torch.tensor(keep_at_most), torch.tensor(self.window)
-        answered, keep = drop_lowest(valid.new_zeros(valid.shape, dtype=torch.float32), valid, budget, window, self.sink)
+        answered, keep = drop_lowest(None, valid, keep_at_most, self.window, self.sink)
         if answered:  # a decode step: each head at most one token over drops its oldest outside the sinks (one C scan)
             return Selected(keep)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1) real tokens per row and head
