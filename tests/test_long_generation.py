@@ -85,3 +85,28 @@ def test_long_generation_with_eviction_stays_bounded(tiny, method):
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "adakv"])
+def test_layers_ask_the_selection_only_when_a_head_could_be_over_its_budget(tiny, monkeypatch, method):
+    """Between the evictions of a block, a layer holds at most its lowest budget plus the block's slack
+    and does not ask its selection (``Selection.quiet``): the same tokens and bytes at every step as a
+    layer that asks at every step, and far fewer asks."""
+    from kvcompress.methods.scored import ScoredEviction
+
+    asked = []
+    select = ScoredEviction.select
+    monkeypatch.setattr(ScoredEviction, "select", lambda self, view: asked.append(1) or select(self, view))
+    spec, steps = f"{method}:budget=48,block=16", 160
+    torch.manual_seed(3)
+    quiet = _generate(tiny, spec, steps)
+    asked_quiet, asked[:] = len(asked), []
+    monkeypatch.setattr(ScoredEviction, "quiet", lambda self, budget: None)
+    torch.manual_seed(3)
+    every = _generate(tiny, spec, steps)
+    assert torch.equal(quiet[0], every[0]) and quiet[2] == every[2]
+    assert len(asked) >= 2 * steps  # 2 layers, every step
+    if method == "snapkv":  # every head's budget is 48: a layer asks at the prompt, then once per block
+        assert asked_quiet <= 2 * (1 + steps // 16 + 1)
+    else:  # a head's budget below the others' (AdaKV), or slots masked until a compaction, ask more often
+        assert asked_quiet < len(asked)

@@ -224,3 +224,8 @@ class Selection:
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""
         raise NotImplementedError
+
+    def quiet(self, budget: torch.Tensor | None) -> int | None:
+        """Slots a layer with this ``budget`` (what :meth:`select` last returned) may hold before
+        :meth:`select` could evict anything: until then the layer does not ask (None: ask every step)."""
+        return None

@@ -98,6 +98,11 @@ class ScoredEviction(Selection):
         recent tokens and lose the attention sink)."""
         return (budget // 2).clamp_max(self.window)
 
+    def quiet(self, budget: torch.Tensor | None) -> int | None:
+        # No head holds more than the layer's slots, so up to the lowest budget plus the slack a block
+        # leaves, no head is over: a decode loop of SnapKV (block 32) asks once in 32 steps.
+        return None if budget is None else int(budget.min()) + self.block - 1
+
     def select(self, view: LayerView) -> Selected:
         if not self.evicts:
             return Selected(None, view.budget)
