@@ -43,6 +43,7 @@ from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.state import Value, parts_of, restore, state_of
 from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
 
+_UNKNOWN = object()  # a layer's validity not handed down: work it out
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -120,7 +121,7 @@ class CompressedLayer(CacheLayerMixin):
             return self._replay(query, keys, values, inputs, scaling)
         operands = self.append(keys, values, inputs)
         attended = attention.attend(query, operands, scaling)
-        self.compress(attended, query, inputs, scaling)
+        self.compress(attended, query, inputs, scaling, operands.valid)
         return attended.output
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs) -> Operands:
@@ -137,8 +138,9 @@ class CompressedLayer(CacheLayerMixin):
             observe = 0  # a window of queries is observed once the step that compresses has come
         return Operands(tuple(part.segment() for part in self._parts()), self.valid(), heads, observe)
 
-    def compress(self, attended: Attended, query: torch.Tensor, inputs: StepInputs, scaling: float) -> None:
-        """Keep what the selection scores with, then (unless the step is held) evict and settle."""
+    def compress(self, attended: Attended, query: torch.Tensor, inputs: StepInputs, scaling: float, valid=_UNKNOWN) -> None:
+        """Keep what the selection scores with, then (unless the step is held) evict and settle; ``valid``:
+        the step's :meth:`valid`, when its caller has it (the slots did not move since)."""
         selection = self.selection
         if selection is not None and selection.queries:
             positions = self._positions(inputs.positions, self.seen - query.shape[2], query.shape[2])
@@ -153,7 +155,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         if self.held is not None:
             self._observe_held(query.shape[2], scaling)
-        self._evict(inputs.expected)
+        self._evict(inputs.expected, valid)
         self._settle()
 
     def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
@@ -218,11 +220,13 @@ class CompressedLayer(CacheLayerMixin):
         earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
         self._observe(torch.nn.functional.pad(earlier, (0, new)))
 
-    def _evict(self, expected: torch.Tensor | None = None) -> bool:
-        """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`); True when it evicted."""
+    def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN) -> bool:
+        """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
+        :meth:`compress`); True when it evicted."""
         if self.selection is None or (self.quiet is not None and len(self) <= self.quiet):
             return False
-        valid = self.valid()
+        if valid is _UNKNOWN:
+            valid = self.valid()
         if valid is None:
             valid = torch.ones(*self.window.k.shape[:2], len(self), dtype=torch.bool, device=self.device)
         view = LayerView(
