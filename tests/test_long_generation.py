@@ -110,3 +110,21 @@ def test_layers_ask_the_selection_only_when_a_head_could_be_over_its_budget(tiny
         assert asked_quiet <= 2 * (1 + steps // 16 + 1)
     else:  # a head's budget below the others' (AdaKV), or slots masked until a compaction, ask more often
         assert asked_quiet < len(asked)
+
+
+def test_a_ragged_layer_reads_its_heads_where_they_are_held_after_a_trim(tiny):
+    """A ragged layer works out its heads' segments once per change; trimming the spare capacity (a
+    context at rest) is a change: the segments then view the trimmed tensors, not the released ones."""
+    torch.manual_seed(0)
+    _, cache, _ = _generate(tiny, "adakv:budget=24,block=16", 57)
+    spare = [len(inner) < inner.k.shape[2] for layer in cache.compressed_layers for row in layer.store.rows for inner in row]
+    assert any(spare)  # some head holds room to release
+    for layer in cache.compressed_layers:
+        store = layer.store
+        before = store.segment()
+        assert store.segment() is before  # nothing changed: the same segment
+        layer.trim()
+        after = store.segment()
+        for row, heads in zip(store.rows, after.rows):
+            for inner, segment in zip(row, heads):
+                assert segment.keys.data_ptr() == inner.k.data_ptr() and segment.values.data_ptr() == inner.v.data_ptr()

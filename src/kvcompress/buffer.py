@@ -211,9 +211,14 @@ class RaggedStore:
         self._changed()
 
     def _changed(self) -> None:
-        """Forget the length and validity worked out from the inner stores (they changed)."""
+        """Forget the length, validity and segment worked out from the inner stores (they changed)."""
         self._length: int | None = None
         self._valid: torch.Tensor | None | bool = False  # False: not worked out
+        self._segment: RaggedSegment | None = None
+
+    def trim(self) -> None:
+        """The inner stores are about to release their spare capacity: forget the segment viewing it."""
+        self._changed()
 
     def __len__(self) -> int:
         if self._length is None:
@@ -283,7 +288,10 @@ class RaggedStore:
         self._changed()
 
     def segment(self) -> RaggedSegment:
-        return RaggedSegment([[s.segment() if len(s) else None for s in row] for row in self.rows], len(self))
+        """The heads' segments, worked out once per change (a decode step that evicts nothing changes nothing)."""
+        if self._segment is None:
+            self._segment = RaggedSegment([[s.segment() if len(s) else None for s in row] for row in self.rows], len(self))
+        return self._segment
 
     def valid(self) -> torch.Tensor | None:
         """``(B, H, S)`` validity (the padding of shorter heads is invalid), or None when every slot is
