@@ -45,6 +45,7 @@ from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment
 
 _UNKNOWN = object()  # a layer's validity not handed down: work it out
 
+
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

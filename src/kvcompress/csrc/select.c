@@ -11,8 +11,9 @@
 
 /* valid: (BH, S) rows `stride` apart (a view of a buffer with spare capacity); keep: (BH, S) contiguous,
  * starting as a copy of valid. scores: (BH, S), or NULL: the oldest slot outside the protected ones goes.
- * budget, recent: (BH,), or NULL for `budget_all`, `recent_all` in every head. Returns the number of slots dropped, or -1 (nothing written) when some
- * head holds more than one slot over its budget: the caller then ranks. */
+ * budget, recent: (BH,), or NULL for `budget_all`, `recent_all` in every head. Returns the number of
+ * slots dropped, or -1 (nothing written) when some head holds more than one slot over its budget: the
+ * caller then ranks. */
 static int64_t count_valid(const uint8_t *v, int64_t S) {
     int64_t count = 0;
     for (int64_t s = 0; s < S; ++s) count += v[s] != 0;
