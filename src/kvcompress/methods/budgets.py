@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
+from kvcompress.attention import kernel_rows
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
@@ -64,28 +65,18 @@ def drop_lowest(
     if library is None:
         return False, None
     batch, heads, slots = valid.shape
-    valid, stride = _rows(valid)
+    valid = kernel_rows(valid[..., None])[..., 0]  # a view of a buffer's mask with spare capacity is read in place
     if scores is not None:
         scores = scores.float().contiguous()  # held here while the kernel reads it
     budget, recent = (t.to(torch.int64).expand(batch, heads, 1).contiguous() if torch.is_tensor(t) else t for t in (budget, recent))
     keep = valid.clone(memory_format=torch.contiguous_format)
     dropped = library.drop_lowest(
-        _pointer(scores), native.data_pointer(valid), ctypes.c_int64(stride), native.data_pointer(keep),
+        _pointer(scores), native.data_pointer(valid), ctypes.c_int64(valid.stride(1)), native.data_pointer(keep),
         _pointer(budget), _every(budget), _pointer(recent), _every(recent), *map(ctypes.c_int64, (sink, batch * heads, slots)),
     )
     if dropped < 0:
         return False, None
     return True, keep if dropped else None
-
-
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(B, H, S)`` ``t`` as ``csrc/select.c`` reads it, ``B * H`` rows one stride apart, and that stride:
-    a view of a buffer's mask with spare capacity qualifies; else a contiguous copy."""
-    batch, heads, slots = t.shape
-    row = t.stride(1) if heads > 1 else t.stride(0) if batch > 1 else slots
-    if t.stride(2) == 1 and row >= slots and (batch == 1 or t.stride(0) == heads * row):
-        return t, row
-    return t.contiguous(), slots
 
 
 def _pointer(t) -> ctypes.c_void_p | None:
