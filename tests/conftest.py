@@ -1,13 +1,17 @@
-"""Shared fixtures. Three tiers: tensor tests (no model), tests on the real default model (one
+"""Shared fixtures and assertions. Three tiers: tensor tests (no model), tests on the real default model (one
 session-wide load), and GPU tests that skip through :func:`requires_gpu` when there is none."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
+from kvcompress.step import Operands
 
 # Under pytest-xdist (`-n auto`: a worker per core) each worker computes on one thread; alone, on two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -48,3 +52,17 @@ def tiny():
     )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).eval()
+
+
+def assert_each_path_adds_to_a_running_observation(query: torch.Tensor, operands: Operands, step: torch.Tensor) -> None:
+    """A layer's running observation (``Operands.observed``), a view of room for more slots as the layer
+    keeps it, gains the step's observed attention ``step`` in place on every path; the room past it stays 0."""
+    batch, heads, slots = step.shape
+    earlier = torch.rand(batch, heads, slots)
+    for path in (attend_one_pass, attend_segments, attend_dense):
+        room = torch.zeros(batch, heads, slots + 5)
+        room[..., :slots] = earlier
+        attended = path(query, dataclasses.replace(operands, observed=room[..., :slots]), 0.125)
+        assert attended.observed.data_ptr() == room.data_ptr()  # the same tensor, written in place
+        torch.testing.assert_close(room[..., :slots], earlier + step, atol=1e-6, rtol=1e-5)
+        assert not room[..., slots:].any()

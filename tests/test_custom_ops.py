@@ -21,10 +21,11 @@ def _cases():
     query = torch.randn(2, 3, 3, 64)
     keys, values = torch.randn(2, 2, 3, 40, 64)
     allow = (torch.rand(2, 3, 40) > 0.3).to(torch.uint8)
-    yield "dense_attend", attention.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, True)
+    observed = torch.rand(2, 3, 45)[..., :40]  # a running observation in room for more slots gains the step's
+    yield "dense_attend", attention.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, observed)
     held = [torch.randn(n, 64) for n in (5, 9, 7, 3, 9, 1)]
     allow = torch.ones(2, 3, 9 + 40, dtype=torch.uint8)
-    yield "dense_attend stored", attention.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, False)
+    yield "dense_attend stored", attention.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, torch.empty(0))
     t = _kivi_tensors(4)
     yield "kivi_key_logits", kivi.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
     yield "kivi_value_mix", kivi.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)
@@ -32,7 +33,7 @@ def _cases():
     allow = torch.ones(2, 3, 128 + 40, dtype=torch.uint8)
     yield "kivi_attend", kivi.kivi_attend, (
         query, t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"], t["value_min"],
-        keys, values, allow, 0.125, True, 2, 32,
+        keys, values, allow, 0.125, torch.zeros(2, 3, 128 + 40), 2, 32,
     )
 
     logits = torch.randn(2, 3, 3, 8, 40)  # 8 queries, the last 8 of 40 slots
@@ -57,15 +58,24 @@ def test_registered_op_is_sound_and_the_eager_call_equals_it(name, call, args):
     torch.library.opcheck(call.op, _copies(args), test_utils=("test_schema", "test_faketensor"))
     eager_args, registered_args = _copies(args), _copies(args)  # an op that writes into its arguments writes into these
     eager, registered = call(*eager_args), call.op(*registered_args)
-    outputs = (eager, registered) if eager is not None else (eager_args, registered_args)
-    mine, theirs = (o if isinstance(o, (tuple, list)) else (o,) for o in outputs)
+    mine, theirs = (((o,) if isinstance(o, torch.Tensor) else o or ()) + a for o, a in ((eager, eager_args), (registered, registered_args)))
     assert len(mine) == len(theirs)
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs):  # what it returned and what it wrote into its arguments
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
-    if eager is None:  # the op wrote its results: they differ from what it was given
-        assert not torch.equal(eager_args[0], args[0])
+    written = {i for i, (a, b) in enumerate(zip(eager_args, args)) if isinstance(a, torch.Tensor) and not torch.equal(a, b)}
+    schema = call.op._opoverload._schema.arguments
+    # it writes into every argument its schema says it mutates (unless empty: nothing to write), and no other
+    assert written == {i for i, argument in enumerate(schema) if argument.alias_info is not None and args[i].numel()}
 
 
 def _copies(args):
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    # a copy keeps a view's layout: a view of room for more (an observation) stays one
+    return tuple(_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous():
+        return t.clone()
+    base = t._base.clone()
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())

@@ -7,6 +7,7 @@ import torch
 
 from kvcompress.methods.kivi import KIVI, pack, quantize, unpack
 from kvcompress.step import DenseSegment, Operands
+from conftest import assert_each_path_adds_to_a_running_observation
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -152,6 +153,8 @@ def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, obs
             torch.testing.assert_close(one.observed, other.observed, atol=1e-6, rtol=1e-5)
         else:
             assert one.observed is None
+    if observe:
+        assert_each_path_adds_to_a_running_observation(query, operands, one.observed)
 
 
 @pytest.mark.parametrize("observe", [0, 1])
@@ -190,6 +193,11 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
         torch.testing.assert_close(one.output, other.output, atol=1e-5, rtol=1e-5)
         if observe:
             torch.testing.assert_close(one.observed, other.observed, atol=1e-6, rtol=1e-5)
+    if observe:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
+            assert_each_path_adds_to_a_running_observation(query, operands, one.observed)
+        assert calls == [batch * heads] * 2  # the one-pass path took the ragged kernel again
 
 
 def test_one_pass_declines_what_it_does_not_compute():

@@ -34,20 +34,21 @@ def none_bytes(tokens):
 
 
 def evicting_window(prompt, tokens, budget, block, slack):
-    """``(slots, capacity, holes, since)`` of a window that is the whole layer, after ``tokens``: cut
+    """``(slots, capacity, holes, since, moved)`` of a window that is the whole layer, after ``tokens``: cut
     back to ``budget`` tokens after the prompt and whenever more than ``budget + slack`` have
     collected, ``since`` tokens ago. A cut compacts the window (to a capacity of the kept tokens
     rounded up to a chunk) when that frees memory or when ``block`` more tokens would not fit;
     otherwise it only masks the evicted slots (``holes``: a (B, H, capacity) bool mask is held), so a
-    per-token eviction copies nothing. Capacity grows a chunk at a time."""
+    per-token eviction copies nothing. Capacity grows a chunk at a time. ``moved``: the last token's
+    cut compacted the window."""
     slots = count = prompt
-    capacity, holes, since = _round_up(prompt, CHUNK), False, 0
+    capacity, holes, since, moved = _round_up(prompt, CHUNK), False, 0, False
 
     def cut():
-        nonlocal slots, capacity, holes, count, since
+        nonlocal slots, capacity, holes, count, since, moved
         count, since = budget, 0
         if _round_up(budget, CHUNK) < capacity or slots + block > capacity:
-            slots, capacity, holes = budget, _round_up(budget, CHUNK), False
+            slots, capacity, holes, moved = budget, _round_up(budget, CHUNK), False, True
         else:
             holes = True
 
@@ -55,15 +56,15 @@ def evicting_window(prompt, tokens, budget, block, slack):
         cut()
     for _ in range(tokens - prompt):
         capacity = max(capacity, _round_up(slots + 1, CHUNK))
-        slots, count, since = slots + 1, count + 1, since + 1
+        slots, count, since, moved = slots + 1, count + 1, since + 1, False
         if count > budget + slack:
             cut()
-    return slots, capacity, holes, since
+    return slots, capacity, holes, since, moved
 
 
 def streaming_bytes(sink, window, prompt=120):
     def formula(tokens):
-        _, capacity, holes, _ = evicting_window(prompt, tokens, sink + window, 1, 0)
+        _, capacity, holes, _, _ = evicting_window(prompt, tokens, sink + window, 1, 0)
         return FP_TOKEN * capacity + (LAYERS * KV_HEADS * capacity if holes else 0)
 
     return formula
@@ -85,15 +86,17 @@ def kivi_bytes(bits, group, residual):
 
 def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
     """Bytes of a score-based eviction cache: its window (:func:`evicting_window`) with capacity
-    reserved a chunk at a time; methods that score by attention hold a float32 score per slot,
+    reserved a chunk at a time; methods that score by attention hold a float32 score per slot, in room
+    for a chunk of slots at a time (the slots exactly right after a cut that moved them),
     methods that score with queries hold the fp32 queries (9 heads) and int64 positions of the tokens
     seen since the last compression, and every layer holds its int64 budget per head."""
 
     def formula(tokens):
         total = 0
         for budget in budgets or [math.ceil(prompt * (1 - ratio))] * LAYERS:
-            slots, capacity, holes, since = evicting_window(prompt, tokens, budget, block, block - 1)
-            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * slots if scores else 0) + 8 * KV_HEADS
+            slots, capacity, holes, since, moved = evicting_window(prompt, tokens, budget, block, block - 1)
+            observed = slots if moved else _round_up(slots, CHUNK)
+            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * observed if scores else 0) + 8 * KV_HEADS
             total += KV_HEADS * capacity if holes else 0
             total += (9 * HEAD_DIM * FP32 + 8) * since if queries else 0
         return total

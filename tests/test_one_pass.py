@@ -10,6 +10,7 @@ import kvcompress
 from kvcompress import attention, buffer, native
 from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
 from kvcompress.step import DenseSegment, Operands
+from conftest import assert_each_path_adds_to_a_running_observation
 
 
 def _assert_one_pass_equals_the_other_paths(query: torch.Tensor, operands: Operands) -> None:
@@ -23,6 +24,9 @@ def _assert_one_pass_equals_the_other_paths(query: torch.Tensor, operands: Opera
             torch.testing.assert_close(one.observed, other.observed, atol=1e-7, rtol=1e-5)
         else:
             assert one.observed is None
+    if operands.observe:
+        assert_each_path_adds_to_a_running_observation(query, operands, one.observed)
+
 
 
 @pytest.mark.parametrize("batch, heads, rep, slots", [(1, 3, 3, 300), (2, 3, 3, 77), (2, 2, 1, 5), (1, 1, 4, 40)])

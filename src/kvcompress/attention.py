@@ -16,8 +16,9 @@ Three paths compute the same result (tests compare them):
 - **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
   ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
   codes) and the full-precision window: logits, the slots' mask, softmax and the value mix in one
-  kernel call per layer, the weights returned only when a scorer observes them (so H2O and TOVA
-  score from the step's own pass). Taken first wherever it applies, on the CPU with the C kernels.
+  kernel call per layer, which also adds the attention each slot received to the layer's observation
+  when a scorer observes it (so H2O and TOVA score from the step's own pass, and the weights are never
+  written out). Taken first wherever it applies, on the CPU with the C kernels.
 - **segments**: each segment computes its logits from the queries and mixes its own values from
   the weights (a quantized or latent segment without rebuilding full-precision keys or values),
   with one softmax over all of them; queries go in chunks so the ``(G, S)`` weights stay bounded,
@@ -170,32 +171,39 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     if new != 1 or len(segments) > 2 or (window is not None and not isinstance(window, DenseSegment)):
         return None
     grouped = query.reshape(batch, heads, q_heads // heads, dim)  # (B, H, rep, D)
-    observe = bool(operands.observe)
+    # The kernel adds the query's row, averaged over the query heads of each KV head, to the observation (a
+    # padding query counts zero).
+    observed = observation(operands, batch, len(operands), query.device) if operands.observe else _NO_OBSERVATION
     if len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
-        done = _dense_one_pass(grouped, first, operands.valid, scaling, observe)
+        if not dense_one_pass_applies(query, first):
+            return None
+        keys, values = kernel_pair(first.keys, first.values)
+        out = dense_attend(grouped.contiguous(), [], [], 0, keys, values, mask_bytes(operands.valid), scaling, observed)
     elif hasattr(first, "attend_one"):
-        done = first.attend_one(grouped, window, operands.valid, scaling, weights=observe)
+        out = first.attend_one(grouped, window, operands.valid, scaling, observed)
     else:
         return None
-    if done is None:
+    if out is None:
         return None
-    out, weights = done
-    observed = None
-    if operands.observe:  # the query's row, averaged over the query heads of each KV head; a padding query counts zero
-        observed = weights.mean(2)
-        if operands.valid is not None:
-            observed = observed * operands.valid[..., -1:]
-    return Attended(out.reshape(batch, q_heads, 1, dim).to(query.dtype), observed)
+    return Attended(out.reshape(batch, q_heads, 1, dim).to(query.dtype), observed if operands.observe else None)
 
 
-def _dense_one_pass(query, segment: DenseSegment, valid, scaling: float, weights: bool):
-    """``(B, H, G, D)`` float32 grouped queries over float32 slots through ``kvcompress::dense_attend``:
-    ``(out, weights or None)``; None where the kernel does not apply (see :func:`dense_one_pass_applies`)."""
-    if not dense_one_pass_applies(query, segment):
-        return None
-    keys, values = kernel_pair(segment.keys, segment.values)
-    out, probs = dense_attend(query.contiguous(), [], [], 0, keys, values, mask_bytes(valid), scaling, weights)
-    return out, probs if weights else None
+def observation(operands: Operands, batch: int, slots: int, device) -> torch.Tensor:
+    """The ``(B, H, S)`` float32 tensor a step adds its observed attention to: the layer's running
+    observation (:attr:`Operands.observed`, in place), or zeros."""
+    if operands.observed is not None:
+        return operands.observed
+    return torch.zeros(batch, operands.heads, slots, dtype=torch.float32, device=device)
+
+
+def observed_rows(observed: torch.Tensor) -> int:
+    """The stride between the (row, head) rows of a ``(B, H, S)`` observation, as the C kernels step
+    through it: its slots contiguous, its rows one stride apart (a view of a tensor with room for more
+    slots qualifies)."""
+    batch, heads, _ = observed.shape
+    if observed.dtype != torch.float32 or observed.stride(2) != 1 or (batch > 1 and observed.stride(0) != heads * observed.stride(1)):
+        raise ValueError("an observation must be float32 with contiguous slots and rows one stride apart")
+    return observed.stride(1)
 
 
 def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool:
@@ -215,6 +223,7 @@ def mask_bytes(valid: torch.Tensor | None) -> torch.Tensor:
 
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
+_NO_OBSERVATION = torch.empty(0, dtype=torch.float32)  # what a kernel is given when no scorer observes
 
 
 def kernel_rows(t: torch.Tensor) -> torch.Tensor:
@@ -235,7 +244,7 @@ def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     return keys, values
 
 
-@native.custom_op("kvcompress::dense_attend")
+@native.custom_op("kvcompress::dense_attend", mutates=("observed",))
 def dense_attend(
     query: torch.Tensor,
     stored_keys: list[torch.Tensor],
@@ -245,19 +254,20 @@ def dense_attend(
     window_values: torch.Tensor,
     allow: torch.Tensor,
     scaling: float,
-    weights: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    observed: torch.Tensor,
+) -> torch.Tensor:
     """One decode step over float32 slots ``[stored | window]``: ``(B, H, G, D)`` queries; the stored part
     ``stored`` slots per (row, head), held per head as ``(n_i, D)`` tensors in ``stored_keys`` /
     ``stored_values`` (``B * H`` of each, row-major; heads shorter than ``stored`` are padded, never
     read; empty lists and 0 when there is none); window keys and values ``(B, H, W, D)`` (each (row, head)
     a contiguous block, blocks one stride apart); ``allow`` ``(B, H, stored + W)`` uint8 or empty (every
-    slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output and,
-    if ``weights``, the ``(B, H, G, stored + W)`` softmax weights (else an empty tensor)."""
+    slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output, and
+    adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention each slot received, the mean
+    over the ``G`` query rows (0 for a padding query; see :func:`observed_rows` for its layout)."""
     batch, heads, rows, dim = query.shape
     window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
-    probs = query.new_empty(batch, heads, rows, stored + window) if weights else query.new_empty(0)
+    ostride = observed_rows(observed) if observed.numel() else 0
     parts = None, None, None
     if stored:
         held = [t.contiguous() for t in (*stored_keys, *stored_values)]  # no copy for the buffers' views
@@ -271,17 +281,17 @@ def dense_attend(
     status = native.load("dense").dense_attend(
         data_pointer(query), *parts, ctypes.c_int64(stored), data_pointer(window_keys), data_pointer(window_values),
         ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), data_pointer(allow),
-        ctypes.c_float(scaling), data_pointer(out), data_pointer(probs), *map(ctypes.c_int64, (batch * heads, rows, dim)),
+        ctypes.c_float(scaling), data_pointer(out), data_pointer(observed), ctypes.c_int64(ostride),
+        *map(ctypes.c_int64, (batch * heads, rows, dim)),
     )
     if status:
         raise MemoryError("kvcompress::dense_attend: the kernel could not allocate its scratch buffer")
-    return out, probs
+    return out
 
 
 @dense_attend.register_fake
-def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, weights):
-    slots = stored + window_keys.shape[2]
-    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
+def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, observed):
+    return query.new_empty(query.shape)
 
 
 def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:
@@ -306,7 +316,8 @@ def attend_dense(query: torch.Tensor, operands: Operands, scaling: float) -> Att
     observed = None
     if operands.observe:
         m = observed_count(operands.observe, new)
-        observed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, keys.shape[1], keys.device), scaling)
+        summed = summed_attention(query[:, :, -m:], keys, _valid_or_ones(operands, batch, keys.shape[1], keys.device), scaling)
+        observed = observation(operands, batch, keys.shape[2], keys.device).add_(summed)
     return Attended(out, observed)
 
 
@@ -353,7 +364,7 @@ def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) ->
         ones = torch.ones(batch, heads, slots, 1, device=query.device)
         values_1 = torch.cat([values.float(), ones], -1)  # (B, H, S, D + 1)
     output = torch.empty(batch, heads, rep, new, dim, dtype=torch.float32, device=query.device)
-    observed = torch.zeros(batch, heads, slots, dtype=torch.float32, device=query.device)
+    observed = observation(operands, batch, slots, query.device)
     first, before = new - m, slots - m  # the unobserved queries are the last `first` tokens of [:before]
     if first:
         part = None if valid is None else valid[..., :before]
@@ -390,12 +401,13 @@ def observe_rows(logits: torch.Tensor, allow: torch.Tensor, weigh: torch.Tensor,
     """One chunk of observed queries in place (``csrc/dense.c``): ``logits`` ``(B, H, G, c, n)`` float32,
     scaled, of ``c`` queries that are the last ``c`` of ``n`` slots, become their softmax weights (masked
     where ``allow`` ``(B, H, c, n)`` uint8 is 0, or causally only when it is empty; 0 after each query's own
-    token), and ``observed`` ``(B, H, S >= n)`` gains ``weigh`` ``(B, H, c)`` times each query's row."""
+    token), and ``observed`` ``(B, H, S >= n)`` (laid out as :func:`observed_rows` says) gains ``weigh``
+    ``(B, H, c)`` times each query's row."""
     batch, heads, rows, c, n = logits.shape
     weigh = weigh.float().contiguous()
     native.load("dense").observe_rows(
         data_pointer(logits), data_pointer(allow), data_pointer(weigh), data_pointer(observed),
-        ctypes.c_int64(observed.shape[-1]), *map(ctypes.c_int64, (batch * heads, rows, c, n)),
+        ctypes.c_int64(observed_rows(observed)), *map(ctypes.c_int64, (batch * heads, rows, c, n)),
     )
 
 
@@ -407,7 +419,7 @@ def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> 
     rep = q_heads // heads
     valid = _valid_or_ones(operands, batch, heads, query.device)
     m = observed_count(operands.observe, new)
-    observed = torch.zeros(batch, heads, slots, dtype=torch.float32, device=query.device) if m else None
+    observed = observation(operands, batch, slots, query.device) if m else None
     chunk = max(1, LOGITS_BUDGET // max(1, batch * q_heads * slots))
     bounds = torch.tensor([0] + [len(s) for s in segments]).cumsum(0).tolist()
     outputs = []

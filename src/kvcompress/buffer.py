@@ -373,10 +373,11 @@ class RaggedSegment:
         return out
 
     def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
-                   weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                   observed: torch.Tensor) -> torch.Tensor | None:
         """One decode query per row over ``[these heads | window]`` in one kernel call
         (``kvcompress::dense_attend``), each head read where it is held: ``(B, H, G, D)`` grouped queries ->
-        ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)`` weights. Heads of a kind with its own
+        ``(B, H, G, D)`` output; the attention each slot received is added to ``observed`` ``(B, H, S)``
+        unless it is empty (see :func:`kvcompress.attention.attend_one_pass`). Heads of a kind with its own
         ragged kernel (``adakv+kivi``: KIVI codes, ``attend_heads``) take that kernel instead, again one call.
         None unless the window (which holds the step's token) and the heads are float32 on the CPU or all
         of such a kind, and no head is empty: the caller then takes the segment path."""
@@ -385,7 +386,7 @@ class RaggedSegment:
             return None  # the step's own token is the window's last slot
         kind = type(heads[0]) if heads else None
         if hasattr(kind, "attend_heads") and all(type(s) is kind for s in heads):
-            return kind.attend_heads(heads, query, window, valid, self.length, scaling, weights)
+            return kind.attend_heads(heads, query, window, valid, self.length, scaling, observed)
         if not all(s is None or isinstance(s, DenseSegment) for s in heads):
             return None
         if not dense_one_pass_applies(query, window, *(s for s in heads if s is not None)):
@@ -394,10 +395,9 @@ class RaggedSegment:
         keys = [s.keys[0, 0] if s is not None else empty for s in heads]
         values = [s.values[0, 0] if s is not None else empty for s in heads]
         window_keys, window_values = kernel_pair(window.keys, window.values)
-        out, probs = dense_attend(
-            query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, weights
+        return dense_attend(
+            query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, observed
         )
-        return out, probs if weights else None
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         out = None

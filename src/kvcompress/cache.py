@@ -82,6 +82,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the storage needs them
         self.seen = 0
         self.attention: torch.Tensor | None = None  # (B, H, S) float32 attention observed for the selection
+        self.room: torch.Tensor | None = None  # (B, H, >= S) zeros past S, `attention` its view (see _observation)
         self.queries: torch.Tensor | None = None  # (B, Hq, m, D) queries since the last compression, if asked
         self.query_positions: torch.Tensor | None = None  # (B, m)
         self.held: torch.Tensor | None = None  # (B, Hq, k, D) last queries of held steps (question-aware)
@@ -137,7 +138,23 @@ class CompressedLayer(CacheLayerMixin):
         observe = self.selection.observe if self.selection is not None else 0
         if inputs.hold and observe > 0:
             observe = 0  # a window of queries is observed once the step that compresses has come
-        return Operands(tuple(part.segment() for part in self._parts()), self.valid(), heads, observe)
+        observed = self._observation(batch, heads, len(self)) if observe else None
+        return Operands(tuple(part.segment() for part in self._parts()), self.valid(), heads, observe, observed)
+
+    def _observation(self, batch: int, heads: int, slots: int) -> torch.Tensor:
+        """The ``(B, H, slots)`` observation a step adds to in place: the attention observed so far, then
+        zeros for the step's new slots. It is a view of :attr:`room`, which holds zeros past the view and
+        grows ``CHUNK`` slots at a time, so a decode step neither pads nor copies it."""
+        held, room = self.attention, self.room
+        if (
+            room is None or held is None or held.data_ptr() != room.data_ptr() or room.shape[:2] != (batch, heads)
+            or not held.shape[-1] <= slots <= room.shape[-1]
+        ):
+            room = torch.zeros(batch, heads, -(-slots // CHUNK) * CHUNK, dtype=torch.float32, device=self.device)
+            if held is not None:
+                room[..., : held.shape[-1]] = held
+            self.room = room
+        return room[..., :slots]
 
     def compress(self, attended: Attended, query: torch.Tensor, inputs: StepInputs, scaling: float, valid=_UNKNOWN) -> None:
         """Keep what the selection scores with, then (unless the step is held) evict and settle; ``valid``:
@@ -148,7 +165,7 @@ class CompressedLayer(CacheLayerMixin):
             self.queries = query if self.queries is None else torch.cat([self.queries, query], 2)
             self.query_positions = positions if self.query_positions is None else torch.cat([self.query_positions, positions], -1)
         if attended.observed is not None:
-            self._observe(attended.observed)
+            self.attention = attended.observed  # Operands.observed with this step's attention added
         if inputs.hold:
             if selection is not None and selection.observe > 0:  # carry the window of queries to the next step
                 held = query if self.held is None else torch.cat([self.held, query], 2)
@@ -247,7 +264,7 @@ class CompressedLayer(CacheLayerMixin):
             window_index = self.window.drop(keep, self.selection.block, headroom=0 if first else self.selection.block)
             if window_index is None:  # nothing moved
                 if self.attention is not None and not self.selection.accumulate:
-                    self.attention = torch.zeros_like(self.attention)
+                    self.attention.zero_()  # in place: a view of the room stays one
                 return True
             return self._moved([window_index])
         stored = len(self.store)
@@ -362,7 +379,12 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
-        return held + _nbytes(self.positions, self.attention, self.queries, self.query_positions, self.held, self.budget)
+        attention = self.room if self._in_room() else self.attention
+        return held + _nbytes(self.positions, attention, self.queries, self.query_positions, self.held, self.budget)
+
+    def _in_room(self) -> bool:
+        """Whether :attr:`attention` is a view of :attr:`room` (then the room is what it occupies)."""
+        return self.room is not None and self.attention is not None and self.attention.data_ptr() == self.room.data_ptr()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -381,6 +403,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def trim(self) -> None:
         """Release capacity reserved for tokens to come: held slots stay as they are."""
+        if self._in_room():
+            self.attention = self.attention.clone()
+        self.room = None
         for part in self._parts():
             for obj in parts_of(part):
                 if hasattr(obj, "trim"):

@@ -113,12 +113,16 @@ class Operands:
         heads: ``H``.
         observe: how many of the step's latest queries the layer's scorer needs the attention
             weights of (0: none, -1: all).
+        observed: ``(B, H, S)`` float32, the attention the slots received in the layer's earlier
+            steps (0 for the step's new slots), which attention adds this step's to in place; None:
+            start from zeros.
     """
 
     segments: tuple[Segment, ...]
     valid: torch.Tensor | None
     heads: int
     observe: int = 0
+    observed: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.segments)
@@ -132,7 +136,8 @@ class Attended:
         output: ``(B, Hq, q, D)``.
         observed: ``(B, H, S)`` float32, the attention each slot received from the observed queries
             (summed over them, averaged over the query heads of its KV head; padding queries count
-            zero); None when ``Operands.observe`` is 0.
+            zero), added to ``Operands.observed`` when given (then that same tensor); None when
+            ``Operands.observe`` is 0.
     """
 
     output: torch.Tensor

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.attention import kernel_pair, mask_bytes
+from kvcompress.attention import kernel_pair, mask_bytes, observed_rows
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -272,10 +272,11 @@ class KIVISegment:
         return out.to(weights.dtype)
 
     def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
-                   weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                   observed: torch.Tensor) -> torch.Tensor | None:
         """One decode query per row over ``[these codes | window]`` in one kernel call (``kvcompress::kivi_attend``):
-        ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, S)``
-        attention weights; None where the kernel does not apply (the caller takes the segment path)."""
+        ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output; the attention each slot received is added to
+        ``observed`` ``(B, H, S)`` unless it is empty (see :func:`kvcompress.attention.attend_one_pass`). None
+        where the kernel does not apply (the caller takes the segment path)."""
         t, store = self.store.tensors, self.store
         dim = query.shape[-1]
         if window is None:  # an empty window: zero slots of the right shape
@@ -285,15 +286,14 @@ class KIVISegment:
         if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
             return None
         keys, values = kernel_pair(keys, values)
-        out, probs = kivi_attend(
+        return kivi_attend(
             query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
-            t["value_min"], keys, values, mask_bytes(valid), scaling, weights, store.bits, store.block,
+            t["value_min"], keys, values, mask_bytes(valid), scaling, observed, store.bits, store.block,
         )
-        return out, probs if weights else None
 
     @staticmethod
     def attend_heads(heads: list[KIVISegment], query: torch.Tensor, window: DenseSegment, valid: torch.Tensor | None,
-                     stored: int, scaling: float, weights: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                     stored: int, scaling: float, observed: torch.Tensor) -> torch.Tensor | None:
         """:meth:`attend_one` for ragged heads (a :class:`kvcompress.buffer.RaggedSegment`): ``heads``, one
         segment per (row, head), row-major, each its own number of the ``stored`` slots; one kernel call
         (``kvcompress::kivi_attend_heads``) for all of them. ``valid`` ``(B, H, stored + W)`` or None. The heads
@@ -304,11 +304,10 @@ class KIVISegment:
             return None
         keys, values = kernel_pair(window.keys, window.values)
         held = {name: [s.store.tensors[name] for s in heads] for name in KIVI_TENSORS}
-        out, probs = kivi_attend_heads(
-            query.float().contiguous(), *held.values(), stored, keys, values, mask_bytes(valid), scaling, weights,
+        return kivi_attend_heads(
+            query.float().contiguous(), *held.values(), stored, keys, values, mask_bytes(valid), scaling, observed,
             first.bits, first.block,
         )
-        return out, probs if weights else None
 
 
 KIVI_TENSORS = ("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min")  # a store's, in kernel order
@@ -361,57 +360,57 @@ def _(weights, codes, scale, minimum, bits, group):
     return weights.new_empty(*weights.shape[:3], codes.shape[3] * 8 // bits)
 
 
-@native.custom_op("kvcompress::kivi_attend")
+@native.custom_op("kvcompress::kivi_attend", mutates=("observed",))
 def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_min: torch.Tensor,
                 value_codes: torch.Tensor, value_scale: torch.Tensor, value_min: torch.Tensor, window_keys: torch.Tensor,
-                window_values: torch.Tensor, allow: torch.Tensor, scaling: float, weights: bool, bits: int,
-                group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                window_values: torch.Tensor, allow: torch.Tensor, scaling: float, observed: torch.Tensor, bits: int,
+                group: int) -> torch.Tensor:
     """One decode step of attention over ``[codes | window]``: ``(B, H, G, D)`` float32 queries, key codes
     ``(B, H, P, N)`` and value codes ``(B, H, N, P)`` with their scales and zero points (as in
     :func:`key_logits` and :func:`value_mix`), float32 window keys and values ``(B, H, W, D)`` (each
     (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, N + W)`` uint8 or empty
     (every slot real; the last slot, the query's own token, is always allowed). Returns the ``(B, H, G, D)``
-    output and, if ``weights``, the ``(B, H, G, N + W)`` softmax weights (else an empty tensor)."""
+    output, and adds to ``observed`` ``(B, H, N + W)`` (unless empty) the attention each slot received, as
+    :func:`kvcompress.attention.dense_attend` does."""
     batch, heads, rows, dim = query.shape
-    tokens, window = key_codes.shape[3], window_keys.shape[2]
+    tokens = key_codes.shape[3]
     out = query.new_empty(batch, heads, rows, dim)
-    probs = query.new_empty(batch, heads, rows, tokens + window) if weights else query.new_empty(0)
+    ostride = observed_rows(observed) if observed.numel() else 0
     meta = [t.contiguous() for t in (key_scale, key_min, value_scale, value_min)]
     codes = [t.contiguous() for t in (key_codes, value_codes)]
     pointer = native.data_pointer
     status = native.load("kivi").kivi_attend(
         *map(pointer, (query, codes[0], meta[0], meta[1], codes[1], meta[2], meta[3])), ctypes.c_int(_META[key_scale.dtype]),
         pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(allow),
-        ctypes.c_float(scaling), pointer(out), pointer(probs),
-        *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window)), ctypes.c_int(bits), ctypes.c_int64(group),
+        ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
+        *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window_keys.shape[2])), ctypes.c_int(bits),
+        ctypes.c_int64(group),
     )
     if status:
         raise MemoryError("kvcompress::kivi_attend: the kernel could not allocate its scratch buffers")
-    return out, probs
+    return out
 
 
 @kivi_attend.register_fake
 def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, allow,
-      scaling, weights, bits, group):
-    slots = key_codes.shape[3] + window_keys.shape[2]
-    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
+      scaling, observed, bits, group):
+    return query.new_empty(query.shape)
 
 
-@native.custom_op("kvcompress::kivi_attend_heads")
+@native.custom_op("kvcompress::kivi_attend_heads", mutates=("observed",))
 def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_scale: list[torch.Tensor],
                       key_min: list[torch.Tensor], value_codes: list[torch.Tensor], value_scale: list[torch.Tensor],
                       value_min: list[torch.Tensor], stored: int, window_keys: torch.Tensor, window_values: torch.Tensor,
-                      allow: torch.Tensor, scaling: float, weights: bool, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      allow: torch.Tensor, scaling: float, observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """:func:`kivi_attend` over ragged heads: ``(B, H, G, D)`` float32 queries; per (row, head), row-major,
     ``B * H`` of each list: one head's key codes ``(1, 1, P, n)``, scales and zero points ``(1, 1, n / group, D)``,
     value codes ``(1, 1, n, P)``, scales and zero points ``(1, 1, n, D / group)``, ``n <= stored`` (a shorter
-    head's last slots are padding, weight 0). Window and ``allow`` as in :func:`kivi_attend`, over
-    ``stored + W`` slots. Returns the ``(B, H, G, D)`` output and, if ``weights``, the ``(B, H, G, stored + W)``
-    softmax weights (else an empty tensor)."""
+    head's last slots are padding, weight 0). Window, ``allow`` and ``observed`` as in :func:`kivi_attend`, over
+    ``stored + W`` slots. Returns the ``(B, H, G, D)`` output."""
     batch, heads, rows, dim = query.shape
     window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
-    probs = query.new_empty(batch, heads, rows, stored + window) if weights else query.new_empty(0)
+    ostride = observed_rows(observed) if observed.numel() else 0
     count = batch * heads
     lists = [[t.contiguous() for t in held] for held in (key_codes, key_scale, key_min, value_codes, value_scale, value_min)]
     if any(len(held) != count for held in lists):
@@ -422,16 +421,15 @@ def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_sc
     status = native.load("kivi").kivi_attend_heads(
         pointer(query), *pointers, lengths, ctypes.c_int64(stored), ctypes.c_int(_META[key_scale[0].dtype]),
         pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1) if window else 0),
-        ctypes.c_int64(window), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(probs),
+        ctypes.c_int64(window), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
         *map(ctypes.c_int64, (count, rows, dim)), ctypes.c_int(bits), ctypes.c_int64(group),
     )
     if status:
         raise MemoryError("kvcompress::kivi_attend_heads: the kernel could not allocate its scratch buffers")
-    return out, probs
+    return out
 
 
 @kivi_attend_heads.register_fake
 def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, stored, window_keys, window_values,
-      allow, scaling, weights, bits, group):
-    slots = stored + window_keys.shape[2]
-    return query.new_empty(query.shape), (query.new_empty(*query.shape[:3], slots) if weights else query.new_empty(0))
+      allow, scaling, observed, bits, group):
+    return query.new_empty(query.shape)
