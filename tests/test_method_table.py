@@ -70,10 +70,14 @@ def streaming_bytes(sink, window, prompt=120):
     return formula
 
 
-def kivi_bytes(bits, group, residual):
+def kivi_bytes(bits, group, residual, prompt=120):
     def formula(tokens):
         settled = max(0, (tokens - residual) // group * group)
-        full_precision = FP_TOKEN * (tokens - settled)  # the residual window, no spare capacity
+        window = tokens - settled
+        # The window holds no spare capacity after the prompt, nor right after its oldest group settled;
+        # in between, a decode step that found it full grew it to what it holds before the next settling.
+        capacity = window if tokens == prompt or window == residual else residual + group
+        full_precision = FP_TOKEN * capacity
         per_layer_head = (
             2 * settled * HEAD_DIM * bits // 8  # packed key and value codes
             + 2 * (settled // group) * HEAD_DIM * 2  # key scale and min: fp16 per channel per group
@@ -104,23 +108,24 @@ def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
     return formula
 
 
-def lowrank_bytes(rank, residual, sink=4, bits=None, group=None):
+def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
     """``lowrank`` with one joint basis per layer (``E = 192``) and key rank = value rank = ``rank``:
     a full-precision window plus its int32 positions; stored latents (full precision, 64 tokens
     reserved at a time, or KIVI-quantized in blocks of ``group``), their int32 positions, and
-    full-precision copies of the first ``sink`` tokens."""
+    full-precision copies of the first ``sink`` tokens. The window's capacity as in :func:`kivi_bytes`."""
 
     def formula(tokens):
         ready = max(0, tokens - residual)
         stored = ready - ready % (group or 1)
         window = tokens - stored
+        capacity = window if tokens == prompt or window == residual else residual + (group or 1)
         if bits is None:
             latents = _round_up(stored, CHUNK) * 2 * rank * FP32
         else:
             latents = 2 * stored * rank * bits // 8 + 2 * (stored // group) * rank * 2 + 2 * stored * (rank // group) * 2
         sinks = (2 * KV_HEADS * sink * HEAD_DIM * FP32 + KV_HEADS * sink * 8) if stored else 0  # + int64 slots
         per_layer = latents + KV_HEADS * stored * 4 + sinks
-        return FP_TOKEN * window + LAYERS * (KV_HEADS * window * 4 + per_layer)
+        return FP_TOKEN * capacity + LAYERS * (KV_HEADS * window * 4 + per_layer)
 
     return formula
 

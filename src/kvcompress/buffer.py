@@ -76,15 +76,17 @@ class FullPrecisionBuffer:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def append(
-        self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None, exact: bool = False
+        self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None, exact: bool = False,
+        reserve: int = 0,
     ) -> None:
         """Write ``(B, H, n, D)`` tokens after the held ones; ``valid`` is ``(B, H, n)`` or None.
 
-        ``exact`` reserves no spare capacity; ``positions`` is not needed (see the Store protocol).
+        ``exact`` reserves no spare capacity; when the tokens do not fit, the capacity grows to at least
+        ``reserve`` slots. ``positions`` is not needed (see the Store protocol).
         """
         batch, heads, new, dim = keys.shape
         if self.k is None or self.n + new > self.k.shape[2]:
-            capacity = self.n + new if exact else _round_up(self.n + new, self.chunk)
+            capacity = self.n + new if exact else max(_round_up(self.n + new, self.chunk), reserve)
             self._reserve(batch, heads, (dim, values.shape[3]), keys.dtype, keys.device, capacity)
         self.k[:, :, self.n : self.n + new] = keys
         self.v[:, :, self.n : self.n + new] = values

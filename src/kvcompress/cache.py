@@ -74,8 +74,9 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx, self.num_layers, self.rotary = layer_idx, num_layers, rotary
         self.head_scores = head_scores  # (L, H) the model's retrieval-head scores, if the selection asks
         self.ragged = selection is not None and selection.ragged
-        # With a store, the window never holds more than residual + block - 1 tokens between steps;
-        # a ragged layer's window collects a chunk of decoding before its heads take their tokens.
+        # With a store, the window never holds more than residual + block - 1 tokens between steps: it
+        # holds no spare room after a prompt, and grows to residual + block at once when decoding (see
+        # append); a ragged layer's window collects a chunk of decoding before its heads take their tokens.
         chunk = RAGGED_CHUNK if self.ragged else (CHUNK if storage is None else 1)
         self.window = FullPrecisionBuffer(chunk=chunk)
         self.store = None
@@ -130,7 +131,9 @@ class CompressedLayer(CacheLayerMixin):
         """Add the step's tokens to the window; return what attention reads."""
         batch, heads, new, _ = keys.shape
         valid = None if inputs.valid is None else inputs.valid[:, None, :].expand(batch, heads, new)  # (B, H, q)
-        self.window.append(keys, values, valid)
+        # A decode step's token lands in room for the tokens up to the next settling, not in a copy of the window.
+        reserve = self.residual + self.store.block if self.store is not None and not self.ragged else 0
+        self.window.append(keys, values, valid, reserve=reserve)
         if self.storage is not None and self.storage.needs_positions:
             positions = self._positions(inputs.positions, self.seen, new)[:, None, :].expand(batch, heads, new).to(torch.int32)
             self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
