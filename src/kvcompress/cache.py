@@ -88,7 +88,7 @@ class CompressedLayer(CacheLayerMixin):
         self.query_positions: torch.Tensor | None = None  # (B, m)
         self.held: torch.Tensor | None = None  # (B, Hq, k, D) last queries of held steps (question-aware)
         self.budget: torch.Tensor | None = None  # (B, H, 1) the selection's budget, set at the first compression
-        self.quiet: int | None = None  # slots held before the selection could evict (Selection.quiet)
+        self.quiet_until: int | None = None  # tokens seen before the selection could evict (Selected.quiet)
         self.shared: list[SharedPart] = []  # a fork's view of the parts of the layer it was forked from
 
     @property
@@ -244,7 +244,7 @@ class CompressedLayer(CacheLayerMixin):
     def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN) -> bool:
         """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
         :meth:`compress`); True when it evicted."""
-        if self.selection is None or (self.quiet is not None and len(self) <= self.quiet):
+        if self.selection is None or (self.quiet_until is not None and self.seen <= self.quiet_until):
             return False
         if valid is _UNKNOWN:
             valid = self.valid()
@@ -256,8 +256,7 @@ class CompressedLayer(CacheLayerMixin):
         )
         first = self.budget is None  # the prompt cut to its budget; later cuts are in a decode loop
         selected = self.selection.select(view)
-        if selected.budget is not self.budget or self.quiet is None:
-            self.quiet = self.selection.quiet(selected.budget)
+        self.quiet_until = None if selected.quiet is None else self.seen + selected.quiet
         self.budget = selected.budget
         keep = selected.keep
         if keep is None:

@@ -157,10 +157,13 @@ class LayerView:
 
 @dataclass(frozen=True)
 class Selected:
-    """A selection's decision: ``keep`` ``(B, H, S)`` bool (None: keep all) and the layer's ``budget``."""
+    """A selection's decision: ``keep`` ``(B, H, S)`` bool (None: keep all), the layer's ``budget``, and
+    ``quiet``: how many more tokens the layer may take before the selection could evict anything; until
+    then the layer does not ask (None: ask at the next step)."""
 
     keep: torch.Tensor | None
     budget: torch.Tensor | None = None
+    quiet: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,3 @@ class Selection:
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""
         raise NotImplementedError
-
-    def quiet(self, budget: torch.Tensor | None) -> int | None:
-        """Slots a layer with this ``budget`` (what :meth:`select` last returned) may hold before
-        :meth:`select` could evict anything: until then the layer does not ask (None: ask every step)."""
-        return None

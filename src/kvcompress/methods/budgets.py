@@ -117,6 +117,10 @@ class Uniform:
         """Whether a ``(B, H, 1)`` head holds more than ``limit`` tokens, so the layer is cut back."""
         return bool((count > limit).any())
 
+    def margin(self, count: torch.Tensor, limit: torch.Tensor) -> int:
+        """How many more tokens every head may take before :meth:`over_budget` could hold."""
+        return int((limit - count).min())
+
     def keep(self, scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """``(B, H, S)`` slots kept: per head, the protected ones and the best scores up to the budget
         (protected slots score +inf, so they count toward it; they stay even past it)."""
@@ -148,6 +152,9 @@ class Adaptive(Uniform):
 
     def over_budget(self, count, limit):
         return bool((count.sum(1) > limit.sum(1)).any())  # the heads of a row share their budget
+
+    def margin(self, count, limit):
+        return int(((limit.sum(1) - count.sum(1)) // count.shape[1]).min())  # a token to every head of a row
 
     def keep(self, scores, valid, protected, budget):
         batch, heads, slots = scores.shape

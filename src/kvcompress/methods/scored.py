@@ -98,11 +98,6 @@ class ScoredEviction(Selection):
         recent tokens and lose the attention sink)."""
         return (budget // 2).clamp_max(self.window)
 
-    def quiet(self, budget: torch.Tensor | None) -> int | None:
-        # No head holds more than the layer's slots, so up to the lowest budget plus the slack a block
-        # leaves, no head is over: a decode loop of SnapKV (block 32) asks once in 32 steps.
-        return None if budget is None else int(budget.min()) + self.block - 1
-
     def select(self, view: LayerView) -> Selected:
         if not self.evicts:
             return Selected(None, view.budget)
@@ -123,10 +118,13 @@ class ScoredEviction(Selection):
             slack = 0
         else:
             slack = self.block - 1
+        # Until a head (or a row's heads, as the policy counts) could pass its budget plus the slack a block
+        # leaves, the layer does not ask again: a decode loop of SnapKV or AdaKV (block 32) asks once in 32 steps.
         if not policy.over_budget(count, budget + slack):
-            return Selected(None, budget)
+            return Selected(None, budget, policy.margin(count, budget + self.block - 1))
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = oldest real token
         protected = valid & ((age < self.sink) | (age >= count - self.recent(budget)))
         scores = (self.score(view) if scores is None else scores).float()  # scored once, if the C scan declined
         scores = scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
-        return Selected(policy.keep(scores, valid, protected, budget), budget)
+        keep = policy.keep(scores, valid, protected, budget)
+        return Selected(keep, budget, policy.margin(keep.sum(-1, keepdim=True), budget + self.block - 1))
