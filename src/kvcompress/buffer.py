@@ -12,6 +12,7 @@ quantized), so heads that keep different numbers of tokens (adaptive budgets) ho
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -383,23 +384,44 @@ class RaggedSegment:
         ragged kernel (``adakv+kivi``: KIVI codes, ``attend_heads``) take that kernel instead, again one call.
         None unless the window (which holds the step's token) and the heads are float32 on the CPU or all
         of such a kind, and no head is empty: the caller then takes the segment path."""
-        heads = [s for row in self.rows for s in row]
+        heads = self._heads
         if window is None:
             return None  # the step's own token is the window's last slot
         kind = type(heads[0]) if heads else None
         if hasattr(kind, "attend_heads") and all(type(s) is kind for s in heads):
             return kind.attend_heads(heads, query, window, valid, self.length, scaling, observed)
-        if not all(s is None or isinstance(s, DenseSegment) for s in heads):
+        held = self._dense_heads
+        if held is None or not dense_one_pass_applies(query, window) or held[2] not in (None, query.shape[-1]):
             return None
-        if not dense_one_pass_applies(query, window, *(s for s in heads if s is not None)):
-            return None
-        empty = query.new_empty(0, query.shape[-1])
-        keys = [s.keys[0, 0] if s is not None else empty for s in heads]
-        values = [s.values[0, 0] if s is not None else empty for s in heads]
+        keys, values, _ = held
+        if any(t is None for t in keys):  # an empty head
+            empty = query.new_empty(0, query.shape[-1])
+            keys, values = ([t if t is not None else empty for t in ts] for ts in (keys, values))
         window_keys, window_values = kernel_pair(window.keys, window.values)
         return dense_attend(
             query.contiguous(), keys, values, self.length, window_keys, window_values, mask_bytes(valid), scaling, observed
         )
+
+    @functools.cached_property
+    def _heads(self) -> list:
+        return [s for row in self.rows for s in row]
+
+    @functools.cached_property
+    def _dense_heads(self) -> tuple[list, list, int | None] | None:
+        """Each head's ``(n, D)`` keys and values as ``dense_attend`` reads them (None for an empty head), and
+        their ``D``; None unless every head is float32 full precision on the CPU. Worked out once: a segment
+        lives until its store changes, and a decode step that evicts nothing changes nothing."""
+        held = [s for s in self._heads if s is not None]
+        if not all(isinstance(s, DenseSegment) for s in held):
+            return None
+        for s in held:
+            if s.keys.dtype != torch.float32 or s.values.dtype != torch.float32 or s.keys.device.type != "cpu":
+                return None
+            if s.values.shape[-1] != s.keys.shape[-1]:
+                return None
+        keys = [s.keys[0, 0] if s is not None else None for s in self._heads]
+        values = [s.values[0, 0] if s is not None else None for s in self._heads]
+        return keys, values, held[0].keys.shape[-1] if held else None
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         out = None

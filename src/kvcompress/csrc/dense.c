@@ -27,21 +27,32 @@ int dense_attend(const float *restrict q, const float *const *keys, const float 
                  float scaling, float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G,
                  int64_t D) {
     const int64_t S = L + W;
-    float *logits = malloc(sizeof(float) * G * S);
+    float *logits = malloc(sizeof(float) * G * S + S);
     if (!logits) return 1;
+    uint8_t *mask = (uint8_t *)(logits + G * S);
     for (int64_t bh = 0; bh < BH; ++bh) {
         const float *qb = q + bh * G * D;
         float *ob = out + bh * G * D;
-        const int64_t n = L ? lengths[bh] : 0;
-        if (n) logits_of(qb, keys[bh], logits, S, G, D, n);
-        for (int64_t j = 0; j < G; ++j)
-            for (int64_t s = n; s < L; ++s) logits[j * S + s] = -INFINITY; /* padding of a shorter head */
-        if (W) logits_of(qb, wk + bh * wstride, logits + L, S, G, D, W);
-        for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * S, S, scaling, allow ? allow + bh * S : NULL);
-        if (observed) observe_into(logits, S, G, S, allow ? allow + bh * S : NULL, observed + bh * ostride);
+        /* The head's own n slots, then the window: T slots, the padding of a shorter head left out (never
+         * computed, weighed or observed: its slots of `observed` keep their zeros). */
+        const int64_t n = L ? lengths[bh] : 0, T = n + W;
+        const uint8_t *a = allow ? allow + bh * S : NULL;
+        if (a && n < L) { /* the head's mask without its padding */
+            memcpy(mask, a, n);
+            memcpy(mask + n, a + L, W);
+            a = mask;
+        }
+        if (n) logits_of(qb, keys[bh], logits, T, G, D, n);
+        if (W) logits_of(qb, wk + bh * wstride, logits + n, T, G, D, W);
+        for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
+        if (observed) {
+            const float w = observe_weight(a, T, G);
+            if (n) observe_into(logits, T, G, n, w, observed + bh * ostride);
+            if (W) observe_into(logits + n, T, G, W, w, observed + bh * ostride + L);
+        }
         memset(ob, 0, sizeof(float) * G * D);
-        if (n) mix_into(logits, S, values[bh], ob, G, D, n);
-        if (W) mix_into(logits + L, S, wv + bh * wstride, ob, G, D, W);
+        if (n) mix_into(logits, T, values[bh], ob, G, D, n);
+        if (W) mix_into(logits + n, T, wv + bh * wstride, ob, G, D, W);
     }
     free(logits);
     return 0;

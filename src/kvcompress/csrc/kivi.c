@@ -316,7 +316,7 @@ static void attend_head(const float *restrict qb, const uint8_t *kc, const void 
         for (int64_t s = n; s < L; ++s) logits[j * S + s] = -INFINITY; /* padding of a shorter head */
     if (W) logits_of(qb, kw, logits + L, S, G, D, W);
     for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * S, S, scaling, allow);
-    if (observed) observe_into(logits, S, G, S, allow, observed);
+    if (observed) observe_into(logits, S, G, S, observe_weight(allow, S, G), observed);
     if (n) value_mix_one(logits, S, vc, vs, vm, meta, vmeta0, ob, G, D, n, bits, group, scratch);
     else memset(ob, 0, sizeof(float) * G * D);
     if (W) mix_into(logits + L, S, vw, ob, G, D, W);

@@ -206,12 +206,15 @@ static inline void row_scale_add(float *restrict x, float *restrict o, int64_t n
     }
 }
 
-/* The attention n slots received from the G softmax rows of one KV head's queries (row stride ld), added
- * to o: o[s] += w * sum_j x[j * ld + s]. w is 1 / G (their mean), or 0 when allow (the head's slots, or
- * NULL) marks the query's own token, the last of its ld slots, as padding: a padding query counts zero. */
-static inline void observe_into(const float *restrict x, int64_t ld, int64_t G, int64_t n, const uint8_t *allow,
-                                float *restrict o) {
-    const float w = (allow && !allow[ld - 1]) ? 0.f : 1.f / (float)G;
+/* The weight of one query's softmax rows in the attention its slots received: 1 / G for the mean over its
+ * G rows, or 0 when allow (its n slots, or NULL) marks the query's own token, the last slot, as padding. */
+static inline float observe_weight(const uint8_t *allow, int64_t n, int64_t G) {
+    return (allow && !allow[n - 1]) ? 0.f : 1.f / (float)G;
+}
+
+/* The attention n slots received from G softmax rows (row stride ld), added to o:
+ * o[s] += w * sum_j x[j * ld + s], w from observe_weight. */
+static inline void observe_into(const float *restrict x, int64_t ld, int64_t G, int64_t n, float w, float *restrict o) {
     for (int64_t j = 0; j < G; ++j)
         for (int64_t s = 0; s < n; ++s) o[s] += w * x[j * ld + s];
 }
