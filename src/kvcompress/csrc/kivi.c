@@ -15,14 +15,15 @@
  * and the step's tokens). Scales and zero points arrive as stored: float32, float16 or bfloat16
  * (`meta` 0, 1, 2). One thread. With AVX2 and runs of 8 channels or tokens that share a scale (the
  * usual shapes: group and P multiples of 8), an explicitly vectorized path keeps the accumulators
- * of three query rows in registers; otherwise plain loops the compiler vectorizes.
+ * of three query rows in registers; with AVX-512 and runs of 16 (group and P multiples of 16), the
+ * same tiles 16 lanes wide; otherwise plain loops the compiler vectorizes.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "softmax.h"
-#if defined(__AVX2__) || defined(__F16C__)
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -153,6 +154,79 @@ static void value_tile_any(float *o, const float *ws, const uint8_t *cb, int64_t
 
 #endif
 
+#ifdef __AVX512F__
+/* key_tile and value_tile 16 lanes wide: vecs of 16 tokens (keys), runs of 16 channels (values, group % 16
+ * == 0 and P % 16 == 0, so that a run shares a slot and a scale). Half the instructions per code of the AVX2
+ * tiles. */
+static inline __attribute__((always_inline)) void key_tile16(float *acc, const float *w, const uint8_t *c,
+                                                             int64_t stride, int64_t D, int64_t P, int64_t N,
+                                                             const int bits, const int rows, const int vecs) {
+    const int per = 8 / bits;
+    const __m512i lowbits = _mm512_set1_epi32((1 << bits) - 1);
+    __m512 a[3][2];
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < vecs; ++v) a[r][v] = _mm512_loadu_ps(acc + r * stride + 16 * v);
+    for (int64_t p = 0; p < P; ++p) {
+        const uint8_t *row = c + p * N;
+        __m512i x[2];
+        for (int v = 0; v < vecs; ++v) x[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * v)));
+        for (int i = 0; i < per; ++i) {
+            const float *wd = w + i * P + p;
+            for (int v = 0; v < vecs; ++v) {
+                const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x[v], bits * i), lowbits));
+                for (int r = 0; r < rows; ++r) a[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(wd[r * D]), code, a[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < vecs; ++v) _mm512_storeu_ps(acc + r * stride + 16 * v, a[r][v]);
+}
+
+static inline __attribute__((always_inline)) void value_tile16(float *out, const float *ws, const uint8_t *codes,
+                                                               int64_t p0, int64_t D, int64_t N, int64_t P, int64_t G,
+                                                               int64_t group, const int bits, const int rows) {
+    const int per = 8 / bits;
+    const __m512i lowbits = _mm512_set1_epi32((1 << bits) - 1);
+    const float *wr[4][3];
+    __m512 a[3][4];
+    for (int i = 0; i < per; ++i)
+        for (int r = 0; r < rows; ++r) {
+            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * N;
+            a[r][i] = _mm512_setzero_ps();
+        }
+    for (int64_t n = 0; n < N; ++n) {
+        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + n * P + p0)));
+        for (int i = 0; i < per; ++i) {
+            const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, bits * i), lowbits));
+            for (int r = 0; r < rows; ++r) a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(wr[i][r][n]), code, a[r][i]);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < per; ++i) _mm512_storeu_ps(out + r * D + i * P + p0, a[r][i]);
+}
+
+#define KEY_TILE16(B, R, V) key_tile16(a, w, c, group, D, P, N, B, R, V)
+static void key_tile16_any(float *a, const float *w, const uint8_t *c, int64_t group, int64_t D, int64_t P, int64_t N,
+                           int bits, int rows, int vecs) {
+#define KEY_ROWS16(B)                                                                                                  \
+    if (vecs == 2) { if (rows == 3) KEY_TILE16(B, 3, 2); else if (rows == 2) KEY_TILE16(B, 2, 2); else KEY_TILE16(B, 1, 2); } \
+    else { if (rows == 3) KEY_TILE16(B, 3, 1); else if (rows == 2) KEY_TILE16(B, 2, 1); else KEY_TILE16(B, 1, 1); }
+    if (bits == 2) { KEY_ROWS16(2) } else if (bits == 4) { KEY_ROWS16(4) } else { KEY_ROWS16(8) }
+#undef KEY_ROWS16
+}
+#undef KEY_TILE16
+
+static void value_tile16_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t P,
+                             int64_t G, int64_t group, int bits, int rows) {
+#define VALUE_ROWS16(B)                                                                                                \
+    if (rows == 3) value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 3);                                               \
+    else if (rows == 2) value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 2);                                          \
+    else value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 1);
+    if (bits == 2) { VALUE_ROWS16(2) } else if (bits == 4) { VALUE_ROWS16(4) } else { VALUE_ROWS16(8) }
+#undef VALUE_ROWS16
+}
+#endif
+
 /* Scratch of key_logits_one: qs (G * D), acc (G * group), unpacked (group), s and z (D each). */
 static size_t key_scratch(int64_t G, int64_t D, int64_t group) { return (size_t)(G * D + G * group + group + 2 * D); }
 
@@ -176,6 +250,16 @@ static void key_logits_one(const float *restrict qb, const uint8_t *restrict cb,
             }
             for (int64_t t = 0; t < group; ++t) acc[j * group + t] = qz;
         }
+#ifdef __AVX512F__
+        if (group % 16 == 0) {
+            for (int64_t t0 = 0; t0 < group; t0 += 32) {
+                const int vecs = group - t0 >= 32 ? 2 : 1;
+                for (int64_t j0 = 0; j0 < G; j0 += 3)
+                    key_tile16_any(acc + j0 * group + t0, qs + j0 * D, cb + k * group + t0, group, D, P, N, bits,
+                                   (int)(G - j0 < 3 ? G - j0 : 3), vecs);
+            }
+        } else
+#endif
 #ifdef __AVX2__
         if (group % 8 == 0) {
             for (int64_t t0 = 0; t0 < group; t0 += 16) {
@@ -251,6 +335,14 @@ static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *
                 for (int64_t n = 0; n < N; ++n) wse[n] = wj[n] * se[n];
                 zacc[j * E + e] = dot(wj, zt + e * N, N);
             }
+#ifdef __AVX512F__
+        if (group % 16 == 0 && P % 16 == 0) {
+            for (int64_t p0 = 0; p0 < P; p0 += 16)
+                for (int64_t j0 = 0; j0 < G; j0 += 3)
+                    value_tile16_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, P, G, group, bits,
+                                     (int)(G - j0 < 3 ? G - j0 : 3));
+        } else
+#endif
         for (int64_t p0 = 0; p0 < P; p0 += 8)
             for (int64_t j0 = 0; j0 < G; j0 += 3)
                 value_tile_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, P, G, group, bits, (int)(G - j0 < 3 ? G - j0 : 3));
