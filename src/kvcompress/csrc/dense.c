@@ -33,23 +33,12 @@ int dense_attend(const float *restrict q, const float *const *keys, const float 
     for (int64_t bh = 0; bh < BH; ++bh) {
         const float *qb = q + bh * G * D;
         float *ob = out + bh * G * D;
-        /* The head's own n slots, then the window: T slots, the padding of a shorter head left out (never
-         * computed, weighed or observed: its slots of `observed` keep their zeros). */
-        const int64_t n = L ? lengths[bh] : 0, T = n + W;
-        const uint8_t *a = allow ? allow + bh * S : NULL;
-        if (a && n < L) { /* the head's mask without its padding */
-            memcpy(mask, a, n);
-            memcpy(mask + n, a + L, W);
-            a = mask;
-        }
+        const int64_t n = L ? lengths[bh] : 0, T = n + W; /* the head's slots without padding (head_mask) */
+        const uint8_t *a = head_mask(allow ? allow + bh * S : NULL, n, L, W, mask);
         if (n) logits_of(qb, keys[bh], logits, T, G, D, n);
         if (W) logits_of(qb, wk + bh * wstride, logits + n, T, G, D, W);
         for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
-        if (observed) {
-            const float w = observe_weight(a, T, G);
-            if (n) observe_into(logits, T, G, n, w, observed + bh * ostride);
-            if (W) observe_into(logits + n, T, G, W, w, observed + bh * ostride + L);
-        }
+        if (observed) observe_head(logits, G, n, L, W, a, observed + bh * ostride);
         memset(ob, 0, sizeof(float) * G * D);
         if (n) mix_into(logits, T, values[bh], ob, G, D, n);
         if (W) mix_into(logits + n, T, wv + bh * wstride, ob, G, D, W);

@@ -392,26 +392,25 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
     return 0;
 }
 
-/* One (row, head) of a decode step over [n KIVI codes | padding to L | W window slots]: q (G, D); key codes
- * (P, n) channel-major, their scales and zero points from element `kmeta0` on; value codes (n, P), theirs
- * from `vmeta0` on; window keys and values (W, D); allow (L + W) uint8 or NULL. Writes out (G, D) and,
- * unless NULL, adds to observed (L + W) the attention each slot received (observe_into); logits (G, L + W)
- * and scratch are the caller's. */
+/* One (row, head) of a decode step over [n KIVI codes | padding to L | W window slots], the padding left
+ * out (head_mask): q (G, D); key codes (P, n) channel-major, their scales and zero points from element
+ * `kmeta0` on; value codes (n, P), theirs from `vmeta0` on; window keys and values (W, D); allow (L + W)
+ * uint8 or NULL. Writes out (G, D) and, unless NULL, adds to observed (L + W) the attention each slot
+ * received (observe_head); logits (G, L + W), mask (L + W) and scratch are the caller's. */
 static void attend_head(const float *restrict qb, const uint8_t *kc, const void *ks, const void *km, int64_t kmeta0,
                         const uint8_t *vc, const void *vs, const void *vm, int64_t vmeta0, int meta, int64_t n, int64_t L,
                         const float *kw, const float *vw, int64_t W, const uint8_t *allow, float scaling,
-                        float *restrict ob, float *observed, float *logits, float *scratch, int64_t G, int64_t D, int bits,
-                        int64_t group) {
-    const int64_t S = L + W;
-    if (n) key_logits_one(qb, kc, ks, km, meta, kmeta0, logits, S, G, D, n, bits, group, scratch);
-    for (int64_t j = 0; j < G; ++j)
-        for (int64_t s = n; s < L; ++s) logits[j * S + s] = -INFINITY; /* padding of a shorter head */
-    if (W) logits_of(qb, kw, logits + L, S, G, D, W);
-    for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * S, S, scaling, allow);
-    if (observed) observe_into(logits, S, G, S, observe_weight(allow, S, G), observed);
-    if (n) value_mix_one(logits, S, vc, vs, vm, meta, vmeta0, ob, G, D, n, bits, group, scratch);
+                        float *restrict ob, float *observed, float *logits, uint8_t *mask, float *scratch, int64_t G,
+                        int64_t D, int bits, int64_t group) {
+    const int64_t T = n + W;
+    const uint8_t *a = head_mask(allow, n, L, W, mask);
+    if (n) key_logits_one(qb, kc, ks, km, meta, kmeta0, logits, T, G, D, n, bits, group, scratch);
+    if (W) logits_of(qb, kw, logits + n, T, G, D, W);
+    for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
+    if (observed) observe_head(logits, G, n, L, W, a, observed);
+    if (n) value_mix_one(logits, T, vc, vs, vm, meta, vmeta0, ob, G, D, n, bits, group, scratch);
     else memset(ob, 0, sizeof(float) * G * D);
-    if (W) mix_into(logits + L, S, vw, ob, G, D, W);
+    if (W) mix_into(logits + n, T, vw, ob, G, D, W);
 }
 
 /* One decode step of attention over [KIVI codes | full-precision window], for every (row, head):
@@ -428,13 +427,14 @@ int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const v
                 int64_t W, int bits, int64_t group) {
     const int64_t P = D * bits / 8, S = N + W, E = D / group;
     const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, N, group);
-    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)));
+    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)) + S); /* then S mask bytes */
     if (!logits) return 1;
+    uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
     for (int64_t bh = 0; bh < BH; ++bh)
         attend_head(q + bh * G * D, kcodes + bh * P * N, kscale, kmin, bh * (N / group) * D, vcodes + bh * N * P, vscale,
                     vmin, bh * N * E, meta, N, N, wk + bh * wstride, wv + bh * wstride, W, allow ? allow + bh * S : NULL,
-                    scaling, out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, logits + G * S, G, D, bits,
-                    group);
+                    scaling, out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D,
+                    bits, group);
     free(logits);
     return 0;
 }
@@ -452,12 +452,13 @@ int kivi_attend_heads(const float *restrict q, const uint8_t *const *kcodes, con
                       int64_t group) {
     const int64_t S = L + W;
     const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, L, group);
-    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)));
+    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)) + S); /* then S mask bytes */
     if (!logits) return 1;
+    uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
     for (int64_t bh = 0; bh < BH; ++bh)
         attend_head(q + bh * G * D, kcodes[bh], kscale[bh], kmin[bh], 0, vcodes[bh], vscale[bh], vmin[bh], 0, meta,
                     lengths[bh], L, wk + bh * wstride, wv + bh * wstride, W, allow ? allow + bh * S : NULL, scaling,
-                    out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, logits + G * S, G, D, bits, group);
+                    out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D, bits, group);
     free(logits);
     return 0;
 }

@@ -5,6 +5,7 @@
 #define KVCOMPRESS_SOFTMAX_H
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 /* e^x of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative
@@ -217,6 +218,26 @@ static inline float observe_weight(const uint8_t *allow, int64_t n, int64_t G) {
 static inline void observe_into(const float *restrict x, int64_t ld, int64_t G, int64_t n, float w, float *restrict o) {
     for (int64_t j = 0; j < G; ++j)
         for (int64_t s = 0; s < n; ++s) o[s] += w * x[j * ld + s];
+}
+
+/* A ragged head's slots are its own n of the layer's L stored slots, then the W window slots: T = n + W,
+ * the padding of a shorter head (n .. L - 1) left out of its logits, softmax, observation and mix. Its
+ * mask over those T slots: allow's (L + W, or NULL) first n and last W, in scratch when there is padding. */
+static inline const uint8_t *head_mask(const uint8_t *allow, int64_t n, int64_t L, int64_t W, uint8_t *scratch) {
+    if (!allow || n == L) return allow;
+    memcpy(scratch, allow, n);
+    memcpy(scratch + n, allow + L, W);
+    return scratch;
+}
+
+/* The attention a ragged head's T = n + W slots received from its G softmax rows x (row stride T, mask a
+ * from head_mask), added to its L + W slots of observation o: the stored ones at 0, the window at L (the
+ * padding between keeps what it holds, as it received nothing). */
+static inline void observe_head(const float *x, int64_t G, int64_t n, int64_t L, int64_t W, const uint8_t *a,
+                                float *o) {
+    const float w = observe_weight(a, n + W, G);
+    if (n) observe_into(x, n + W, G, n, w, o);
+    if (W) observe_into(x + n, n + W, G, W, w, o + L);
 }
 
 /* A row of n logits in place: scaled, masked slots (allow[i] == 0, never the last: the query's own
