@@ -182,11 +182,14 @@ def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
         ragged += len(set(store.lengths()[0].tolist())) > 1
     assert ragged  # the heads really hold different numbers of tokens
     # Only the kept tokens are held: K and V fp32 per kept token of every head (each head in its
-    # own buffer, no spare capacity), the (B, H) int64 budget, and the float32 scores of the longest
-    # head's slots (the window is empty right after the cut).
+    # own buffer, no spare capacity), the (B, H) int64 budget, the float32 scores of the longest
+    # head's slots (the window is empty right after the cut), and the (B, H, S) bool validity of the
+    # heads' slots once a step has worked it out (None where every head holds as many).
     layers = cache.compressed_layers
+    joined = [layer.store.valid() for layer in layers]
     expected_bytes = sum(
-        int(layer.store.lengths().sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) for layer in layers
+        int(layer.store.lengths().sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) + (0 if mask is None else mask.numel())
+        for layer, mask in zip(layers, joined)
     )
     assert all(len(layer.window) == 0 for layer in layers)
     assert cache.nbytes == expected_bytes

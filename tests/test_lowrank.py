@@ -155,7 +155,8 @@ def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
     capacity = 128  # the latent buffer reserves 64 tokens at a time
     latents = capacity * (8 + 24) * 4
     sinks = 2 * H * 4 * D * 4 + H * 4 * 8  # fp32 copies and their int64 slots
-    assert store.nbytes == latents + H * 96 * 4 + sinks  # + int32 positions
+    groups = H * 8  # the int64 basis group of each head
+    assert store.nbytes == latents + H * 96 * 4 + sinks + groups  # + int32 positions
     keep = torch.ones(1, H, 96, dtype=torch.bool)
     keep[:, 0, 50:60] = False  # head 0 drops 10 tokens, head 1 keeps them: the joint slot stays
     keep[:, :, 70:80] = False
@@ -170,7 +171,7 @@ def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
     assert store.sinks.slot.tolist() == [[[0, -1, 1, 2]] * H]  # sink 1 evicted, the others moved up
     # Latents in a capacity of 85 tokens rounded up to a chunk (128), int32 positions and the
     # (1, H, 85) bool mask of head 0's holes, both exact.
-    assert store.nbytes == 128 * 32 * 4 + H * 85 * 4 + H * 85 + sinks
+    assert store.nbytes == 128 * 32 * 4 + H * 85 * 4 + H * 85 + sinks + groups
 
 
 def test_sinks_are_each_rows_first_tokens_in_full_precision(tiny):
@@ -246,9 +247,10 @@ def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
     layer = cache.compressed_layers[0]
     assert layer.residual == 8 and len(layer.window) == 22 and len(layer.store) == 48
     # Latents (G=1, E=64, r=16) as 4-bit KIVI: codes, key scale/min per channel per 16 tokens,
-    # value scale/min per token per 16 channels; plus int32 positions and 4 fp32 sinks with int64 slots.
+    # value scale/min per token per 16 channels; plus int32 positions, 4 fp32 sinks with int64 slots
+    # and the int64 basis group of each head.
     kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2
-    assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8
+    assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8 + H * 8
     assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + cache.storage.rotary.nbytes
 
 

@@ -112,7 +112,8 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
     """``lowrank`` with one joint basis per layer (``E = 192``) and key rank = value rank = ``rank``:
     a full-precision window plus its int32 positions; stored latents (full precision, 64 tokens
     reserved at a time, or KIVI-quantized in blocks of ``group``), their int32 positions, and
-    full-precision copies of the first ``sink`` tokens. The window's capacity as in :func:`kivi_bytes`."""
+    full-precision copies of the first ``sink`` tokens, and the int64 basis group of each head. The
+    window's capacity as in :func:`kivi_bytes`."""
 
     def formula(tokens):
         ready = max(0, tokens - residual)
@@ -124,7 +125,7 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
         else:
             latents = 2 * stored * rank * bits // 8 + 2 * (stored // group) * rank * 2 + 2 * stored * (rank // group) * 2
         sinks = (2 * KV_HEADS * sink * HEAD_DIM * FP32 + KV_HEADS * sink * 8) if stored else 0  # + int64 slots
-        per_layer = latents + KV_HEADS * stored * 4 + sinks
+        per_layer = latents + KV_HEADS * stored * 4 + sinks + KV_HEADS * 8
         return FP_TOKEN * capacity + LAYERS * (KV_HEADS * window * 4 + per_layer)
 
     return formula
@@ -133,7 +134,8 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
 def share_heads_bytes(groups, residual):
     def formula(tokens):
         stored = max(0, tokens - residual)  # merged heads, 64 tokens reserved at a time
-        return FP_TOKEN * (tokens - stored) + LAYERS * 2 * groups * _round_up(stored, CHUNK) * HEAD_DIM * FP32
+        grouping = KV_HEADS * 8 + groups * KV_HEADS * FP32  # int64 group of each head, fp32 (G, H) membership
+        return FP_TOKEN * (tokens - stored) + LAYERS * (2 * groups * _round_up(stored, CHUNK) * HEAD_DIM * FP32 + grouping)
 
     return formula
 
@@ -359,3 +361,38 @@ def test_eviction_keeps_true_positions(smol, prompt):
     assert (ours - wrong).abs().max() > 1e-2
     assert cache.stored_tokens == sink + window
     assert cache.get_seq_length() == n + new
+
+
+# Held once per cache, whatever its length (`fixed_nbytes`), or the model's: not the layer's bytes.
+SHARED = ("selection", "storage", "rotary", "head_scores", "basis")
+
+
+def _held_storage_bytes(obj, seen_objects, storages, skip=SHARED):
+    """Bytes of every tensor storage reachable from ``obj``'s attributes (each storage once)."""
+    if id(obj) in seen_objects:
+        return
+    seen_objects.add(id(obj))
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else vars(obj).items()
+    for value in values:
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name, value = value
+            if name in skip:
+                continue
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (dict, list, tuple)) or (hasattr(value, "__dict__") and type(value).__module__.startswith("kvcompress")):
+            _held_storage_bytes(value, seen_objects, storages, skip)
+
+
+@pytest.mark.parametrize("row", TABLE, ids=IDS)
+def test_nbytes_is_the_memory_the_cache_holds(row, smol, prompt):
+    """Every tensor storage a cache layer keeps alive, counted once, is what ``nbytes`` reports: no
+    stale buffer, no view pinning a larger tensor."""
+    model, _ = smol
+    cache = kvcompress.make_cache(row.on, model)
+    _decode_logits(model, cache, prompt, 150 - prompt.shape[1])
+    storages = {}
+    for layer in cache.layers:
+        _held_storage_bytes(layer, set(), storages)
+    assert sum(storages.values()) == cache.nbytes

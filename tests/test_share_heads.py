@@ -43,8 +43,9 @@ def test_merged_heads_share_the_mean_of_their_valid_heads():
     torch.testing.assert_close(k[:, 2], expected)
     assert torch.equal(k[:, 1], keys[:, 1])
     assert torch.equal(store.valid(), valid)
-    # 2 merged heads x 64 reserved tokens x 16 dims x fp32, K and V, + (1, 3, 8) bool mask
-    assert store.nbytes == 2 * 2 * 64 * 16 * 4 + 3 * 8
+    # 2 merged heads x 64 reserved tokens x 16 dims x fp32, K and V, + (1, 3, 8) bool mask, + the
+    # int64 group of each head and the fp32 (2, 3) membership
+    assert store.nbytes == 2 * 2 * 64 * 16 * 4 + 3 * 8 + 3 * 8 + 2 * 3 * 4
     keep = valid.clone()
     keep[:, :, :2] = False
     index = store.compact(keep)

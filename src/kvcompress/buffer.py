@@ -230,7 +230,8 @@ class RaggedStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for row in self.rows for s in row)
+        joined = self._valid.numel() if isinstance(self._valid, torch.Tensor) else 0  # the heads' validity, once worked out
+        return sum(s.nbytes for row in self.rows for s in row) + joined
 
     @property
     def shape(self) -> str:

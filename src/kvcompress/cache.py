@@ -226,6 +226,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         grow = observed.shape[-1] - self.attention.shape[-1]
         self.attention = torch.nn.functional.pad(self.attention, (0, grow)) + observed
+        self.room = None  # it held the attention replaced here
 
     def _observe_held(self, new: int, scaling: float) -> None:
         """Question-aware: the observation window spans the held steps and this one; score the held
@@ -284,6 +285,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.attention is not None:
             index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
             self.attention = self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device)
+            self.room = None  # it held the attention replaced here: released now, not at the next step
         return True
 
     def _settle(self) -> None:
@@ -303,7 +305,8 @@ class CompressedLayer(CacheLayerMixin):
         if count > 0:
             positions = None
             if self.positions is not None:
-                positions, self.positions = self.positions[..., :count], self.positions[..., count:]
+                # the rest copied: a view would keep the whole tensor alive
+                positions, self.positions = self.positions[..., :count], self.positions[..., count:].clone()
             self.store.append(*self.window.take_front(count), positions)
 
     def _settle_ragged(self) -> None:
@@ -381,8 +384,8 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
-        attention = self.room if self._in_room() else self.attention
-        return held + _nbytes(self.positions, attention, self.queries, self.query_positions, self.held, self.budget)
+        attention = None if self._in_room() else self.attention  # a view of the room occupies the room
+        return held + _nbytes(self.positions, self.room, attention, self.queries, self.query_positions, self.held, self.budget)
 
     def _in_room(self) -> bool:
         """Whether :attr:`attention` is a view of :attr:`room` (then the room is what it occupies)."""

@@ -30,7 +30,7 @@ class GroupedSlots:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.valid is None else self.valid.numel() * self.valid.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.group_of, self.valid) if t is not None)
 
     def any_in_group(self, per_head: torch.Tensor) -> torch.Tensor:
         """``(B, H, n)`` bool -> ``(B, G, n)``: True where some head of the group is True."""

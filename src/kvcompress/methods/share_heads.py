@@ -149,7 +149,7 @@ class ShareHeadsStore:
 
     @property
     def nbytes(self) -> int:
-        return self.inner.nbytes + self.slots.nbytes
+        return self.inner.nbytes + self.slots.nbytes + self.member.numel() * self.member.element_size()
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
         batch, heads, n, _ = keys.shape
