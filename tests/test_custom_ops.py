@@ -33,7 +33,7 @@ def _cases():
     allow = torch.ones(2, 3, 128 + 40, dtype=torch.uint8)
     yield "kivi_attend", kivi.kivi_attend, (
         query, t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"], t["value_min"],
-        keys, values, allow, 0.125, torch.zeros(2, 3, 128 + 40), 2, 32,
+        keys, values, torch.randn(2, 3, 4, 64), torch.randn(2, 3, 4, 64), allow, 0.125, torch.zeros(2, 3, 128 + 40), 2, 32,
     )
 
     logits = torch.randn(2, 3, 3, 8, 40)  # 8 queries, the last 8 of 40 slots

@@ -80,6 +80,47 @@ def test_compact_frees_only_whole_blocks():
     assert store.nbytes == 2 * per_block + 2 * 64  # plus the (1, 2, 64) bool validity mask
 
 
+def test_sinks_are_held_exactly_and_out_of_their_blocks_statistics():
+    """``sink=4``: the first 4 slots read back exactly, and their outlier keys no longer widen the
+    per-channel scales of the other tokens of the first block; 2 x (B, H, 4, D) fp32 more bytes."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    keys[:, :, 0] *= 50  # an attention sink's key: an outlier in every channel
+    stores = {}
+    for sink in (0, 4):
+        stores[sink] = KIVI(bits=4, group=32, sink=sink).new_store(0, 64, torch.float32)
+        stores[sink].append(keys, values, None, None)
+    k, v = stores[4].keys_values()
+    assert torch.equal(k[:, :, :4], keys[:, :, :4])
+    torch.testing.assert_close(v[:, :, :4], values[:, :, :4])
+    error = {sink: (store.keys_values()[0] - keys)[:, :, 4:32].abs().mean() for sink, store in stores.items()}
+    assert error[4] < error[0] / 5  # the block's other tokens: scales of ordinary keys, not of the outlier's
+    later = {sink: (store.keys_values()[0] - keys)[:, :, 32:] for sink, store in stores.items()}
+    assert torch.equal(later[4], later[0])  # the next block as before
+    assert stores[4].nbytes == stores[0].nbytes + 2 * 2 * 3 * 4 * 64 * 4
+    stores[4].append(keys[:, :, :32], values[:, :, :32], None, None)  # a later block's first tokens are no sinks
+    assert stores[4].sinks["keys"].shape[2] == 4 and torch.equal(stores[4].keys_values()[0][:, :, :4], keys[:, :, :4])
+
+
+def test_sinks_leave_with_their_block():
+    torch.manual_seed(0)
+    store = KIVI(bits=4, group=32, sink=4).new_store(0, 64, torch.float32)
+    store.append(torch.randn(1, 2, 96, 64), torch.randn(1, 2, 96, 64), None, None)
+    keep = torch.ones(1, 2, 96, dtype=torch.bool)
+    keep[..., 40:64] = False
+    store.compact(keep)
+    assert store.sinks  # the first block is held
+    keep = torch.ones(1, 2, 64, dtype=torch.bool)
+    keep[..., :32] = False  # the first block goes in every head
+    store.compact(keep)
+    assert not store.sinks and len(store) == 32
+
+
+def test_sink_must_fit_in_a_group():
+    with pytest.raises(ValueError, match="sink must be between 0 and group=16"):
+        KIVI(bits=4, group=16, sink=17)
+
+
 def test_quantize_all_invalid_group_is_finite():
     x = torch.randn(1, 4, 8)
     codes, scale, lo = quantize(x, 2, dim=1, valid=torch.zeros(1, 4, 1, dtype=torch.bool))
@@ -131,16 +172,20 @@ def test_kernel_reads_a_store_that_grew_and_was_compacted():
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("observe", [0, 1])
 @pytest.mark.parametrize("window", [0, 7])
-def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, observe, window):
+@pytest.mark.parametrize("sink", [0, 4])
+def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, observe, window, sink):
     """A decode step over [codes | window] in one kernel call (``kivi_attend``) gives the output and the
-    observed attention of the segment path and of sdpa on dequantized keys and values (float32 sums in
-    another order: atol 1e-5)."""
+    observed attention of the segment path and of sdpa on dequantized keys and values, exact sinks
+    included (float32 sums in another order: atol 1e-5)."""
     from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
 
     torch.manual_seed(bits + group + window)
     batch, heads, rep, stored = 2, 3, 3, 4 * group
-    store = KIVI(bits=bits, group=group).new_store(0, 64, torch.float32)
-    store.append(torch.randn(batch, heads, stored, 64), torch.randn(batch, heads, stored, 64), None, None)
+    store = KIVI(bits=bits, group=group, sink=sink).new_store(0, 64, torch.float32)
+    keys = torch.randn(batch, heads, stored, 64)
+    keys[:, :, 0] *= 20  # an attention-sink-like outlier
+    store.append(keys, torch.randn(batch, heads, stored, 64), None, None)
+    assert bool(store.sinks) == bool(sink)
     buffer_k, buffer_v = torch.randn(2, batch, heads, 16, 64)  # a window is a view of a buffer with spare room
     segments = (store.segment(), DenseSegment(buffer_k[:, :, :window], buffer_v[:, :, :window])) if window else (store.segment(),)
     valid = torch.rand(batch, heads, stored + window) > 0.3 if holes else None
@@ -160,7 +205,8 @@ def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, obs
 
 @pytest.mark.parametrize("observe", [0, 1])
 @pytest.mark.parametrize("holes", [False, True])
-def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe, holes):
+@pytest.mark.parametrize("sink", [0, 4])
+def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe, holes, sink):
     """Heads that each hold their own number of KIVI codes (``adakv+kivi``, per-head budgets) are read in one
     kernel call per layer (``kivi_attend_heads``), padding to the longest head weighted 0: the output and
     observed attention of the segment path and of sdpa on dequantized keys and values (atol 1e-5)."""
@@ -176,8 +222,10 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
     for row in lengths:
         segments.append([])
         for n in row:
-            store = KIVI(bits=4, group=group).new_store(0, 64, torch.float32)
-            store.append(torch.randn(1, 1, n * group, 64), torch.randn(1, 1, n * group, 64), None, None)
+            store = KIVI(bits=4, group=group, sink=sink).new_store(0, 64, torch.float32)
+            keys = torch.randn(1, 1, n * group, 64)
+            keys[:, :, 0] *= 20  # an attention-sink-like outlier
+            store.append(keys, torch.randn(1, 1, n * group, 64), None, None)
             segments[-1].append(store.segment())
     held = torch.tensor(lengths).mul(group)[..., None] > torch.arange(stored)  # (B, H, stored): padding is not held
     valid = torch.cat([held & (torch.rand(batch, heads, stored) > 0.3 if holes else held),

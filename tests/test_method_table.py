@@ -70,7 +70,7 @@ def streaming_bytes(sink, window, prompt=120):
     return formula
 
 
-def kivi_bytes(bits, group, residual, prompt=120):
+def kivi_bytes(bits, group, residual, prompt=120, sink=0):
     def formula(tokens):
         settled = max(0, (tokens - residual) // group * group)
         window = tokens - settled
@@ -82,6 +82,7 @@ def kivi_bytes(bits, group, residual, prompt=120):
             2 * settled * HEAD_DIM * bits // 8  # packed key and value codes
             + 2 * (settled // group) * HEAD_DIM * 2  # key scale and min: fp16 per channel per group
             + 2 * settled * (HEAD_DIM // group) * 2  # value scale and min: fp16 per token per group
+            + (2 * sink * HEAD_DIM * FP32 if settled else 0)  # the sinks' exact keys and value errors
         )
         return full_precision + LAYERS * KV_HEADS * per_layer_head
 
@@ -174,6 +175,13 @@ TABLE = [
     Row("kivi-4", off="kivi:bits=4,residual=100000", on="kivi:bits=4,group=32,residual=32", nbytes=kivi_bytes(4, 32, 32), padding_exact=False),
     Row("kivi-8", off="kivi:bits=8,residual=100000", on="kivi:bits=8,group=16,residual=16", nbytes=kivi_bytes(8, 16, 16), padding_exact=False),
     Row(
+        "kivi-4-sink",
+        off="kivi:bits=4,residual=100000,sink=4",
+        on="kivi:bits=4,group=32,residual=32,sink=4",
+        nbytes=kivi_bytes(4, 32, 32, sink=4),
+        padding_exact=False,
+    ),
+    Row(
         "streaming+kivi",
         off="streaming:window=100000+kivi:bits=4,residual=100000",
         on="streaming:sink=4,window=64+kivi:bits=4,group=32,residual=32",
@@ -217,6 +225,13 @@ TABLE = [
         # 8-bit: at 4 bits the shifted quantization groups of the padded row alone flip its second word
         on="adakv:ratio=0.5,window=16+kivi:bits=8,group=16,residual=16",
         nbytes=None,  # blocks live while any head keeps a token: covered by the exactness of each part
+        padding_exact=False,
+    ),
+    Row(
+        "retrieval+kivi-sink",
+        off="snapkv:ratio=0,allocation=retrieval+kivi:bits=4,residual=100000,sink=4",
+        on="snapkv:ratio=0.5,window=16,allocation=retrieval+kivi:bits=8,group=16,residual=16,sink=4",
+        nbytes=None,  # ragged heads, each with its own sinks: covered by the exactness of each part
         padding_exact=False,
     ),
     Row(

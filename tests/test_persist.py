@@ -75,7 +75,10 @@ class _Batch(dict):
         return self
 
 
-@pytest.mark.parametrize("spec", ["kivi:bits=4,residual=32", "snapkv:ratio=0.5,window=16", "lowrank:ratio=0.5,residual=32"])
+@pytest.mark.parametrize("spec", [
+    "kivi:bits=4,residual=32", "snapkv:ratio=0.5,window=16", "lowrank:ratio=0.5,residual=32",
+    "snapkv:ratio=0.5,window=16,allocation=retrieval+kivi:bits=4,residual=16,group=16,sink=4",  # ragged heads' sinks
+])
 def test_ask_from_a_saved_file_answers_as_generate_does(spec, smol, tmp_path):
     model, tokenizer = smol
     expected = kvcompress.generate(model, tokenizer, CONTEXT, QUESTIONS[0], method=spec, max_new_tokens=12)

@@ -274,21 +274,24 @@ class RaggedStore:
         self._changed()
 
     def _encode_by_count(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Append to quantized heads (``encode``/``extend``): the heads that take as many tokens are encoded
-        together (a decode step's settling has two or three such counts, not a quantization per head)."""
+        """Append to quantized heads (``encode``/``extend``): the heads that take as many tokens (and hold none
+        yet, or some) are encoded together (a decode step's settling has two or three such counts, not a
+        quantization per head)."""
         batch, heads, n, dim = keys.shape
         if valid is None:
             valid = torch.ones(batch, heads, n, dtype=torch.bool, device=keys.device)
         counts = valid.sum(-1)  # (B, H)
+        empty = torch.tensor([[not len(s) for s in row] for row in self.rows], device=counts.device)  # (B, H) first tokens
         for count in counts.unique().tolist():
-            if not count:
-                continue
-            mine = counts == count  # (B, H) the heads that take `count` tokens
-            take = valid & mine[..., None]
-            k, v = (t[take].view(1, -1, count, t.shape[-1]) for t in (keys, values))  # (1, heads taking, count, D)
-            new = self.rows[0][0].encode(k, v)
-            for i, (b, h) in enumerate(mine.nonzero().tolist()):  # row-major, as the boolean index took them
-                self.rows[b][h].extend({name: t[:, i : i + 1] for name, t in new.items()})
+            for first in (False, True):
+                mine = (counts == count) & (empty == first)  # (B, H) the heads that take `count` tokens
+                if not count or not bool(mine.any()):
+                    continue
+                take = valid & mine[..., None]
+                k, v = (t[take].view(1, -1, count, t.shape[-1]) for t in (keys, values))  # (1, heads taking, count, D)
+                new = self.rows[0][0].encode(k, v, first=first)
+                for i, (b, h) in enumerate(mine.nonzero().tolist()):  # row-major, as the boolean index took them
+                    self.rows[b][h].extend({name: t[:, i : i + 1] for name, t in new.items()})
         self._changed()
 
     def segment(self) -> RaggedSegment:

@@ -395,21 +395,26 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
 /* One (row, head) of a decode step over [n KIVI codes | padding to L | W window slots], the padding left
  * out (head_mask): q (G, D); key codes (P, n) channel-major, their scales and zero points from element
  * `kmeta0` on; value codes (n, P), theirs from `vmeta0` on; window keys and values (W, D); allow (L + W)
- * uint8 or NULL. Writes out (G, D) and, unless NULL, adds to observed (L + W) the attention each slot
- * received (observe_head); logits (G, L + W), mask (L + W) and scratch are the caller's. */
+ * uint8 or NULL. The first m stored slots are sinks held exactly: their logits come from the keys sk
+ * (m, D), and their values are the codes' plus se (m, D) (sk NULL: none). Writes out (G, D) and, unless
+ * NULL, adds to observed (L + W) the attention each slot received (observe_head); logits (G, L + W), mask
+ * (L + W) and scratch are the caller's. */
 static void attend_head(const float *restrict qb, const uint8_t *kc, const void *ks, const void *km, int64_t kmeta0,
                         const uint8_t *vc, const void *vs, const void *vm, int64_t vmeta0, int meta, int64_t n, int64_t L,
-                        const float *kw, const float *vw, int64_t W, const uint8_t *allow, float scaling,
-                        float *restrict ob, float *observed, float *logits, uint8_t *mask, float *scratch, int64_t G,
-                        int64_t D, int bits, int64_t group) {
+                        const float *kw, const float *vw, int64_t W, const float *sk, const float *se, int64_t m,
+                        const uint8_t *allow, float scaling, float *restrict ob, float *observed, float *logits,
+                        uint8_t *mask, float *scratch, int64_t G, int64_t D, int bits, int64_t group) {
     const int64_t T = n + W;
     const uint8_t *a = head_mask(allow, n, L, W, mask);
+    if (!sk || m > n) m = sk ? n : 0;
     if (n) key_logits_one(qb, kc, ks, km, meta, kmeta0, logits, T, G, D, n, bits, group, scratch);
+    if (m) logits_of(qb, sk, logits, T, G, D, m); /* the sinks' exact logits replace their codes' */
     if (W) logits_of(qb, kw, logits + n, T, G, D, W);
     for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
     if (observed) observe_head(logits, G, n, L, W, a, observed);
     if (n) value_mix_one(logits, T, vc, vs, vm, meta, vmeta0, ob, G, D, n, bits, group, scratch);
     else memset(ob, 0, sizeof(float) * G * D);
+    if (m) mix_into(logits, T, se, ob, G, D, m); /* and their values what the codes miss */
     if (W) mix_into(logits + n, T, vw, ob, G, D, W);
 }
 
@@ -417,12 +422,14 @@ static void attend_head(const float *restrict qb, const uint8_t *kc, const void 
  * q (BH, G, D) float32, the G query rows that read one KV head; key codes (BH, P, N) channel-major with
  * kscale, kmin (BH, N / group, D); value codes (BH, N, P) with vscale, vmin (BH, N, D / group); window
  * keys and values (W, D) float32 per (row, head), `wstride` elements apart; allow (BH, N + W) uint8, or
- * NULL when every slot is real; scaling, the softmax scale. Writes out (BH, G, D) and, unless NULL, adds
- * to observed[bh * ostride + s] the attention slot s received (the mean over the G rows). Logits, softmax
+ * NULL when every slot is real; scaling, the softmax scale; sink keys and value corrections (BH, m, D) of
+ * the first m slots (attend_head), or NULL. Writes out (BH, G, D) and, unless NULL, adds to
+ * observed[bh * ostride + s] the attention slot s received (the mean over the G rows). Logits, softmax
  * and both mixes in one call, so the (G, N + W) weights of a head never leave this function's scratch. */
 int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const void *kscale, const void *kmin,
                 const uint8_t *restrict vcodes, const void *vscale, const void *vmin, int meta,
-                const float *restrict wk, const float *restrict wv, int64_t wstride, const uint8_t *allow,
+                const float *restrict wk, const float *restrict wv, int64_t wstride, const float *sk, const float *se,
+                int64_t m, const uint8_t *allow,
                 float scaling, float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G, int64_t D, int64_t N,
                 int64_t W, int bits, int64_t group) {
     const int64_t P = D * bits / 8, S = N + W, E = D / group;
@@ -432,7 +439,8 @@ int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const v
     uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
     for (int64_t bh = 0; bh < BH; ++bh)
         attend_head(q + bh * G * D, kcodes + bh * P * N, kscale, kmin, bh * (N / group) * D, vcodes + bh * N * P, vscale,
-                    vmin, bh * N * E, meta, N, N, wk + bh * wstride, wv + bh * wstride, W, allow ? allow + bh * S : NULL,
+                    vmin, bh * N * E, meta, N, N, wk + bh * wstride, wv + bh * wstride, W, sk ? sk + bh * m * D : NULL,
+                    sk ? se + bh * m * D : NULL, m, allow ? allow + bh * S : NULL,
                     scaling, out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D,
                     bits, group);
     free(logits);
@@ -442,12 +450,14 @@ int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const v
 /* The same step over ragged heads (AdaKV or per-head budgets with KIVI): head bh (row-major over rows
  * and heads) holds lengths[bh] of L slots in its own store, read where it is held: key codes kcodes[bh]
  * (P, n), kscale[bh], kmin[bh] (n / group, D); value codes vcodes[bh] (n, P), vscale[bh], vmin[bh]
- * (n, D / group). The slots a shorter head lacks are padding, weight 0. The window, allow, out and observed
- * as in kivi_attend, with L + W slots. One call per layer instead of one per (row, head). */
+ * (n, D / group), and its sinks' keys sk[bh] and value corrections se[bh] (m, D) (sk NULL, or sk[bh] NULL:
+ * none). The slots a shorter head lacks are padding, weight 0. The window, allow, out and observed as in
+ * kivi_attend, with L + W slots. One call per layer instead of one per (row, head). */
 int kivi_attend_heads(const float *restrict q, const uint8_t *const *kcodes, const void *const *kscale,
                       const void *const *kmin, const uint8_t *const *vcodes, const void *const *vscale,
                       const void *const *vmin, const int64_t *lengths, int64_t L, int meta, const float *restrict wk,
-                      const float *restrict wv, int64_t wstride, int64_t W, const uint8_t *allow, float scaling,
+                      const float *restrict wv, int64_t wstride, int64_t W, const float *const *sk,
+                      const float *const *se, int64_t m, const uint8_t *allow, float scaling,
                       float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G, int64_t D, int bits,
                       int64_t group) {
     const int64_t S = L + W;
@@ -457,7 +467,8 @@ int kivi_attend_heads(const float *restrict q, const uint8_t *const *kcodes, con
     uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
     for (int64_t bh = 0; bh < BH; ++bh)
         attend_head(q + bh * G * D, kcodes[bh], kscale[bh], kmin[bh], 0, vcodes[bh], vscale[bh], vmin[bh], 0, meta,
-                    lengths[bh], L, wk + bh * wstride, wv + bh * wstride, W, allow ? allow + bh * S : NULL, scaling,
+                    lengths[bh], L, wk + bh * wstride, wv + bh * wstride, W, sk ? sk[bh] : NULL, sk ? se[bh] : NULL, m,
+                    allow ? allow + bh * S : NULL, scaling,
                     out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D, bits, group);
     free(logits);
     return 0;

@@ -85,17 +85,19 @@ def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = 
 @register("kivi")
 @dataclass(frozen=True)
 class KIVI(Representation):
-    """KIVI quantization: ``kivi:bits=2,group=32,residual=128``.
+    """KIVI quantization: ``kivi:bits=2,group=32,residual=128,sink=0``.
 
     Args:
         bits: code width, 2, 4 or 8.
         group: tokens per key group and channels per value group; must divide the head dim.
         residual: most recent tokens kept in full precision.
+        sink: the first tokens each head stores also held exactly (attention sinks; see :class:`KIVIStore`).
     """
 
     bits: int = 2
     group: int = 32
     residual: int = 128
+    sink: int = 0
 
     def __post_init__(self):
         if self.bits not in (2, 4, 8):
@@ -104,6 +106,8 @@ class KIVI(Representation):
             raise ValueError(f"group must be >= 1, got {self.group}")
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
+        if not 0 <= self.sink <= self.group:
+            raise ValueError(f"sink must be between 0 and group={self.group}, got {self.sink}")
 
     # KIVI holds no model state: prepared, it is its own storage.
     needs_positions = False
@@ -129,7 +133,7 @@ class KIVI(Representation):
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> KIVIStore:
         self.check_dim(head_dim, "the head dim")
         meta_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
-        return KIVIStore(self.bits, self.group, dtype, meta_dtype)
+        return KIVIStore(self.bits, self.group, dtype, meta_dtype, self.sink)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -143,39 +147,59 @@ class KIVIStore:
     ``key_codes (B, H, P, N)`` uint8 (channel-major), ``key_scale``/``key_min (B, H, N/G, D)``,
     ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``, and a
     ``(B, H, N)`` bool validity mask only while some slot is padding or evicted.
+
+    Sinks: with ``sink = m > 0``, the first ``m`` slots (the first tokens a head stores: a prompt's
+    first tokens, or a padded row's padding) are also held exactly, ``sinks["keys"]`` ``(B, H, m, D)``
+    and ``sinks["error"]`` ``(B, H, m, D)``, their values less the codes' (the codes stay, so blocks
+    keep their shape). Attention takes their logits from the exact keys and adds the weighted errors
+    to its mix. Their keys are also left out of their block's per-channel statistics: an attention
+    sink's key is an outlier (as lowrank's sinks, :mod:`kvcompress.methods.lowrank`), which would
+    otherwise widen every channel's scale for the block's other tokens. Measured on SmolLM2-135M
+    (4 x 256 tokens of prose after 4,096, 4-bit, residual 32): +2.5 % perplexity without sinks,
+    +1.2 % with 4 (``experiments/README.md``). The sinks leave with their block (an eviction that
+    frees the first block).
     """
 
     TOKEN_DIM = {"key_codes": 3}  # every other tensor holds tokens (or token groups) on dim 2
-    STATE = ("tensors", "_valid")  # see kvcompress.state
+    STATE = ("tensors", "_valid", "sinks")  # see kvcompress.state
 
-    def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype):
-        self.bits, self.block, self.dtype, self.meta_dtype = bits, group, dtype, meta_dtype
+    def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype, sink: int = 0):
+        self.bits, self.block, self.dtype, self.meta_dtype, self.sink = bits, group, dtype, meta_dtype, sink
         self.tensors: dict[str, torch.Tensor] = {}
         self._valid: torch.Tensor | None = None
+        self.sinks: dict[str, torch.Tensor] = {}  # "keys", "error": (B, H, m, D), while the first block is held
 
     def __len__(self) -> int:
         return self.tensors["key_codes"].shape[3] if self.tensors else 0
 
     @property
     def nbytes(self) -> int:
-        held = list(self.tensors.values()) + ([self._valid] if self._valid is not None else [])
+        held = [*self.tensors.values(), *self.sinks.values()] + ([self._valid] if self._valid is not None else [])
         return sum(t.numel() * t.element_size() for t in held)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
-        self.extend(self.encode(keys, values, valid), valid)
+        self.extend(self.encode(keys, values, valid, first=not len(self)), valid)
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None,
+               first: bool = False) -> dict[str, torch.Tensor]:
         """The tensors that hold ``(B, H, n, D)`` keys and values (``n`` a multiple of the group), as :meth:`extend`
-        takes them; ``valid`` ``(B, H, n)`` keeps padding out of the key statistics."""
+        takes them; ``valid`` ``(B, H, n)`` keeps padding out of the key statistics; ``first``: they are the
+        first the store holds, so its sinks are among them."""
         n, dim, g = keys.shape[2], keys.shape[3], self.block
+        m = min(self.sink, n) if first else 0
+        if m:  # the sinks' keys out of their block's statistics (their codes are never read)
+            stats = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device) if valid is None else valid.clone()
+            stats[..., :m] = False
+        else:
+            stats = valid
         # Keys: per channel, statistics over each group of g tokens.
         blocks = keys.unflatten(2, (n // g, g))  # (B, H, n/g, g, D)
-        token_valid = None if valid is None else valid[..., None].unflatten(2, (n // g, g))  # (B, H, n/g, g, 1)
+        token_valid = None if stats is None else stats[..., None].unflatten(2, (n // g, g))  # (B, H, n/g, g, 1)
         key_codes, key_scale, key_min = quantize(blocks, self.bits, dim=3, valid=token_valid)
         # Values: per token, statistics over each group of g channels.
         chans = values.unflatten(3, (values.shape[3] // g, g))  # (B, H, n, Dv/g, g); Dv may differ from D
         value_codes, value_scale, value_min = quantize(chans, self.bits, dim=4)
-        return {
+        new = {
             "key_codes": pack(key_codes.flatten(2, 3), self.bits).transpose(2, 3),  # (B, H, P, n)
             "key_scale": key_scale.squeeze(3).to(self.meta_dtype),  # (B, H, n/g, D)
             "key_min": key_min.squeeze(3).to(self.meta_dtype),
@@ -183,10 +207,19 @@ class KIVIStore:
             "value_scale": value_scale.squeeze(4).to(self.meta_dtype),  # (B, H, n, D/g)
             "value_min": value_min.squeeze(4).to(self.meta_dtype),
         }
+        if m:  # what attention reads for the sinks: exact keys, and the values' error after the stored scales
+            scale, low = (new[k][:, :, :m, :, None].to(values.dtype) for k in ("value_scale", "value_min"))
+            decoded = (value_codes[:, :, :m].to(values.dtype) * scale + low).flatten(3, 4)
+            new["sink_keys"], new["sink_error"] = keys[:, :, :m].clone(), values[:, :, :m] - decoded
+        return new
 
     def extend(self, new: dict[str, torch.Tensor], valid: torch.Tensor | None = None) -> None:
         """Add the tokens :meth:`encode` made (``valid``: which of them are real, or None for all)."""
         old_n = len(self)
+        new = dict(new)
+        sink_keys, sink_error = new.pop("sink_keys", None), new.pop("sink_error", None)
+        if sink_keys is not None and not old_n:
+            self.sinks = {"keys": sink_keys.contiguous(), "error": sink_error.contiguous()}
         self.tensors = {
             k: (torch.cat([self.tensors[k], t], self.TOKEN_DIM.get(k, 2)) if self.tensors else t).contiguous()
             for k, t in new.items()
@@ -214,7 +247,12 @@ class KIVIStore:
         values = value_codes.to(self.dtype) * t["value_scale"][..., None].to(self.dtype) + t["value_min"][
             ..., None
         ].to(self.dtype)
-        return keys.flatten(2, 3), values.flatten(3, 4)
+        keys, values = keys.flatten(2, 3), values.flatten(3, 4)
+        if self.sinks:
+            m = self.sinks["keys"].shape[2]
+            keys[:, :, :m] = self.sinks["keys"]
+            values[:, :, :m] += self.sinks["error"]
+        return keys, values
 
     def segment(self) -> KIVISegment | DenseSegment:
         if self.dtype.is_floating_point and self.tensors["key_codes"].device.type == "cpu" and native.load("kivi"):
@@ -233,6 +271,8 @@ class KIVIStore:
             self._valid = None if bool(keep.all()) else keep.clone()
             return torch.arange(keep.shape[2], device=keep.device).expand(keep.shape)
         tokens = live_blocks.repeat_interleave(g)  # (N,)
+        if not bool(live_blocks[0]):  # the sinks' block is freed: they go with it
+            self.sinks = {}
         for name, t in self.tensors.items():
             index = live_blocks if name == "key_scale" or name == "key_min" else tokens
             self.tensors[name] = t.index_select(self.TOKEN_DIM.get(name, 2), index.nonzero().flatten())
@@ -244,6 +284,7 @@ class KIVIStore:
 
     def map_batch(self, fn) -> None:
         self.tensors = {k: fn(t) for k, t in self.tensors.items()}
+        self.sinks = {k: fn(t) for k, t in self.sinks.items()}
         if self._valid is not None:
             self._valid = fn(self._valid)
 
@@ -264,11 +305,17 @@ class KIVISegment:
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         t, store = self.store.tensors, self.store
         out = key_logits(query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], store.bits, store.block)
+        if store.sinks:  # the sinks' exact logits replace their codes'
+            sink_keys = store.sinks["keys"]
+            out[..., : sink_keys.shape[2]] = query.float() @ sink_keys.float().transpose(2, 3)
         return out.to(query.dtype)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         t, store = self.store.tensors, self.store
         out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"], t["value_min"], store.bits, store.block)
+        if store.sinks:  # what the codes miss of the sinks' values
+            error = store.sinks["error"]
+            out += weights[..., : error.shape[2]].float() @ error.float()
         return out.to(weights.dtype)
 
     def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
@@ -286,9 +333,11 @@ class KIVISegment:
         if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
             return None
         keys, values = kernel_pair(keys, values)
+        sink_keys, sink_error = _sinks(store, query)
         return kivi_attend(
             query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
-            t["value_min"], keys, values, mask_bytes(valid), scaling, observed, store.bits, store.block,
+            t["value_min"], keys, values, sink_keys, sink_error, mask_bytes(valid), scaling, observed, store.bits,
+            store.block,
         )
 
     @staticmethod
@@ -304,10 +353,19 @@ class KIVISegment:
             return None
         keys, values = kernel_pair(window.keys, window.values)
         held = {name: [s.store.tensors[name] for s in heads] for name in KIVI_TENSORS}
+        sinks = [_sinks(s.store, query) for s in heads]
         return kivi_attend_heads(
-            query.float().contiguous(), *held.values(), stored, keys, values, mask_bytes(valid), scaling, observed,
-            first.bits, first.block,
+            query.float().contiguous(), *held.values(), stored, keys, values, [k for k, _ in sinks], [e for _, e in sinks],
+            mask_bytes(valid), scaling, observed, first.bits, first.block,
         )
+
+
+def _sinks(store: KIVIStore, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A store's sink keys and value errors as the kernels read them: float32, or empty (no sinks)."""
+    if not store.sinks:
+        empty = query.new_empty(0, dtype=torch.float32)
+        return empty, empty
+    return store.sinks["keys"].float().contiguous(), store.sinks["error"].float().contiguous()
 
 
 KIVI_TENSORS = ("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min")  # a store's, in kernel order
@@ -363,15 +421,16 @@ def _(weights, codes, scale, minimum, bits, group):
 @native.custom_op("kvcompress::kivi_attend", mutates=("observed",))
 def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_min: torch.Tensor,
                 value_codes: torch.Tensor, value_scale: torch.Tensor, value_min: torch.Tensor, window_keys: torch.Tensor,
-                window_values: torch.Tensor, allow: torch.Tensor, scaling: float, observed: torch.Tensor, bits: int,
-                group: int) -> torch.Tensor:
+                window_values: torch.Tensor, sink_keys: torch.Tensor, sink_error: torch.Tensor, allow: torch.Tensor,
+                scaling: float, observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """One decode step of attention over ``[codes | window]``: ``(B, H, G, D)`` float32 queries, key codes
     ``(B, H, P, N)`` and value codes ``(B, H, N, P)`` with their scales and zero points (as in
     :func:`key_logits` and :func:`value_mix`), float32 window keys and values ``(B, H, W, D)`` (each
-    (row, head) a contiguous block, blocks one stride apart), ``allow`` ``(B, H, N + W)`` uint8 or empty
-    (every slot real; the last slot, the query's own token, is always allowed). Returns the ``(B, H, G, D)``
-    output, and adds to ``observed`` ``(B, H, N + W)`` (unless empty) the attention each slot received, as
-    :func:`kvcompress.attention.dense_attend` does."""
+    (row, head) a contiguous block, blocks one stride apart), the float32 exact keys and value errors
+    ``(B, H, m, D)`` of the first ``m`` slots (sinks, see :class:`KIVIStore`; empty: none), ``allow``
+    ``(B, H, N + W)`` uint8 or empty (every slot real; the last slot, the query's own token, is always
+    allowed). Returns the ``(B, H, G, D)`` output, and adds to ``observed`` ``(B, H, N + W)`` (unless empty)
+    the attention each slot received, as :func:`kvcompress.attention.dense_attend` does."""
     batch, heads, rows, dim = query.shape
     tokens = key_codes.shape[3]
     out = query.new_empty(batch, heads, rows, dim)
@@ -381,7 +440,8 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
     pointer = native.data_pointer
     status = native.load("kivi").kivi_attend(
         *map(pointer, (query, codes[0], meta[0], meta[1], codes[1], meta[2], meta[3])), ctypes.c_int(_META[key_scale.dtype]),
-        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(allow),
+        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(sink_keys),
+        pointer(sink_error), ctypes.c_int64(sink_keys.shape[2] if sink_keys.numel() else 0), pointer(allow),
         ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
         *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window_keys.shape[2])), ctypes.c_int(bits),
         ctypes.c_int64(group),
@@ -392,8 +452,8 @@ def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.T
 
 
 @kivi_attend.register_fake
-def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, allow,
-      scaling, observed, bits, group):
+def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, sink_keys,
+      sink_error, allow, scaling, observed, bits, group):
     return query.new_empty(query.shape)
 
 
@@ -401,12 +461,14 @@ def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min,
 def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_scale: list[torch.Tensor],
                       key_min: list[torch.Tensor], value_codes: list[torch.Tensor], value_scale: list[torch.Tensor],
                       value_min: list[torch.Tensor], stored: int, window_keys: torch.Tensor, window_values: torch.Tensor,
-                      allow: torch.Tensor, scaling: float, observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+                      sink_keys: list[torch.Tensor], sink_error: list[torch.Tensor], allow: torch.Tensor, scaling: float,
+                      observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """:func:`kivi_attend` over ragged heads: ``(B, H, G, D)`` float32 queries; per (row, head), row-major,
     ``B * H`` of each list: one head's key codes ``(1, 1, P, n)``, scales and zero points ``(1, 1, n / group, D)``,
     value codes ``(1, 1, n, P)``, scales and zero points ``(1, 1, n, D / group)``, ``n <= stored`` (a shorter
-    head's last slots are padding, weight 0). Window, ``allow`` and ``observed`` as in :func:`kivi_attend`, over
-    ``stored + W`` slots. Returns the ``(B, H, G, D)`` output."""
+    head's last slots are padding, weight 0), and its sinks' float32 keys and value errors ``(1, 1, m, D)``
+    (empty: none; ``m`` the same for every head that has them). Window, ``allow`` and ``observed`` as in
+    :func:`kivi_attend`, over ``stored + W`` slots. Returns the ``(B, H, G, D)`` output."""
     batch, heads, rows, dim = query.shape
     window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
@@ -417,11 +479,17 @@ def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_sc
         raise ValueError(f"kvcompress::kivi_attend_heads: {count} heads in the query, {[len(h) for h in lists]} in the lists")
     pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in held)) for held in lists]
     lengths = (ctypes.c_int64 * count)(*(t.shape[3] for t in lists[0]))
+    sinks = {t.shape[2] for t in sink_keys if t.numel()}
+    if len(sinks) > 1 or len(sink_keys) != count or len(sink_error) != count:
+        raise ValueError(f"kvcompress::kivi_attend_heads: {count} heads, sinks of {sorted(sinks)} slots in lists of "
+                         f"{len(sink_keys)} and {len(sink_error)}")
+    sink_pointers = [(ctypes.c_void_p * count)(*(native.data_pointer(t).value for t in held)) if sinks else None
+                     for held in (sink_keys, sink_error)]
     pointer = native.data_pointer
     status = native.load("kivi").kivi_attend_heads(
         pointer(query), *pointers, lengths, ctypes.c_int64(stored), ctypes.c_int(_META[key_scale[0].dtype]),
         pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1) if window else 0),
-        ctypes.c_int64(window), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
+        ctypes.c_int64(window), *sink_pointers, ctypes.c_int64(sinks.pop() if sinks else 0), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
         *map(ctypes.c_int64, (count, rows, dim)), ctypes.c_int(bits), ctypes.c_int64(group),
     )
     if status:
@@ -431,5 +499,5 @@ def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_sc
 
 @kivi_attend_heads.register_fake
 def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, stored, window_keys, window_values,
-      allow, scaling, observed, bits, group):
+      sink_keys, sink_error, allow, scaling, observed, bits, group):
     return query.new_empty(query.shape)
