@@ -360,10 +360,13 @@ class KIVISegment:
         )
 
 
+_NO_SINKS = torch.empty(0)  # what the kernels read for a store without sinks (never written)
+
+
 def _sinks(store: KIVIStore, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A store's sink keys and value errors as the kernels read them: float32, or empty (no sinks)."""
     if not store.sinks:
-        empty = query.new_empty(0, dtype=torch.float32)
+        empty = _NO_SINKS if query.device.type == "cpu" else query.new_empty(0, dtype=torch.float32)
         return empty, empty
     return store.sinks["keys"].float().contiguous(), store.sinks["error"].float().contiguous()
 
