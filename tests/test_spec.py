@@ -27,7 +27,7 @@ def test_methods_are_frozen():
 
 def test_methods_lists_parameters_and_defaults():
     listed = kvcompress.methods()
-    assert listed["kivi"] == {"bits": 2, "group": 32, "residual": 128}
+    assert listed["kivi"] == {"bits": 2, "group": 32, "residual": 128, "sink": 0}
     assert listed["streaming"] == {"window": 1024, "sink": 4}
 
 
