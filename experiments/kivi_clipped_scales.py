@@ -14,15 +14,9 @@ from kvcompress.bench.texts import load_text, spread_offsets
 from kvcompress.models import load_model
 torch.set_num_threads(1)
 spec, text = sys.argv[1], sys.argv[2]
-orig = K.quantize
 def clipped(x, bits, dim, valid=None):
     levels = 2**bits - 1
-    if valid is None:
-        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    else:
-        lo = torch.where(valid, x, torch.inf).amin(dim, keepdim=True)
-        hi = torch.where(valid, x, -torch.inf).amax(dim, keepdim=True)
-        empty = torch.isinf(lo); lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    lo, hi = K.minmax(x, dim, valid)
     best = None  # [squared error, codes, scale, minimum] of the best clip so far
     for c in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75):
         pad = (1 - c) / 2 * (hi - lo)

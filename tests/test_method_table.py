@@ -387,12 +387,10 @@ def _held_storage_bytes(obj, seen_objects, storages, skip=SHARED):
     if id(obj) in seen_objects:
         return
     seen_objects.add(id(obj))
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else vars(obj).items()
-    for value in values:
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
-            name, value = value
-            if name in skip:
-                continue
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else vars(obj).items()
+    for name, value in items:
+        if name in skip:
+            continue
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()

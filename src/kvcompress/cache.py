@@ -168,7 +168,7 @@ class CompressedLayer(CacheLayerMixin):
             self.queries = query if self.queries is None else torch.cat([self.queries, query], 2)
             self.query_positions = positions if self.query_positions is None else torch.cat([self.query_positions, positions], -1)
         if attended.observed is not None:
-            self.attention = attended.observed  # Operands.observed with this step's attention added
+            self._set_attention(attended.observed)  # Operands.observed with this step's attention added
         if inputs.hold:
             if selection is not None and selection.observe > 0:  # carry the window of queries to the next step
                 held = query if self.held is None else torch.cat([self.held, query], 2)
@@ -203,7 +203,7 @@ class CompressedLayer(CacheLayerMixin):
             contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
             scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
         peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), valid, scaling, scale)[..., :held]  # (B, H, S)
-        self.attention = peak if self.attention is None else torch.maximum(self.attention, peak)
+        self._set_attention(peak if self.attention is None else torch.maximum(self.attention, peak))
         self.held = None  # the replay's queries replace the held context's own
         return output
 
@@ -222,11 +222,10 @@ class CompressedLayer(CacheLayerMixin):
     def _observe(self, observed: torch.Tensor) -> None:
         """Add a step's ``(B, H, S)`` observed attention (its new slots start at zero)."""
         if self.attention is None:
-            self.attention = observed
+            self._set_attention(observed)
             return
         grow = observed.shape[-1] - self.attention.shape[-1]
-        self.attention = torch.nn.functional.pad(self.attention, (0, grow)) + observed
-        self.room = None  # it held the attention replaced here
+        self._set_attention(torch.nn.functional.pad(self.attention, (0, grow)) + observed)
 
     def _observe_held(self, new: int, scaling: float) -> None:
         """Question-aware: the observation window spans the held steps and this one; score the held
@@ -284,8 +283,7 @@ class CompressedLayer(CacheLayerMixin):
         """Follow the slots' moves (``(B, H, n)`` old slot of each, per part) with the observed attention."""
         if self.attention is not None:
             index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
-            self.attention = self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device)
-            self.room = None  # it held the attention replaced here: released now, not at the next step
+            self._set_attention(self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device))
         return True
 
     def _settle(self) -> None:
@@ -386,6 +384,13 @@ class CompressedLayer(CacheLayerMixin):
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
         attention = None if self._in_room() else self.attention  # a view of the room occupies the room
         return held + _nbytes(self.positions, self.room, attention, self.queries, self.query_positions, self.held, self.budget)
+
+    def _set_attention(self, attention: torch.Tensor | None) -> None:
+        """Keep ``attention`` as the observed attention; the room goes with the attention it held, unless
+        ``attention`` is its view (released now, not when the next step would replace it)."""
+        self.attention = attention
+        if self.room is not None and not self._in_room():
+            self.room = None
 
     def _in_room(self) -> bool:
         """Whether :attr:`attention` is a view of :attr:`room` (then the room is what it occupies)."""

@@ -70,16 +70,26 @@ def quantize(x: torch.Tensor, bits: int, dim: int, valid: torch.Tensor | None = 
         ``x``'s dtype with ``dim`` of size 1, so that ``x ~= codes * scale + minimum``.
     """
     levels = 2**bits - 1
-    if valid is None:
-        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    else:
-        lo = torch.where(valid, x, torch.inf).amin(dim, keepdim=True)
-        hi = torch.where(valid, x, -torch.inf).amax(dim, keepdim=True)
-        empty = torch.isinf(lo)  # every entry invalid: any finite statistics will do
-        lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+    lo, hi = minmax(x, dim, valid)
     scale = (hi - lo).clamp_min(1e-8) / levels
     codes = ((x - lo) / scale).round_().clamp_(0, levels)
     return codes.to(torch.uint8), scale, lo
+
+
+def minmax(x: torch.Tensor, dim: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``'s least and greatest entries over ``dim`` (kept with size 1), ignoring False entries of ``valid``
+    (0 and 0 where every entry is invalid)."""
+    if valid is None:
+        return x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    lo = torch.where(valid, x, torch.inf).amin(dim, keepdim=True)
+    hi = torch.where(valid, x, -torch.inf).amax(dim, keepdim=True)
+    empty = torch.isinf(lo)  # every entry invalid: any finite statistics will do
+    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale + minimum`` in ``dtype`` (``scale`` and ``minimum`` broadcast over each group)."""
+    return codes.to(dtype) * scale.to(dtype) + minimum.to(dtype)
 
 
 @register("kivi")
@@ -208,9 +218,9 @@ class KIVIStore:
             "value_min": value_min.squeeze(4).to(self.meta_dtype),
         }
         if m:  # what attention reads for the sinks: exact keys, and the values' error after the stored scales
-            scale, low = (new[k][:, :, :m, :, None].to(values.dtype) for k in ("value_scale", "value_min"))
-            decoded = (value_codes[:, :, :m].to(values.dtype) * scale + low).flatten(3, 4)
-            new["sink_keys"], new["sink_error"] = keys[:, :, :m].clone(), values[:, :, :m] - decoded
+            decoded = dequantize(value_codes[:, :, :m], new["value_scale"][:, :, :m, :, None], new["value_min"][:, :, :m, :, None],
+                                 values.dtype)
+            new["sink_keys"], new["sink_error"] = keys[:, :, :m].clone(), values[:, :, :m] - decoded.flatten(3, 4)
         return new
 
     def extend(self, new: dict[str, torch.Tensor], valid: torch.Tensor | None = None) -> None:
@@ -240,13 +250,9 @@ class KIVIStore:
         """Dequantized ``(B, H, N, D)`` keys and values (the reference path; transient)."""
         t, g = self.tensors, self.block
         key_codes = unpack(t["key_codes"].transpose(2, 3), self.bits).unflatten(2, (-1, g))  # (B, H, N/g, g, D)
-        keys = key_codes.to(self.dtype) * t["key_scale"][:, :, :, None].to(self.dtype) + t["key_min"][
-            :, :, :, None
-        ].to(self.dtype)
+        keys = dequantize(key_codes, t["key_scale"][:, :, :, None], t["key_min"][:, :, :, None], self.dtype)
         value_codes = unpack(t["value_codes"], self.bits).unflatten(3, (-1, g))  # (B, H, N, D/g, g)
-        values = value_codes.to(self.dtype) * t["value_scale"][..., None].to(self.dtype) + t["value_min"][
-            ..., None
-        ].to(self.dtype)
+        values = dequantize(value_codes, t["value_scale"][..., None], t["value_min"][..., None], self.dtype)
         keys, values = keys.flatten(2, 3), values.flatten(3, 4)
         if self.sinks:
             m = self.sinks["keys"].shape[2]
