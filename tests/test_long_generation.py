@@ -127,3 +127,46 @@ def test_a_ragged_layer_reads_its_heads_where_they_are_held_after_a_trim(tiny):
         for row, heads in zip(store.rows, after.rows):
             for inner, segment in zip(row, heads):
                 assert segment.keys.data_ptr() == inner.k.data_ptr() and segment.values.data_ptr() == inner.v.data_ptr()
+
+
+
+@pytest.mark.parametrize("spec", [
+    "snapkv:ratio=0.5,window=16,allocation=retrieval",
+    "snapkv:ratio=0.5,window=16,allocation=retrieval+kivi:bits=4,group=16,residual=16",
+    "h2o:ratio=0.5,allocation=adaptive,block=16+kivi:bits=4,group=16,residual=16",
+])
+def test_the_observed_attention_follows_each_token_when_a_ragged_layer_settles(smol, monkeypatch, spec):
+    """Moving window tokens into a ragged store puts each head's after its own stored ones (the store's
+    length is the longest head's): the attention each token has received, which the next eviction ranks,
+    moves with it. Per head, the valid slots' observed attention reads the same, in order, before and after."""
+    from kvcompress.cache import CompressedLayer
+
+    model, tokenizer = smol
+    settle = CompressedLayer._settle_ragged
+    compared = []
+
+    def per_head(layer):
+        valid = layer.valid()
+        attention = layer.attention
+        valid = torch.ones_like(attention, dtype=torch.bool) if valid is None else valid
+        assert attention.shape == valid.shape
+        return [attention[b, h][valid[b, h]] for b in range(valid.shape[0]) for h in range(valid.shape[1])]
+
+    def checked(layer):
+        if layer.attention is None:
+            return settle(layer)
+        before, stored = per_head(layer), len(layer.store)
+        settle(layer)
+        after = per_head(layer)
+        compared.append(len(layer.store) > stored and bool((layer.store.lengths() < len(layer.store)).any()))
+        for old, new in zip(before, after):
+            torch.testing.assert_close(new, old, rtol=0, atol=0)
+
+    monkeypatch.setattr(CompressedLayer, "_settle_ragged", checked)
+    text = "A lighthouse keeper logs every ship. The ship Aurora passed at dawn with a red flag. " * 12
+    prompt = tokenizer(text, return_tensors="pt")["input_ids"][:, :160]
+    cache = kvcompress.make_cache(spec, model)
+    with torch.no_grad(), kvcompress.attach(model, cache):
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                       **{cache_kwarg(model): cache})
+    assert sum(compared) >= 4  # settles that moved tokens into heads of different lengths were compared

@@ -318,9 +318,32 @@ class CompressedLayer(CacheLayerMixin):
         take = valid & (valid.cumsum(-1) <= ready)  # (B, H, n) the oldest `ready` valid tokens of each head
         if not bool(take.any()):
             return
+        stored = len(self.store)
+        before = (self.store.lengths().to(self.device) if stored else take.new_zeros(take.shape[:2], dtype=torch.long))[..., None]
         keys, values = self.window.keys_values()
         self.store.append(keys, values, take, None)
-        self.window.compact(valid & ~take, in_place=True)
+        window_index = self.window.compact(valid & ~take, in_place=True)  # (B, H, n') old window slot of each
+        if self.attention is not None:
+            self._moved_ragged(stored, before, take, window_index)
+
+    def _moved_ragged(self, stored: int, before: torch.Tensor, take: torch.Tensor, window_index: torch.Tensor) -> None:
+        """Follow a ragged settle with the observed attention: head ``h`` held ``before[h]`` of the ``stored``
+        store slots, and its window tokens ``take`` ``(B, H, n)`` went on after its own; ``window_index``: the
+        old window slot of each window slot now. A slot no token moved to (a shorter head's padding) gets 0."""
+        held = self.attention
+        held = torch.nn.functional.pad(held, (0, stored + take.shape[-1] + 1 - held.shape[-1]))  # last column: 0
+        nothing = held.shape[-1] - 1
+        slot = torch.arange(len(self.store), device=self.device)  # (S,) the store's slots now
+        moved = torch.sort((~take).to(torch.int8), dim=-1, stable=True).indices  # (B, H, n) taken window slots first
+        offset = slot - before  # (B, H, S) how far past the head's own earlier tokens
+        came = (offset >= 0) & (offset < take.sum(-1, keepdim=True))
+        from_window = stored + moved.gather(-1, offset.clamp(0, moved.shape[-1] - 1))
+        store_index = torch.where(slot < before, slot, torch.where(came, from_window, nothing))
+        window_valid = self.window.valid()
+        window_index = stored + window_index
+        if window_valid is not None:
+            window_index = window_index.masked_fill(~window_valid[..., : window_index.shape[-1]], nothing)
+        self._set_attention(held.gather(-1, torch.cat([store_index, window_index], -1)))
 
     # ---- what the layer holds ---------------------------------------------------------------
 
