@@ -283,3 +283,19 @@ def test_expected_attention_scores_are_the_gaussian_moments_of_rotated_queries(t
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
     weighted = ExpectedAttention(ratio=0.5, future=1).score(view)
     torch.testing.assert_close(weighted, expected * values.norm(dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompt_cut_that_keeps_every_token_releases_its_queries(tiny):
+    """A scorer that reads queries (Expected Attention) holds those seen since the last compression. The
+    prompt's cut is one even where the layer keeps every token (a budget above the prompt; a layer of
+    retrieval heads): the prompt's queries are released then, not held until the first decoding cut."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (1, 40))
+    cache = kvcompress.make_cache("expected_attention:budget=64", tiny)
+    with torch.no_grad(), kvcompress.attach(tiny, cache):
+        tiny(ids, use_cache=True, **{cache_kwarg(tiny): cache})
+        assert all(layer.queries is None for layer in cache.compressed_layers)
+        assert cache.nbytes == sum(layer.window.nbytes + layer.budget.nbytes for layer in cache.compressed_layers)
+        for i in range(3):  # decoding collects the queries the next cut will score with
+            tiny(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(tiny): cache})
+        assert all(layer.queries.shape[2] == 3 for layer in cache.compressed_layers)

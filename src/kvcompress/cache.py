@@ -259,9 +259,10 @@ class CompressedLayer(CacheLayerMixin):
         self.quiet_until = None if selected.quiet is None else self.seen + selected.quiet
         self.budget = selected.budget
         keep = selected.keep
+        if keep is None or first:  # the prompt's queries have served even where its cut kept every token
+            self.queries = self.query_positions = None
         if keep is None:
             return False
-        self.queries = self.query_positions = None
         if self.store is None:  # the window is the whole layer: evicted slots may only be masked
             window_index = self.window.drop(keep, self.selection.block, headroom=0 if first else self.selection.block)
             if window_index is None:  # nothing moved
