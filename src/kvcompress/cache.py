@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore
+from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore, compaction_index
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
@@ -335,7 +335,7 @@ class CompressedLayer(CacheLayerMixin):
         held = torch.nn.functional.pad(held, (0, stored + take.shape[-1] + 1 - held.shape[-1]))  # last column: 0
         nothing = held.shape[-1] - 1
         slot = torch.arange(len(self.store), device=self.device)  # (S,) the store's slots now
-        moved = torch.sort((~take).to(torch.int8), dim=-1, stable=True).indices  # (B, H, n) taken window slots first
+        moved, _ = compaction_index(take)  # (B, H, n) each head's taken window slots, in order
         offset = slot - before  # (B, H, S) how far past the head's own earlier tokens
         came = (offset >= 0) & (offset < take.sum(-1, keepdim=True))
         from_window = stored + moved.gather(-1, offset.clamp(0, moved.shape[-1] - 1))
