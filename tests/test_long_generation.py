@@ -129,7 +129,6 @@ def test_a_ragged_layer_reads_its_heads_where_they_are_held_after_a_trim(tiny):
                 assert segment.keys.data_ptr() == inner.k.data_ptr() and segment.values.data_ptr() == inner.v.data_ptr()
 
 
-
 @pytest.mark.parametrize("spec", [
     "snapkv:ratio=0.5,window=16,allocation=retrieval",
     "snapkv:ratio=0.5,window=16,allocation=retrieval+kivi:bits=4,group=16,residual=16",
