@@ -285,6 +285,40 @@ def test_expected_attention_scores_are_the_gaussian_moments_of_rotated_queries(t
     torch.testing.assert_close(weighted, expected * values.norm(dim=-1), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_expected_attention_scores_each_head_of_a_ragged_layer_over_its_own_tokens(tiny, rows):
+    """In a ragged layer (the retrieval allocation, AdaKV) heads hold different numbers of tokens in the
+    slots of the longest one, the newest at the end. A head's scores are a softmax over its own tokens
+    only: equal to scoring that head's tokens alone, and 0 on padding, whether few or most slots are real."""
+    from kvcompress.calibration import Rotary
+    from kvcompress.methods.expected_attention import ExpectedAttention
+
+    torch.manual_seed(0)
+    rotary, dim, m, slots = Rotary(tiny), 32, 12, 48
+    positions = torch.arange(60, 60 + m)[None].expand(rows, m)
+    queries = torch.randn(rows, 6, m, dim)  # 6 query heads, 2 per KV head
+    keys, values = torch.randn(rows, 3, slots, dim), torch.randn(rows, 3, slots, dim)
+    valid = torch.zeros(rows, 3, slots, dtype=torch.bool)
+    valid[:, 0] = True  # a head holding every slot
+    valid[:, 1, :5] = valid[:, 1, -8:] = True  # a short head: 5 stored tokens, then padding, then its window
+    valid[:, 2, 10:] = True  # a head with most slots real, padded at the front
+    if rows == 2:
+        valid[1, 1, 2:5] = False  # the second row's short head holds fewer tokens
+    view = LayerView(valid, None, queries, positions, None, 0, 1, lambda: (keys, values), rotary)
+    method = ExpectedAttention(ratio=0.5)
+    scores = method.score(view)
+    assert not scores.masked_fill(valid, 0).any()  # padding scores 0
+    for row in range(rows):
+        for head in range(3):
+            mine = valid[row, head]
+            alone = LayerView(
+                torch.ones(1, 1, int(mine.sum()), dtype=torch.bool), None, queries[row : row + 1, 2 * head : 2 * head + 2],
+                positions[row : row + 1], None, 0, 1,
+                lambda: (keys[row : row + 1, head : head + 1, mine], values[row : row + 1, head : head + 1, mine]), rotary,
+            )
+            torch.testing.assert_close(scores[row, head, mine], method.score(alone)[0, 0], atol=1e-6, rtol=1e-5)
+
+
 def test_a_prompt_cut_that_keeps_every_token_releases_its_queries(tiny):
     """A scorer that reads queries (Expected Attention) holds those seen since the last compression. The
     prompt's cut is one even where the layer keeps every token (a budget above the prompt; a layer of

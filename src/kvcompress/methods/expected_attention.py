@@ -42,6 +42,32 @@ def mean_rotation(rotary, last: torch.Tensor, future: int, dtype: torch.dtype) -
     return cos.mean(1).to(dtype), sin.mean(1).to(dtype)
 
 
+def expected_mass(keys: torch.Tensor, real: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    """``(B, h, n)`` expected attention of ``h`` KV heads' ``n`` slots, averaged over their query heads.
+
+    Args:
+        keys: ``(B, h, n, D)`` float32.
+        real: ``(B, h, n)`` bool, False for padding (scores 0).
+        mean: ``(B, h G, D)`` mean of each query head's queries, rotated ahead.
+        cov: ``(B, h G, D, D)`` their covariance, rotated ahead; None for the mean only.
+    """
+    batch, heads, slots, dim = keys.shape
+    group = mean.shape[1] // heads
+    grouped = keys.repeat_interleave(group, 1)  # (B, h G, n, D)
+    logits = (grouped @ mean[..., None])[..., 0] / math.sqrt(dim)  # (B, h G, n)
+    if cov is not None:
+        logits = logits + ((grouped @ cov) * grouped).sum(-1) / (2 * dim)
+    logits = logits.masked_fill(~real.repeat_interleave(group, 1), -torch.inf)
+    return logits.softmax(-1).nan_to_num().view(batch, heads, group, slots).mean(2)  # a head with no token: 0
+
+
+def _gather(x: torch.Tensor, heads: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+    """``(B, h, n, D)``: of ``x`` ``(B, H, S, D)``, the ``heads`` and, per row and head, the ``slot``
+    ``(B, h, n, 1)`` (None: every slot)."""
+    x = x if len(heads) == x.shape[1] else x[:, heads]
+    return x if slot is None else x.gather(2, slot.expand(-1, -1, -1, x.shape[-1]))
+
+
 @register("expected_attention")
 @dataclass(frozen=True)
 class ExpectedAttention(ScoredEviction):
@@ -77,18 +103,34 @@ class ExpectedAttention(ScoredEviction):
         mean = (pre * weight).sum(2) / count  # (B, Hq, D)
         cos, sin = mean_rotation(view.rotary, positions[:, -1].expand(batch), self.future, torch.float32)
         rotate = lambda x: x * cos[:, None] + view.rotary.rotate_half(x) * sin[:, None]  # noqa: E731  (B, ., D)
-        keys = view.keys.float()  # (B, H, S, D)
-        heads = keys.shape[1]
-        grouped = keys.repeat_interleave(q_heads // heads, 1)  # (B, Hq, S, D)
-        logits = (grouped @ rotate(mean)[..., None])[..., 0] / math.sqrt(dim)  # (B, Hq, S)
+        cov = None
         if self.covariance:
             centered = (pre - mean[:, :, None]) * weight
             cov = centered.transpose(-1, -2) @ centered / count[..., None]  # (B, Hq, D, D)
-            turn = rotate(torch.eye(dim, device=keys.device).expand(batch, dim, dim))  # (B, D, D): rows R e_i, i.e. Rᵀ
+            turn = rotate(torch.eye(dim, device=queries.device).expand(batch, dim, dim))  # (B, D, D): rows R e_i, i.e. Rᵀ
             cov = turn.transpose(-1, -2)[:, None] @ cov @ turn[:, None]  # R Sigma Rᵀ
-            logits = logits + ((grouped @ cov) * grouped).sum(-1) / (2 * dim)
-        logits = logits.masked_fill(~view.valid.repeat_interleave(q_heads // heads, 1), -torch.inf)
-        scores = logits.softmax(-1).view(batch, heads, q_heads // heads, -1).mean(2)  # (B, H, S)
-        if self.vnorm:
-            scores = scores * view.values.float().norm(dim=-1)
+        mean = rotate(mean)  # (B, Hq, D) R mu
+        valid = view.valid
+        heads, slots = valid.shape[1:]
+        group = q_heads // heads
+        counts = valid.sum(-1)  # (B, H)
+        scores = torch.zeros(batch, heads, slots, device=valid.device)
+        # A ragged layer's heads hold different numbers of tokens in slots of the longest one's length (a
+        # retrieval head the whole context, a streaming head a few hundred): the heads that fill at most
+        # half the slots are scored on their own tokens only, gathered, and the others on every slot.
+        short = counts.amax(0) <= slots // 2  # (H,)
+        for mine in (short.nonzero()[:, 0], (~short).nonzero()[:, 0]):
+            size = int(counts[:, mine].max()) if len(mine) else 0
+            if size == 0:  # no head here, or no token in any row (a padded batch of empty rows)
+                continue
+            if size < slots:  # each row's token slots first (argsort is stable), then padding
+                slot = torch.argsort(~valid[:, mine], dim=-1, stable=True)[..., :size, None]  # (B, h, n, 1)
+                real = torch.arange(size, device=valid.device) < counts[:, mine, None]  # (B, h, n)
+            else:
+                slot, real = None, valid[:, mine]
+            rows = (mine[:, None] * group + torch.arange(group, device=mine.device)).flatten()  # their query heads
+            mass = expected_mass(_gather(view.keys, mine, slot).float(), real, mean[:, rows], None if cov is None else cov[:, rows])
+            if self.vnorm:
+                mass = mass * _gather(view.values, mine, slot).float().norm(dim=-1)
+            scores[:, mine] = mass if slot is None else scores[:, mine].scatter(2, slot[..., 0], mass)
         return scores
