@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompress.buffer import compaction_index
 from kvcompress.methods.scored import ScoredEviction
 from kvcompress.protocols import LayerView
 from kvcompress.registry import register
@@ -123,9 +124,9 @@ class ExpectedAttention(ScoredEviction):
             size = int(counts[:, mine].max()) if len(mine) else 0
             if size == 0:  # no head here, or no token in any row (a padded batch of empty rows)
                 continue
-            if size < slots:  # each row's token slots first (argsort is stable), then padding
-                slot = torch.argsort(~valid[:, mine], dim=-1, stable=True)[..., :size, None]  # (B, h, n, 1)
-                real = torch.arange(size, device=valid.device) < counts[:, mine, None]  # (B, h, n)
+            if size < slots:  # each row's token slots first, in order, then padding
+                slot, real = compaction_index(valid[:, mine])  # (B, h, n)
+                slot = slot[..., None]  # (B, h, n, 1)
             else:
                 slot, real = None, valid[:, mine]
             rows = (mine[:, None] * group + torch.arange(group, device=mine.device)).flatten()  # their query heads
