@@ -100,6 +100,8 @@ def test_decode_steps_in_turns_start_a_new_group_when_memory_is_short(smol, monk
     assert all(len(r["decode_step_ms"]) == 6 and r["tokens_end"] == C + 6 for r in found)
     assert found[0]["baseline_decode_ms"] == found[0]["decode_ms_per_token"] == found[1]["baseline_decode_ms"]
     assert found[2]["baseline_decode_ms"] > 0
+    assert found[0]["decode_x_rounds"] == 1.0
+    assert found[1]["decode_x_rounds"] == speed.round_ratio(found[1]["decode_step_ms"], found[0]["decode_step_ms"], 4)
     assert all(r["peak_memory_bytes"] >= r["memory_after_load_bytes"] > 0 for r in found)
 
 

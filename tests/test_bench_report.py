@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvcompress.bench import report, runner
+from kvcompress.bench import report, runner, speed
 from kvcompress.bench.methods import resolve
 from kvcompress.bench.runner import BenchConfig, PartStore, plan
 
@@ -58,6 +58,29 @@ def test_rows_hold_ratios_to_none_at_the_same_length():
     assert kivi_1k["retrieval_acc"] == pytest.approx(2 / 3) and kivi_1k["retrieval_acc_kv"] == pytest.approx(0.5)
     assert rows[0]["compression"] == 1.0 and rows[0]["perplexity_delta_pct"] == 0.0
     assert all(r[k] == v for r in rows for k, v in CONDITIONS.items())
+
+
+def test_a_ratio_over_rounds_is_not_moved_by_one_stalled_step():
+    """Each round compares a row's steps with the baseline's taken just before: the median over rounds
+    reads 0.5 where a stall in one step takes the ratio of mean steps past 1."""
+    baseline = [10.0] * 16
+    row = [5.0] * 16
+    row[0] = 500.0  # one stall, in the first round
+    assert speed.round_ratio(row, baseline, 4) == pytest.approx(0.5)
+    assert sum(row) / sum(baseline) > 3
+    rounds = speed.round_ratio([5.0, 5.0, 5.0, 5.0, 6.0, 6.0], [10.0, 10.0, 10.0, 10.0, 4.0, 4.0], 4)
+    assert rounds == pytest.approx((0.5 + 1.5) / 2)  # the last round takes the 2 steps left
+    with pytest.raises(ValueError, match="same steps"):
+        speed.round_ratio([1.0, 2.0], [1.0], 4)
+
+
+def test_a_row_measured_in_turns_reads_its_ratio_over_rounds():
+    """A row measured in turns carries its ratio over the rounds (speed.round_ratio): that is its decode
+    ratio, not the ratio of mean steps, which one stalled step moves; a row without it keeps the latter."""
+    stalled = {**RESULTS[1], "speed": {**RESULTS[1]["speed"], "decode_ms_per_token": 30.0, "decode_x_rounds": 0.55}}
+    rows = report.build_rows([RESULTS[0], stalled, RESULTS[2]], CONDITIONS)
+    assert rows[1]["decode_x"] == pytest.approx(0.55) and rows[1]["decode_ms_per_token"] == 30.0
+    assert rows[2]["decode_x"] == pytest.approx(0.5)
 
 
 def test_table_has_every_row_and_marks_kvpress():

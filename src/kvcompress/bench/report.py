@@ -94,9 +94,9 @@ def build_rows(results: list[dict], conditions: dict) -> list[dict]:
                 ref_per_token = ref_speed["kv_bytes_after_prefill"] / ref_speed["context_tokens"]
                 row["compression"] = _ratio(ref_per_token, row["kv_bytes_per_token"])
                 row["prefill_x"] = _ratio(speed["prefill_s"], ref_speed["prefill_s"])
-                # measured in turns (speed.measure_interleaved): none's steps in the same rounds
+                # measured in turns (speed.measure_interleaved): against none's steps in the same rounds
                 base_decode = speed.get("baseline_decode_ms", ref_speed["decode_ms_per_token"])
-                row["decode_x"] = _ratio(speed["decode_ms_per_token"], base_decode)
+                row["decode_x"] = speed.get("decode_x_rounds", _ratio(speed["decode_ms_per_token"], base_decode))
                 row["peak_memory_x"] = _ratio(speed["peak_memory_bytes"], ref_speed["peak_memory_bytes"])
                 row["prefill_peak_memory_x"] = _ratio(row["prefill_peak_memory_bytes"], ref_speed.get("prefill_peak_memory_bytes"))
                 row["prefill_added_x"] = _ratio(row["prefill_added_bytes"], ref_speed.get("prefill_added_bytes"))

@@ -540,6 +540,9 @@ def describe(conditions: dict) -> str:
 def _turns(c: dict, figure: str = "decode ms", of: str = "steps") -> str:
     if not c.get("decode_rounds_of"):
         return ""
+    if figure == "decode ms":
+        return (f", every row's process taking {c['decode_rounds_of']} steps in turn (decode ms: the mean step; × none: "
+                f"the median over rounds of the row's time over none's in the same round)")
     return (f", every row's process taking {c['decode_rounds_of']} steps in turn ({figure} × none: ratio to none's "
             f"{of} in the same rounds)")
 

@@ -19,7 +19,11 @@ The process warms up (a short prefill and a few decode steps through the same me
 the prefill of the context and ``decode_tokens`` greedy decode steps, one token at a time.
 :func:`measure_interleaved` keeps the processes of all rows alive and has them take their decode
 steps in turns, a few steps each, so that load from outside the benchmark that comes and goes
-(other programs, a shared host) slows every row alike and ratios to ``none`` hold.
+(other programs, a shared host) slows every row alike and ratios to ``none`` hold. A row's ratio to
+``none`` is the median over those rounds of its time over ``none``'s in the same round
+(:func:`round_ratio`): a stall that hits one process's turn (one step of 1.3 s among steps of 50 ms
+was seen on a 2-core machine: 1.21x where the other 63 steps read 0.92x) moves the mean of every step,
+not that median.
 
 Throughput (:func:`throughput`): the bytes one sequence's cache holds at most, measured on a real
 sequence (prefill, then the decode steps; the cache's ``fixed_nbytes``, held once whatever the
@@ -38,6 +42,7 @@ import functools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -418,11 +423,31 @@ class _InTurns:
         self._stderr.close()
 
 
+def round_ratio(steps: list[float], baseline: list[float], round_steps: int) -> float:
+    """The median over rounds of ``round_steps`` steps of a row's time over the baseline's in the same round.
+
+    Args:
+        steps, baseline: each step's time, in order, of a row and of the baseline that took turns with it
+            (the same number of steps: round ``i`` is steps ``i * round_steps`` to ``(i + 1) * round_steps``).
+    """
+    if len(steps) != len(baseline) or not steps:
+        raise ValueError(f"a row and its baseline must time the same steps, got {len(steps)} and {len(baseline)}")
+    rounds = range(0, len(steps), round_steps)
+    return statistics.median(sum(steps[i : i + round_steps]) / sum(baseline[i : i + round_steps]) for i in rounds)
+
+
 def _baseline_of(result: dict) -> dict:
     """What every row of a group measured in turns keeps of the baseline's figures over the same rounds."""
     if "tokens_per_s" in result:  # throughput
         return {"baseline_tokens_per_s": result["tokens_per_s"]}
     return {"baseline_decode_ms": result["decode_ms_per_token"]}
+
+
+def _against(result: dict, baseline: dict, round_steps: int) -> dict:
+    """A speed row's ratio to the baseline of its group over the same rounds (:func:`round_ratio`)."""
+    if "decode_step_ms" not in result:  # throughput
+        return {}
+    return {"decode_x_rounds": round_ratio(result["decode_step_ms"], baseline["decode_step_ms"], round_steps)}
 
 
 def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) -> list[dict]:
@@ -438,7 +463,8 @@ def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) ->
     from outside that comes and goes slows every row alike, and the ratio to the first request (the
     baseline) compares the same stretch of time. Every result has ``baseline_decode_ms``: the baseline's
     mean step time over the same rounds (throughput: ``baseline_tokens_per_s``, the baseline's tokens/s
-    at its batch), and ``decode_group``: which group of processes it decoded with (below).
+    at its batch), a speed row ``decode_x_rounds`` (:func:`round_ratio` against the baseline), and
+    ``decode_group``: which group of processes it decoded with (below).
 
     The processes of a round stay alive together. When free memory would not hold another (under
     :data:`MEMORY_RESERVE` times the largest so far), those started finish their rounds and the next
@@ -471,7 +497,10 @@ def measure_interleaved(requests: list[dict], round_steps: int = ROUND_STEPS) ->
         baseline = _baseline_of(finished[0][1])
         for index, result in finished:
             if index is not None:
-                results[index] = {**result, **baseline, "decode_rounds_of": round_steps, "decode_group": groups}
+                results[index] = {
+                    **result, **baseline, **_against(result, finished[0][1], round_steps),
+                    "decode_rounds_of": round_steps, "decode_group": groups,
+                }
         first, groups = False, groups + 1
     return results
 
