@@ -529,7 +529,7 @@ def describe(conditions: dict) -> str:
         f"perplexity's contexts (mean over windows and texts), over C\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
         f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
-        f"steps, after a warm-up{_turns(c)}; × none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
+        f"steps, after a warm-up{_turns(c)}; {'every other ' if _turns(c) else ''}× none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
         f"throughput (when measured): the largest batch whose KV cache fits "
         f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
         f"at that batch, {c['decode_tokens']} greedy steps timed"
