@@ -218,8 +218,12 @@ def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool
 
 
 def mask_bytes(valid: torch.Tensor | None) -> torch.Tensor:
-    """A ``(B, H, S)`` validity mask as the C kernels read it: contiguous uint8, or empty for "all real"."""
-    return _NO_MASK if valid is None else valid.to(torch.uint8).contiguous()
+    """A ``(B, H, S)`` validity mask as the C kernels read it: contiguous uint8, or empty for "all real". A
+    contiguous bool mask is read as its own bytes (0 or 1), with no copy."""
+    if valid is None:
+        return _NO_MASK
+    valid = valid.contiguous()
+    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
 
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
