@@ -22,8 +22,8 @@ steps in turns, a few steps each, so that load from outside the benchmark that c
 (other programs, a shared host) slows every row alike and ratios to ``none`` hold. A row's ratio to
 ``none`` is the median over those rounds of its time over ``none``'s in the same round
 (:func:`round_ratio`): a stall that hits one process's turn (one step of 1.3 s among steps of 50 ms
-was seen on a 2-core machine: 1.21x where the other 63 steps read 0.92x) moves the mean of every step,
-not that median.
+was seen on a 2-core machine: a ratio of mean steps of 1.21x where the median over rounds reads 0.95x)
+moves the mean of every step, not that median.
 
 Throughput (:func:`throughput`): the bytes one sequence's cache holds at most, measured on a real
 sequence (prefill, then the decode steps; the cache's ``fixed_nbytes``, held once whatever the
