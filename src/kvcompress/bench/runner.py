@@ -519,6 +519,10 @@ def _measure(part: str, method: BenchMethod, context: int, config: BenchConfig, 
 def describe(conditions: dict) -> str:
     """One paragraph stating the conditions of every figure in the table."""
     c = conditions
+    speed_turns = _turns(
+        c, "decode ms: the mean step; × none: the median over rounds of the row's time over none's in the same round"
+    )
+    throughput_turns = _turns(c, "tok/s × none: ratio to none's tokens/s in the same rounds")
     return (
         f"model {c['model']}, {c['dtype']}, {c['device']}, threads {c['threads']}, batch {c['batch']}; "
         f"torch {c['torch']}, transformers {c['transformers']}, kvcompress {c['kvcompress']} (source "
@@ -529,22 +533,19 @@ def describe(conditions: dict) -> str:
         f"perplexity's contexts (mean over windows and texts), over C\n"
         f"retrieval: {_retrieval_conditions(c)}\n"
         f"speed: prefill of the first C tokens of the text {c['text'].split(',')[0]!r}{_chunked(c)}, then {c['decode_tokens']} greedy decode "
-        f"steps, after a warm-up{_turns(c)}; {'every other ' if _turns(c) else ''}× none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
+        f"steps, after a warm-up{speed_turns}; {'every other ' if speed_turns else ''}× none: ratio to none measured in the same run\npeak memory: {c['peak_memory']}\n"
         f"throughput (when measured): the largest batch whose KV cache fits "
         f"{_budget(c)}, bytes per sequence measured on the context and its decode steps; the context repeated "
         f"at that batch, {c['decode_tokens']} greedy steps timed"
-        f"{_turns(c, 'tok/s', 'tokens/s') or '; × none: the ratio to none at its batch'}"
+        f"{throughput_turns or '; × none: the ratio to none at its batch'}"
     )
 
 
-def _turns(c: dict, figure: str = "decode ms", of: str = "steps") -> str:
+def _turns(c: dict, ratios: str) -> str:
+    """How the rows took their decode steps in turns, and what ``ratios`` says of the figures; empty when not in turns."""
     if not c.get("decode_rounds_of"):
         return ""
-    if figure == "decode ms":
-        return (f", every row's process taking {c['decode_rounds_of']} steps in turn (decode ms: the mean step; × none: "
-                f"the median over rounds of the row's time over none's in the same round)")
-    return (f", every row's process taking {c['decode_rounds_of']} steps in turn ({figure} × none: ratio to none's "
-            f"{of} in the same rounds)")
+    return f", every row's process taking {c['decode_rounds_of']} steps in turn ({ratios})"
 
 
 def _chunked(c: dict) -> str:
