@@ -174,7 +174,11 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     # The kernel adds the query's row, averaged over the query heads of each KV head, to the observation (a
     # padding query counts zero).
     observed = observation(operands, batch, len(operands), query.device) if operands.observe else _NO_OBSERVATION
-    if len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
+    if len(segments) == 1 and hasattr(first, "pointers"):  # eviction alone, in pages (kvcompress.paged)
+        if not paged_one_pass_applies(query, first):
+            return None
+        out = paged_attend(grouped.contiguous(), *first.pointers(), first.fill, first.page, page_mask(operands.valid), scaling, observed)
+    elif len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
         if not dense_one_pass_applies(query, first):
             return None
         keys, values = kernel_pair(first.keys, first.values)
@@ -215,6 +219,26 @@ def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool
         if values.shape[-1] != keys.shape[-1] or keys.shape[-1] != query.shape[-1]:
             return False
     return query.dtype == torch.float32 and native.load("dense") is not None
+
+
+def paged_one_pass_applies(query: torch.Tensor, segment) -> bool:
+    """Whether ``kvcompress::paged_attend`` can read this paged segment (float32 on the CPU, the C kernels built)."""
+    shape, dtype, device = segment.buffer.shape, segment.buffer.dtype, segment.buffer.device
+    if dtype != torch.float32 or device.type != "cpu" or not len(segment) or shape[1] != shape[2] or shape[1] != query.shape[-1]:
+        return False
+    return query.dtype == torch.float32 and native.load("dense") is not None
+
+
+def page_mask(valid: torch.Tensor | None) -> torch.Tensor:
+    """A ``(B, H, S)`` validity mask as ``kvcompress::paged_attend`` reads it: uint8 (a bool mask's own
+    bytes), slots contiguous, its (row, head) rows one stride apart (a view of a mask with room for more
+    slots qualifies); empty for "all real"."""
+    if valid is None:
+        return _NO_MASK
+    batch, heads, _ = valid.shape
+    if valid.stride(2) != 1 or (batch > 1 and valid.stride(0) != heads * valid.stride(1)):
+        valid = valid.contiguous()
+    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
 
 
 def mask_bytes(valid: torch.Tensor | None) -> torch.Tensor:
@@ -295,6 +319,45 @@ def dense_attend(
 
 @dense_attend.register_fake
 def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, observed):
+    return query.new_empty(query.shape)
+
+
+@native.custom_op("kvcompress::paged_attend", mutates=("observed",))
+def paged_attend(
+    query: torch.Tensor,
+    key_pages: torch.Tensor,
+    value_pages: torch.Tensor,
+    fill: int,
+    page: int,
+    allow: torch.Tensor,
+    scaling: float,
+    observed: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step over float32 slots held in pages (``csrc/dense.c``): ``(B, H, G, D)`` queries; each
+    (row, head)'s ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64 addresses ``key_pages`` and
+    ``value_pages`` (each a ``(page, D)`` block; see :meth:`kvcompress.paged.PagedSegment.pointers`), the last
+    page holding ``fill`` slots; ``allow`` ``(B, H, S)`` uint8 as :func:`page_mask` gives it, or empty.
+    Returns the ``(B, H, G, D)`` output and adds to ``observed`` ``(B, H, S)`` (unless empty) the attention
+    each slot received, as :func:`dense_attend` does."""
+    batch, heads, rows, dim = query.shape
+    count, pages = key_pages.shape
+    out = query.new_empty(batch, heads, rows, dim)
+    ostride = observed_rows(observed) if observed.numel() else 0
+    npages = torch.full((count,), pages, dtype=torch.int64)
+    fills = torch.full((count,), fill, dtype=torch.int64)
+    status = native.load("dense").paged_attend(
+        data_pointer(query), data_pointer(key_pages), data_pointer(value_pages), ctypes.c_int64(pages),
+        data_pointer(npages), data_pointer(fills), ctypes.c_int64(page), data_pointer(allow),
+        ctypes.c_int64(allow.stride(1) if allow.numel() else 0), ctypes.c_float(scaling), data_pointer(out),
+        data_pointer(observed), ctypes.c_int64(ostride), *map(ctypes.c_int64, (batch * heads, rows, dim)),
+    )
+    if status:
+        raise MemoryError("kvcompress::paged_attend: the kernel could not allocate its scratch buffer")
+    return out
+
+
+@paged_attend.register_fake
+def _(query, key_pages, value_pages, fill, page, allow, scaling, observed):
     return query.new_empty(query.shape)
 
 

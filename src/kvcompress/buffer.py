@@ -72,6 +72,10 @@ class FullPrecisionBuffer:
         return self.n
 
     @property
+    def batch_heads(self) -> tuple[int, int]:
+        return tuple(self.k.shape[:2])
+
+    @property
     def nbytes(self) -> int:
         tensors = [t for t in (self.k, self.v, self._valid) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -38,6 +38,8 @@ from kvcompress import attention
 from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore, compaction_index
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
+from kvcompress.pages import PagePool
+from kvcompress.paged import PagedBuffer
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.state import Value, parts_of, restore, state_of
@@ -68,6 +70,7 @@ class CompressedLayer(CacheLayerMixin):
         num_layers: int = 1,
         rotary=None,
         head_scores: torch.Tensor | None = None,
+        pool: PagePool | None = None,
     ):
         super().__init__()
         self.selection, self.storage = selection, storage
@@ -77,8 +80,12 @@ class CompressedLayer(CacheLayerMixin):
         # With a store, the window never holds more than residual + block - 1 tokens between steps: it
         # holds no spare room after a prompt, and grows to residual + block at once when decoding (see
         # append); a ragged layer's window collects a chunk of decoding before its heads take their tokens.
-        chunk = RAGGED_CHUNK if self.ragged else (CHUNK if storage is None else 1)
-        self.window = FullPrecisionBuffer(chunk=chunk)
+        # A layer with no other storage holds its tokens in pages (kvcompress.paged) of the cache's pool.
+        self.pool = pool if pool is not None else PagePool()
+        if storage is None and not self.ragged:
+            self.window = PagedBuffer(self.pool)
+        else:
+            self.window = FullPrecisionBuffer(chunk=RAGGED_CHUNK if self.ragged else 1)
         self.store = None
         self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the storage needs them
         self.seen = 0
@@ -176,7 +183,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         if self.held is not None:
             self._observe_held(query.shape[2], scaling)
-        self._evict(inputs.expected, valid)
+        self._evict(inputs.expected, valid, decoding=query.shape[2] == 1)
         self._settle()
 
     def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
@@ -241,15 +248,16 @@ class CompressedLayer(CacheLayerMixin):
         earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
         self._observe(torch.nn.functional.pad(earlier, (0, new)))
 
-    def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN) -> bool:
+    def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, decoding: bool = False) -> bool:
         """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
-        :meth:`compress`); True when it evicted."""
+        :meth:`compress`; ``decoding``: the step was one token, whose cut the pages may only mask); True
+        when it evicted."""
         if self.selection is None or (self.quiet_until is not None and self.seen <= self.quiet_until):
             return False
         if valid is _UNKNOWN:
             valid = self.valid()
         if valid is None:
-            valid = torch.ones(*self.window.k.shape[:2], len(self), dtype=torch.bool, device=self.device)
+            valid = torch.ones(*self.window.batch_heads, len(self), dtype=torch.bool, device=self.device)
         view = LayerView(
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
             dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores,
@@ -264,7 +272,7 @@ class CompressedLayer(CacheLayerMixin):
         if keep is None:
             return False
         if self.store is None:  # the window is the whole layer: evicted slots may only be masked
-            window_index = self.window.drop(keep, self.selection.block, headroom=0 if first else self.selection.block)
+            window_index = self.window.drop(keep, compact=not decoding)
             if window_index is None:  # nothing moved
                 if self.attention is not None and not self.selection.accumulate:
                     self.attention.zero_()  # in place: a view of the room stays one
@@ -312,7 +320,7 @@ class CompressedLayer(CacheLayerMixin):
         """Per head, move the oldest valid window tokens beyond the residual, a multiple of the block."""
         valid = self.window.valid()
         if valid is None:
-            valid = torch.ones(*self.window.k.shape[:2], len(self.window), dtype=torch.bool, device=self.device)
+            valid = torch.ones(*self.window.batch_heads, len(self.window), dtype=torch.bool, device=self.device)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         ready = (count - self.residual).clamp_min(0)
         ready = ready - ready % self.store.block
@@ -368,7 +376,10 @@ class CompressedLayer(CacheLayerMixin):
         empty = torch.empty(1, 1, 0, state["head_dim"], dtype=dtype, device=device)
         self.lazy_initialization(empty, empty)
         restore(self, state)
-        restore(self.window, state, "window.")
+        if isinstance(self.window, PagedBuffer):
+            self.window.restore(state, "window.")
+        else:
+            restore(self.window, state, "window.")
         if self.store is not None:
             restore(self.store, state, "store.")
             if isinstance(self.store, RaggedStore):
@@ -433,7 +444,9 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary, self.head_scores)
+        if isinstance(self.window, PagedBuffer):
+            self.window.release()  # pages a fork still reads stay with it
+        self.__init__(self.selection, self.storage, self.layer_idx, self.num_layers, self.rotary, self.head_scores, self.pool)
 
     def trim(self) -> None:
         """Release capacity reserved for tokens to come: held slots stay as they are."""
@@ -449,8 +462,11 @@ class CompressedLayer(CacheLayerMixin):
         """A layer that reads this one's slots (``copies`` rows per row) and holds only what comes after.
         This layer takes no more tokens, so the capacity it reserved for them is released."""
         self.trim()
-        layer = CompressedLayer(None, self.storage, self.layer_idx, self.num_layers, self.rotary)
-        layer.shared = [SharedPart(part, copies) for part in self._parts()]
+        layer = CompressedLayer(None, self.storage, self.layer_idx, self.num_layers, self.rotary, pool=self.pool)
+        if isinstance(self.window, PagedBuffer) and not self.shared:  # the pages themselves are shared
+            layer.window = self.window.fork(copies)
+        else:
+            layer.shared = [SharedPart(part, copies) for part in self._parts()]
         layer.seen = self.seen
         if self.is_initialized:
             empty = torch.empty(1, 1, 0, self.head_dim, dtype=self.dtype, device=self.device)
@@ -577,10 +593,11 @@ class CompressedCache(Cache):
     def _new_layers(pipeline: Pipeline, config, storage: Storage | None, rotary, head_scores=None) -> list:
         text_config = config.get_text_config()
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        pool = PagePool()  # the pages of every layer of the cache (and of its forks)
         layers = []
         for layer_type in types:
             if layer_type == "full_attention":
-                layers.append(CompressedLayer(pipeline.selection, storage, len(layers), len(types), rotary, head_scores))
+                layers.append(CompressedLayer(pipeline.selection, storage, len(layers), len(types), rotary, head_scores, pool))
             elif layer_type == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             else:

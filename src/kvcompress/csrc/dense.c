@@ -73,3 +73,32 @@ void observe_rows(float *restrict e, const uint8_t *allow, const float *restrict
             }
     }
 }
+
+/* One decode step over float32 slots held in pages of P slots (kvcompress.paged): each (row, head) bh reads
+ * npages[bh] pages, page j's keys and values the (P, D) blocks at kp[bh * J + j] and vp[bh * J + j], the
+ * last page holding fill[bh] slots; its slot s = j * P + t (T = (npages[bh] - 1) * P + fill[bh] of them).
+ * Rows may differ in length and pages (varlen). allow (BH, astride) uint8 or NULL (every slot real; the
+ * last slot, the query's own token, is always allowed). Writes out (BH, G, D) and, unless observed is NULL,
+ * adds to observed[bh * ostride + s] the attention slot s received (the mean over the G rows). */
+int paged_attend(const float *restrict q, const float *const *kp, const float *const *vp, int64_t J,
+                 const int64_t *npages, const int64_t *fill, int64_t P, const uint8_t *allow, int64_t astride,
+                 float scaling, float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G,
+                 int64_t D) {
+    float *logits = malloc(sizeof(float) * G * J * P + 1);
+    if (!logits) return 1;
+    for (int64_t bh = 0; bh < BH; ++bh) {
+        const float *qb = q + bh * G * D;
+        float *ob = out + bh * G * D;
+        const float *const *kb = kp + bh * J, *const *vb = vp + bh * J;
+        const int64_t pages = npages[bh], T = pages ? (pages - 1) * P + fill[bh] : 0;
+        const uint8_t *a = allow ? allow + bh * astride : NULL;
+        memset(ob, 0, sizeof(float) * G * D);
+        if (!T) continue;
+        for (int64_t j = 0; j < pages; ++j) logits_of(qb, kb[j], logits + j * P, T, G, D, j + 1 < pages ? P : fill[bh]);
+        for (int64_t g = 0; g < G; ++g) softmax_row(logits + g * T, T, scaling, a);
+        if (observed) observe_into(logits, T, G, T, observe_weight(a, T, G), observed + bh * ostride);
+        for (int64_t j = 0; j < pages; ++j) mix_into(logits + j * P, T, vb[j], ob, G, D, j + 1 < pages ? P : fill[bh]);
+    }
+    free(logits);
+    return 0;
+}

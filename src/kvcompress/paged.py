@@ -1,0 +1,359 @@
+"""Full-precision keys and values held in pages: the store of a layer that evicts (or keeps) tokens as
+they are, with no other representation (``none``, StreamingLLM, H2O, SnapKV, TOVA, ... with a
+uniform or pyramid allocation).
+
+Each row of the batch has a page table: the ids, in slot order, of pages of :data:`~kvcompress.pages.PAGE`
+slots, each page one ``(H, P, D)`` key tensor and one value tensor of the model dtype, held in a
+:class:`~kvcompress.pages.PagePool`. Slot ``s`` of a row is slot ``s % P`` of its page ``s // P``;
+every row holds the same number of slots (padding and evicted slots are masked by a ``(B, H, S)``
+validity mask, held only while some slot is masked)::
+
+    row 0 table: [ 7 | 2 | 9 ]      pool.data[7] = (k (H, P, D), v (H, P, D))
+    row 1 table: [ 4 | 5 | 8 ]      slots 0 .. 2P + fill - 1; the last page filled up to `fill`
+
+What moves, and what does not:
+
+- a new token is written into the last page; a full last page gets a new page after it: no copy;
+- eviction masks slots; a page whose slots are all masked in every row (a sliding window's oldest)
+  is taken out of the tables and freed: no copy (the mask, one byte per slot and head, shifts);
+- when masked slots add up to two pages, the kept slots are gathered into new pages (a compaction:
+  every kept token moved once, about once per ``2 P`` tokens evicted one at a time); a prompt cut to
+  its budget is compacted at once, so a context at rest holds exactly its pages;
+- a fork shares the pages (:meth:`PagedBuffer.fork`, one more reference each); a shared page is
+  copied before it is written (copy-on-write), so a fork holds no bytes of its own until it writes.
+
+Attention reads the pages where they are: :func:`kvcompress.attention.paged_attend` (one C call per
+layer and decode step over each row's page table) or, for the reference and for scorers, the slots
+gathered into ``(B, H, S, D)`` by :meth:`PagedSegment.dense`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.buffer import compaction_index
+from kvcompress.pages import PagePool
+
+HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
+
+
+class PagedBuffer:
+    """Keys and values of one layer in pages (see the module docstring); the window of a layer with no
+    other storage. Implements :class:`kvcompress.protocols.Store` with ``block = 1``, plus ``drop`` and
+    ``fork``.
+
+    Attributes:
+        tables: ``[B]`` lists of page ids, in slot order.
+        n: slots held per row (``(len(table) - 1) * P + fill``).
+        moved: bytes of keys and values copied so far by compactions and copy-on-write (a decode step's
+            own new token is not counted): what a test of the bytes a step moves reads.
+    """
+
+    block = 1
+    STATE = ("k", "v", "_valid", "n")  # saved as FullPrecisionBuffer's entries: the file format is unchanged
+
+    def __init__(self, pool: PagePool | None = None):
+        self.pool = pool if pool is not None else PagePool()
+        self.page = self.pool.page
+        self.tables: list[list[int]] = []
+        self.n = 0
+        self.shape: tuple[int, int, int, int] | None = None  # (H, D, Dv) and the dtype's element size
+        self.dtype = self.device = None
+        self._valid: torch.Tensor | None = None  # (B, H, capacity) bool, None: every slot real
+        self.borrowed: set[int] = set()  # pages read from the buffer this one was forked from
+        self.moved = 0
+        self.pointers: tuple[torch.Tensor, torch.Tensor] | None = None  # (B * H, J) int64 page addresses (see _changed)
+
+    # ---- what is held ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def batch_heads(self) -> tuple[int, int]:
+        return len(self.tables), self.shape[0]
+
+    @property
+    def page_bytes(self) -> int:
+        heads, dim, vdim, size = self.shape
+        return heads * self.page * (dim + vdim) * size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pages this buffer holds and did not borrow, of its page tables (the kernels'
+        addresses) and of its validity mask."""
+        own = {page for table in self.tables for page in table if page not in self.borrowed}
+        extra = sum(t.numel() * t.element_size() for t in (self._valid, *(self.pointers or ())) if t is not None)
+        return len(own) * self.page_bytes + extra if own else extra
+
+    def _kv(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.data[page]
+
+    def _fill(self) -> int:
+        """Slots used in the last page of each row."""
+        return self.n - (len(self.tables[0]) - 1) * self.page if self.tables and self.tables[0] else 0
+
+    def _changed(self) -> None:
+        """The page tables changed: work out the addresses the kernel reads each page of each (row, head) at,
+        ``(B * H, J)`` int64 for keys and for values (16 bytes per page and head, held with the tables)."""
+        if not self.n:
+            self.pointers = None
+            return
+        heads = self.shape[0]
+        pairs = [[self._kv(page) for page in table] for table in self.tables]
+        base = torch.tensor([[[k.data_ptr(), v.data_ptr()] for k, v in row] for row in pairs], dtype=torch.int64)  # (B, J, 2)
+        k0, v0 = pairs[0][0]
+        step = torch.tensor([k0.stride(0) * k0.element_size(), v0.stride(0) * v0.element_size()], dtype=torch.int64)
+        per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * step  # (B, H, J, 2)
+        self.pointers = per_head[..., 0].flatten(0, 1).contiguous(), per_head[..., 1].flatten(0, 1).contiguous()
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def _new_pages(self, count: int) -> list[int]:
+        heads, dim, vdim, _ = self.shape
+        ids = self.pool.allocate(count, self.page_bytes)
+        for page in ids:
+            self.pool.data[page] = (
+                torch.empty(heads, self.page, dim, dtype=self.dtype, device=self.device),
+                torch.empty(heads, self.page, vdim, dtype=self.dtype, device=self.device),
+            )
+        return ids
+
+    def _writable_last(self, row: int) -> bool:
+        """Copy the last page of ``row`` first if another buffer reads it (copy-on-write); True if it did."""
+        table = self.tables[row]
+        last = table[-1]
+        if not self.pool.shared(last) and last not in self.borrowed:
+            return False
+        (page,) = self._new_pages(1)
+        fill = self._fill()
+        for new, old in zip(self._kv(page), self._kv(last)):
+            new[:, :fill] = old[:, :fill]
+        self.moved += fill * self.page_bytes // self.page
+        self.pool.release([last])
+        self.borrowed.discard(last)
+        table[-1] = page
+        return True
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None, exact=False, reserve=0) -> None:
+        """Write ``(B, H, n, D)`` tokens after the held ones; ``valid`` is ``(B, H, n)`` or None. ``positions``,
+        ``exact`` and ``reserve`` are the buffer's protocol; pages need none of them."""
+        batch, heads, new, dim = keys.shape
+        if self.shape is None:
+            self.shape = (heads, dim, values.shape[3], keys.element_size())
+            self.dtype, self.device = keys.dtype, keys.device
+        if not self.tables:
+            self.tables = [[] for _ in range(batch)]
+        start, written, changed = self._fill(), 0, self.pointers is None
+        while written < new:
+            if not self.tables[0] or start == self.page:
+                for table, page in zip(self.tables, self._new_pages(batch)):
+                    table.append(page)
+                start, changed = 0, True
+            elif written == 0:
+                for b in range(batch):
+                    changed = self._writable_last(b) or changed
+            take = min(self.page - start, new - written)
+            for b, table in enumerate(self.tables):
+                k, v = self._kv(table[-1])
+                k[:, start : start + take] = keys[b, :, written : written + take]
+                v[:, start : start + take] = values[b, :, written : written + take]
+            start, written = start + take, written + take
+        self.n += new
+        self._mask(valid, self.n - new, new)
+        if changed:
+            self._changed()
+
+    def _mask(self, valid: torch.Tensor | None, at: int, new: int) -> None:
+        """Record the validity of ``new`` slots from ``at`` (None: all real)."""
+        real = valid is None or bool(valid.all())
+        if real and self._valid is None:
+            return
+        capacity = len(self.tables[0]) * self.page  # the mask spans the pages held
+        if self._valid is None or self._valid.shape[-1] != capacity:
+            mask = torch.ones(*self.batch_heads, capacity, dtype=torch.bool, device=self.device)
+            if self._valid is not None:
+                mask[..., : at] = self._valid[..., : at]
+            self._valid = mask
+        self._valid[..., at : at + new] = True if real else valid
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def segment(self) -> PagedSegment:
+        return PagedSegment(self)
+
+    def valid(self) -> torch.Tensor | None:
+        return None if self._valid is None else self._valid[..., : self.n]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's ``(B, H, n, D)`` keys and values, gathered from the pages (a copy)."""
+        if not self.n:
+            heads, dim, vdim, _ = self.shape
+            empty = torch.empty(len(self.tables), heads, 0, dim, dtype=self.dtype, device=self.device)
+            return empty, empty.new_empty(*empty.shape[:3], vdim)
+        k = torch.stack([torch.cat([self._kv(p)[0] for p in table], 1)[:, : self.n] for table in self.tables])
+        v = torch.stack([torch.cat([self._kv(p)[1] for p in table], 1)[:, : self.n] for table in self.tables])
+        return k, v  # (B, H, n, D)
+
+    @property
+    def k(self) -> torch.Tensor | None:  # saved entries (see STATE)
+        return self.keys_values()[0] if self.shape is not None else None
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self.keys_values()[1] if self.shape is not None else None
+
+    def restore(self, state: dict, prefix: str = "") -> None:
+        """Fill an empty buffer from the entries :data:`STATE` names (as saved by this class or by
+        :class:`~kvcompress.buffer.FullPrecisionBuffer`)."""
+        k, v, valid, n = (state[f"{prefix}{name}"] for name in self.STATE)
+        if k is None:
+            return
+        k, v = k[:, :, :n], v[:, :, :n]
+        self.append(k, v, None if valid is None else valid[..., :n])
+
+    # ---- evicting -------------------------------------------------------------------------------
+
+    def drop(self, keep: torch.Tensor, compact: bool = False) -> torch.Tensor | None:
+        """Drop the slots where ``keep`` ``(B, H, S)`` is False: mask them and free the pages none of whose
+        slots is kept, or compact (``compact``: a prompt or a chunk cut to its budget, which then holds
+        exactly its pages; or once masked slots add up to :data:`HOLES` pages). Returns the ``(B, H, n)``
+        old slot of each slot held afterwards, or None when no slot moved."""
+        if compact or self.n - int(keep.sum(-1).max()) >= HOLES * self.page:
+            return self.compact(keep)
+        if self._valid is None:
+            self._mask(keep, 0, self.n)
+        else:
+            self._valid[..., : self.n] = keep
+        return self._free_empty_pages(keep)
+
+    def _free_empty_pages(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """Take the pages with no kept slot in any row out of the tables (never the last: it takes the
+        next tokens), shift the mask over them, and free them."""
+        full = len(self.tables[0]) - 1
+        if full < 1:
+            return None
+        used = keep[..., : full * self.page].unflatten(-1, (full, self.page)).any(-1).any(1).any(0)  # (full,)
+        if bool(used.all()):
+            return None
+        empty = (~used).nonzero().flatten().tolist()
+        slots = torch.arange(self.n, device=keep.device).view(-1)
+        stays = torch.ones(self.n, dtype=torch.bool, device=keep.device)
+        for j in empty:
+            stays[j * self.page : (j + 1) * self.page] = False
+        index = slots[stays]  # (n') old slot of each slot kept in place
+        for table in self.tables:
+            gone = [table[j] for j in empty]
+            for j in reversed(empty):
+                del table[j]
+            self.pool.release(gone)
+            self.borrowed.difference_update(gone)
+        self.n = len(index)
+        kept = self._valid[..., index]  # (B, H, n'): a byte per slot and head is all that moves
+        self._valid = None
+        self._mask(kept, 0, self.n)
+        self._changed()
+        return index.expand(*self.batch_heads, -1)
+
+    def compact(self, keep: torch.Tensor, in_place: bool = False, room: int = 0) -> torch.Tensor:
+        """Gather the slots where ``keep`` ``(B, H, S)`` is True into new pages, in order, and free the old
+        ones; return the ``(B, H, n)`` old slot of each. ``in_place`` and ``room`` are the buffer
+        protocol's (new pages are always exact)."""
+        index, valid = compaction_index(keep)  # (B, H, n)
+        keys, values = self.keys_values()
+        dim = keys.shape[-1]
+        k = keys.gather(2, index[..., None].expand(*index.shape, dim))
+        v = values.gather(2, index[..., None].expand(*index.shape, values.shape[-1]))
+        self.moved += k.numel() * k.element_size() + v.numel() * v.element_size()
+        self.clear()
+        self.append(k, v, valid)
+        return index
+
+    def clear(self) -> None:
+        """Release every page and forget the mask."""
+        for table in self.tables:
+            self.pool.release(table)
+        self.tables = [[] for _ in self.tables]
+        self.borrowed.clear()
+        self.n, self._valid = 0, None
+        self._changed()
+
+    def trim(self) -> None:
+        """Release the mask's room beyond the held slots (pages hold no room beyond the last page's)."""
+        if self._valid is not None and self._valid.shape[-1] > self.n:
+            self._valid = self._valid[..., : self.n].clone()  # a mask shorter than the pages: the next append regrows it
+
+    # ---- rows -----------------------------------------------------------------------------------
+
+    def fork(self, copies: int = 1) -> PagedBuffer:
+        """A buffer whose row ``r`` reads this one's row ``r // copies`` from the same pages (one more
+        reference each, no copy); whichever writes a shared page copies it first."""
+        fork = PagedBuffer(self.pool)
+        fork.shape, fork.dtype, fork.device, fork.n = self.shape, self.dtype, self.device, self.n
+        fork.tables = [list(table) for table in self.tables for _ in range(copies)]
+        for table in fork.tables:
+            self.pool.share(table)
+        fork.borrowed = {page for table in fork.tables for page in table}
+        if self._valid is not None:
+            fork._valid = self._valid.repeat_interleave(copies, 0)
+        fork._changed()
+        return fork
+
+    def map_batch(self, fn) -> None:
+        """Reorder, repeat or select rows (``fn`` on the batch dimension): rows used twice share their pages."""
+        if not self.tables:
+            return
+        order = fn(torch.arange(len(self.tables))).tolist()  # the old row of every new row
+        tables = [list(self.tables[i]) for i in order]
+        for table in tables:
+            self.pool.share(table)
+        for table in self.tables:
+            self.pool.release(table)
+        self.tables = tables
+        if self._valid is not None:
+            self._valid = fn(self._valid)
+        self._changed()
+
+    def release(self) -> None:
+        """Give every page back to the pool (the buffer is done)."""
+        self.clear()
+
+
+class PagedSegment:
+    """What attention reads of a :class:`PagedBuffer`: its pages through the rows' page tables
+    (:meth:`pointers`, for :func:`kvcompress.attention.paged_attend`) or gathered (:meth:`dense`, once per
+    segment: a segment lives for one step)."""
+
+    dense_only = True
+
+    def __init__(self, buffer: PagedBuffer):
+        self.buffer = buffer
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.buffer.n
+
+    @property
+    def page(self) -> int:
+        return self.buffer.page
+
+    @property
+    def fill(self) -> int:
+        """Slots used in each row's last page."""
+        return self.buffer._fill()
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dense is None:
+            self._dense = self.buffer.keys_values()
+        return self._dense
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.dense()[0].transpose(-1, -2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights @ self.dense()[1]
+
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B * H, J)`` int64 addresses of each (row, head)'s ``(P, D)`` keys and values in each of its ``J``
+        pages, as the C kernel reads them (the buffer's page tables)."""
+        return self.buffer.pointers
