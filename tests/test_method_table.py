@@ -20,9 +20,12 @@ from kvcompress.buffer import CHUNK
 from kvcompress.generation import prefill
 from kvcompress.methods.budgets import pyramid_budgets
 from kvcompress.models import cache_kwarg
+from kvcompress.pages import PAGE
 
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 30, 3, 64, 4
 FP_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * FP32  # K and V, every layer: 46,080 B
+# A page of one layer: PAGE tokens' K and V, and the kernel's page table (a key and a value address per head).
+PAGE_BYTES = PAGE * FP_TOKEN // LAYERS + 2 * 8 * KV_HEADS
 
 
 def _round_up(n, multiple):
@@ -30,42 +33,40 @@ def _round_up(n, multiple):
 
 
 def none_bytes(tokens):
-    return FP_TOKEN * _round_up(tokens, CHUNK)  # the window reserves capacity one chunk at a time
+    return LAYERS * _pages(tokens) * PAGE_BYTES  # every token in 32-token pages, the last one partly empty
+
+
+def _pages(slots):
+    return -(-slots // PAGE)
 
 
 def evicting_window(prompt, tokens, budget, block, slack):
-    """``(slots, capacity, holes, since, moved)`` of a window that is the whole layer, after ``tokens``: cut
-    back to ``budget`` tokens after the prompt and whenever more than ``budget + slack`` have
-    collected, ``since`` tokens ago. A cut compacts the window (to a capacity of the kept tokens
-    rounded up to a chunk) when that frees memory or when ``block`` more tokens would not fit;
-    otherwise it only masks the evicted slots (``holes``: a (B, H, capacity) bool mask is held), so a
-    per-token eviction copies nothing. Capacity grows a chunk at a time. ``moved``: the last token's
-    cut compacted the window."""
+    """``(slots, holes, since, moved)`` of a layer whose tokens are all in pages (kvcompress.paged), after
+    ``tokens``: cut back to ``budget`` tokens after the prompt (compacted into exact pages) and whenever
+    more than ``budget + slack`` have collected, ``since`` tokens ago. A decode step's cut masks the
+    evicted slots (``holes``: a bool mask over the pages is held) and frees the pages with no kept slot
+    (none at these lengths: fewer tokens are evicted than a page holds), and compacts once masked
+    slots add up to two pages. ``moved``: the last token's cut compacted the layer."""
     slots = count = prompt
-    capacity, holes, since, moved = _round_up(prompt, CHUNK), False, 0, False
-
-    def cut():
-        nonlocal slots, capacity, holes, count, since, moved
-        count, since = budget, 0
-        if _round_up(budget, CHUNK) < capacity or slots + block > capacity:
-            slots, capacity, holes, moved = budget, _round_up(budget, CHUNK), False, True
-        else:
-            holes = True
-
+    holes, since, moved = False, 0, False
     if count > budget:  # the prompt is cut straight to the budget
-        cut()
+        slots = count = budget
+        moved = True
     for _ in range(tokens - prompt):
-        capacity = max(capacity, _round_up(slots + 1, CHUNK))
         slots, count, since, moved = slots + 1, count + 1, since + 1, False
         if count > budget + slack:
-            cut()
-    return slots, capacity, holes, since, moved
+            count, since = budget, 0
+            if slots - budget >= 2 * PAGE:
+                slots, holes, moved = budget, False, True
+            else:
+                holes = True
+    return slots, holes, since, moved
 
 
 def streaming_bytes(sink, window, prompt=120):
     def formula(tokens):
-        _, capacity, holes, _, _ = evicting_window(prompt, tokens, sink + window, 1, 0)
-        return FP_TOKEN * capacity + (LAYERS * KV_HEADS * capacity if holes else 0)
+        slots, holes, _, _ = evicting_window(prompt, tokens, sink + window, 1, 0)
+        return LAYERS * _pages(slots) * (PAGE_BYTES + (KV_HEADS * PAGE if holes else 0))
 
     return formula
 
@@ -99,10 +100,10 @@ def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
     def formula(tokens):
         total = 0
         for budget in budgets or [math.ceil(prompt * (1 - ratio))] * LAYERS:
-            slots, capacity, holes, since, moved = evicting_window(prompt, tokens, budget, block, block - 1)
+            slots, holes, since, moved = evicting_window(prompt, tokens, budget, block, block - 1)
             observed = slots if moved else _round_up(slots, CHUNK)
-            total += FP_TOKEN // LAYERS * capacity + (4 * KV_HEADS * observed if scores else 0) + 8 * KV_HEADS
-            total += KV_HEADS * capacity if holes else 0
+            total += _pages(slots) * PAGE_BYTES + (4 * KV_HEADS * observed if scores else 0) + 8 * KV_HEADS
+            total += KV_HEADS * PAGE * _pages(slots) if holes else 0
             total += (9 * HEAD_DIM * FP32 + 8) * since if queries else 0
         return total
 
@@ -409,3 +410,17 @@ def test_nbytes_is_the_memory_the_cache_holds(row, smol, prompt):
     for layer in cache.layers:
         _held_storage_bytes(layer, set(), storages)
     assert sum(storages.values()) == cache.nbytes
+
+
+@pytest.mark.parametrize("row", [r for r in TABLE if r.name in ("none", "streaming", "h2o")], ids=lambda r: r.name)
+@pytest.mark.parametrize("tokens", [1, PAGE - 1, PAGE, PAGE + 1])
+def test_page_boundaries_change_nothing(row, tokens, smol, prompt):
+    """A context of 1, a page less one, a page and a page plus one token, then decoding across the next
+    boundary: the same logits as an uncompressed cache (compression configured but off)."""
+    model, _ = smol
+    context = prompt[:, :tokens]
+    _, expected = _decode_logits(model, DynamicCache(config=model.config), context, 3)
+    cache = kvcompress.make_cache(row.off, model)
+    _, logits = _decode_logits(model, cache, context, 3)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert len(cache.compressed_layers[0].window.tables[0]) == -(-(tokens + 3) // PAGE)

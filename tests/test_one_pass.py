@@ -103,6 +103,8 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     one = attention.dense_attend
     monkeypatch.setattr(attention, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
     monkeypatch.setattr(buffer, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
+    paged = attention.paged_attend  # a layer with no other storage holds its slots in pages
+    monkeypatch.setattr(attention, "paged_attend", lambda *a, **k: calls.append(1) or paged(*a, **k))
     caches = _generate_on_both_paths(smol, spec)
     assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
     held = [len(cache.compressed_layers[0]) for cache in caches]

@@ -9,6 +9,7 @@ from safetensors import safe_open
 import kvcompress
 from kvcompress.cache import CacheFileError
 from kvcompress.models import cache_kwarg
+from kvcompress.paged import PagedBuffer
 from test_method_table import TABLE
 
 pytestmark = pytest.mark.model
@@ -99,14 +100,21 @@ def test_many_questions_share_the_context_without_copying_it(spec, smol):
     assert together == alone
     assert {id(t): t.data_ptr() for layer in cache.compressed_layers for t in _tensors(layer)} == held  # untouched
     fork = cache.fork(len(QUESTIONS))
-    assert fork.nbytes == 0 and fork.get_seq_length() == cache.get_seq_length()  # nothing of its own yet
-    assert all(part.part is own for layer, base in zip(fork.compressed_layers, cache.compressed_layers)
-               for part, own in zip(layer.shared, base._parts()))
+    tables = sum(t.numel() * 8 for layer in fork.compressed_layers if isinstance(layer.window, PagedBuffer) for t in layer.window.pointers)
+    assert fork.nbytes == tables and fork.get_seq_length() == cache.get_seq_length()  # nothing of its own yet but page tables
+    for layer, base in zip(fork.compressed_layers, cache.compressed_layers):
+        if isinstance(base.window, PagedBuffer):  # the same pages, one more reference per question
+            assert layer.window.tables == [table for table in base.window.tables for _ in QUESTIONS]
+        else:
+            assert all(part.part is own for part, own in zip(layer.shared, base._parts()))
     with pytest.raises(RuntimeError, match="read by its forks"):
         _continue(model, cache, torch.tensor([[3, 4]]))
 
 
 def _tensors(layer):
-    window = [layer.window.k, layer.window.v]
+    if isinstance(layer.window, PagedBuffer):
+        window = [t for table in layer.window.tables for page in table for t in layer.window.pool.data[page]]
+    else:
+        window = [layer.window.k, layer.window.v]
     store = list(layer.store.tensors.values()) if hasattr(layer.store, "tensors") else []
     return window + store

@@ -113,9 +113,9 @@ class PagedBuffer:
         heads, dim, vdim, _ = self.shape
         ids = self.pool.allocate(count, self.page_bytes)
         for page in ids:
-            self.pool.data[page] = (
-                torch.empty(heads, self.page, dim, dtype=self.dtype, device=self.device),
-                torch.empty(heads, self.page, vdim, dtype=self.dtype, device=self.device),
+            self.pool.data[page] = (  # zeros: a saved page's unwritten slots are the same in every file
+                torch.zeros(heads, self.page, dim, dtype=self.dtype, device=self.device),
+                torch.zeros(heads, self.page, vdim, dtype=self.dtype, device=self.device),
             )
         return ids
 
@@ -185,23 +185,25 @@ class PagedBuffer:
     def valid(self) -> torch.Tensor | None:
         return None if self._valid is None else self._valid[..., : self.n]
 
-    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's ``(B, H, n, D)`` keys and values, gathered from the pages (a copy)."""
+    def keys_values(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's ``(B, H, n, D)`` keys and values, gathered from the pages (a copy); ``whole``: every
+        page's slots, the last page's unwritten ones too."""
+        heads, dim, vdim, _ = self.shape
         if not self.n:
-            heads, dim, vdim, _ = self.shape
             empty = torch.empty(len(self.tables), heads, 0, dim, dtype=self.dtype, device=self.device)
             return empty, empty.new_empty(*empty.shape[:3], vdim)
-        k = torch.stack([torch.cat([self._kv(p)[0] for p in table], 1)[:, : self.n] for table in self.tables])
-        v = torch.stack([torch.cat([self._kv(p)[1] for p in table], 1)[:, : self.n] for table in self.tables])
+        end = None if whole else self.n
+        k = torch.stack([torch.cat([self._kv(p)[0] for p in table], 1)[:, :end] for table in self.tables])
+        v = torch.stack([torch.cat([self._kv(p)[1] for p in table], 1)[:, :end] for table in self.tables])
         return k, v  # (B, H, n, D)
 
     @property
-    def k(self) -> torch.Tensor | None:  # saved entries (see STATE)
-        return self.keys_values()[0] if self.shape is not None else None
+    def k(self) -> torch.Tensor | None:  # saved entries (see STATE): whole pages, so a file holds what memory does
+        return self.keys_values(whole=True)[0] if self.shape is not None else None
 
     @property
     def v(self) -> torch.Tensor | None:
-        return self.keys_values()[1] if self.shape is not None else None
+        return self.keys_values(whole=True)[1] if self.shape is not None else None
 
     def restore(self, state: dict, prefix: str = "") -> None:
         """Fill an empty buffer from the entries :data:`STATE` names (as saved by this class or by
@@ -279,9 +281,7 @@ class PagedBuffer:
         self._changed()
 
     def trim(self) -> None:
-        """Release the mask's room beyond the held slots (pages hold no room beyond the last page's)."""
-        if self._valid is not None and self._valid.shape[-1] > self.n:
-            self._valid = self._valid[..., : self.n].clone()  # a mask shorter than the pages: the next append regrows it
+        """Nothing to release: pages hold no room beyond the last page's, and the mask spans the pages."""
 
     # ---- rows -----------------------------------------------------------------------------------
 
