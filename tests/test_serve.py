@@ -191,7 +191,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
         ({"json": {**good, "prompt": ["a", "b"]}}, 400, "invalid_prompt"),
         ({"json": {**good, "prompt": 12}}, 400, "invalid_value"),
         ({"content": b"x" * ((1 << 20) + 1)}, 413, "request_too_large"),
+        ({"json": {**good, "max_tokens": True}}, 400, "invalid_value"),  # not read as 1
+        ({"json": {**good, "max_tokens": 2.0}}, 400, "invalid_value"),
+        ({"json": {**good, "stream": "yes"}}, 400, "invalid_value"),
+        ({"json": {**good, "prompt": [DOCS[0]], "echo": True}}, 400, "unsupported_parameter"),  # not ignored
+        ({"content": b'{"model": "smol", "prompt": "a \\ud800 b"}', "headers": JSON}, 400, "invalid_text"),
+        ({"content": b'{"model": "smol", "prompt": "a", "\\udfff": 1}', "headers": JSON}, 400, "invalid_text"),
     ]
+    before = _metrics(url)["errors"]
     for kwargs, status, code in cases:
         response = httpx.post(f"{url}/v1/completions", timeout=60, **kwargs)
         assert response.status_code == status, (kwargs.get("json", kwargs.get("content"))[:80], response.text)
@@ -201,11 +208,34 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
     response = httpx.post(f"{url}/v1/chat/completions", json=chat)
     assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_role"
     assert httpx.post(f"{url}/v1/chat/completions", json={"model": "smol", "messages": []}).status_code == 400
+    lone = b'{"model": "smol", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}'
+    response = httpx.post(f"{url}/v1/chat/completions", content=lone, headers=JSON)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content.0.text"
     assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
     assert httpx.get(f"{url}/v1/completions").status_code == 405
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.post(f"{url}/v1/completions", json=good, timeout=120).status_code == 200
-    assert _metrics(url)["errors"]["400"] >= 13
+    errors = _metrics(url)["errors"]
+    assert errors["400"] >= before.get("400", 0) + 18 and errors["413"] == before.get("413", 0) + 1
+
+
+def test_a_stream_whose_client_leaves_stops_decoding_at_the_next_step(server):
+    url, _ = server
+    before = _metrics(url)
+    body = {"model": "smol", "prompt": "Write the numbers from 1 to 500, separated by commas.", "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        assert len([next(events), next(events)]) == 2  # two pieces of the answer, then the client leaves
+    left = time.monotonic()
+    while _metrics(url)["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - left < 120, "the abandoned stream was not cancelled"
+        time.sleep(0.1)
+    after = _metrics(url)
+    decoded = after["completion_tokens"] - before["completion_tokens"]
+    assert decoded < 100 and after["cancelled"] == before["cancelled"] + 1  # not 400 tokens for nobody
+    quick = {"model": "smol", "prompt": DOCS[0], "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=quick, timeout=120).status_code == 200
+    print(f"\nan abandoned 400-token stream decoded {decoded} tokens ({after['decode_seconds'] - before['decode_seconds']:.1f} s), cancelled {time.monotonic() - left:.1f} s after the client left")
 
 
 def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_stays_in_budget(smol, expected, tmp_path):

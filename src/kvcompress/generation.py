@@ -264,6 +264,7 @@ def ask(
     question: str | None | list[str | None],
     max_new_tokens: int = 64,
     streamer=None,
+    stopping_criteria=None,
 ) -> str | list[str]:
     """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
 
@@ -274,7 +275,9 @@ def ask(
 
     ``streamer``: a transformers ``BaseStreamer``, handed to ``model.generate``: its ``put`` gets the
     prompt's ``(B, T)`` ids, then each step's ``(B,)`` new tokens (every row: ``kvcompress serve``
-    streams a batch of questions with it), and ``end()`` once generation stops.
+    streams a batch of questions with it), and ``end()`` once generation stops. ``stopping_criteria``:
+    a list of transformers ``StoppingCriteria``, also handed to ``model.generate`` (a row they mark done
+    decodes no further; ``kvcompress serve`` ends a cancelled request's row so).
 
     Returns:
         The answer, or a list of answers for a list of questions or a batch of contexts.
@@ -313,6 +316,7 @@ def ask(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
+            stopping_criteria=stopping_criteria,
             **{cache_kwarg(model): fork},
         )
     answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
