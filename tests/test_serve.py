@@ -318,22 +318,44 @@ def test_the_command_serves_and_saves_its_contexts_on_sigterm(tmp_path):
     assert "saved 1 kept context(s)" in out and len(list(tmp_path.glob("*.kvc"))) == 1
 
 
-def test_the_store_moves_the_least_recently_used_to_disk_and_back(tmp_path):
-    saved = {}
-    store = ContextStore(
-        tmp_path, budget=10, save=lambda c, p: saved.__setitem__(p.stem, c), load=lambda p: saved[p.stem], size=len
+def _text_store(folder, budget, disk_budget=None) -> ContextStore:
+    """A store of strings, one text file each, of ``len`` bytes in memory."""
+    return ContextStore(
+        folder, budget, save=lambda c, p: p.write_text(c), load=lambda p: p.read_text(), size=len, disk_budget=disk_budget
     )
+
+
+def test_the_store_moves_the_least_recently_used_to_disk_and_back(tmp_path):
+    store = _text_store(tmp_path, budget=10)
     store.put("a", "aaaa")
     store.put("b", "bbbb")
     assert store.get("a") == ("aaaa", "memory")  # a is now the most recent
     store.put("c", "cccc")  # 12 bytes > 10: b, the least recent, goes to disk
-    assert list(store.memory) == ["a", "c"] and store.disk == {"b"} and store.kept_bytes == 8
+    assert list(store.memory) == ["a", "c"] and set(store.disk) == {"b"} and store.kept_bytes == 8
     assert store.get("b") == ("bbbb", "disk") and store.get("zz") == (None, None)
     store.put("big", "x" * 11)  # larger than the budget: everything goes to disk
-    assert store.kept_bytes == 0 and store.disk == {"a", "b", "c", "big"}
+    assert store.kept_bytes == 0 and set(store.disk) == {"a", "b", "c", "big"}
     assert parse_size("512MiB") == 512 << 20 and parse_size("2GB") == 2 * 10**9 and parse_size("100") == 100
     with pytest.raises(ValueError, match="not a size"):
         parse_size("12 parsecs")
+
+
+def test_the_store_deletes_the_least_recently_used_files_beyond_its_budget(tmp_path):
+    store = _text_store(tmp_path, budget=0, disk_budget=10)  # nothing stays in memory: every put is a file
+    for key in "abc":
+        store.put(key, key * 4)  # the third file makes 12 bytes > 10: a's, the least recently used, is deleted
+    assert list(store.disk) == ["b", "c"] and store.disk_bytes == 8 and store.deleted == 1
+    assert sorted(p.stem for p in tmp_path.glob("*.kvc")) == ["b", "c"]
+    assert store.get("a") == (None, None)  # gone: the server compresses it again
+    assert store.get("b") == ("bbbb", "disk")  # b is now the most recently used: c goes next
+    store.put("d", "dddd")
+    assert list(store.disk) == ["b", "d"] and sorted(p.stem for p in tmp_path.glob("*.kvc")) == ["b", "d"]
+    store.put("huge", "x" * 11)  # one file over the whole budget: nothing is kept
+    assert not store.disk and not list(tmp_path.glob("*.kvc")) and store.deleted == 5
+    for key in "ef":
+        store.put(key, key * 4)
+    again = _text_store(tmp_path, budget=0, disk_budget=5)  # a restart with a smaller budget keeps the newest
+    assert list(again.disk) == ["f"] and [p.stem for p in tmp_path.glob("*.kvc")] == ["f"]
 
 
 def test_serve_help_explains_every_flag_and_a_bad_spec_fails_before_loading(capsys):
@@ -344,3 +366,5 @@ def test_serve_help_explains_every_flag_and_a_bad_spec_fails_before_loading(caps
     assert len(flags) >= 10 and all(a.help and len(a.help) > 20 for a in flags), [a.dest for a in flags if not a.help]
     assert main(["serve", "--method", "nosuchmethod:1"]) == 2
     assert "nosuchmethod" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--store-budget", "20GiB"]).store_budget == 20 << 30
+    assert main(["serve", "--store-budget", "0"]) == 2 and "--store-budget" in capsys.readouterr().err

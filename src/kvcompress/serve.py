@@ -72,23 +72,34 @@ def parse_size(text: str) -> int:
 
 
 class ContextStore:
-    """Compressed contexts by key: the most recently used in memory up to ``budget`` bytes, the rest on disk.
+    """Compressed contexts by key: the most recently used in memory up to ``budget`` bytes, the rest on disk,
+    whose files are deleted, least recently used first, while they take more than ``disk_budget`` bytes
+    (None: no limit); a deleted context is compressed again when next asked for.
 
     Pure bookkeeping: ``save(cache, path)`` and ``load(path)`` do the file work, ``size(cache)`` gives
     a context's bytes. Used by one thread (the server's worker).
     """
 
-    def __init__(self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes):
-        self.folder, self.budget = Path(folder), budget
+    def __init__(
+        self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes,
+        disk_budget: int | None = None,
+    ):
+        self.folder, self.budget, self.disk_budget = Path(folder), budget, disk_budget
         self._save, self._load, self._size = save, load, size
         self.memory: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (cache, bytes), oldest first
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.disk = {p.stem for p in self.folder.glob("*.kvc")}  # saved by an earlier run, or evicted
-        self.evictions = 0
+        found = sorted(self.folder.glob("*.kvc"), key=lambda p: p.stat().st_mtime)  # saved by an earlier run
+        self.disk: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in found)  # key -> file bytes, oldest first
+        self.evictions = self.deleted = 0
+        self._trim_disk()
 
     @property
     def kept_bytes(self) -> int:
         return sum(size for _, size in self.memory.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.disk.values())
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.kvc"
@@ -103,9 +114,11 @@ class ContextStore:
                 cache = self._load(self.path(key))
             except CacheFileError as err:  # damaged, or saved for another model: compress again
                 log.warning("dropping kept context %s: %s", key, err)
-                self.disk.discard(key)
+                del self.disk[key]
                 self.path(key).unlink(missing_ok=True)
                 return None, None
+            self.disk.move_to_end(key)
+            self.path(key).touch()  # the order of use survives a restart
             return cache, "disk"
         return None, None
 
@@ -122,7 +135,14 @@ class ContextStore:
     def _spill(self, key: str, cache) -> None:
         if key not in self.disk:  # a context reloaded from disk is still there, unchanged
             self._save(cache, self.path(key))
-            self.disk.add(key)
+            self.disk[key] = self.path(key).stat().st_size
+            self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        while self.disk_budget is not None and self.disk and self.disk_bytes > self.disk_budget:
+            old, _ = self.disk.popitem(last=False)
+            self.path(old).unlink(missing_ok=True)
+            self.deleted += 1
 
     def save_all(self) -> int:
         """Write every context held in memory to disk (at shutdown); returns how many were written."""
@@ -539,6 +559,7 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 256,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    store_budget: int | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model`` with compression ``method`` (a spec, checked here).
 
@@ -550,6 +571,7 @@ def create_app(
         max_batch: the most queued requests answered in one batch (those of one context are batched).
         max_queue: requests waiting beyond this get a 429.
         max_body_bytes: larger request bodies get a 413.
+        store_budget: bytes of files kept in the store; the least recently used beyond are deleted (None: no limit).
     """
     from kvcompress.cache import make_cache
 
@@ -563,6 +585,7 @@ def create_app(
         memory_budget,
         save=lambda cache, path: cache.save(path, tokenizer),
         load=lambda path: load_cache(path, model, tokenizer),
+        disk_budget=store_budget,
     )
     metrics = Metrics()
     engine = Engine(model, tokenizer, method, kept, metrics, max_batch, max_queue)
@@ -712,6 +735,9 @@ def create_app(
             "memory_budget": kept.budget,
             "kept_in_memory": len(kept.memory),
             "kept_on_disk": len(kept.disk),
+            "disk_bytes": kept.disk_bytes,
+            "store_budget": kept.disk_budget,
+            "deleted_from_disk": kept.deleted,
             "evictions": kept.evictions,
             "queued": engine.jobs.qsize(),
         }
@@ -797,6 +823,7 @@ def run(args) -> None:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        store_budget=args.store_budget,
     )
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (queued requests answered, kept contexts
     # saved by the lifespan), then raises the signal again for the handler it found: make that one a
