@@ -312,8 +312,8 @@ class ChatRequest(_Sampling):
 class Job:
     """One request waiting for the model: what to ask, and where its tokens go (an asyncio queue).
 
-    ``cancelled`` is set by the handler when its client is gone; the worker then stops decoding it
-    (or never starts) at its next step.
+    ``cancelled`` is set by the handler when its client is gone (:class:`_JobStream`,
+    :func:`_cancel_when_gone`); the worker then stops decoding it at its next step, or never starts.
     """
 
     key: str
@@ -671,13 +671,17 @@ def create_app(
             if event[0] == "done":
                 return
 
-    async def answer(job: Job) -> tuple[str, str, int]:
+    async def answer(job: Job, request: Request) -> tuple[str, str, int]:
         ids, finish, count = [], "length", 0
-        async for event in tokens(job):
-            if event[0] == "token":
-                ids.append(event[1])
-            else:
-                _, finish, count = event
+        watch = asyncio.create_task(_cancel_when_gone(job, request))
+        try:
+            async for event in tokens(job):
+                if event[0] == "token":
+                    ids.append(event[1])
+                else:
+                    _, finish, count = event
+        finally:
+            watch.cancel()
         return request_tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, count
 
     def usage(job: Job, count: int) -> dict:
@@ -743,7 +747,7 @@ def create_app(
         }
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         job = submit(req, req.max_tokens or 16)
         metrics.add(completions=1)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -754,11 +758,11 @@ def create_app(
 
         if req.stream:
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")))
-        text, finish, count = await answer(job)
+        text, finish, count = await answer(job, request)
         return {**chunk(text, finish), "usage": usage(job, count)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         job = submit(req, req.max_completion_tokens or req.max_tokens or 128)
         metrics.add(chat_completions=1)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -772,7 +776,7 @@ def create_app(
             first = chunk("", None)
             first["choices"][0]["delta"]["role"] = "assistant"
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")), first)
-        text, finish, count = await answer(job)
+        text, finish, count = await answer(job, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
         return {
             "id": rid,
@@ -784,6 +788,13 @@ def create_app(
         }
 
     return app
+
+
+async def _cancel_when_gone(job: Job, request: Request, every: float = 0.5) -> None:
+    """Cancel ``job`` once the client of its (not streamed) ``request`` has disconnected; checks ``every`` seconds."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    job.cancelled = True
 
 
 class _JobStream(StreamingResponse):
