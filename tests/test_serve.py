@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,7 +23,7 @@ fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from kvcompress.serve import ContextStore, create_app, parse_size
+from kvcompress.serve import ContextStore, Engine, Job, Metrics, create_app, parse_size
 
 pytestmark = [pytest.mark.model, pytest.mark.xdist_group("serve")]  # one worker: one server for the module
 
@@ -242,6 +243,22 @@ def test_a_request_whose_client_leaves_stops_decoding_at_the_next_step(server, s
     assert httpx.post(f"{url}/v1/completions", json=quick, timeout=120).status_code == 200
     seconds = after["decode_seconds"] - before["decode_seconds"]
     print(f"\nabandoned 400-token request: {decoded} tokens decoded ({seconds:.1f} s), cancelled {time.monotonic() - left:.1f} s after")
+
+
+def test_a_request_cancelled_while_queued_is_never_run_and_its_handler_is_told():
+    loop = asyncio.new_event_loop()
+    metrics = Metrics()
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))  # all the worker reads before a job runs
+    engine = Engine(model, None, "none", None, metrics, max_batch=8, max_queue=4)
+    job = Job("key", "a context", None, max_tokens=4, prompt_tokens=3, loop=loop, cancelled=True)
+    engine.submit(job)
+    engine.jobs.put(None)
+    engine._run()  # here, not on its thread: it returns after the queue's end
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) == ("done", "cancelled", 0)
+    finally:
+        loop.close()
+    assert metrics.counts["cancelled"] == 1 and metrics.counts["batches"] == 0
 
 
 def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_stays_in_budget(smol, expected, tmp_path):

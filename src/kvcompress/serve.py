@@ -449,8 +449,9 @@ class Engine:
                 batch.append(job)
             groups: dict[str, list[Job]] = {}
             for job in batch:
-                if job.cancelled:  # its client left while it waited
+                if job.cancelled:  # its client left while it waited; its handler ends on "done"
                     self.metrics.add(cancelled=1)
+                    job.emit(("done", "cancelled", 0))
                     continue
                 groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
