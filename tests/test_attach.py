@@ -83,7 +83,7 @@ def test_two_threads_generate_on_one_model_each_as_alone(tiny):
     prompts = {name: torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ab")}
 
     def run(name: str) -> torch.Tensor:
-        cache = kvcompress.make_cache("snapkv:ratio=0.5+kivi:bits=4,residual=8", tiny)
+        cache = kvcompress.make_cache("expected_attention:ratio=0.5,window=8+kivi:bits=4,residual=8", tiny)  # shares rotary tables
         with kvcompress.attach(tiny, cache), torch.no_grad():
             ids = prompts[name]
             mask = torch.ones_like(ids)
