@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -74,6 +75,40 @@ def test_an_exception_mid_generation_still_restores_the_model(tiny):
         tiny.generate(ids, max_new_tokens=10, do_sample=False, stopping_criteria=[_Explode(3)], **{cache_kwarg(tiny): cache})
     assert _installed(tiny) == installed
     assert cache.attached_to is None
+
+
+def test_two_threads_generate_on_one_model_each_as_alone(tiny):
+    """Each thread's attach overlaps the other's: neither restores the model under the other."""
+    installed = _installed(tiny)
+    prompts = {name: torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ab")}
+
+    def run(name: str) -> torch.Tensor:
+        cache = kvcompress.make_cache("expected_attention:ratio=0.5,window=8+kivi:bits=4,residual=8", tiny)  # shares rotary tables
+        with kvcompress.attach(tiny, cache), torch.no_grad():
+            ids = prompts[name]
+            mask = torch.ones_like(ids)
+            return tiny.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **{cache_kwarg(tiny): cache})
+
+    alone = {name: run(name) for name in prompts}
+    start, results, failures = threading.Barrier(2), {name: [] for name in prompts}, []
+
+    def worker(name: str) -> None:
+        try:
+            start.wait(timeout=60)
+            for _ in range(6):
+                results[name].append(run(name))
+        except Exception as err:  # reported by the main thread
+            failures.append(err)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    for name, outputs in results.items():
+        assert len(outputs) == 6 and all(torch.equal(out, alone[name]) for out in outputs)
+    assert _installed(tiny) == installed
 
 
 def test_a_cache_outside_attach_says_how_to_use_it(tiny):

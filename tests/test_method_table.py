@@ -424,3 +424,20 @@ def test_page_boundaries_change_nothing(row, tokens, smol, prompt):
     _, logits = _decode_logits(model, cache, context, 3)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     assert len(cache.compressed_layers[0].window.tables[0]) == -(-(tokens + 3) // PAGE)
+
+
+def test_every_tensor_an_expected_attention_cache_holds_is_counted(tiny):
+    """From the cache itself, shared parts included: ``nbytes + fixed_nbytes`` is every byte it keeps alive,
+    and its rotary tables are the model's, built once for every cache of it."""
+    spec = "expected_attention:ratio=0.5,window=8"
+    cache = kvcompress.make_cache(spec, tiny)
+    ids = torch.randint(3, 128, (1, 60))
+    with kvcompress.attach(tiny, cache), torch.no_grad():
+        tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, **{cache_kwarg(tiny): cache})
+    storages = {}
+    _held_storage_bytes(cache, set(), storages, skip=())
+    rotary = cache.compressed_layers[0].rotary
+    assert rotary.nbytes > 0 and cache.fixed_nbytes == rotary.nbytes
+    assert sum(storages.values()) == cache.nbytes + cache.fixed_nbytes
+    other = kvcompress.make_cache(spec, tiny)
+    assert all(layer.rotary is rotary for layer in other.compressed_layers)  # shared, not built again

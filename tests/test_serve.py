@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,7 +23,7 @@ fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from kvcompress.serve import ContextStore, create_app, parse_size
+from kvcompress.serve import ContextStore, Engine, Job, Metrics, create_app, parse_size
 
 pytestmark = [pytest.mark.model, pytest.mark.xdist_group("serve")]  # one worker: one server for the module
 
@@ -191,7 +192,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
         ({"json": {**good, "prompt": ["a", "b"]}}, 400, "invalid_prompt"),
         ({"json": {**good, "prompt": 12}}, 400, "invalid_value"),
         ({"content": b"x" * ((1 << 20) + 1)}, 413, "request_too_large"),
+        ({"json": {**good, "max_tokens": True}}, 400, "invalid_value"),  # not read as 1
+        ({"json": {**good, "max_tokens": 2.0}}, 400, "invalid_value"),
+        ({"json": {**good, "stream": "yes"}}, 400, "invalid_value"),
+        ({"json": {**good, "prompt": [DOCS[0]], "echo": True}}, 400, "unsupported_parameter"),  # not ignored
+        ({"content": b'{"model": "smol", "prompt": "a \\ud800 b"}', "headers": JSON}, 400, "invalid_text"),
+        ({"content": b'{"model": "smol", "prompt": "a", "\\udfff": 1}', "headers": JSON}, 400, "invalid_text"),
     ]
+    before = _metrics(url)["errors"]
     for kwargs, status, code in cases:
         response = httpx.post(f"{url}/v1/completions", timeout=60, **kwargs)
         assert response.status_code == status, (kwargs.get("json", kwargs.get("content"))[:80], response.text)
@@ -201,11 +209,56 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
     response = httpx.post(f"{url}/v1/chat/completions", json=chat)
     assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_role"
     assert httpx.post(f"{url}/v1/chat/completions", json={"model": "smol", "messages": []}).status_code == 400
+    lone = b'{"model": "smol", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}'
+    response = httpx.post(f"{url}/v1/chat/completions", content=lone, headers=JSON)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content.0.text"
     assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
     assert httpx.get(f"{url}/v1/completions").status_code == 405
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.post(f"{url}/v1/completions", json=good, timeout=120).status_code == 200
-    assert _metrics(url)["errors"]["400"] >= 13
+    errors = _metrics(url)["errors"]
+    assert errors["400"] >= before.get("400", 0) + 18 and errors["413"] == before.get("413", 0) + 1
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_request_whose_client_leaves_stops_decoding_at_the_next_step(server, stream):
+    url, _ = server
+    before = _metrics(url)
+    body = {"model": "smol", "prompt": "Write the numbers from 1 to 500, separated by commas.", "max_tokens": 400, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            events = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert len([next(events), next(events)]) == 2  # two pieces of the answer, then the client leaves
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+            httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=3))
+    left = time.monotonic()
+    while _metrics(url)["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - left < 120, "the abandoned request was not cancelled"
+        time.sleep(0.1)
+    after = _metrics(url)
+    decoded = after["completion_tokens"] - before["completion_tokens"]
+    assert decoded < 100 and after["cancelled"] == before["cancelled"] + 1  # not 400 tokens for nobody
+    quick = {"model": "smol", "prompt": DOCS[0], "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=quick, timeout=120).status_code == 200
+    seconds = after["decode_seconds"] - before["decode_seconds"]
+    print(f"\nabandoned 400-token request: {decoded} tokens decoded ({seconds:.1f} s), cancelled {time.monotonic() - left:.1f} s after")
+
+
+def test_a_request_cancelled_while_queued_is_never_run_and_its_handler_is_told():
+    loop = asyncio.new_event_loop()
+    metrics = Metrics()
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))  # all the worker reads before a job runs
+    engine = Engine(model, None, "none", None, metrics, max_batch=8, max_queue=4)
+    job = Job("key", "a context", None, max_tokens=4, prompt_tokens=3, loop=loop, cancelled=True)
+    engine.submit(job)
+    engine.jobs.put(None)
+    engine._run()  # here, not on its thread: it returns after the queue's end
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) == ("done", "cancelled", 0)
+    finally:
+        loop.close()
+    assert metrics.counts["cancelled"] == 1 and metrics.counts["batches"] == 0
 
 
 def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_stays_in_budget(smol, expected, tmp_path):
@@ -288,22 +341,44 @@ def test_the_command_serves_and_saves_its_contexts_on_sigterm(tmp_path):
     assert "saved 1 kept context(s)" in out and len(list(tmp_path.glob("*.kvc"))) == 1
 
 
-def test_the_store_moves_the_least_recently_used_to_disk_and_back(tmp_path):
-    saved = {}
-    store = ContextStore(
-        tmp_path, budget=10, save=lambda c, p: saved.__setitem__(p.stem, c), load=lambda p: saved[p.stem], size=len
+def _text_store(folder, budget, disk_budget=None) -> ContextStore:
+    """A store of strings, one text file each, of ``len`` bytes in memory."""
+    return ContextStore(
+        folder, budget, save=lambda c, p: p.write_text(c), load=lambda p: p.read_text(), size=len, disk_budget=disk_budget
     )
+
+
+def test_the_store_moves_the_least_recently_used_to_disk_and_back(tmp_path):
+    store = _text_store(tmp_path, budget=10)
     store.put("a", "aaaa")
     store.put("b", "bbbb")
     assert store.get("a") == ("aaaa", "memory")  # a is now the most recent
     store.put("c", "cccc")  # 12 bytes > 10: b, the least recent, goes to disk
-    assert list(store.memory) == ["a", "c"] and store.disk == {"b"} and store.kept_bytes == 8
+    assert list(store.memory) == ["a", "c"] and set(store.disk) == {"b"} and store.kept_bytes == 8
     assert store.get("b") == ("bbbb", "disk") and store.get("zz") == (None, None)
     store.put("big", "x" * 11)  # larger than the budget: everything goes to disk
-    assert store.kept_bytes == 0 and store.disk == {"a", "b", "c", "big"}
+    assert store.kept_bytes == 0 and set(store.disk) == {"a", "b", "c", "big"}
     assert parse_size("512MiB") == 512 << 20 and parse_size("2GB") == 2 * 10**9 and parse_size("100") == 100
     with pytest.raises(ValueError, match="not a size"):
         parse_size("12 parsecs")
+
+
+def test_the_store_deletes_the_least_recently_used_files_beyond_its_budget(tmp_path):
+    store = _text_store(tmp_path, budget=0, disk_budget=10)  # nothing stays in memory: every put is a file
+    for key in "abc":
+        store.put(key, key * 4)  # the third file makes 12 bytes > 10: a's, the least recently used, is deleted
+    assert list(store.disk) == ["b", "c"] and store.disk_bytes == 8 and store.deleted == 1
+    assert sorted(p.stem for p in tmp_path.glob("*.kvc")) == ["b", "c"]
+    assert store.get("a") == (None, None)  # gone: the server compresses it again
+    assert store.get("b") == ("bbbb", "disk")  # b is now the most recently used: c goes next
+    store.put("d", "dddd")
+    assert list(store.disk) == ["b", "d"] and sorted(p.stem for p in tmp_path.glob("*.kvc")) == ["b", "d"]
+    store.put("huge", "x" * 11)  # one file over the whole budget: nothing is kept
+    assert not store.disk and not list(tmp_path.glob("*.kvc")) and store.deleted == 5
+    for key in "ef":
+        store.put(key, key * 4)
+    again = _text_store(tmp_path, budget=0, disk_budget=5)  # a restart with a smaller budget keeps the newest
+    assert list(again.disk) == ["f"] and [p.stem for p in tmp_path.glob("*.kvc")] == ["f"]
 
 
 def test_serve_help_explains_every_flag_and_a_bad_spec_fails_before_loading(capsys):
@@ -314,3 +389,5 @@ def test_serve_help_explains_every_flag_and_a_bad_spec_fails_before_loading(caps
     assert len(flags) >= 10 and all(a.help and len(a.help) > 20 for a in flags), [a.dest for a in flags if not a.help]
     assert main(["serve", "--method", "nosuchmethod:1"]) == 2
     assert "nosuchmethod" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--store-budget", "20GiB"]).store_budget == 20 << 30
+    assert main(["serve", "--store-budget", "0"]) == 2 and "--store-budget" in capsys.readouterr().err

@@ -12,7 +12,9 @@ Inside the block, and only there, the model runs its compressed layers through k
   transformers forwards to every attention call.
 
 On exit, also after an exception, the hook is removed and the attention implementation restored:
-the model computes exactly what it computed before. A 4D attention mask given by the caller is
+the model computes exactly what it computed before. Threads may attach caches to one model at the
+same time (a server's, a user's): the implementation is installed by the first attach and restored
+by the last one out, under a lock, and each hook serves only its own cache's forwards. A 4D attention mask given by the caller is
 passed on untouched and its padding is not read (the cache's own slot validity masks its layers).
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -47,6 +51,32 @@ def kvcompress_attention(module, query, key, value, attention_mask, scaling=None
 
 AttentionInterface.register(ATTENTION, kvcompress_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks for the layers sdpa serves
+
+
+_LOCK = threading.Lock()
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [attaches open, implementation before]
+
+
+@contextlib.contextmanager
+def _kvcompress_attention(model):
+    """``kvcompress`` as the model's attention implementation inside the block. Blocks of several
+    threads may overlap: the first in installs it, the last out restores what the first found."""
+    with _LOCK:
+        if model not in _INSTALLED:
+            previous = model.config._attn_implementation
+            if previous != ATTENTION:
+                model.set_attn_implementation(ATTENTION)
+            _INSTALLED[model] = [0, previous]
+        _INSTALLED[model][0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _INSTALLED[model][0] -= 1
+            if _INSTALLED[model][0] == 0:
+                previous = _INSTALLED.pop(model)[1]
+                if previous != ATTENTION:
+                    model.set_attn_implementation(previous)
 
 
 def _pre_forward(cache: CompressedCache, module: torch.nn.Module, args: tuple, kwargs: dict):
@@ -80,6 +110,9 @@ def _bind_to_names(forward, args: tuple, kwargs: dict) -> dict:
 def attach(model, cache: CompressedCache):
     """Run ``model`` with ``cache`` compressing, inside a ``with`` block; restore the model on exit.
 
+    Safe from several threads at once on one model, each with its own cache: the model is restored
+    when the last of them leaves.
+
     Args:
         model: the transformers causal LM the cache was made for.
         cache: from :func:`kvcompress.make_cache`.
@@ -95,15 +128,11 @@ def attach(model, cache: CompressedCache):
     outer = cache.attached_to
     if outer is not None and outer is not model:
         raise RuntimeError("this cache is already attached to another model; leave that attach block first")
-    previous = model.config._attn_implementation
-    handle = model.register_forward_pre_hook(functools.partial(_pre_forward, cache), with_kwargs=True)
-    try:
-        if previous != ATTENTION:
-            model.set_attn_implementation(ATTENTION)
-        cache.attached_to = model
-        yield cache
-    finally:
-        cache.attached_to = outer
-        handle.remove()
-        if previous != ATTENTION:
-            model.set_attn_implementation(previous)
+    with _kvcompress_attention(model):
+        handle = model.register_forward_pre_hook(functools.partial(_pre_forward, cache), with_kwargs=True)
+        try:
+            cache.attached_to = model
+            yield cache
+        finally:
+            cache.attached_to = outer
+            handle.remove()

@@ -756,8 +756,12 @@ class CompressedCache(Cache):
 
     @property
     def fixed_nbytes(self) -> int:
-        """Bytes held once per cache whatever its length (low-rank bases, rotary tables), not in ``nbytes``."""
-        return self.storage.fixed_nbytes if self.storage is not None else 0
+        """Bytes held whatever the cache's length, not in ``nbytes``: its storage's (low-rank bases and their
+        rotary tables) and its selection's rotary tables, which every cache of the model shares
+        (:func:`kvcompress.calibration.rotary_of`; counted in each cache that holds them)."""
+        rotaries = {id(layer.rotary): layer.rotary for layer in self.compressed_layers if layer.rotary is not None}
+        held = sum(rotary.nbytes for rotary in rotaries.values())
+        return held + (self.storage.fixed_nbytes if self.storage is not None else 0)
 
     @property
     def stored_tokens(self) -> int:

@@ -32,6 +32,8 @@ import os
 import random
 import sys
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,11 +190,11 @@ class Rotary:
         self.kwargs = {"layer_type": layer_type} if "layer_type" in inspect.signature(self.emb.forward).parameters else {}
         cfg = model.config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.cos = self.sin = None  # (P, D) in the model dtype
+        self.cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, D) each; one attribute, replaced at once
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.cos is None else 2 * self.cos.numel() * self.cos.element_size()
+        return sum(t.numel() * t.element_size() for t in self.cos_sin or ())
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``, ``sin`` broadcastable to ``positions.shape + (D,)``.
@@ -202,25 +204,30 @@ class Rotary:
         """
         if positions.dim() >= 3 and positions.shape[-2] > 1 and bool((positions == positions[..., :1, :]).all()):
             positions = positions[..., :1, :]
-        self.table(int(positions.max()) + 1 if positions.numel() else 1, dtype, positions.device)
+        cos, sin = self.table(int(positions.max()) + 1 if positions.numel() else 1, dtype, positions.device)
         if positions.dim() and all(size == 1 for size in positions.shape[:-1]) and positions.shape[-1] > 1:
             first, n = int(positions.flatten()[0]), positions.shape[-1]
             if int(positions.flatten()[-1]) == first + n - 1 and bool((positions.diff(dim=-1) == 1).all()):
-                shape = (*positions.shape, self.cos.shape[-1])  # consecutive positions: a view, no gather
-                return self.cos[first : first + n].expand(shape), self.sin[first : first + n].expand(shape)
-        return self.cos[positions], self.sin[positions]
+                shape = (*positions.shape, cos.shape[-1])  # consecutive positions: a view, no gather
+                return cos[first : first + n].expand(shape), sin[first : first + n].expand(shape)
+        return cos[positions], sin[positions]
 
     def table(self, top: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P, D)`` ``cos`` and ``sin`` tables of at least positions ``0 .. top - 1``."""
-        if self.cos is None or top > self.cos.shape[0] or self.cos.dtype != dtype:
-            size = max(256, 1 << (top - 1).bit_length())
-            ref = torch.zeros((), dtype=torch.float32, device=device)
-            with torch.no_grad():
-                cos, sin = self.emb(ref, torch.arange(size, device=device)[None], **self.kwargs)
-            if cos.shape[-1] != self.head_dim:
-                raise ValueError(f"partial rotary embeddings ({cos.shape[-1]} of {self.head_dim} dims) are not supported")
-            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
-        return self.cos, self.sin
+        """``(P, D)`` ``cos`` and ``sin`` tables of at least positions ``0 .. top - 1``.
+
+        Safe from several threads (caches of one model share it, see :func:`rotary_of`): a table is
+        replaced, never changed, and each caller reads the pair it was given."""
+        held = self.cos_sin
+        if held is not None and top <= held[0].shape[0] and held[0].dtype == dtype:
+            return held
+        size = max(256, 1 << (top - 1).bit_length())
+        ref = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            cos, sin = self.emb(ref, torch.arange(size, device=device)[None], **self.kwargs)
+        if cos.shape[-1] != self.head_dim:
+            raise ValueError(f"partial rotary embeddings ({cos.shape[-1]} of {self.head_dim} dims) are not supported")
+        tables = self.cos_sin = (cos[0].to(dtype), sin[0].to(dtype))
+        return tables
 
     @functools.cached_property
     def half_split(self) -> bool:
@@ -242,11 +249,22 @@ class Rotary:
 
 
 def rotary_of(model) -> Rotary | None:
-    """The model's :class:`Rotary`, or None when it has no rotary embedding kvcompress can undo."""
-    try:
-        return Rotary(model)
-    except ValueError:
-        return None
+    """The model's :class:`Rotary`, or None when it has no rotary embedding kvcompress can undo.
+
+    One per model, shared by every cache made for it (its tables are built once, not per cache), and
+    dropped with the model.
+    """
+    with _ROTARIES_LOCK:
+        if model not in _ROTARIES:
+            try:
+                _ROTARIES[model] = Rotary(model)
+            except ValueError:
+                _ROTARIES[model] = None
+        return _ROTARIES[model]
+
+
+_ROTARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Rotary or None
+_ROTARIES_LOCK = threading.Lock()
 
 
 class _CountingCache(DynamicCache):

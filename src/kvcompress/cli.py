@@ -246,6 +246,8 @@ def cmd_serve(args) -> None:
     for flag in ("max_batch", "max_queue", "memory_budget", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.store_budget is not None and args.store_budget < 1:
+        raise UsageError("--store-budget must be at least 1 byte; omit it for no limit")
     if args.store:
         store = Path(args.store)
         if store.exists() and not store.is_dir():
@@ -360,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", default=None,
         help="folder for contexts moved out of memory, in the saved-cache format; contexts found there are reused and "
         "those in memory are saved there at shutdown (default: a temporary folder, removed at exit)",
+    )
+    serve.add_argument(
+        "--store-budget", type=_size, default=None,
+        help="bytes of files kept in --store, e.g. 20GiB; the least recently used beyond it are deleted and compressed "
+        "again when next asked for (default: no limit)",
     )
     serve.add_argument("--max-batch", type=int, default=8, help="most queued requests of one context answered as one batch (default 8)")
     serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")

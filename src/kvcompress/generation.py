@@ -26,15 +26,32 @@ def split_prompt(tokenizer, context: str, question: str | None) -> tuple[str, st
     With a chat template, the context sits inside the user turn and everything after it (question,
     end of turn, assistant header) is the uncompressed part. Without one, the question follows the
     context after a blank line.
+
+    The template is cut where it puts the context, found by rendering it once with a marker in the
+    context's place: never by searching for the context's text, which may also occur before it (in a
+    default system prompt: "You", "a", "user").
+
+    Raises:
+        ValueError: the chat template changes the text around the context in a way that depends on it.
     """
     asked = f"\n\n{question}" if question else ""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + asked}], add_generation_prompt=True, tokenize=False
+    if not getattr(tokenizer, "chat_template", None):
+        return context, asked
+    render = lambda content: tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": content + asked}], add_generation_prompt=True, tokenize=False
+    )
+    text, marked = render(context), render(_MARKER)
+    parts = marked.split(_MARKER)  # [template before the context, template after it]
+    if len(parts) != 2 or not text.startswith(parts[0]) or not text[len(parts[0]) :].endswith(parts[1]):
+        raise ValueError(
+            "the tokenizer's chat template does not place the user's text as given (it is repeated or rewritten "
+            "around it), so the context cannot be cut out of the prompt; use a tokenizer without this template"
         )
-        end = text.index(context) + len(context)
-        return text[:end], text[end:]
-    return context, asked
+    end = len(text) - len(parts[1])  # the context as the template wrote it (a template may trim it)
+    return text[:end], text[end:]
+
+
+_MARKER = "\x00kvcompress context\x00"  # text no user writes: where the chat template puts the context
 
 
 @torch.no_grad()
@@ -236,8 +253,7 @@ def compress(
 def asked_part(tokenizer, question: str | None) -> str:
     """What follows a compressed context in the model's prompt: the question and, with a chat
     template, the end of the user turn and the assistant header (see :func:`split_prompt`)."""
-    marker = "\x00kvcompress context\x00"
-    return split_prompt(tokenizer, marker, question)[1]
+    return split_prompt(tokenizer, _MARKER, question)[1]
 
 
 @torch.no_grad()
@@ -248,6 +264,7 @@ def ask(
     question: str | None | list[str | None],
     max_new_tokens: int = 64,
     streamer=None,
+    stopping_criteria=None,
 ) -> str | list[str]:
     """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
 
@@ -258,7 +275,9 @@ def ask(
 
     ``streamer``: a transformers ``BaseStreamer``, handed to ``model.generate``: its ``put`` gets the
     prompt's ``(B, T)`` ids, then each step's ``(B,)`` new tokens (every row: ``kvcompress serve``
-    streams a batch of questions with it), and ``end()`` once generation stops.
+    streams a batch of questions with it), and ``end()`` once generation stops. ``stopping_criteria``:
+    a list of transformers ``StoppingCriteria``, also handed to ``model.generate`` (a row they mark done
+    decodes no further; ``kvcompress serve`` ends a cancelled request's row so).
 
     Returns:
         The answer, or a list of answers for a list of questions or a batch of contexts.
@@ -297,6 +316,7 @@ def ask(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
+            stopping_criteria=stopping_criteria,
             **{cache_kwarg(model): fork},
         )
     answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]

@@ -43,8 +43,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from kvcompress.cache import CacheFileError, CompressedCache, load_cache
@@ -70,23 +72,34 @@ def parse_size(text: str) -> int:
 
 
 class ContextStore:
-    """Compressed contexts by key: the most recently used in memory up to ``budget`` bytes, the rest on disk.
+    """Compressed contexts by key: the most recently used in memory up to ``budget`` bytes, the rest on disk,
+    whose files are deleted, least recently used first, while they take more than ``disk_budget`` bytes
+    (None: no limit); a deleted context is compressed again when next asked for.
 
     Pure bookkeeping: ``save(cache, path)`` and ``load(path)`` do the file work, ``size(cache)`` gives
     a context's bytes. Used by one thread (the server's worker).
     """
 
-    def __init__(self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes):
-        self.folder, self.budget = Path(folder), budget
+    def __init__(
+        self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes,
+        disk_budget: int | None = None,
+    ):
+        self.folder, self.budget, self.disk_budget = Path(folder), budget, disk_budget
         self._save, self._load, self._size = save, load, size
         self.memory: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (cache, bytes), oldest first
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.disk = {p.stem for p in self.folder.glob("*.kvc")}  # saved by an earlier run, or evicted
-        self.evictions = 0
+        found = sorted(self.folder.glob("*.kvc"), key=lambda p: p.stat().st_mtime)  # saved by an earlier run
+        self.disk: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in found)  # key -> file bytes, oldest first
+        self.evictions = self.deleted = 0
+        self._trim_disk()
 
     @property
     def kept_bytes(self) -> int:
         return sum(size for _, size in self.memory.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.disk.values())
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.kvc"
@@ -101,9 +114,11 @@ class ContextStore:
                 cache = self._load(self.path(key))
             except CacheFileError as err:  # damaged, or saved for another model: compress again
                 log.warning("dropping kept context %s: %s", key, err)
-                self.disk.discard(key)
+                del self.disk[key]
                 self.path(key).unlink(missing_ok=True)
                 return None, None
+            self.disk.move_to_end(key)
+            self.path(key).touch()  # the order of use survives a restart
             return cache, "disk"
         return None, None
 
@@ -120,7 +135,14 @@ class ContextStore:
     def _spill(self, key: str, cache) -> None:
         if key not in self.disk:  # a context reloaded from disk is still there, unchanged
             self._save(cache, self.path(key))
-            self.disk.add(key)
+            self.disk[key] = self.path(key).stat().st_size
+            self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        while self.disk_budget is not None and self.disk and self.disk_bytes > self.disk_budget:
+            old, _ = self.disk.popitem(last=False)
+            self.path(old).unlink(missing_ok=True)
+            self.deleted += 1
 
     def save_all(self) -> int:
         """Write every context held in memory to disk (at shutdown); returns how many were written."""
@@ -137,6 +159,7 @@ class ApiError(Exception):
     """A request the server refuses: an HTTP status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None, kind: str = "invalid_request_error"):
+        message = _printable(message)  # a lone surrogate echoed back is written as its escape
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
 
@@ -152,7 +175,31 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Fields are taken as sent: no unknown field, and no coercion (``true`` is not the integer 1, nor ``1`` a bool)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in a parsed JSON ``value`` a string or key holds a lone UTF-16 surrogate (JSON ``"\\ud800"``,
+    which no UTF-8 text holds), e.g. ``"messages.0.content"``; None if nowhere."""
+    if isinstance(value, str):
+        return (where or "body") if _SURROGATE.search(value) else None
+    pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in pairs:
+        place = f"{where}.{key}" if where else str(key)
+        found = _lone_surrogate(str(key), place) or _lone_surrogate(item, place)
+        if found:
+            return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with each lone surrogate written as its ``\\udxxx`` escape, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 class _Sampling(_Strict):
@@ -170,6 +217,15 @@ class _Sampling(_Strict):
     logprobs: bool | int | None = None
     seed: int | None = None  # greedy decoding is deterministic: any seed gives the same answer
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        where = _lone_surrogate(data)
+        if where:
+            message = "{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text; send UTF-8 text"
+            raise PydanticCustomError("invalid_text", message, {"where": _printable(where)})
+        return data
 
     def check(self) -> None:
         refused = {
@@ -203,14 +259,14 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
 
     def parts(self) -> tuple[str, str | None]:
+        if self.echo:
+            raise ApiError(400, "echo is not supported; omit it", "unsupported_parameter", "echo")
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise ApiError(
                     400, f"prompt holds {len(self.prompt)} texts; send one prompt per request", "invalid_prompt", "prompt"
                 )
             return self.prompt[0], self.question
-        if self.echo:
-            raise ApiError(400, "echo is not supported; omit it", "unsupported_parameter", "echo")
         return self.prompt, self.question
 
 
@@ -254,7 +310,11 @@ class ChatRequest(_Sampling):
 
 @dataclass
 class Job:
-    """One request waiting for the model: what to ask, and where its tokens go (an asyncio queue)."""
+    """One request waiting for the model: what to ask, and where its tokens go (an asyncio queue).
+
+    ``cancelled`` is set by the handler when its client is gone (:class:`_JobStream`,
+    :func:`_cancel_when_gone`); the worker then stops decoding it at its next step, or never starts.
+    """
 
     key: str
     context: str
@@ -264,14 +324,16 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-class _RowStreamer(BaseStreamer):
-    """Hands each row's new tokens to its job as they come, and ends a row at EOS or at its own
-    ``max_tokens`` (a batch decodes up to the largest one)."""
+class _RowStreamer(BaseStreamer, StoppingCriteria):
+    """Hands each row's new tokens to its job as they come, and ends a row at EOS, at its own
+    ``max_tokens``, or when its job is cancelled. As a stopping criterion it tells ``generate`` which
+    rows are done (``(B,)`` bools), so a batch stops once every row is, not at the largest ``max_tokens``."""
 
     def __init__(self, jobs: list[Job], eos: set[int]):
         self.jobs, self.eos = jobs, eos
@@ -286,6 +348,9 @@ class _RowStreamer(BaseStreamer):
         for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
             if self.finish[i] is not None:
                 continue
+            if self.jobs[i].cancelled:
+                self.finish[i] = "cancelled"
+                continue
             if token in self.eos:
                 self.finish[i] = "stop"
                 continue
@@ -296,6 +361,9 @@ class _RowStreamer(BaseStreamer):
 
     def end(self) -> None:
         self.finish = [f or "length" for f in self.finish]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
 
 
 class Metrics:
@@ -319,6 +387,7 @@ class Metrics:
                 "prefill_seconds",
                 "decode_seconds",
                 "queue_seconds",
+                "cancelled",
             ],
             0,
         )
@@ -380,6 +449,10 @@ class Engine:
                 batch.append(job)
             groups: dict[str, list[Job]] = {}
             for job in batch:
+                if job.cancelled:  # its client left while it waited; its handler ends on "done"
+                    self.metrics.add(cancelled=1)
+                    job.emit(("done", "cancelled", 0))
+                    continue
                 groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
                 self._answer(jobs)
@@ -405,7 +478,7 @@ class Engine:
             asked = time.perf_counter()
             questions, longest = [j.question for j in jobs], max(j.max_tokens for j in jobs)
             with torch.inference_mode():
-                ask(self.model, self.tokenizer, cache, questions, longest, streamer=streamer)
+                ask(self.model, self.tokenizer, cache, questions, longest, streamer=streamer, stopping_criteria=[streamer])
             self.metrics.add(decode_seconds=time.perf_counter() - asked)
             self.store.put(jobs[0].key, cache)
             log.info(
@@ -419,7 +492,7 @@ class Engine:
                 job.emit(("error", err))
             return
         for job, finish, count in zip(jobs, streamer.finish, streamer.counts):
-            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=count)
+            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=count, cancelled=int(finish == "cancelled"))
             job.emit(("done", finish or "length", count))
 
 
@@ -427,10 +500,11 @@ class Engine:
 
 
 class _BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app reads it."""
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app reads it
+    (counted by ``refused(413)``, as the app's own errors are)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, refused: Callable[[int], None]):
+        self.app, self.limit, self.refused = app, limit, refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -449,6 +523,7 @@ class _BodyLimit:
                 more = message.get("more_body", False) and size <= self.limit
         if size > self.limit:
             err = ApiError(413, f"the request body is over {self.limit:,} bytes; send a shorter prompt", "request_too_large")
+            self.refused(err.status)
             return await _error_response(err)(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
@@ -467,6 +542,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str, str | No
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", "invalid_json", None
     loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    if first.get("type") == "invalid_text":
+        return first["msg"], "invalid_text", first["ctx"]["where"]
     if first.get("type") == "extra_forbidden":
         return f"unknown field {loc!r}; see /docs for the fields this server takes", "unknown_parameter", loc
     return f"{loc or 'body'}: {first.get('msg')}", "invalid_value", loc
@@ -483,6 +560,7 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 256,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    store_budget: int | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model`` with compression ``method`` (a spec, checked here).
 
@@ -494,6 +572,7 @@ def create_app(
         max_batch: the most queued requests answered in one batch (those of one context are batched).
         max_queue: requests waiting beyond this get a 429.
         max_body_bytes: larger request bodies get a 413.
+        store_budget: bytes of files kept in the store; the least recently used beyond are deleted (None: no limit).
     """
     from kvcompress.cache import make_cache
 
@@ -507,6 +586,7 @@ def create_app(
         memory_budget,
         save=lambda cache, path: cache.save(path, tokenizer),
         load=lambda path: load_cache(path, model, tokenizer),
+        disk_budget=store_budget,
     )
     metrics = Metrics()
     engine = Engine(model, tokenizer, method, kept, metrics, max_batch, max_queue)
@@ -529,7 +609,7 @@ def create_app(
             temporary.cleanup()
 
     app = FastAPI(title="kvcompress serve", lifespan=lifespan)
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes, refused=metrics.error)
     app.state.engine, app.state.store, app.state.metrics = engine, kept, metrics
 
     @app.exception_handler(ApiError)
@@ -592,13 +672,17 @@ def create_app(
             if event[0] == "done":
                 return
 
-    async def answer(job: Job) -> tuple[str, str, int]:
+    async def answer(job: Job, request: Request) -> tuple[str, str, int]:
         ids, finish, count = [], "length", 0
-        async for event in tokens(job):
-            if event[0] == "token":
-                ids.append(event[1])
-            else:
-                _, finish, count = event
+        watch = asyncio.create_task(_cancel_when_gone(job, request))
+        try:
+            async for event in tokens(job):
+                if event[0] == "token":
+                    ids.append(event[1])
+                else:
+                    _, finish, count = event
+        finally:
+            watch.cancel()
         return request_tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, count
 
     def usage(job: Job, count: int) -> dict:
@@ -632,7 +716,7 @@ def create_app(
                 yield _sse({**chunk(None, None), "choices": [], "usage": usage(job, count)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _JobStream(job, events())
 
     @app.get("/health")
     async def health():
@@ -656,12 +740,15 @@ def create_app(
             "memory_budget": kept.budget,
             "kept_in_memory": len(kept.memory),
             "kept_on_disk": len(kept.disk),
+            "disk_bytes": kept.disk_bytes,
+            "store_budget": kept.disk_budget,
+            "deleted_from_disk": kept.deleted,
             "evictions": kept.evictions,
             "queued": engine.jobs.qsize(),
         }
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         job = submit(req, req.max_tokens or 16)
         metrics.add(completions=1)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -672,11 +759,11 @@ def create_app(
 
         if req.stream:
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")))
-        text, finish, count = await answer(job)
+        text, finish, count = await answer(job, request)
         return {**chunk(text, finish), "usage": usage(job, count)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         job = submit(req, req.max_completion_tokens or req.max_tokens or 128)
         metrics.add(chat_completions=1)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -690,7 +777,7 @@ def create_app(
             first = chunk("", None)
             first["choices"][0]["delta"]["role"] = "assistant"
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")), first)
-        text, finish, count = await answer(job)
+        text, finish, count = await answer(job, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
         return {
             "id": rid,
@@ -702,6 +789,28 @@ def create_app(
         }
 
     return app
+
+
+async def _cancel_when_gone(job: Job, request: Request, every: float = 0.5) -> None:
+    """Cancel ``job`` once the client of its (not streamed) ``request`` has disconnected; checks ``every`` seconds."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    job.cancelled = True
+
+
+class _JobStream(StreamingResponse):
+    """Server-sent events of one job; the job is cancelled once the response ends, so a client that
+    leaves early (Starlette then cancels the response) stops its decoding at the next step."""
+
+    def __init__(self, job: Job, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # after the last event this changes nothing: the worker is done with the job
+            self.job.cancelled = True
 
 
 def _sse(payload: dict) -> str:
@@ -726,6 +835,7 @@ def run(args) -> None:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        store_budget=args.store_budget,
     )
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (queued requests answered, kept contexts
     # saved by the lifespan), then raises the signal again for the handler it found: make that one a
