@@ -4,7 +4,7 @@ A decode step streams the model's weights (540 MB for the default model) through
 code and data of the few small operations a cache layer runs per step (a mean over heads, a mask
 copy, a ctypes call into a kernel) are cold each time: they cost several times what a micro-benchmark
 of the same operation says. This is what remains of the eviction methods' overhead over `none` at
-equal tokens (experiments/README.md, session 14).
+equal tokens (experiments/README.md, "Fewer operations per decode step"; experiments/cold-ops-2026-12-02.txt).
 
     python experiments/cold_ops.py            # 1 thread; prints microseconds per operation
 

@@ -1,5 +1,6 @@
 """Shared fixtures and assertions. Three tiers: tensor tests (no model), tests on the real default model (one
-session-wide load), and GPU tests that skip through :func:`requires_gpu` when there is none."""
+session-wide load), and GPU tests that skip through :func:`requires_gpu` when there is none. Tests that
+compare a C kernel with its reference skip through :func:`requires_kernels` where the kernels are not built."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kvcompress import native
 from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
 from kvcompress.step import Operands
 
@@ -24,6 +26,20 @@ def pytest_xdist_auto_num_workers(config):
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _kernels_missing() -> str:
+    """Why a kernel-against-reference test cannot run here ("" when every C kernel is built)."""
+    missing = [source.stem for source in sorted(native.SOURCES.glob("*.c")) if native.load(source.stem) is None]
+    return (
+        f"no C compiler (or KVCOMPRESS_NATIVE=0, or a failed build): the C kernels {', '.join(missing)} are not "
+        f"built, so the kernel path would fall back to the reference it is compared with"
+    ) if missing else ""
+
+
+# CI has a compiler: there every kernel test runs, and none passes by not running.
+_NO_KERNELS = _kernels_missing()
+requires_kernels = pytest.mark.skipif(bool(_NO_KERNELS), reason=_NO_KERNELS or "the C kernels are built")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 
 from kvcompress.methods.kivi import KIVI, pack, quantize, unpack
 from kvcompress.step import DenseSegment, Operands
-from conftest import assert_each_path_adds_to_a_running_observation
+from conftest import assert_each_path_adds_to_a_running_observation, requires_kernels
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -131,6 +131,7 @@ def test_quantize_all_invalid_group_is_finite():
 @pytest.mark.parametrize("dim, group", [(64, 32), (64, 16), (48, 24), (96, 32)])
 @pytest.mark.parametrize("rows", [3, 60])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@requires_kernels
 def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, rows, dtype):
     """The C kernel's logits and value mixing equal attention on dequantized keys and values, up to
     float32 sums taken in another order (logits reach ~1e3 with the outlier channel: rtol 1e-4)."""
@@ -142,7 +143,7 @@ def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, r
     store = KIVI(bits=bits, group=group).new_store(0, dim, dtype)  # float16 or bfloat16 scales
     store.append(keys.to(dtype), values.to(dtype), None, None)
     segment = store.segment()
-    assert isinstance(segment, KIVISegment)  # the C kernel is built here (CI has a C compiler)
+    assert isinstance(segment, KIVISegment)  # the C kernel's segment
     store.dtype = torch.float32  # the reference in float32 from the same codes and scales
     ref_keys, ref_values = store.keys_values()
     query = torch.randn(2, 3, rows, dim)
@@ -152,6 +153,7 @@ def test_kernel_over_codes_matches_the_dequantized_reference(bits, dim, group, r
     torch.testing.assert_close(segment.mix(weights).float(), weights @ ref_values, atol=1e-4, rtol=1e-4)
 
 
+@requires_kernels
 def test_kernel_reads_a_store_that_grew_and_was_compacted():
     torch.manual_seed(0)
     store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
@@ -173,6 +175,7 @@ def test_kernel_reads_a_store_that_grew_and_was_compacted():
 @pytest.mark.parametrize("observe", [0, 1])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("sink", [0, 4])
+@requires_kernels
 def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, observe, window, sink):
     """A decode step over [codes | window] in one kernel call (``kivi_attend``) gives the output and the
     observed attention of the segment path and of sdpa on dequantized keys and values, exact sinks
@@ -206,6 +209,7 @@ def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, obs
 @pytest.mark.parametrize("observe", [0, 1])
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("sink", [0, 4])
+@requires_kernels
 def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe, holes, sink):
     """Heads that each hold their own number of KIVI codes (``adakv+kivi``, per-head budgets) are read in one
     kernel call per layer (``kivi_attend_heads``), padding to the longest head weighted 0: the output and
@@ -249,6 +253,7 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
         assert calls == [batch * heads] * 2  # the one-pass path took the ragged kernel again
 
 
+@requires_kernels  # without the kernels every call declines
 def test_one_pass_declines_what_it_does_not_compute():
     """Several queries per row, a second stored segment, or bfloat16 windows go to the segment path."""
     from kvcompress.attention import attend_one_pass
@@ -262,6 +267,7 @@ def test_one_pass_declines_what_it_does_not_compute():
     assert attend_one_pass(torch.randn(1, 9, 1, 64), Operands((store.segment(), half), None, 3), 0.1) is None
 
 
+@requires_kernels
 @pytest.mark.model
 @pytest.mark.parametrize("spec", ["kivi:bits=4,residual=32", "snapkv:ratio=0.5,window=8+kivi:bits=2,residual=32"])
 def test_decoding_through_the_model_reads_codes_in_one_pass_and_matches_the_reference(smol, spec, monkeypatch):

@@ -18,6 +18,7 @@ from kvcompress.methods.lowrank import LayerBasis, LowRank, LowRankStore, princi
 from kvcompress.models import cache_kwarg, model_identity
 from kvcompress.registry import SpecError, parse_spec
 from kvcompress.step import DenseSegment, Operands
+from conftest import requires_kernels
 
 H, D = 2, 32  # the tiny model's KV heads and head dim
 
@@ -96,17 +97,15 @@ def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 
 
+@requires_kernels
 @pytest.mark.parametrize("dim", [32, 64, 128])  # the any-D path, and the two register paths
 @pytest.mark.parametrize("groups", [1, 3])
 def test_logits_kernel_equals_rebuilt_rotated_keys(dim, groups):
     """``kvcompress::lowrank_logits`` (keys rebuilt and rotated token by token, never written) equals the
     logits over keys rebuilt, rotated and multiplied in torch, for latents read through a strided view
     (a buffer with spare room), scattered positions and 5 query rows per KV head (float32: atol 1e-4)."""
-    from kvcompress import native
     from kvcompress.methods.lowrank import lowrank_logits
 
-    if native.load("lowrank") is None:
-        pytest.skip("no C compiler: the kernels are not built")
     torch.manual_seed(dim + groups)
     batch, heads, rows, n, rank = 2, 3, 5, 37, 12
     width = heads // groups * dim  # E

@@ -10,7 +10,7 @@ import kvcompress
 from kvcompress import attention, buffer, native
 from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
 from kvcompress.step import DenseSegment, Operands
-from conftest import assert_each_path_adds_to_a_running_observation
+from conftest import assert_each_path_adds_to_a_running_observation, requires_kernels
 
 
 def _assert_one_pass_equals_the_other_paths(query: torch.Tensor, operands: Operands) -> None:
@@ -29,6 +29,7 @@ def _assert_one_pass_equals_the_other_paths(query: torch.Tensor, operands: Opera
 
 
 
+@requires_kernels
 @pytest.mark.parametrize("batch, heads, rep, slots", [(1, 3, 3, 300), (2, 3, 3, 77), (2, 2, 1, 5), (1, 1, 4, 40)])
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("observe", [0, 1])
@@ -42,6 +43,7 @@ def test_dense_one_pass_equals_the_segment_path_and_sdpa(batch, heads, rep, slot
     _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
 
 
+@requires_kernels
 @pytest.mark.parametrize("observe", [0, 1])
 def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(observe):
     """AdaKV's layout: heads holding different numbers of slots, each read where it is held (padding of the
@@ -60,6 +62,7 @@ def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(obs
     _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
 
 
+@requires_kernels  # without the kernels every call declines
 def test_dense_one_pass_declines_other_dtypes_and_two_segments():
     keys = torch.randn(1, 3, 8, 64)
     half = DenseSegment(keys.bfloat16(), keys.bfloat16())
@@ -90,6 +93,7 @@ def _generate_on_both_paths(smol, spec: str, prompt: str = PROMPT, new_tokens: i
     return tuple(caches)
 
 
+@requires_kernels
 @pytest.mark.model
 @pytest.mark.parametrize(
     "spec", ["h2o:budget=40,window=8,block=8", "streaming:window=48,sink=4", "tova:budget=40,block=8", "adakv:budget=40,block=8"]
@@ -113,15 +117,13 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
 
 @pytest.mark.parametrize("observe", [-1, 300, 32])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("kernel", ["C", "torch"])
+@pytest.mark.parametrize("kernel", [pytest.param("C", marks=requires_kernels), "torch"])
 def test_prompt_observed_in_the_same_pass_equals_sdpa_and_a_second_pass(observe, padded, kernel, monkeypatch):
     """A prompt whose queries are all observed (H2O), or the last 300 or 32 of them (SnapKV's window): the
     observed queries get their output and the attention each slot received from one chunked pass (each
     row in the C kernel, or in torch operations where it is not built), the others go to sdpa; together
     they equal sdpa's output and the separate pass of the reference, with a left-padded row and slots
     held before the step (float32: atol 1e-6)."""
-    if kernel == "C" and native.load("dense") is None:
-        pytest.skip("no C compiler: the kernels are not built")
     if kernel == "torch":
         monkeypatch.setattr(native, "load", lambda name: None)
     torch.manual_seed(observe + padded)
@@ -170,6 +172,7 @@ def _held(state: dict) -> dict:
             for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
+@requires_kernels
 @pytest.mark.model
 def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monkeypatch):
     """``adakv+kivi``: every head of a ragged layer holds its own KIVI codes; each decode step reads every
@@ -178,8 +181,6 @@ def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monk
     values)."""
     from kvcompress.methods import kivi
 
-    if native.load("kivi") is None:
-        pytest.skip("no C compiler: the kernels are not built")
     model, _ = smol
     calls, heads = [], []
     one, ragged = kivi.kivi_attend, kivi.kivi_attend_heads

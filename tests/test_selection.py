@@ -8,6 +8,7 @@ import torch
 from kvcompress.buffer import FullPrecisionBuffer, compaction_index
 from kvcompress.methods.streaming import StreamingLLM
 from kvcompress.protocols import LayerView
+from conftest import requires_kernels
 
 
 def view(valid):
@@ -88,15 +89,13 @@ def test_one_slot_over_budget_drops_what_the_ranking_drops():
         assert torch.equal(Uniform().keep(scores, valid, protected, budget), expected)
 
 
+@requires_kernels
 def test_the_c_scan_drops_what_the_ranking_drops():
     """``drop_lowest`` (one C scan per layer, H2O's and TOVA's decode step) keeps what ranking keeps: the
     lowest score outside the first ``sink`` and newest ``recent`` valid slots, the newest of equal ones,
     per head and per budget; it declines (the caller ranks) when a head is more than one slot over."""
-    from kvcompress import native
     from kvcompress.methods.budgets import drop_lowest, rank
 
-    if native.load("select") is None:
-        pytest.skip("no C compiler: the ranking path is the only one")
     torch.manual_seed(1)
     dropped = 0
     for trial in range(300):

@@ -179,10 +179,10 @@ def cmd_ask(args) -> None:
 
 def cmd_demo(args) -> None:
     from kvcompress.calibration import CalibrationError
-    from kvcompress.demo import FACT, QUESTION, format_rows, planted_context, run_demo
+    from kvcompress.demo import DEFAULT_METHODS, FACT, QUESTION, format_rows, planted_context, run_demo
     from kvcompress.registry import SpecError
 
-    methods = [m.strip() for m in args.methods.split(";") if m.strip()]
+    methods = list(DEFAULT_METHODS) if args.methods is None else [m.strip() for m in args.methods.split(";") if m.strip()]
     if not methods:
         raise UsageError("--methods is empty; pass specs separated by ';', e.g. 'none;kivi:bits=4'")
     for spec in methods:
@@ -317,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="plant a fact deep in a long text, ask for it under each method, show answers and memory"
     )
     demo.add_argument(
-        "--methods", default="none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256",
-        help="method specs separated by ';' (default: none;kivi:bits=4;snapkv:ratio=0.75+kivi:bits=4;streaming:window=256)",
+        "--methods", default=None,
+        help="method specs separated by ';' (default: none, kivi:bits=4, snapkv:ratio=0.75+kivi:bits=4, "
+        "streaming:window=256 and snapkv:ratio=0.75,allocation=retrieval,window=256)",
     )
     demo.add_argument("--tokens", type=int, default=1500, help="context length in tokens (default 1500)")
     demo.add_argument("--depth", type=float, default=0.3, help="where the fact sits, 0 = start to 1 = end (default 0.3)")

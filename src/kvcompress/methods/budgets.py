@@ -178,7 +178,7 @@ class Retrieval(Uniform):
     of 4,096 tokens, and the fewer they kept, the fewer RULER-style needles survived). Which tokens a
     streaming head keeps within its budget is the scorer's choice (beyond the protected sinks and window):
     on the default model at about 18x with 4-bit KIVI, Expected Attention's choice cost +2.7 % perplexity
-    on prose where SnapKV's cost +5.5 % (``experiments/ladder-4096-session16.txt``).
+    on prose where SnapKV's cost +5.5 % (``experiments/ladder-4096-expected-attention-2026-12-02.txt``).
     The window trades retrieval heads for streaming heads that model local text: on the default model at
     4x, ``window=256`` (18 retrieval heads of 90, the others 256 tokens each) answered 28 of 32 RULER-style
     cases at +7 % perplexity on prose; the default 32 (21 heads, the others 89 tokens) 25 of 32 at +17 %
