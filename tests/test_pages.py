@@ -7,14 +7,11 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention, native
+from conftest import requires_kernels
+from kvcompress import attention
 from kvcompress.pages import PAGE, PagePool, PoolExhausted
 from kvcompress.paged import PagedBuffer
 from kvcompress.step import Operands
-
-requires_kernels = pytest.mark.skipif(
-    native.load("dense") is None, reason="the C kernels could not be built (no C compiler?): the paged kernel is not tested"
-)
 
 
 # ---- the pool: pure bookkeeping ---------------------------------------------------------------
