@@ -5,8 +5,8 @@ what the registered op gives."""
 import pytest
 import torch
 
-from kvcompress import attention
-from kvcompress.methods import kivi, lowrank
+from kvcompress import kernels
+from kvcompress.paged import PagedBuffer
 from kvcompress.methods.kivi import KIVI
 from conftest import requires_kernels
 
@@ -17,33 +17,40 @@ def _kivi_tensors(bits: int, group: int = 32):
     return store.tensors
 
 
+_HELD = []
+
+
 def _cases():
     torch.manual_seed(0)
     query = torch.randn(2, 3, 3, 64)
     keys, values = torch.randn(2, 2, 3, 40, 64)
     allow = (torch.rand(2, 3, 40) > 0.3).to(torch.uint8)
     observed = torch.rand(2, 3, 45)[..., :40]  # a running observation in room for more slots gains the step's
-    yield "dense_attend", attention.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, observed)
+    yield "dense_attend", kernels.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, observed)
     held = [torch.randn(n, 64) for n in (5, 9, 7, 3, 9, 1)]
     allow = torch.ones(2, 3, 9 + 40, dtype=torch.uint8)
-    yield "dense_attend stored", attention.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, torch.empty(0))
+    yield "dense_attend stored", kernels.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, torch.empty(0))
+    pages = PagedBuffer()  # 40 slots: a full 32-slot page and 8 in the next
+    pages.append(keys, values, None)
+    _HELD.append(pages)  # the pages the addresses point at live as long as the cases
+    yield "paged_attend", kernels.paged_attend, (query, *pages.pointers, pages._fill(), pages.page, allow, 0.125, observed)
     t = _kivi_tensors(4)
-    yield "kivi_key_logits", kivi.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
-    yield "kivi_value_mix", kivi.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)
+    yield "kivi_key_logits", kernels.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
+    yield "kivi_value_mix", kernels.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)
     t = _kivi_tensors(2)
     allow = torch.ones(2, 3, 128 + 40, dtype=torch.uint8)
-    yield "kivi_attend", kivi.kivi_attend, (
+    yield "kivi_attend", kernels.kivi_attend, (
         query, t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"], t["value_min"],
         keys, values, torch.randn(2, 3, 4, 64), torch.randn(2, 3, 4, 64), allow, 0.125, torch.zeros(2, 3, 128 + 40), 2, 32,
     )
 
     logits = torch.randn(2, 3, 3, 8, 40)  # 8 queries, the last 8 of 40 slots
     allow = (torch.rand(2, 3, 8, 40) > 0.3).to(torch.uint8)
-    yield "observe_rows", attention.observe_rows, (logits, allow, torch.rand(2, 3, 8), torch.zeros(2, 3, 40))
+    yield "observe_rows", kernels.observe_rows, (logits, allow, torch.rand(2, 3, 8), torch.zeros(2, 3, 40))
 
     basis_t = torch.randn(1, 8, 3 * 64)  # one group of 3 heads, rank 8
     angle = torch.rand(50, 64)
-    yield "lowrank_logits", lowrank.lowrank_logits, (
+    yield "lowrank_logits", kernels.lowrank_logits, (
         query, torch.randn(2, 1, 40, 8), basis_t, torch.randn(1, 3 * 64), torch.randint(0, 50, (2, 3, 40), dtype=torch.int32),
         angle.cos(), angle.sin(),
     )

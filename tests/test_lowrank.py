@@ -104,7 +104,7 @@ def test_logits_kernel_equals_rebuilt_rotated_keys(dim, groups):
     """``kvcompress::lowrank_logits`` (keys rebuilt and rotated token by token, never written) equals the
     logits over keys rebuilt, rotated and multiplied in torch, for latents read through a strided view
     (a buffer with spare room), scattered positions and 5 query rows per KV head (float32: atol 1e-4)."""
-    from kvcompress.methods.lowrank import lowrank_logits
+    from kvcompress.kernels import lowrank_logits
 
     torch.manual_seed(dim + groups)
     batch, heads, rows, n, rank = 2, 3, 5, 37, 12

@@ -94,7 +94,8 @@ def test_the_c_scan_drops_what_the_ranking_drops():
     """``drop_lowest`` (one C scan per layer, H2O's and TOVA's decode step) keeps what ranking keeps: the
     lowest score outside the first ``sink`` and newest ``recent`` valid slots, the newest of equal ones,
     per head and per budget; it declines (the caller ranks) when a head is more than one slot over."""
-    from kvcompress.methods.budgets import drop_lowest, rank
+    from kvcompress.kernels import drop_lowest
+    from kvcompress.methods.budgets import rank
 
     torch.manual_seed(1)
     dropped = 0

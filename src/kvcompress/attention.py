@@ -34,12 +34,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 
 import torch
 
 from kvcompress import native
-from kvcompress.native import data_pointer
+from kvcompress.kernels import (
+    NO_MASK,
+    NO_OBSERVATION,
+    dense_attend,
+    dense_one_pass_applies,
+    kernel_pair,
+    mask_bytes,
+    observe_rows,
+    page_mask,
+    paged_attend,
+    paged_one_pass_applies,
+)
 from kvcompress.step import Attended, DenseSegment, Operands
 
 QUERY_CHUNK = 256  # queries per chunk when scoring many of them in a separate pass
@@ -173,7 +183,7 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     grouped = query.reshape(batch, heads, q_heads // heads, dim)  # (B, H, rep, D)
     # The kernel adds the query's row, averaged over the query heads of each KV head, to the observation (a
     # padding query counts zero).
-    observed = observation(operands, batch, len(operands), query.device) if operands.observe else _NO_OBSERVATION
+    observed = observation(operands, batch, len(operands), query.device) if operands.observe else NO_OBSERVATION
     if len(segments) == 1 and hasattr(first, "pointers"):  # eviction alone, in pages (kvcompress.paged)
         if not paged_one_pass_applies(query, first):
             return None
@@ -198,167 +208,6 @@ def observation(operands: Operands, batch: int, slots: int, device) -> torch.Ten
     if operands.observed is not None:
         return operands.observed
     return torch.zeros(batch, operands.heads, slots, dtype=torch.float32, device=device)
-
-
-def observed_rows(observed: torch.Tensor) -> int:
-    """The stride between the (row, head) rows of a ``(B, H, S)`` observation, as the C kernels step
-    through it: its slots contiguous, its rows one stride apart (a view of a tensor with room for more
-    slots qualifies)."""
-    batch, heads, _ = observed.shape
-    if observed.dtype != torch.float32 or observed.stride(2) != 1 or (batch > 1 and observed.stride(0) != heads * observed.stride(1)):
-        raise ValueError("an observation must be float32 with contiguous slots and rows one stride apart")
-    return observed.stride(1)
-
-
-def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool:
-    """Whether ``kvcompress::dense_attend`` can read these float32 CPU segments (the C kernels built)."""
-    for segment in segments:
-        keys, values = segment.keys, segment.values
-        if keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.device.type != "cpu":
-            return False
-        if values.shape[-1] != keys.shape[-1] or keys.shape[-1] != query.shape[-1]:
-            return False
-    return query.dtype == torch.float32 and native.load("dense") is not None
-
-
-def paged_one_pass_applies(query: torch.Tensor, segment) -> bool:
-    """Whether ``kvcompress::paged_attend`` can read this paged segment (float32 on the CPU, the C kernels built)."""
-    shape, dtype, device = segment.buffer.shape, segment.buffer.dtype, segment.buffer.device
-    if dtype != torch.float32 or device.type != "cpu" or not len(segment) or shape[1] != shape[2] or shape[1] != query.shape[-1]:
-        return False
-    return query.dtype == torch.float32 and native.load("dense") is not None
-
-
-def page_mask(valid: torch.Tensor | None) -> torch.Tensor:
-    """A ``(B, H, S)`` validity mask as ``kvcompress::paged_attend`` reads it: uint8 (a bool mask's own
-    bytes), slots contiguous, its (row, head) rows one stride apart (a view of a mask with room for more
-    slots qualifies); empty for "all real"."""
-    if valid is None:
-        return _NO_MASK
-    batch, heads, _ = valid.shape
-    if valid.stride(2) != 1 or (batch > 1 and valid.stride(0) != heads * valid.stride(1)):
-        valid = valid.contiguous()
-    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
-
-
-def mask_bytes(valid: torch.Tensor | None) -> torch.Tensor:
-    """A ``(B, H, S)`` validity mask as the C kernels read it: contiguous uint8, or empty for "all real". A
-    contiguous bool mask is read as its own bytes (0 or 1), with no copy."""
-    if valid is None:
-        return _NO_MASK
-    valid = valid.contiguous()
-    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
-
-
-_NO_MASK = torch.empty(0, dtype=torch.uint8)
-_NO_OBSERVATION = torch.empty(0, dtype=torch.float32)  # what a kernel is given when no scorer observes
-
-
-def kernel_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ``(B, H, S, D)`` as the C kernels read it: each (row, head) a contiguous ``(S, D)`` block, the
-    blocks one stride apart (a view of a buffer with spare capacity qualifies); else a contiguous copy."""
-    batch, heads, slots, dim = t.shape
-    if t.stride(3) == 1 and t.stride(2) == dim and (batch == 1 or t.stride(0) == heads * t.stride(1)):
-        return t
-    return t.contiguous()
-
-
-def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values as :func:`kernel_rows`, their (row, head) blocks the same stride apart (one stride
-    reaches both in the kernels); copies only where a view does not qualify."""
-    keys, values = kernel_rows(keys), kernel_rows(values)
-    if keys.stride(1) != values.stride(1):
-        keys, values = keys.contiguous(), values.contiguous()
-    return keys, values
-
-
-@native.custom_op("kvcompress::dense_attend", mutates=("observed",))
-def dense_attend(
-    query: torch.Tensor,
-    stored_keys: list[torch.Tensor],
-    stored_values: list[torch.Tensor],
-    stored: int,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    allow: torch.Tensor,
-    scaling: float,
-    observed: torch.Tensor,
-) -> torch.Tensor:
-    """One decode step over float32 slots ``[stored | window]``: ``(B, H, G, D)`` queries; the stored part
-    ``stored`` slots per (row, head), held per head as ``(n_i, D)`` tensors in ``stored_keys`` /
-    ``stored_values`` (``B * H`` of each, row-major; heads shorter than ``stored`` are padded, never
-    read; empty lists and 0 when there is none); window keys and values ``(B, H, W, D)`` (each (row, head)
-    a contiguous block, blocks one stride apart); ``allow`` ``(B, H, stored + W)`` uint8 or empty (every
-    slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output, and
-    adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention each slot received, the mean
-    over the ``G`` query rows (0 for a padding query; see :func:`observed_rows` for its layout)."""
-    batch, heads, rows, dim = query.shape
-    window = window_keys.shape[2]
-    out = query.new_empty(batch, heads, rows, dim)
-    ostride = observed_rows(observed) if observed.numel() else 0
-    parts = None, None, None
-    if stored:
-        held = [t.contiguous() for t in (*stored_keys, *stored_values)]  # no copy for the buffers' views
-        count = batch * heads
-        pointers = ctypes.c_void_p * count
-        parts = (
-            pointers(*map(data_pointer, held[:count])),
-            pointers(*map(data_pointer, held[count:])),
-            (ctypes.c_int64 * count)(*(t.shape[0] for t in held[:count])),
-        )
-    status = native.load("dense").dense_attend(
-        data_pointer(query), *parts, ctypes.c_int64(stored), data_pointer(window_keys), data_pointer(window_values),
-        ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), data_pointer(allow),
-        ctypes.c_float(scaling), data_pointer(out), data_pointer(observed), ctypes.c_int64(ostride),
-        *map(ctypes.c_int64, (batch * heads, rows, dim)),
-    )
-    if status:
-        raise MemoryError("kvcompress::dense_attend: the kernel could not allocate its scratch buffer")
-    return out
-
-
-@dense_attend.register_fake
-def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, observed):
-    return query.new_empty(query.shape)
-
-
-@native.custom_op("kvcompress::paged_attend", mutates=("observed",))
-def paged_attend(
-    query: torch.Tensor,
-    key_pages: torch.Tensor,
-    value_pages: torch.Tensor,
-    fill: int,
-    page: int,
-    allow: torch.Tensor,
-    scaling: float,
-    observed: torch.Tensor,
-) -> torch.Tensor:
-    """One decode step over float32 slots held in pages (``csrc/dense.c``): ``(B, H, G, D)`` queries; each
-    (row, head)'s ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64 addresses ``key_pages`` and
-    ``value_pages`` (each a ``(page, D)`` block; see :meth:`kvcompress.paged.PagedSegment.pointers`), the last
-    page holding ``fill`` slots; ``allow`` ``(B, H, S)`` uint8 as :func:`page_mask` gives it, or empty.
-    Returns the ``(B, H, G, D)`` output and adds to ``observed`` ``(B, H, S)`` (unless empty) the attention
-    each slot received, as :func:`dense_attend` does."""
-    batch, heads, rows, dim = query.shape
-    count, pages = key_pages.shape
-    out = query.new_empty(batch, heads, rows, dim)
-    ostride = observed_rows(observed) if observed.numel() else 0
-    npages = torch.full((count,), pages, dtype=torch.int64)
-    fills = torch.full((count,), fill, dtype=torch.int64)
-    status = native.load("dense").paged_attend(
-        data_pointer(query), data_pointer(key_pages), data_pointer(value_pages), ctypes.c_int64(pages),
-        data_pointer(npages), data_pointer(fills), ctypes.c_int64(page), data_pointer(allow),
-        ctypes.c_int64(allow.stride(1) if allow.numel() else 0), ctypes.c_float(scaling), data_pointer(out),
-        data_pointer(observed), ctypes.c_int64(ostride), *map(ctypes.c_int64, (batch * heads, rows, dim)),
-    )
-    if status:
-        raise MemoryError("kvcompress::paged_attend: the kernel could not allocate its scratch buffer")
-    return out
-
-
-@paged_attend.register_fake
-def _(query, key_pages, value_pages, fill, page, allow, scaling, observed):
-    return query.new_empty(query.shape)
 
 
 def _valid_or_ones(operands: Operands, batch: int, heads: int, device) -> torch.Tensor:
@@ -443,7 +292,7 @@ def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) ->
         rows = grouped[:, :, :, start:stop].reshape(batch, heads, rep * c, dim)
         e = torch.matmul(rows, keys_t[..., :end]).view(batch, heads, rep, c, end)
         if native_rows:  # each row's mask, softmax and observation in one C pass; then the value mix
-            allow = _NO_MASK if valid is None else allowed(valid[..., :end], c).to(torch.uint8)
+            allow = NO_MASK if valid is None else allowed(valid[..., :end], c).to(torch.uint8)
             observe_rows(e, allow, real[..., start:stop] / rep, observed)
             mixed = torch.matmul(e.view(batch, heads, rep * c, end), values[:, :, :end].float())
             output[:, :, :, start:stop] = mixed.view(batch, heads, rep, c, dim)
@@ -461,21 +310,6 @@ def attend_observing(query: torch.Tensor, operands: Operands, scaling: float) ->
         weigh = real[:, :, None, start:stop].expand(batch, heads, rep, c).reshape(batch, heads, 1, rep * c)
         observed[..., :end] += torch.matmul(weigh / (rep * total.transpose(-1, -2)), e).squeeze(-2)
     return Attended(output.view(batch, q_heads, new, dim).to(query.dtype), observed)
-
-
-@native.custom_op("kvcompress::observe_rows", mutates=("logits", "observed"))
-def observe_rows(logits: torch.Tensor, allow: torch.Tensor, weigh: torch.Tensor, observed: torch.Tensor) -> None:
-    """One chunk of observed queries in place (``csrc/dense.c``): ``logits`` ``(B, H, G, c, n)`` float32,
-    scaled, of ``c`` queries that are the last ``c`` of ``n`` slots, become their softmax weights (masked
-    where ``allow`` ``(B, H, c, n)`` uint8 is 0, or causally only when it is empty; 0 after each query's own
-    token), and ``observed`` ``(B, H, S >= n)`` (laid out as :func:`observed_rows` says) gains ``weigh``
-    ``(B, H, c)`` times each query's row."""
-    batch, heads, rows, c, n = logits.shape
-    weigh = weigh.float().contiguous()
-    native.load("dense").observe_rows(
-        data_pointer(logits), data_pointer(allow), data_pointer(weigh), data_pointer(observed),
-        ctypes.c_int64(observed_rows(observed)), *map(ctypes.c_int64, (batch * heads, rows, c, n)),
-    )
 
 
 def attend_segments(query: torch.Tensor, operands: Operands, scaling: float) -> Attended:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kvcompress.attention import dense_attend, dense_one_pass_applies, kernel_pair, mask_bytes
+from kvcompress.kernels import dense_attend, dense_one_pass_applies, kernel_pair, mask_bytes
 from kvcompress.state import state_of
 from kvcompress.step import DenseSegment
 

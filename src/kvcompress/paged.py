@@ -22,7 +22,7 @@ What moves, and what does not:
 - a fork shares the pages (:meth:`PagedBuffer.fork`, one more reference each); a shared page is
   copied before it is written (copy-on-write), so a fork holds no bytes of its own until it writes.
 
-Attention reads the pages where they are: :func:`kvcompress.attention.paged_attend` (one C call per
+Attention reads the pages where they are: :func:`kvcompress.kernels.paged_attend` (one C call per
 layer and decode step over each row's page table) or, for the reference and for scorers, the slots
 gathered into ``(B, H, S, D)`` by :meth:`PagedSegment.dense`.
 """
@@ -321,7 +321,7 @@ class PagedBuffer:
 
 class PagedSegment:
     """What attention reads of a :class:`PagedBuffer`: its pages through the rows' page tables
-    (:meth:`pointers`, for :func:`kvcompress.attention.paged_attend`) or gathered (:meth:`dense`, once per
+    (:meth:`pointers`, for :func:`kvcompress.kernels.paged_attend`) or gathered (:meth:`dense`, once per
     segment: a segment lives for one step)."""
 
     dense_only = True

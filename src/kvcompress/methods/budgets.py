@@ -21,14 +21,11 @@ Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from dataclasses import dataclass
 
 import torch
 
-from kvcompress import native
-from kvcompress.attention import kernel_rows
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
@@ -47,46 +44,6 @@ def lowest_slot(scores: torch.Tensor, valid: torch.Tensor, where: torch.Tensor) 
     newest = among.shape[-1] - 1 - (among == lowest).flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
     drop = where & (lowest < torch.inf)
     return torch.zeros_like(valid).scatter_(-1, newest, drop)
-
-
-def drop_lowest(
-    scores: torch.Tensor | None, valid: torch.Tensor, budget: torch.Tensor | int, recent: torch.Tensor | int, sink: int
-) -> tuple[bool, torch.Tensor | None]:
-    """The decode step of eviction one token at a time (H2O, TOVA, StreamingLLM) in one C call
-    (``csrc/select.c``): every head one slot over its budget drops the valid slot :func:`lowest_slot`
-    drops among those outside the first ``sink`` and the newest ``recent``; with ``scores`` None, the
-    oldest of those (StreamingLLM's age rule). ``budget`` and ``recent`` are ``(B, H, 1)`` or one int for
-    every head; ``valid`` may be a view of a buffer's mask with spare capacity (read where it is).
-
-    Returns ``(True, keep)`` with the ``(B, H, S)`` kept slots (None when no head is over its budget),
-    or ``(False, None)`` when the kernel cannot answer (not built, not on the CPU, or a head more than
-    one slot over): the caller then ranks."""
-    library = native.load("select") if valid.device.type == "cpu" else None
-    if library is None:
-        return False, None
-    batch, heads, slots = valid.shape
-    valid = kernel_rows(valid[..., None])[..., 0]  # a view of a buffer's mask with spare capacity is read in place
-    if scores is not None:
-        scores = scores.float().contiguous()  # held here while the kernel reads it
-    budget, recent = (t.to(torch.int64).expand(batch, heads, 1).contiguous() if torch.is_tensor(t) else t for t in (budget, recent))
-    keep = valid.clone(memory_format=torch.contiguous_format)
-    dropped = library.drop_lowest(
-        _pointer(scores), native.data_pointer(valid), ctypes.c_int64(valid.stride(1)), native.data_pointer(keep),
-        _pointer(budget), _every(budget), _pointer(recent), _every(recent), *map(ctypes.c_int64, (sink, batch * heads, slots)),
-    )
-    if dropped < 0:
-        return False, None
-    return True, keep if dropped else None
-
-
-def _pointer(t) -> ctypes.c_void_p | None:
-    """A tensor argument of ``csrc/select.c`` (NULL for None or an int)."""
-    return native.data_pointer(t) if torch.is_tensor(t) else None
-
-
-def _every(t) -> ctypes.c_int64:
-    """The value of an int argument for every head (unused when it is a tensor)."""
-    return ctypes.c_int64(0 if torch.is_tensor(t) else t)
 
 
 def pyramid_budgets(average: int, layers: int, beta: float) -> list[int]:

@@ -52,7 +52,6 @@ Departures:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ import torch
 from kvcompress import native
 from kvcompress.buffer import FullPrecisionBuffer
 from kvcompress.calibration import Rotary, load_or_build
+from kvcompress.kernels import lowrank_logits
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.protocols import Representation, Store
 from kvcompress.registry import SpecError, register
@@ -554,35 +554,3 @@ def _logits_kernel_applies(query: torch.Tensor, z_k: torch.Tensor, rotary: Rotar
     )
 
 
-@native.custom_op("kvcompress::lowrank_logits")
-def lowrank_logits(
-    query: torch.Tensor,
-    latent: torch.Tensor,
-    basis_t: torch.Tensor,
-    mean: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> torch.Tensor:
-    """``(B, H, R, N)`` logits of ``(B, H, R, D)`` float32 queries over keys rebuilt from ``latent``
-    ``(B, G, N, r)`` (last dim contiguous) as ``mean (G, E) + basis_t (G, r, E)ᵀ latent`` (``E = H / G * D``:
-    a group's heads side by side) and rotated (half-split RoPE) at ``positions`` ``(B, H, N)`` int32 by
-    the ``(P, D)`` tables ``cos``, ``sin``; ``csrc/lowrank.c``."""
-    batch, heads, rows, dim = query.shape
-    groups, n, rank = latent.shape[1], latent.shape[2], latent.shape[3]
-    out = query.new_empty(batch, heads, rows, n)
-    basis_t, mean, cos, sin = (t.contiguous() for t in (basis_t, mean, cos, sin))
-    status = native.load("lowrank").lowrank_logits(
-        native.data_pointer(query), native.data_pointer(latent), *map(ctypes.c_int64, latent.stride()[:3]),
-        native.data_pointer(basis_t), native.data_pointer(mean), native.data_pointer(positions),
-        native.data_pointer(cos), native.data_pointer(sin), ctypes.c_int64(cos.shape[0]), native.data_pointer(out),
-        *map(ctypes.c_int64, (batch, heads, groups, rows, n, rank, dim)),
-    )
-    if status:
-        raise MemoryError("kvcompress::lowrank_logits: the kernel could not allocate its scratch row")
-    return out
-
-
-@lowrank_logits.register_fake
-def _(query, latent, basis_t, mean, positions, cos, sin):
-    return query.new_empty(*query.shape[:3], latent.shape[2])

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.budgets import ALLOCATIONS, Uniform, allocation, drop_lowest
+from kvcompress.kernels import drop_lowest
+from kvcompress.methods.budgets import ALLOCATIONS, Uniform, allocation
 from kvcompress.protocols import LayerView, Selected, Selection
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.methods.budgets import drop_lowest
+from kvcompress.kernels import drop_lowest
 from kvcompress.protocols import LayerView, Selected, Selection
 from kvcompress.registry import register
 
