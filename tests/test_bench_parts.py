@@ -14,7 +14,7 @@ import torch
 import kvcompress
 from kvcompress.bench import runner, speed
 from kvcompress.bench.methods import resolve
-from kvcompress.buffer import CHUNK
+from test_method_table import none_bytes
 
 pytestmark = pytest.mark.model
 
@@ -27,10 +27,6 @@ TOKEN_BYTES = 2 * 30 * 3 * 64 * 4
 def smol_bench(smol, monkeypatch):
     """The harness loads the session's default model instead of loading it again."""
     monkeypatch.setattr(kvcompress, "load_model", lambda *args, **kwargs: smol)
-
-
-def _slots(tokens: int) -> int:
-    return -(-tokens // CHUNK) * CHUNK  # the full-precision buffer reserves whole chunks
 
 
 def test_perplexity_is_a_column_per_text_with_finite_ratios(tmp_path, smol_bench):
@@ -61,13 +57,13 @@ def test_throughput_batch_fits_the_budget_and_none_gets_batch_4(smol):
     model, tokenizer = smol
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 60, return_tensors="pt")["input_ids"][:, :C]
     per_sequence, fixed = speed.sequence_nbytes(resolve("none"), model, ids, DECODE)
-    assert per_sequence == _slots(C + DECODE) * TOKEN_BYTES and fixed == 0
+    assert per_sequence == none_bytes(C + DECODE) and fixed == 0  # whole 32-token pages
     budget = runner.BUDGET_BATCH * per_sequence
     none = speed.throughput(resolve("none"), model, ids, DECODE, budget)
     assert none["batch"] == 4 and none["cache_bytes"] == budget
     window = speed.throughput(resolve("streaming:window=16"), model, ids, DECODE, budget)
-    # Sink and window in whole chunks, and the masks of evicted slots: about half of none's 128 slots.
-    assert _slots(4 + 16) * TOKEN_BYTES <= window["bytes_per_sequence"] < per_sequence
+    # Sink and window in whole pages, and the masks of evicted slots: about half of none's 3 pages.
+    assert none_bytes(4 + 16) <= window["bytes_per_sequence"] < per_sequence
     assert window["batch"] == budget // window["bytes_per_sequence"] > 4
     for found in (none, window):
         assert found["batch"] * found["bytes_per_sequence"] <= found["cache_bytes"] <= budget

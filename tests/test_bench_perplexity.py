@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from kvcompress.bench.methods import resolve
 from kvcompress.bench.perplexity import perplexity
 from kvcompress.bench.texts import load_text, spread_offsets
-from kvcompress.buffer import CHUNK
+from test_method_table import none_bytes
 from kvcompress.models import cache_kwarg, model_summary
 
 CONTEXT, TOKENS, WINDOWS = 48, 6, 2
@@ -45,9 +45,8 @@ def test_baseline_equals_dynamic_cache(smol, prose_ids):
         assert got == pytest.approx(want, abs=2e-4)
     mean = sum(map(sum, reference)) / (TOKENS * WINDOWS)
     assert result["perplexity"] == pytest.approx(math.exp(mean), rel=1e-4)
-    held = -(-CONTEXT // CHUNK) * CHUNK  # the window reserves capacity a chunk at a time, and holds it
-    per_token = model_summary(model)["kv_bytes_per_token"]
-    assert result["kv_bytes_after_context"] == [held * per_token] * WINDOWS and result["context_tokens"] == CONTEXT
+    assert model_summary(model)["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+    assert result["kv_bytes_after_context"] == [none_bytes(CONTEXT)] * WINDOWS and result["context_tokens"] == CONTEXT
 
 
 def test_eviction_during_scoring_changes_the_result(smol, prose_ids):

@@ -13,6 +13,7 @@ from kvcompress.bench import runner
 from kvcompress.bench.cli import QUICK
 from kvcompress.bench.retrieval import FORMS
 from kvcompress.cli import main
+from test_method_table import none_bytes
 
 # SmolLM2-135M in float32: 30 layers, 3 KV heads of dim 64; one token's keys and values in all of them.
 LAYERS, KV_HEADS, HEAD_DIM, FLOAT32, FLOAT16 = 30, 3, 64, 4, 2
@@ -52,7 +53,7 @@ def test_quick_bench_writes_table_csv_json_and_plot_then_reuses(tmp_path, capsys
     assert payload["conditions"]["model"] == "smollm2-135m" and payload["conditions"]["batch"] == 1
 
     # Bytes: exactly what each method holds after the context, per context token.
-    expected = {"none": C * TOKEN_BYTES, "kivi:bits=2": _kivi_bytes(2)}
+    expected = {"none": none_bytes(C), "kivi:bits=2": _kivi_bytes(2)}  # none: whole pages and their tables
     for row in rows:
         assert row["kv_bytes"] == expected[row["method"]]
         assert row["compression"] == pytest.approx(C * TOKEN_BYTES / expected[row["method"]])
