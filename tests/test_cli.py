@@ -26,6 +26,10 @@ def _run(capsys, *argv):
         (["generate", "--context", "x", "--max-new-tokens", "0"], "at least 1"),
         (["info", "--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
         (["generate", "--context", "x", "--model", "smollm2"], "did you mean 'smollm2-135m'"),
+        (["generate", "--method", "kivi:residual=1000000000000000", "--context", "x"], "must be at most 16,777,216"),
+        (["compress", "--method", "snapkv:budget=1e20", "--context", "x", "--out", "x.kvc"], "'budget' expects int"),
+        (["serve", "--port", "99999"], "--port must be between 0 and 65535, got 99999"),
+        (["serve", "--port", "-1"], "--port must be between 0 and 65535"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

@@ -238,6 +238,8 @@ def cmd_serve(args) -> None:
         parse_spec(args.method)
     except SpecError as err:
         raise UsageError(str(err)) from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}; pass a free TCP port such as 8000")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
