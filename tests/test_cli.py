@@ -1,12 +1,13 @@
 """The command line: answers, the memory summary, and one-line errors (exit 2, no traceback)."""
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from kvcompress.cli import main
+from kvcompress.cli import UsageError, main
 
 
 def _run(capsys, *argv):
@@ -59,6 +60,34 @@ def test_missing_calibration_is_a_usage_error(capsys, monkeypatch, tiny):
     monkeypatch.setattr("kvcompress.cli._load", lambda name: (tiny, None))  # make_cache fails before any tokenizing
     code, _, err = _run(capsys, "generate", "--method", "lowrank:calibration=/nonexistent.safetensors", "--context", "x")
     _one_line_error(code, err, "kvcompress calibrate --out /nonexistent.safetensors")
+
+
+def test_compress_out_refuses_what_it_would_replace_unasked(capsys, monkeypatch, tmp_path):
+    """--out is a new path or, with --force, a regular file; never the context file, a FIFO or a device."""
+    def stop(name):
+        raise UsageError("the model would load now")
+
+    monkeypatch.setattr("kvcompress.cli._load", stop)
+    context = tmp_path / "context.txt"
+    context.write_text("The keeper wrote down every ship.")
+    old = tmp_path / "old.kvc"
+    old.write_bytes(b"an earlier cache")
+    fifo = tmp_path / "pipe.kvc"
+    os.mkfifo(fifo)
+    compress = ["compress", "--context-file", str(context), "--out"]
+    for out, force, message in [
+        (context, [], "is the context file"),
+        (context, ["--force"], "is the context file"),
+        (fifo, ["--force"], "is not a regular file"),
+        ("/dev/null", ["--force"], "is not a regular file"),
+        (old, [], "exists; pass --force to overwrite it"),
+        (old, ["--force"], "the model would load now"),  # every check passed
+        (tmp_path / "new.kvc", [], "the model would load now"),
+    ]:
+        code, _, err = _run(capsys, *compress, str(out), *force)
+        _one_line_error(code, err, message)
+    assert context.read_text() == "The keeper wrote down every ship." and old.read_bytes() == b"an earlier cache"
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["context.txt", "old.kvc", "pipe.kvc"]
 
 
 @pytest.mark.model
