@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -169,6 +171,21 @@ def test_console_script_error_has_no_traceback():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("kvcompress: error: unknown method 'nope'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_ctrl_c_while_the_package_imports_is_one_line(tmp_path, after):
+    """The console script (kvcompress_cli) in the seconds torch and transformers import: an interrupt that
+    leaves a library half-imported (numpy at ~0.3 s here) is reported as the interrupt too, not its error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "kvcompress_cli", "compress", "--context", "x", "--out", str(tmp_path / "c.kvc")]
+    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (Ctrl-C not ignored, as in a terminal)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default)
+    time.sleep(after)  # importing the package takes seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err == "kvcompress: interrupted; run the command again to start over\n", err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.model
