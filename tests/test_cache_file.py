@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 import kvcompress
 from kvcompress.cache import CACHE_FORMAT, CacheFileError, _checksum
+from kvcompress.cli import main
 from kvcompress.models import model_identity
 from test_persist import _CharTokenizer
 
@@ -79,6 +80,17 @@ def test_any_flipped_byte_is_refused(saved, tiny):
         _refused(flipped, tiny, "damaged|not a kvcompress cache")
 
 
+def test_ask_refuses_a_damaged_file_in_one_line(saved, tiny, monkeypatch, capsys):
+    path, _ = saved
+    monkeypatch.setattr("kvcompress.cli._load", lambda name: (tiny, None))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+    code = main(["ask", str(path), "--question", "Which ship?"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kvcompress: error: ") and "is damaged" in err and err.count("\n") == 1, err
+
+
 def test_an_old_format_file_names_the_version(saved, tiny):
     path, _ = saved
     old = _rewrite(path, format="kvcompress-cache/1")
@@ -107,7 +119,7 @@ def test_tensors_that_do_not_fit_the_spec_and_model_are_refused(saved, tiny, edi
     "header, match",
     [
         ({"spec": "none"}, "spec 'none' stores.*entries no layer of it holds: .'layers.0.store"),
-        ({"spec": "kivi:bits=3"}, "a method spec this kvcompress refuses .kivi: bits must be"),
+        ({"spec": "kivi:bits=3"}, "its method spec 'kivi:bits=3' cannot be built for this model .kivi: bits must be"),
         ({"seen": "7"}, "the header says 7"),
         ({"seen": "many"}, "damaged header"),
         ({"dtype": "torch.int8"}, "damaged header .*not a floating-point"),

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvcompress import attention
 from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore, compaction_index
-from kvcompress.calibration import load_retrieval_heads, rotary_of
+from kvcompress.calibration import CalibrationError, load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name, tokenizer_fingerprint
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
@@ -732,10 +732,10 @@ class CompressedCache(Cache):
             "seen": str(self.get_seq_length()),
             "scalars": json.dumps(scalars),
         }
-        metadata["checksum"] = _checksum(tensors, metadata)
         path = Path(path)
         if os.path.lexists(path) and not path.is_file():
             raise CacheFileError(f"{str(path)!r} exists and is not a regular file (a folder, a FIFO, a device); save to a new path")
+        metadata["checksum"] = _checksum(tensors, metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_replacing(path, tensors, metadata)
         return path
@@ -872,8 +872,8 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
         raise CacheFileError(f"{str(path)!r} was saved with another tokenizer; load it with the model's own tokenizer")
     try:
         cache = make_cache(meta["spec"], model)
-    except SpecError as err:
-        raise CacheFileError(f"{str(path)!r} holds a method spec this kvcompress refuses ({err}); compress the context again") from None
+    except (SpecError, CalibrationError) as err:
+        raise CacheFileError(f"{str(path)!r}: its method spec {meta['spec']!r} cannot be built for this model ({err})") from None
     if meta["storage"] != _fixed_fingerprint(cache.storage):
         raise CacheFileError(
             f"{str(path)!r} was compressed with another calibration of this model than the one found now; "
@@ -883,7 +883,7 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
         _restore(cache, tensors, scalars, dtype, model.device)
         _check_restored(cache, tensors, scalars, dtype, seen)
     except Exception as err:  # whatever restoring mismatched entries raises (KeyError, RuntimeError, ...)
-        detail = f"no entry {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+        detail = f"no entry {err.args[0]!r}" if isinstance(err, KeyError) else (str(err).splitlines() or [type(err).__name__])[0]
         raise CacheFileError(
             f"{str(path)!r} does not hold what its spec {cache.spec!r} stores for this model ({detail}); compress the context again"
         ) from None
