@@ -19,8 +19,10 @@ from kvcompress.protocols import Representation, Selection
 _REGISTRY: dict[str, type] = {}
 
 # Every integer parameter counts something (tokens, bits, channels, heads), so none may exceed 2**24
-# = 16,777,216: more tokens than any model here reads, and small enough that no count the parser lets
-# through makes an absurd allocation or overflows int64 arithmetic (positions, budgets) downstream.
+# = 16,777,216: more tokens than any model here reads, so a count beyond it is a typo (kivi:residual=
+# 1000000000000000 reserved a window of that many tokens), and far from overflowing int64 arithmetic
+# (positions, budgets) downstream. A count within it is taken as given: kivi:residual=16777216 still
+# reserves room for that many tokens per layer.
 MAX_COUNT = 2**24
 
 
