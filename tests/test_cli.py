@@ -207,6 +207,19 @@ def test_compress_then_ask_answers_as_generate_does(capsys, smol_cli, tmp_path):
 
 
 @pytest.mark.model
+def test_compress_force_replaces_a_file_and_keeps_its_permissions(capsys, smol_cli, tmp_path):
+    from kvcompress.cache import CACHE_FORMAT, read_header
+
+    doc = tmp_path / "doc.kvc"
+    doc.write_bytes(b"an earlier cache")
+    doc.chmod(0o600)
+    code, _, err = _run(capsys, "compress", "--context", "The room is 4B.", "--out", str(doc), "--force")
+    assert code == 0, err
+    assert read_header(doc)["format"] == CACHE_FORMAT and doc.stat().st_mode & 0o777 == 0o600
+    assert list(tmp_path.iterdir()) == [doc]  # no temporary file left beside it
+
+
+@pytest.mark.model
 def test_ask_bad_files_are_one_line(capsys, smol_cli, tmp_path):
     code, _, err = _run(capsys, "ask", str(tmp_path / "missing.kvc"), "--question", "Q?")
     _one_line_error(code, err, "no saved cache at")
