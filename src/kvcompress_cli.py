@@ -27,14 +27,19 @@ def main() -> int:
     try:
         from kvcompress.cli import main as run
 
-        return run()
+        code = run()  # its own Ctrl-C: one line, 2
     except BaseException:
         if not _pressed:
             raise
-    print("kvcompress: interrupted; run the command again to start over", file=sys.stderr, flush=True)
-    # After an interrupt inside an extension's import Python itself would end with SIGINT, not exit code 2;
-    # nothing is open yet to close.
-    os._exit(2)
+        print("kvcompress: interrupted; run the command again to start over", file=sys.stderr)
+        code = 2
+    if _pressed:
+        # After an interrupt inside code an extension ran through Python's C API (torch's import does),
+        # Python itself would end the process with SIGINT, whatever the exit code: end it here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
