@@ -1,12 +1,15 @@
 """The command line: answers, the memory summary, and one-line errors (exit 2, no traceback)."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from kvcompress.cli import main
+from kvcompress.cli import UsageError, main
 
 
 def _run(capsys, *argv):
@@ -26,6 +29,10 @@ def _run(capsys, *argv):
         (["generate", "--context", "x", "--max-new-tokens", "0"], "at least 1"),
         (["info", "--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
         (["generate", "--context", "x", "--model", "smollm2"], "did you mean 'smollm2-135m'"),
+        (["generate", "--method", "kivi:residual=1000000000000000", "--context", "x"], "must be at most 16,777,216"),
+        (["compress", "--method", "snapkv:budget=1e20", "--context", "x", "--out", "x.kvc"], "'budget' expects int"),
+        (["serve", "--port", "99999"], "--port must be between 0 and 65535, got 99999"),
+        (["serve", "--port", "-1"], "--port must be between 0 and 65535"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -55,6 +62,34 @@ def test_missing_calibration_is_a_usage_error(capsys, monkeypatch, tiny):
     monkeypatch.setattr("kvcompress.cli._load", lambda name: (tiny, None))  # make_cache fails before any tokenizing
     code, _, err = _run(capsys, "generate", "--method", "lowrank:calibration=/nonexistent.safetensors", "--context", "x")
     _one_line_error(code, err, "kvcompress calibrate --out /nonexistent.safetensors")
+
+
+def test_compress_out_refuses_what_it_would_replace_unasked(capsys, monkeypatch, tmp_path):
+    """--out is a new path or, with --force, a regular file; never the context file, a FIFO or a device."""
+    def stop(name):
+        raise UsageError("the model would load now")
+
+    monkeypatch.setattr("kvcompress.cli._load", stop)
+    context = tmp_path / "context.txt"
+    context.write_text("The keeper wrote down every ship.")
+    old = tmp_path / "old.kvc"
+    old.write_bytes(b"an earlier cache")
+    fifo = tmp_path / "pipe.kvc"
+    os.mkfifo(fifo)
+    compress = ["compress", "--context-file", str(context), "--out"]
+    for out, force, message in [
+        (context, [], "is the context file"),
+        (context, ["--force"], "is the context file"),
+        (fifo, ["--force"], "is not a regular file"),
+        ("/dev/null", ["--force"], "is not a regular file"),
+        (old, [], "exists; pass --force to overwrite it"),
+        (old, ["--force"], "the model would load now"),  # every check passed
+        (tmp_path / "new.kvc", [], "the model would load now"),
+    ]:
+        code, _, err = _run(capsys, *compress, str(out), *force)
+        _one_line_error(code, err, message)
+    assert context.read_text() == "The keeper wrote down every ship." and old.read_bytes() == b"an earlier cache"
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["context.txt", "old.kvc", "pipe.kvc"]
 
 
 @pytest.mark.model
@@ -138,6 +173,21 @@ def test_console_script_error_has_no_traceback():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_ctrl_c_while_the_package_imports_is_one_line(tmp_path, after):
+    """The console script (kvcompress_cli) in the seconds torch and transformers import: an interrupt that
+    leaves a library half-imported (numpy at ~0.3 s here) is reported as the interrupt too, not its error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "kvcompress_cli", "compress", "--context", "x", "--out", str(tmp_path / "c.kvc")]
+    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (Ctrl-C not ignored, as in a terminal)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default)
+    time.sleep(after)  # importing the package takes seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err == "kvcompress: interrupted; run the command again to start over\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.model
 def test_compress_then_ask_answers_as_generate_does(capsys, smol_cli, tmp_path):
     context = "The meeting is on Tuesday. The room is 4B. Bring the blue folder. " * 4
@@ -154,6 +204,19 @@ def test_compress_then_ask_answers_as_generate_does(capsys, smol_cli, tmp_path):
     assert code == 0
     assert [line[3:] for line in out.splitlines() if line.startswith("Q: ")] == questions
     assert f"A: {direct.strip()}" in out.splitlines()  # the first answer, asked in a batch, is the single one
+
+
+@pytest.mark.model
+def test_compress_force_replaces_a_file_and_keeps_its_permissions(capsys, smol_cli, tmp_path):
+    from kvcompress.cache import CACHE_FORMAT, read_header
+
+    doc = tmp_path / "doc.kvc"
+    doc.write_bytes(b"an earlier cache")
+    doc.chmod(0o600)
+    code, _, err = _run(capsys, "compress", "--context", "The room is 4B.", "--out", str(doc), "--force")
+    assert code == 0, err
+    assert read_header(doc)["format"] == CACHE_FORMAT and doc.stat().st_mode & 0o777 == 0o600
+    assert list(tmp_path.iterdir()) == [doc]  # no temporary file left beside it
 
 
 @pytest.mark.model

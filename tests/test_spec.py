@@ -49,3 +49,25 @@ def test_methods_lists_parameters_and_defaults():
 def test_bad_specs_raise_errors_naming_the_fix(spec, message, tiny):
     with pytest.raises(SpecError, match=message):
         kvcompress.make_cache(spec, tiny)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("snapkv:budget=1e20", "'budget' expects int, got '1e20'"),
+        ("snapkv:window=1e20", "'window' expects int, got '1e20'"),
+        ("expected_attention:future=1e20", "'future' expects int"),
+        ("kivi:residual=1e20", "'residual' expects int"),
+        ("kivi:residual=10**15", "'residual' expects int"),
+        ("kivi:residual=1000000000000000", "'residual' must be at most 16,777,216"),
+        ("snapkv:budget=-99999999999999999999", "'budget' must be at most 16,777,216"),
+        ("kivi:residual=" + "9" * 5000, "'residual' expects int"),  # beyond Python's digit limit
+        ("snapkv:ratio=1e400", "'ratio' must be a finite number, got inf"),
+        ("pyramidkv:beta=nan", "'beta' must be a finite number"),
+    ],
+)
+def test_values_beyond_the_one_bound_are_spec_errors_before_any_allocation(spec, message):
+    """One bound in the parser (registry.MAX_COUNT, finite floats), for every method: no absurd allocation later."""
+    with pytest.raises(SpecError, match=message):
+        parse_spec(spec)
+    assert parse_spec("streaming:window=16777216").selection.window == 2**24  # the bound itself is accepted

@@ -6,8 +6,12 @@ Bad input ends with one line on stderr that names the fix, and exit code 2; no t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -55,6 +59,22 @@ def _check_writable(path: Path, what: str) -> None:
             probe.write(b"kvcompress")
     except OSError as err:
         raise UsageError(f"cannot write {what} {str(path)!r} ({err.strerror or err}); pass a path in a writable folder") from None
+
+
+def _check_out(args) -> Path:
+    """``compress --out`` as a path to write: refuse what writing would replace that the user did not ask
+    to replace (the context file, anything but a regular file such as a FIFO or a device, or an existing
+    file without ``--force``), then check the folder is writable (see :func:`_check_writable`)."""
+    out = Path(args.out)
+    context = args.context_file
+    if context is not None and out.exists() and Path(context).exists() and os.path.samefile(out, context):
+        raise UsageError(f"--out {args.out!r} is the context file; pass another path for the compressed cache")
+    if os.path.lexists(out) and not out.is_file() and not out.is_dir():  # a folder: _check_writable says so
+        raise UsageError(f"--out {args.out!r} exists and is not a regular file (a FIFO, a device, a broken link); pass a new path")
+    if out.is_file() and not args.force:
+        raise UsageError(f"--out {args.out!r} exists; pass --force to overwrite it, or a new path")
+    _check_writable(out, "--out")
+    return out
 
 
 def _read_context(args) -> str:
@@ -145,13 +165,13 @@ def cmd_compress(args) -> None:
     _check_spec(args.method)
     _check_chunk(args)
     context = _read_context(args)
-    out = Path(args.out)
-    _check_writable(out, "--out")
+    out = _check_out(args)
     model, tokenizer = _load(args.model)
     try:
         cache = compress(model, tokenizer, context, args.method, prefill_chunk=args.prefill_chunk)
     except (SpecError, CalibrationError, ContextTooLongError) as err:
         raise UsageError(str(err)) from None
+    _check_out(args)  # again: something may have appeared at --out while the context was compressed
     cache.save(out, tokenizer)
     print(_memory_line(cache, model), file=sys.stderr)
     print(f"[kvcompress] saved to {out} ({_human(out.stat().st_size)} on disk)", file=sys.stderr)
@@ -238,6 +258,8 @@ def cmd_serve(args) -> None:
         parse_spec(args.method)
     except SpecError as err:
         raise UsageError(str(err)) from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}; pass a free TCP port such as 8000")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -297,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="compress a context once and save it, to ask it questions later (`ask`)")
     _add_method_and_context(comp, method_help)
     comp.add_argument("--out", required=True, help="file to write the compressed cache to (safetensors), e.g. doc.kvc")
+    comp.add_argument("--force", action="store_true", help="overwrite --out if it exists (its permissions are kept)")
     comp.add_argument("--prefill-chunk", type=int, default=None, help=chunk_help)
     comp.add_argument("--model", default=None, help=model_help)
     comp.set_defaults(run=cmd_compress)
@@ -377,16 +400,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Inside this block SIGTERM unwinds as Ctrl-C does (``CompressedCache.save`` removes its temporary
+    file; one line, exit 2) instead of killing the process mid-write; the handler before is put back."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        args.run(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = None
+    try:
+        with _sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+            command = args.command
+            args.run(args)
     except UsageError as err:
         print(f"kvcompress: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
-        if args.command == "bench":  # each measured part is saved as it finishes
+        if command == "bench":  # each measured part is saved as it finishes
             then = f"finished parts are kept under {args.out}/ and running the same command again (without --force) continues"
         else:
             then = "run the command again to start over"

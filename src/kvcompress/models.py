@@ -30,6 +30,7 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -237,18 +238,19 @@ def model_summary(model: PreTrainedModel) -> dict:
 
 
 def model_identity(model) -> dict[str, object]:
-    """Shapes that decide the cache layout plus a hash of a sample of the weights.
+    """Shapes that decide the cache layout plus a hash of every weight (:func:`weights_digest`), so a
+    cache or calibration made for a model is refused by the same model with any one weight changed.
 
-    Weights are hashed after rounding to bfloat16, so the same model in fp32, fp16 or bf16 has one
-    identity (and one calibration).
+    The hash is worked out once per model and kept while its parameters stay the same tensors, unchanged
+    in place (torch's version counter); a change made through ``.data`` is not seen until a new process.
     """
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
-    digest = hashlib.sha256()
     params = list(model.named_parameters())
-    for name, p in params[:: max(1, len(params) // 16)]:
-        digest.update(name.encode())
-        digest.update(p.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    key = tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for name, p in params)
+    held = _WEIGHTS.get(model)
+    if held is None or held[0] != key:
+        held = _WEIGHTS[model] = (key, weights_digest(params))
     return {
         "model_type": cfg.model_type,
         "layers": cfg.num_hidden_layers,
@@ -257,8 +259,29 @@ def model_identity(model) -> dict[str, object]:
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
-        "weights": digest.hexdigest()[:16],
+        "weights": held[1],
     }
+
+
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its parameters' key, weights_digest)
+_DIGEST_CHUNK = 1 << 24  # elements rounded to bfloat16 at a time: a bounded copy, whatever the tensor's size
+
+
+def weights_digest(params: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 of every ``(name, parameter)``: its name and all its values rounded to bfloat16 (so the same
+    model in fp32, fp16 or bf16 has one digest, and one calibration).
+
+    Every value is hashed, not a sample: any changed weight changes the digest. Cost: one pass over the
+    weights at sha256's speed, measured 0.33 s for the default model (135M parameters, fp32, one busy CPU
+    core); :func:`model_identity` then keeps it (2 ms a call after the first).
+    """
+    digest = hashlib.sha256()
+    for name, p in params:
+        digest.update(name.encode())
+        flat = p.detach().reshape(-1)
+        for start in range(0, flat.numel(), _DIGEST_CHUNK):
+            digest.update(flat[start : start + _DIGEST_CHUNK].to("cpu", torch.bfloat16).view(torch.int16).numpy())
+    return digest.hexdigest()[:16]
 
 
 IDENTITY_KEYS = ("model_type", "layers", "kv_heads", "q_heads", "head_dim", "hidden_size", "vocab_size", "weights")

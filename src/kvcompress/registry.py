@@ -10,12 +10,20 @@ register themselves when :mod:`kvcompress` is imported (which any import of a su
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 
 from kvcompress.protocols import Representation, Selection
 
 _REGISTRY: dict[str, type] = {}
+
+# Every integer parameter counts something (tokens, bits, channels, heads), so none may exceed 2**24
+# = 16,777,216: more tokens than any model here reads, so a count beyond it is a typo (kivi:residual=
+# 1000000000000000 reserved a window of that many tokens), and far from overflowing int64 arithmetic
+# (positions, budgets) downstream. A count within it is taken as given: kivi:residual=16777216 still
+# reserves room for that many tokens per layer.
+MAX_COUNT = 2**24
 
 
 class SpecError(ValueError):
@@ -132,7 +140,7 @@ def _parse_part(part: str, spec: str):
             raise SpecError(f"{name}: unknown parameter {key!r}; valid parameters: {_describe(cls)}")
         if key in kwargs:
             raise SpecError(f"{name}: parameter {key!r} given twice")
-        kwargs[key] = _convert(name, key, raw.strip(), hints[key])
+        kwargs[key] = _in_range(name, key, _convert(name, key, raw.strip(), hints[key]))
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -160,6 +168,16 @@ def _convert(method: str, key: str, raw: str, typ) -> object:
         if key == "budget" and raw in ("uniform", "pyramid", "adaptive"):  # budgets.ALLOCATIONS; budget is a count
             hint = f"; budget is tokens kept per layer and head, spread across heads and layers by allocation={raw}"
         raise SpecError(f"{method}: parameter {key!r} expects {typ.__name__}, got {raw!r}{hint}") from None
+
+
+def _in_range(method: str, key: str, value: object) -> object:
+    """``value`` when an integer within ``[-MAX_COUNT, MAX_COUNT]`` or a finite float (``1e400``, ``inf`` and
+    ``nan`` parse as floats); else a SpecError. The one bound every method's parameters share."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
+        raise SpecError(f"{method}: parameter {key!r} must be at most {MAX_COUNT:,} (2**24), got {value:,}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{method}: parameter {key!r} must be a finite number, got {value}")
+    return value
 
 
 def _describe(cls) -> str:
