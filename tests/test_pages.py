@@ -123,6 +123,23 @@ def test_a_fork_shares_pages_until_it_writes_one():
     assert all(not base.pool.shared(page) for page in base.tables[0])
 
 
+
+def test_repeated_rows_share_pages_until_unshared():
+    """A batch that repeats one context reads its pages once; ``unshare`` gives each row its own copy,
+    as distinct sequences would hold: then the bytes are the batch's, and the contents unchanged."""
+    tokens = 2 * PAGE + 3
+    buffer = PagedBuffer()
+    keys = torch.randn(1, H, tokens, D)
+    buffer.append(keys, -keys, None)
+    buffer.map_batch(lambda t: t.repeat_interleave(3, dim=0))
+    assert len(buffer.pool) == 3 and buffer.nbytes == 3 * PAGE_BYTES + 3 * 3 * POINTERS
+    buffer.unshare()
+    assert len(buffer.pool) == 9 and buffer.nbytes == 9 * (PAGE_BYTES + POINTERS)
+    assert not any(buffer.pool.shared(page) for table in buffer.tables for page in table)
+    assert buffer.moved == 6 * PAGE_BYTES  # two of the three rows copied their three pages
+    k, v = buffer.keys_values()
+    assert torch.equal(k, keys.expand(3, -1, -1, -1)) and torch.equal(v, -k)
+
 # ---- the kernel -------------------------------------------------------------------------------
 
 

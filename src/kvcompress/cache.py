@@ -484,6 +484,12 @@ class CompressedLayer(CacheLayerMixin):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 
+    def unshare(self) -> None:
+        """Give each row its own pages (see :meth:`kvcompress.paged.PagedBuffer.unshare`); other stores
+        already hold every row apart."""
+        if isinstance(self.window, PagedBuffer) and not self.shared:
+            self.window.unshare()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
@@ -632,6 +638,14 @@ class CompressedCache(Cache):
             fork.context = tuple(t.repeat_interleave(copies, 0) for t in self.context)
         fork.model_name = self.model_name
         return fork
+
+    def unshare(self) -> None:
+        """Give every row its own copy of the pages it shares with other rows (after
+        ``batch_repeat_interleave``, rows that repeat one context share its pages): the bytes a batch of
+        distinct sequences would hold, and read, at each step."""
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.unshare()
 
     def reset(self) -> None:
         """Empty the cache for a new context. Forks made before keep reading the old context's stores."""

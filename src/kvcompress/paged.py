@@ -299,6 +299,21 @@ class PagedBuffer:
         fork._changed()
         return fork
 
+    def unshare(self) -> None:
+        """Give every row its own copy of each page it reads with another row or buffer: the pages that
+        distinct sequences would hold (a benchmark's batch of one repeated context)."""
+        for table in self.tables:
+            for i, page in enumerate(table):
+                if self.pool.shared(page) or page in self.borrowed:
+                    (copy,) = self._new_pages(1)
+                    for new, old in zip(self._kv(copy), self._kv(page)):
+                        new.copy_(old)
+                    self.moved += self.page_bytes
+                    self.pool.release([page])
+                    table[i] = copy
+        self.borrowed.clear()
+        self._changed()
+
     def map_batch(self, fn) -> None:
         """Reorder, repeat or select rows (``fn`` on the batch dimension): rows used twice share their pages."""
         if not self.tables:

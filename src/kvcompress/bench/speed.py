@@ -228,12 +228,14 @@ def sequence_nbytes(
 @torch.no_grad()
 def _fill_batch(method: BenchMethod, model, ids: torch.Tensor, batch: int, chunk: int | None, tokenizer=None):
     """A cache holding ``(1, C)`` ids repeated ``batch`` times, and its ``(batch, 1, V)`` logits. A kvcompress
-    cache prefills one copy and repeats its rows (the copies are identical); others prefill the batch."""
+    cache prefills one copy and repeats its rows (the copies are identical), each row with its own pages;
+    others prefill the batch."""
     cache = method.new_cache(model)
     with method.session(model, cache):
         if isinstance(cache, CompressedCache):
             logits = fill_context(method, model, ids, cache, chunk, tokenizer).repeat_interleave(batch, 0)
             cache.batch_repeat_interleave(batch)
+            cache.unshare()  # rows would share the context's pages: distinct sequences hold and read their own
         else:
             logits = fill_context(method, model, ids.expand(batch, -1), cache, chunk, tokenizer)
     return cache, logits
