@@ -10,7 +10,7 @@ the cache receives rotated keys, and :class:`Rotary` undoes the rotation at each
 A calibration is saved as a safetensors file tagged with the model's identity (shapes plus a hash
 of some of its weights); loading it for another model raises :class:`CalibrationError`. Default
 calibrations live in ``<cache_dir>/calibration/`` (next to converted models, see
-:func:`kvcompress.models.cache_dir`); :func:`load_or_build` finds or builds them, saying so on
+:func:`kvcompress.folders.cache_dir`); :func:`load_or_build` finds or builds them, saying so on
 stderr when it builds.
 
 A calibration may also hold per-head retrieval scores (:func:`retrieval_heads`: how much each KV
@@ -43,7 +43,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DynamicCache
 
-from kvcompress.models import cache_dir, cache_kwarg, identity_differences, model_identity, model_name
+from kvcompress.folders import cache_dir
+from kvcompress.models import cache_kwarg, identity_differences, model_identity, model_name
 
 FORMAT = "1"
 # Modules the benchmark harness never reads (kvcompress.bench.texts.CODE_MODULES are others).

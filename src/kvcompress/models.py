@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import os
 import re
 import shutil
 import socket
@@ -47,6 +46,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from kvcompress.folders import cache_dir  # part of this module's API: where converted models live
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -112,20 +113,6 @@ _BUILTINS = {
 }
 
 BUILTIN_MODELS = tuple(_BUILTINS)
-
-
-def cache_dir() -> Path:
-    """Return the folder that holds converted models.
-
-    Returns:
-        ``$KVCOMPRESS_CACHE`` if set, else ``$XDG_CACHE_HOME/kvcompress``, else
-        ``~/.cache/kvcompress``. The folder may not exist yet.
-    """
-    if os.environ.get("KVCOMPRESS_CACHE"):
-        return Path(os.environ["KVCOMPRESS_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "kvcompress"
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvcompress.models import cache_dir
+from kvcompress.folders import cache_dir
 
 SOURCES = Path(__file__).parent / "csrc"
 # -march=native: the library is built on the machine that runs it (the CPU is part of its name).
