@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import kvcompress
-from kvcompress.cache import CACHE_FORMAT, CacheFileError, _checksum
+from kvcompress.persist import CACHE_FORMAT, CacheFileError, _checksum
 from kvcompress.cli import main
 from kvcompress.models import model_identity
 from test_persist import _CharTokenizer
@@ -156,7 +156,7 @@ def test_an_interrupted_save_leaves_the_old_file_and_no_temporary_file(saved, mo
         Path(name).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvcompress.cache.save_file", interrupted)
+    monkeypatch.setattr("kvcompress.persist.save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cache.save(path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
@@ -180,7 +180,7 @@ def test_sigterm_during_a_save_removes_its_temporary_file_and_is_one_line(tmp_pa
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        import kvcompress, kvcompress.cache, kvcompress.cli
+        import kvcompress, kvcompress.persist, kvcompress.cli
         from test_cache_file import _tiny_model
         from test_persist import _CharTokenizer
 
@@ -196,7 +196,7 @@ def test_sigterm_during_a_save_removes_its_temporary_file_and_is_one_line(tmp_pa
             print("writing", flush=True)
             time.sleep(60)
 
-        kvcompress.cache.save_file = slow
+        kvcompress.persist.save_file = slow
         sys.exit(kvcompress.cli.main(["compress", "--method", {KIVI!r}, "--context", "a ship " * 8, "--out", {str(out)!r}]))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}

@@ -208,7 +208,7 @@ def test_compress_then_ask_answers_as_generate_does(capsys, smol_cli, tmp_path):
 
 @pytest.mark.model
 def test_compress_force_replaces_a_file_and_keeps_its_permissions(capsys, smol_cli, tmp_path):
-    from kvcompress.cache import CACHE_FORMAT, read_header
+    from kvcompress.persist import CACHE_FORMAT, read_header
 
     doc = tmp_path / "doc.kvc"
     doc.write_bytes(b"an earlier cache")

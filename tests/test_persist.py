@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import kvcompress
-from kvcompress.cache import CacheFileError
+from kvcompress.persist import CacheFileError
 from kvcompress.models import cache_kwarg
 from kvcompress.paged import PagedBuffer
 from test_method_table import TABLE

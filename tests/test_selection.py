@@ -2,7 +2,6 @@
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer, compaction_index

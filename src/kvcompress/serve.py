@@ -49,7 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from kvcompress.cache import CacheFileError, CompressedCache, load_cache
+from kvcompress.cache import CompressedCache
+from kvcompress.persist import CacheFileError, load_cache
 from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_prompt
 from kvcompress.models import model_identity, model_name
 

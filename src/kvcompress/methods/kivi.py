@@ -194,7 +194,7 @@ class KIVIStore:
         """The tensors that hold ``(B, H, n, D)`` keys and values (``n`` a multiple of the group), as :meth:`extend`
         takes them; ``valid`` ``(B, H, n)`` keeps padding out of the key statistics; ``first``: they are the
         first the store holds, so its sinks are among them."""
-        n, dim, g = keys.shape[2], keys.shape[3], self.block
+        n, g = keys.shape[2], self.block
         m = min(self.sink, n) if first else 0
         if m:  # the sinks' keys out of their block's statistics (their codes are never read)
             stats = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device) if valid is None else valid.clone()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from kvcompress.kernels import drop_lowest
 from kvcompress.protocols import LayerView, Selected, Selection
