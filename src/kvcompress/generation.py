@@ -3,7 +3,8 @@
 :func:`compress` turns a context into a cache; :func:`ask` answers questions after it, each on a
 fork that reads the compressed context without copying it; :func:`generate` is the two in one call.
 :func:`split_prompt` and :func:`split_chat` say where a prompt (a context and a question, or a
-conversation) is cut between the compressed part and the asked part.
+conversation) is cut between the compressed part and the asked part. Answers are greedy unless a
+:class:`~kvcompress.sampling.Sampler` chooses the tokens.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import contextlib
 import dataclasses
 
 import torch
+from transformers import LogitsProcessorList
 
 from kvcompress.attach import KEYWORD, attach
 from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.models import cache_kwarg
+from kvcompress.sampling import Sampler
 
 
 class ContextTooLongError(ValueError):
@@ -320,9 +323,11 @@ def ask(
     max_new_tokens: int = 64,
     streamer=None,
     stopping_criteria=None,
+    sampler: Sampler | None = None,
     templated: bool = False,
 ) -> str | list[str]:
-    """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
+    """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily
+    unless a ``sampler`` chooses the tokens.
 
     The context is not compressed again nor copied: each question continues a fork of the cache
     (:meth:`~kvcompress.cache.CompressedCache.fork`) that reads the context as it is held and stores
@@ -333,7 +338,9 @@ def ask(
     prompt's ``(B, T)`` ids, then each step's ``(B,)`` new tokens (every row: ``kvcompress serve``
     streams a batch of questions with it), and ``end()`` once generation stops. ``stopping_criteria``:
     a list of transformers ``StoppingCriteria``, also handed to ``model.generate`` (a row they mark done
-    decodes no further; ``kvcompress serve`` ends a cancelled request's row so). ``templated``: each question is
+    decodes no further; ``kvcompress serve`` ends a cancelled request's row so). ``sampler``: a
+    :class:`~kvcompress.sampling.Sampler` with one row per question (greedy rows included), e.g.
+    ``Sampler([(Sampling(temperature=0.7, seed=1), len(questions))])``. ``templated``: each question is
     already the prompt's asked part, as the second part of :func:`split_prompt` or :func:`split_chat`.
 
     Returns:
@@ -375,6 +382,7 @@ def ask(
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
             stopping_criteria=stopping_criteria,
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
             **{cache_kwarg(model): fork},
         )
     answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
