@@ -83,7 +83,7 @@ def expected(smol):
 
 
 def _metrics(url: str) -> dict:
-    return httpx.get(f"{url}/metrics").json()
+    return httpx.get(f"{url}/metrics", params={"format": "json"}).json()
 
 
 def test_answers_equal_the_library_and_a_document_sent_again_is_not_prefilled(server, expected, smol):
@@ -291,7 +291,7 @@ def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_st
                         "/v1/completions", json={"model": "smol", "prompt": doc, "question": q, "max_tokens": TOKENS}
                     )
                     if i % 10 == 0:
-                        kept.append((await client.get("/metrics")).json()["kept_bytes"])
+                        kept.append((await client.get("/metrics", params={"format": "json"})).json()["kept_bytes"])
                 assert r.status_code == 200, r.text
                 answers.append((doc, q, r.json()["choices"][0]["text"]))
 

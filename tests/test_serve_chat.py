@@ -1,6 +1,6 @@
 """``kvcompress serve`` with what chat clients send: system/user/assistant conversations, sampling (temperature,
-top_p, top_k, seed), stop texts, n choices and logprobs. A real server on a local port, as in test_serve.py;
-short answers and tiny contexts."""
+top_p, top_k, seed), stop texts, n choices, logprobs, and /metrics in Prometheus' format. A real server on a local port, as in
+test_serve.py; short answers and tiny contexts."""
 
 from __future__ import annotations
 
@@ -180,3 +180,17 @@ def test_the_openai_client_sends_sampling_fields_and_a_refused_one_names_itself(
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="smol", messages=OPEN, temperature=2.5)
 
+
+def test_metrics_are_in_prometheus_text_format_and_json_on_request(server):
+    parser = pytest.importorskip("prometheus_client.parser")
+    url, _ = server
+    _chat(url, OPEN, max_tokens=1)
+    text = httpx.get(f"{url}/metrics")
+    assert text.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in parser.text_string_to_metric_families(text.text)}
+    counts = httpx.get(f"{url}/metrics", headers={"Accept": "application/json"}).json()
+    assert families["kvcompress_requests"].type == "counter" and families["kvcompress_kept_bytes"].type == "gauge"
+    assert families["kvcompress_requests"].samples[0].value <= counts["requests"]
+    assert families["kvcompress_kept_bytes"].samples[0].value == counts["kept_bytes"] > 0
+    assert "kvcompress_store_budget" not in families  # no limit: no figure
+    assert httpx.get(f"{url}/metrics", params={"format": "xml"}).status_code == 400

@@ -47,7 +47,9 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -472,6 +474,56 @@ class Metrics:
             self.errors[str(status)] = self.errors.get(str(status), 0) + 1
 
 
+class _Exporter:
+    """A ``prometheus_client`` collector of the server's figures, read from ``snapshot()`` (``/metrics``'
+    JSON form) at each scrape: counts as counters (``kvcompress_<name>_total``, errors by HTTP status),
+    the rest as gauges."""
+
+    COUNTERS = {
+        "requests": "requests accepted",
+        "completions": "/v1/completions requests",
+        "chat_completions": "/v1/chat/completions requests",
+        "streamed": "requests answered as server-sent events",
+        "prefills": "contexts compressed",
+        "memory_hits": "contexts found in memory",
+        "disk_hits": "contexts reloaded from the store's folder",
+        "prompt_tokens": "prompt tokens of answered requests",
+        "completion_tokens": "tokens decoded",
+        "batches": "batches run by the model",
+        "prefill_seconds": "seconds spent compressing contexts",
+        "decode_seconds": "seconds spent decoding answers",
+        "queue_seconds": "seconds requests waited for the model",
+        "cancelled": "requests whose client left before the answer ended",
+        "evictions": "contexts moved from memory to disk",
+        "deleted_from_disk": "context files deleted beyond --store-budget",
+    }
+    GAUGES = {
+        "largest_batch": "the most requests answered in one batch",
+        "kept_bytes": "bytes of compressed contexts held in memory",
+        "memory_budget": "bytes of compressed contexts the memory may hold (--memory-budget)",
+        "kept_in_memory": "compressed contexts held in memory",
+        "kept_on_disk": "compressed contexts in the store's folder",
+        "disk_bytes": "bytes of the store's files",
+        "store_budget": "bytes the store's files may take (--store-budget; absent: no limit)",
+        "queued": "requests waiting for the model",
+    }
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
+
+    def collect(self):
+        values = self.snapshot()
+        for key, text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"kvcompress_{key}", text, value=values[key])
+        for key, text in self.GAUGES.items():
+            if values[key] is not None:
+                yield GaugeMetricFamily(f"kvcompress_{key}", text, value=values[key])
+        errors = CounterMetricFamily("kvcompress_errors", "requests refused or failed, by HTTP status", labels=["status"])
+        for status, count in sorted(values["errors"].items()):
+            errors.add_metric([status], count)
+        yield errors
+
+
 class Engine:
     """The model's one worker thread: takes queued jobs, batches those of one context, answers them."""
 
@@ -866,9 +918,15 @@ def create_app(
             "queued": engine.jobs.qsize(),
         }
 
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Exporter(snapshot))
+
     @app.get("/metrics")
-    async def show_metrics():
-        return snapshot()
+    async def show_metrics(request: Request, format: Literal["prometheus", "json"] | None = None):
+        """Prometheus' text format; JSON with ``?format=json`` or ``Accept: application/json``."""
+        if format == "json" or (format is None and "application/json" in request.headers.get("accept", "")):
+            return snapshot()
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
