@@ -83,7 +83,7 @@ def expected(smol):
 
 
 def _metrics(url: str) -> dict:
-    return httpx.get(f"{url}/metrics").json()
+    return httpx.get(f"{url}/metrics", params={"format": "json"}).json()
 
 
 def test_answers_equal_the_library_and_a_document_sent_again_is_not_prefilled(server, expected, smol):
@@ -170,8 +170,8 @@ def test_the_openai_client_talks_to_it(server, expected):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected[doc, QUESTIONS[0]]
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="greedily"):
-        client.completions.create(model="smol", prompt=doc, temperature=0.8)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model="smol", prompt=doc, presence_penalty=0.8)
 
 
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
@@ -184,9 +184,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
         ({"json": {**good, "prompt": "word " * 9000}}, 400, "context_length_exceeded"),
         ({"json": {**good, "max_tokens": 100_000}}, 400, "context_length_exceeded"),
         ({"json": {**good, "max_tokens": 0}}, 400, "invalid_value"),
-        ({"json": {**good, "temperature": 1.0}}, 400, "unsupported_parameter"),
-        ({"json": {**good, "n": 2}}, 400, "unsupported_parameter"),
-        ({"json": {**good, "stop": ["\n"]}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "presence_penalty": 1.0}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "frequency_penalty": -0.5}}, 400, "unsupported_parameter"),
+        ({"json": {**good, "logprobs": 2}}, 400, "unsupported_parameter"),  # chat only
+        ({"json": {**good, "temperature": 3.0}}, 400, "invalid_value"),
+        ({"json": {**good, "top_p": -0.1}}, 400, "invalid_value"),
+        ({"json": {**good, "n": 9}}, 400, "invalid_value"),  # more than --max-batch
+        ({"json": {**good, "stop": ["a", "b", "c", "d", "e"]}}, 400, "invalid_value"),
+        ({"json": {**good, "stop": ""}}, 400, "invalid_value"),
         ({"json": {**good, "best_of": 3}}, 400, "unknown_parameter"),
         ({"json": {**good, "prompt": ""}}, 400, "invalid_prompt"),
         ({"json": {**good, "prompt": ["a", "b"]}}, 400, "invalid_prompt"),
@@ -205,9 +210,15 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
         assert response.status_code == status, (kwargs.get("json", kwargs.get("content"))[:80], response.text)
         error = response.json()["error"]
         assert error["code"] == code and error["message"] and error["type"], error
-    chat = {"model": "smol", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    chat = {"model": "smol", "messages": [{"role": "tool", "content": "42"}, {"role": "user", "content": "hi"}]}
     response = httpx.post(f"{url}/v1/chat/completions", json=chat)
     assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_role"
+    chat["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
+    response = httpx.post(f"{url}/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_messages"
+    for refused in ({"top_logprobs": 2}, {"logprobs": 3}):  # top_logprobs needs logprobs: true
+        chat = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], **refused}
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat).json()["error"]["code"] == "invalid_value"
     assert httpx.post(f"{url}/v1/chat/completions", json={"model": "smol", "messages": []}).status_code == 400
     lone = b'{"model": "smol", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}'
     response = httpx.post(f"{url}/v1/chat/completions", content=lone, headers=JSON)
@@ -217,7 +228,7 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.post(f"{url}/v1/completions", json=good, timeout=120).status_code == 200
     errors = _metrics(url)["errors"]
-    assert errors["400"] >= before.get("400", 0) + 18 and errors["413"] == before.get("413", 0) + 1
+    assert errors["400"] >= before.get("400", 0) + 25 and errors["413"] == before.get("413", 0) + 1
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
@@ -250,12 +261,12 @@ def test_a_request_cancelled_while_queued_is_never_run_and_its_handler_is_told()
     metrics = Metrics()
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))  # all the worker reads before a job runs
     engine = Engine(model, None, "none", None, metrics, max_batch=8, max_queue=4)
-    job = Job("key", "a context", None, max_tokens=4, prompt_tokens=3, loop=loop, cancelled=True)
+    job = Job("key", "a context", "a question", max_tokens=4, prompt_tokens=3, loop=loop, n=2, cancelled=True)
     engine.submit(job)
     engine.jobs.put(None)
     engine._run()  # here, not on its thread: it returns after the queue's end
     try:
-        assert loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) == ("done", "cancelled", 0)
+        assert loop.run_until_complete(asyncio.wait_for(job.events.get(), 5)) == ("done", ["cancelled"] * 2, [0, 0])
     finally:
         loop.close()
     assert metrics.counts["cancelled"] == 1 and metrics.counts["batches"] == 0
@@ -280,7 +291,7 @@ def test_under_load_every_answer_is_the_single_request_answer_and_kept_memory_st
                         "/v1/completions", json={"model": "smol", "prompt": doc, "question": q, "max_tokens": TOKENS}
                     )
                     if i % 10 == 0:
-                        kept.append((await client.get("/metrics")).json()["kept_bytes"])
+                        kept.append((await client.get("/metrics", params={"format": "json"})).json()["kept_bytes"])
                 assert r.status_code == 200, r.text
                 answers.append((doc, q, r.json()["choices"][0]["text"]))
 

@@ -368,10 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="OpenAI-compatible HTTP server that keeps compressed contexts and reuses them",
         description="Serve one model with one compression method over an OpenAI-compatible API (/v1/completions, "
-        "/v1/chat/completions with streaming, /v1/models, /health, /metrics). A completion's prompt, or every chat "
-        "message but the last, is the context: it is compressed once and kept, keyed by its tokens, so sending it "
-        "again skips the prefill; the question (a completion's `question` field, or the last chat message) is not "
-        "compressed. Greedy decoding only. SIGINT/SIGTERM finish queued requests, save kept contexts to --store, and exit.",
+        "/v1/chat/completions with streaming, /v1/models, /health, /metrics in Prometheus' format). A completion's "
+        "prompt, or a chat conversation before its last user message (system, user and assistant turns), is the "
+        "context: it is compressed once and kept, keyed by its tokens, so sending it again skips the prefill; the "
+        "question (a completion's `question` field, or the last user message) is not compressed. Greedy by default; "
+        "temperature, top_p, top_k, seed, stop, n and (chat) logprobs are served. SIGINT/SIGTERM finish queued "
+        "requests, save kept contexts to --store, and exit.",
     )
     serve.add_argument("--model", default=None, help=model_help)
     serve.add_argument("--method", default="none", help="compression spec for every context, e.g. 'snapkv:ratio=0.5+kivi:bits=4' (default none)")
@@ -392,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of files kept in --store, e.g. 20GiB; the least recently used beyond it are deleted and compressed "
         "again when next asked for (default: no limit)",
     )
-    serve.add_argument("--max-batch", type=int, default=8, help="most queued requests of one context answered as one batch (default 8)")
+    serve.add_argument("--max-batch", type=int, default=8, help="most queued requests of one context answered as one batch, and the most choices (n) a request may ask (default 8)")
     serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
     serve.add_argument("--max-body-bytes", type=_size, default="4MiB", help="larger request bodies get HTTP 413 (default 4MiB)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level (default info)")

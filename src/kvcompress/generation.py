@@ -2,6 +2,9 @@
 
 :func:`compress` turns a context into a cache; :func:`ask` answers questions after it, each on a
 fork that reads the compressed context without copying it; :func:`generate` is the two in one call.
+:func:`split_prompt` and :func:`split_chat` say where a prompt (a context and a question, or a
+conversation) is cut between the compressed part and the asked part. Answers are greedy unless a
+:class:`~kvcompress.sampling.Sampler` chooses the tokens.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ import contextlib
 import dataclasses
 
 import torch
+from transformers import LogitsProcessorList
 
 from kvcompress.attach import KEYWORD, attach
 from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.models import cache_kwarg
+from kvcompress.sampling import Sampler
 
 
 class ContextTooLongError(ValueError):
@@ -37,8 +42,53 @@ def split_prompt(tokenizer, context: str, question: str | None) -> tuple[str, st
     asked = f"\n\n{question}" if question else ""
     if not getattr(tokenizer, "chat_template", None):
         return context, asked
+    return _cut(tokenizer, [], context, asked)
+
+
+def split_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """Split a conversation (``{"role", "content"}`` dicts; roles ``system``, ``user``, ``assistant``) into the
+    part to compress and the part asked after it, as :func:`split_prompt` splits a context and a question.
+
+    The rule: the last message must be the user's, and it is the question; the conversation before it
+    is the context. Consecutive user messages share one user turn, joined by blank lines, and the
+    question then follows the earlier ones in that turn. A conversation of one user message has no
+    question: that message is the context (:func:`split_prompt` with no question). A conversation of
+    user messages only is therefore :func:`split_prompt` of all but the last, joined, and the last.
+
+    The cut is where the chat template puts the question, found with a marker, as in :func:`split_prompt`.
+
+    Raises:
+        ValueError: an unknown role, no final user message, system or assistant messages without a chat
+            template, or a template that rewrites the text around the question.
+    """
+    roles = [m["role"] for m in messages]
+    unknown = sorted(set(roles) - {"system", "user", "assistant"})
+    if unknown or not messages or roles[-1] != "user":
+        raise ValueError(
+            f"a conversation is messages of roles system, user and assistant ending with the user's question (got roles "
+            f"{roles}): the conversation before the last user message is compressed, and that message is asked after it"
+        )
+    first = len(roles) - 1  # the first of the user messages that end the conversation
+    while first and roles[first - 1] == "user":
+        first -= 1
+    texts = [m["content"] for m in messages[first:]]
+    if first == 0:  # user messages only
+        if len(texts) == 1:
+            return split_prompt(tokenizer, texts[0], None)
+        return split_prompt(tokenizer, "\n\n".join(texts[:-1]), texts[-1])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "system and assistant messages are written into the prompt by the tokenizer's chat template, and this "
+            "tokenizer has none: send user messages only"
+        )
+    earlier, question = "\n\n".join(texts[:-1]), texts[-1]
+    return _cut(tokenizer, messages[:first], earlier, f"\n\n{question}" if earlier else question)
+
+
+def _cut(tokenizer, history: list[dict], context: str, asked: str) -> tuple[str, str]:
+    """The chat prompt of ``history`` and a last user turn ``context + asked``, cut after ``context``."""
     render = lambda content: tokenizer.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": content + asked}], add_generation_prompt=True, tokenize=False
+        [*history, {"role": "user", "content": content + asked}], add_generation_prompt=True, tokenize=False
     )
     text, marked = render(context), render(_MARKER)
     parts = marked.split(_MARKER)  # [template before the context, template after it]
@@ -216,7 +266,12 @@ def check_room(model, tokens: int, max_new_tokens: int) -> None:
 
 @torch.no_grad()
 def compress(
-    model, tokenizer, context: str | list[str], cache: CompressedCache | str = "none", prefill_chunk: int | None = None
+    model,
+    tokenizer,
+    context: str | list[str],
+    cache: CompressedCache | str = "none",
+    prefill_chunk: int | None = None,
+    templated: bool = False,
 ) -> CompressedCache:
     """Compress one context, or a batch of them (left-padded), into a cache that questions can then be
     asked of, many times (:func:`ask`), and that can be saved (``cache.save``) and reloaded.
@@ -224,6 +279,8 @@ def compress(
     Args:
         cache: an empty cache for ``model`` (:func:`kvcompress.make_cache`), or a method spec to make one.
         prefill_chunk: see :func:`generate`.
+        templated: each context is already the model's prompt up to the cut, as the first part of
+            :func:`split_prompt` or :func:`split_chat` (a conversation's context), and is used as it is.
 
     Returns:
         The cache, holding the compressed context and its token ids (``cache.context``).
@@ -239,7 +296,8 @@ def compress(
             f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
             "(kvcompress.make_cache) or empty this one with cache.reset()"
         )
-    ids, mask = _encode(tokenizer, [split_prompt(tokenizer, c, None)[0] for c in contexts], model.device, special=True)
+    texts = contexts if templated else [split_prompt(tokenizer, c, None)[0] for c in contexts]
+    ids, mask = _encode(tokenizer, texts, model.device, special=True)
     check_room(model, ids.shape[1], 0)
     # Without a chat template nothing may follow the context: its last token is held back, to be fed
     # with the question (or alone, to continue the text), so an answer always starts from a step.
@@ -265,8 +323,11 @@ def ask(
     max_new_tokens: int = 64,
     streamer=None,
     stopping_criteria=None,
+    sampler: Sampler | None = None,
+    templated: bool = False,
 ) -> str | list[str]:
-    """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily.
+    """Answer after a compressed context (:func:`compress`, or :func:`kvcompress.load_cache`), greedily
+    unless a ``sampler`` chooses the tokens.
 
     The context is not compressed again nor copied: each question continues a fork of the cache
     (:meth:`~kvcompress.cache.CompressedCache.fork`) that reads the context as it is held and stores
@@ -277,7 +338,10 @@ def ask(
     prompt's ``(B, T)`` ids, then each step's ``(B,)`` new tokens (every row: ``kvcompress serve``
     streams a batch of questions with it), and ``end()`` once generation stops. ``stopping_criteria``:
     a list of transformers ``StoppingCriteria``, also handed to ``model.generate`` (a row they mark done
-    decodes no further; ``kvcompress serve`` ends a cancelled request's row so).
+    decodes no further; ``kvcompress serve`` ends a cancelled request's row so). ``sampler``: a
+    :class:`~kvcompress.sampling.Sampler` with one row per question (greedy rows included), e.g.
+    ``Sampler([(Sampling(temperature=0.7, seed=1), len(questions))])``. ``templated``: each question is
+    already the prompt's asked part, as the second part of :func:`split_prompt` or :func:`split_chat`.
 
     Returns:
         The answer, or a list of answers for a list of questions or a batch of contexts.
@@ -301,7 +365,8 @@ def ask(
         raise ValueError(f"the cache holds {rows} contexts: ask one question, or one per context, not {len(questions)}")
     fork = cache.fork(copies)
     ids, mask = fork.context
-    asked_ids, asked_mask = _encode(tokenizer, [asked_part(tokenizer, q) for q in questions], model.device, special=False)
+    asked = questions if templated else [asked_part(tokenizer, q) for q in questions]
+    asked_ids, asked_mask = _encode(tokenizer, asked, model.device, special=False)
     seen = cache.get_seq_length()
     # What the cache has not seen of the context (nothing, or a last token held back) goes with the question.
     input_ids, attention_mask = torch.cat([ids, asked_ids], 1), torch.cat([mask, asked_mask], 1)
@@ -317,6 +382,7 @@ def ask(
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
             stopping_criteria=stopping_criteria,
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
             **{cache_kwarg(model): fork},
         )
     answers = [a.strip() for a in tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]

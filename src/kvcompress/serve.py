@@ -1,21 +1,26 @@
 """``kvcompress serve``: an OpenAI-compatible HTTP server that compresses each context once and reuses it.
 
 One model and one method, chosen at start. How a request splits into the compressed context and the
-uncompressed question (the rule is the library's, so an answer equals :func:`kvcompress.generate`
-with the same context, question, method and ``max_new_tokens``, greedy):
+uncompressed question (the rule is the library's, :func:`~kvcompress.generation.split_prompt` and
+:func:`~kvcompress.generation.split_chat`, so a greedy answer equals :func:`kvcompress.generate` with the
+same context, question, method and ``max_new_tokens``):
 
 - ``/v1/completions``: ``prompt`` is the context. An optional ``question`` field (``extra_body`` in the
   ``openai`` client) is asked after it; without one the model answers the prompt itself.
-- ``/v1/chat/completions``: every message has role ``user``. One message: it is the context, with no
-  question (the prompt is then exactly the chat template's prompt for that message). Several: all but
-  the last, joined by blank lines, are the context, and the last is the question.
+- ``/v1/chat/completions``: messages of roles ``system``, ``user`` and ``assistant``, written by the
+  model's chat template. The last message is the user's question; the conversation before it is the
+  context. Consecutive user messages share one turn, joined by blank lines (so with user messages only,
+  all but the last are the context). One user message alone is the context, with no question.
 
 A compressed context is kept under a hash of the model, the method and the context's token ids, so
-the same document sent again is not prefilled again. Kept contexts are held in memory up to a budget
-of bytes (:attr:`CompressedCache.nbytes`); the least recently used go to disk in the saved format
-(:meth:`CompressedCache.save`) and come back on their next use. The model runs on one worker thread:
-requests queue, and those waiting for the same context are answered as one batch (each row its own
-fork of the context, so no request sees another's tokens). Only greedy decoding is served.
+the same document (or conversation before its last user message) sent again is not prefilled again.
+Kept contexts are held in memory up to a budget of bytes (:attr:`CompressedCache.nbytes`); the least
+recently used go to disk in the saved format (:meth:`CompressedCache.save`) and come back on their next
+use. The model runs on one worker thread: requests queue, and those waiting for the same context are
+answered as one batch (each answer a row on its own fork of the context, so no request sees another's
+tokens; a request's ``n`` answers are ``n`` rows). Decoding is greedy unless a request sets a
+``temperature``; then tokens are drawn by :class:`~kvcompress.sampling.Sampler` (``top_p``, ``top_k``,
+``seed``). ``stop`` texts end an answer before them.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,9 +57,10 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from kvcompress.cache import CompressedCache
-from kvcompress.persist import CacheFileError, load_cache
-from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_prompt
+from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_chat, split_prompt
 from kvcompress.models import model_identity, model_name
+from kvcompress.persist import CacheFileError, load_cache
+from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 
 log = logging.getLogger("kvcompress.serve")
 
@@ -204,19 +212,21 @@ def _printable(text: str) -> str:
 
 
 class _Sampling(_Strict):
-    """Fields shared by both endpoints. Sampling is refused (greedy only); a field is never silently ignored."""
+    """Fields shared by both endpoints: how tokens are chosen. A field this server cannot honour gets a
+    400 naming it; none is silently ignored."""
 
     model: str
     stream: bool = False
     stream_options: dict | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
+    top_k: int | None = None  # not OpenAI's; as vLLM's (0 or -1: no limit)
+    n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | int | None = None
-    seed: int | None = None  # greedy decoding is deterministic: any seed gives the same answer
+    seed: int | None = None
     user: str | None = None
 
     @model_validator(mode="before")
@@ -228,29 +238,31 @@ class _Sampling(_Strict):
             raise PydanticCustomError("invalid_text", message, {"where": _printable(where)})
         return data
 
-    def check(self) -> None:
-        refused = {
-            "temperature": (self.temperature, (None, 0)),
-            "top_p": (self.top_p, (None, 1)),
-            "n": (self.n, (None, 1)),
-            "presence_penalty": (self.presence_penalty, (None, 0)),
-            "frequency_penalty": (self.frequency_penalty, (None, 0)),
-            "logprobs": (self.logprobs, (None, False, 0)),
-        }
-        for name, (value, allowed) in refused.items():
-            if value not in allowed:
+    def check(self, max_n: int) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
                 raise ApiError(
-                    400,
-                    f"{name}={value!r} is not supported: this server decodes greedily; omit {name} or set it to {allowed[1]!r}",
-                    "unsupported_parameter",
-                    name,
+                    400, f"{name}={getattr(self, name)!r} is not supported; omit {name} or set it to 0", "unsupported_parameter", name
                 )
-        if self.stop:
-            raise ApiError(
-                400, "stop sequences are not supported; omit stop and cut the answer yourself", "unsupported_parameter", "stop"
-            )
+        if self.n is not None and self.n > max_n:
+            raise ApiError(400, f"n={self.n} is more choices than this server answers at once ({max_n}, --max-batch)", "invalid_value", "n")
         if self.stream_options and set(self.stream_options) - {"include_usage"}:
             raise ApiError(400, "stream_options supports only include_usage", "unsupported_parameter", "stream_options")
+        stops = self.stops()
+        if len(stops) > 4 or not all(stops):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", "invalid_value", "stop")
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self, logprobs: int | None = None) -> Sampling:
+        """The request's :class:`Sampling` (greedy when temperature is absent or 0)."""
+        top_k = self.top_k if self.top_k not in (None, -1) else 0
+        fields = {"temperature": self.temperature or 0.0, "top_p": 1.0 if self.top_p is None else self.top_p, "top_k": top_k}
+        try:
+            return Sampling(**fields, seed=self.seed, logprobs=logprobs)
+        except ValueError as err:  # its message starts with the field's name
+            raise ApiError(400, str(err), "invalid_value", str(err).split()[0]) from None
 
 
 class CompletionRequest(_Sampling):
@@ -259,16 +271,23 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = None
 
-    def parts(self) -> tuple[str, str | None]:
+    def parts(self, tokenizer) -> tuple[str, str]:
+        """The prompt's text up to the cut (compressed) and after it (asked), as the chat template writes them."""
         if self.echo:
             raise ApiError(400, "echo is not supported; omit it", "unsupported_parameter", "echo")
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise ApiError(
-                    400, f"prompt holds {len(self.prompt)} texts; send one prompt per request", "invalid_prompt", "prompt"
-                )
-            return self.prompt[0], self.question
-        return self.prompt, self.question
+        if self.logprobs not in (None, False, 0):
+            raise ApiError(
+                400, "logprobs is served on /v1/chat/completions only (logprobs: true, top_logprobs); omit it here",
+                "unsupported_parameter", "logprobs",
+            )  # fmt: skip
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt holds {len(prompt)} texts; send one prompt per request", "invalid_prompt", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the context is empty; send some text", "invalid_prompt", "prompt")
+        return split_prompt(tokenizer, prompt, None)[0], asked_part(tokenizer, self.question)
 
 
 class _Text(_Strict):
@@ -289,21 +308,37 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    def parts(self) -> tuple[str, str | None]:
-        roles = sorted({m.role for m in self.messages} - {"user"})
+    def top(self) -> int | None:
+        """How many alternatives each token's logprobs lists (None: no logprobs)."""
+        if self.logprobs not in (None, False, True):
+            raise ApiError(400, "logprobs is true or false here; the number of alternatives is top_logprobs", "invalid_value", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def parts(self, tokenizer) -> tuple[str, str]:
+        """The conversation before the last user message (compressed) and that message (asked): see :func:`split_chat`."""
+        roles = sorted({m.role for m in self.messages} - {"system", "user", "assistant"})
         if roles:
             raise ApiError(
+                400, f"messages may have roles system, user and assistant (got {', '.join(roles)})", "unsupported_role", "messages"
+            )
+        if self.messages[-1].role != "user":
+            raise ApiError(
                 400,
-                f"messages may have only role 'user' (got {', '.join(roles)}): every message but the last is the "
-                "compressed context and the last one is the question; put instructions in the messages' text",
-                "unsupported_role",
+                f"the last message is the {self.messages[-1].role}'s; end with the user's question (the conversation "
+                "before it is the compressed context)",
+                "invalid_messages",
                 "messages",
             )
-        texts = [m.text() for m in self.messages]
-        if len(texts) == 1:
-            return texts[0], None
-        return "\n\n".join(texts[:-1]), texts[-1]
+        if len(self.messages) == 1 and not self.messages[0].text():
+            raise ApiError(400, "the context is empty; send some text", "invalid_prompt", "messages")
+        try:
+            return split_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in self.messages])
+        except ValueError as err:
+            raise ApiError(400, str(err), "invalid_messages", "messages") from None
 
 
 # ------------------------------------------------------------------------------------------- the worker
@@ -311,7 +346,10 @@ class ChatRequest(_Sampling):
 
 @dataclass
 class Job:
-    """One request waiting for the model: what to ask, and where its tokens go (an asyncio queue).
+    """One request waiting for the model: its prompt cut in two (``context``, compressed, and ``asked``,
+    both as the chat template writes them), how to choose its ``n`` answers' tokens, and where its
+    events go (an asyncio queue): ``("token", choice, token_id, Choice | None)`` for each token of each
+    answer, then ``("done", [finish_reason per answer], [tokens per answer])``, or ``("error", exception)``.
 
     ``cancelled`` is set by the handler when its client is gone (:class:`_JobStream`,
     :func:`_cancel_when_gone`); the worker then stops decoding it at its next step, or never starts.
@@ -319,10 +357,13 @@ class Job:
 
     key: str
     context: str
-    question: str | None
+    asked: str
     max_tokens: int
     prompt_tokens: int
     loop: asyncio.AbstractEventLoop
+    sampling: Sampling = field(default_factory=Sampling)
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -331,33 +372,58 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-class _RowStreamer(BaseStreamer, StoppingCriteria):
-    """Hands each row's new tokens to its job as they come, and ends a row at EOS, at its own
-    ``max_tokens``, or when its job is cancelled. As a stopping criterion it tells ``generate`` which
-    rows are done (``(B,)`` bools), so a batch stops once every row is, not at the largest ``max_tokens``."""
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` (the earliest), or None."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else None
 
-    def __init__(self, jobs: list[Job], eos: set[int]):
-        self.jobs, self.eos = jobs, eos
+
+def _starting_stop(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` may be the start of a stop text (held back while streaming)."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+def _final(decode: Callable[[list[int]], str], ids: list[int], stops: list[str]) -> tuple[str, int]:
+    """An answer's text (cut before its first stop text, stripped) and how many of its tokens begin before the cut."""
+    text = decode(ids)
+    cut = _stop_at(text, stops)
+    if cut is None:
+        return text.strip(), len(ids)
+    return text[:cut].strip(), sum(len(decode(ids[:k])) < cut for k in range(len(ids)))
+
+
+class _RowStreamer(BaseStreamer, StoppingCriteria):
+    """Hands each row's new tokens to its job as they come (a job's ``n`` answers are ``n`` rows), and ends
+    a row at EOS, at a stop text, at its job's ``max_tokens``, or when its job is cancelled. As a stopping
+    criterion it tells ``generate`` which rows are done (``(B,)`` bools), so a batch stops once every row
+    is, not at the largest ``max_tokens``. ``sampler``, when the batch has one, gives each token's logprobs."""
+
+    def __init__(self, jobs: list[Job], eos: set[int], decode: Callable[[list[int]], str], sampler: Sampler | None = None):
+        self.rows = [(job, choice) for job in jobs for choice in range(job.n)]
+        self.eos, self.decode, self.sampler = eos, decode, sampler
         self.prompt_seen = False
-        self.counts = [0] * len(jobs)
-        self.finish: list[str | None] = [None] * len(jobs)
+        self.ids: list[list[int]] = [[] for _ in self.rows]
+        self.finish: list[str | None] = [None] * len(self.rows)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call gets the prompt's ids
             self.prompt_seen = True
             return
-        for i, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+        for i, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            job, choice = self.rows[i]
             if self.finish[i] is not None:
                 continue
-            if self.jobs[i].cancelled:
+            if job.cancelled:
                 self.finish[i] = "cancelled"
                 continue
             if token in self.eos:
                 self.finish[i] = "stop"
                 continue
-            self.counts[i] += 1
-            self.jobs[i].emit(("token", token))
-            if self.counts[i] >= self.jobs[i].max_tokens:
+            self.ids[i].append(token)
+            job.emit(("token", choice, token, self.sampler.chosen[i] if self.sampler else None))
+            if job.stop and _stop_at(self.decode(self.ids[i]), job.stop) is not None:
+                self.finish[i] = "stop"
+            elif len(self.ids[i]) >= job.max_tokens:
                 self.finish[i] = "length"
 
     def end(self) -> None:
@@ -365,6 +431,11 @@ class _RowStreamer(BaseStreamer, StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+
+    def results(self, job: Job) -> tuple[list[str], list[int]]:
+        """``job``'s finish reason and token count, per answer."""
+        rows = [i for i, (j, _) in enumerate(self.rows) if j is job]
+        return [self.finish[i] or "length" for i in rows], [len(self.ids[i]) for i in rows]
 
 
 class Metrics:
@@ -402,6 +473,56 @@ class Metrics:
     def error(self, status: int) -> None:
         with self.lock:
             self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+
+
+class _Exporter:
+    """A ``prometheus_client`` collector of the server's figures, read from ``snapshot()`` (``/metrics``'
+    JSON form) at each scrape: counts as counters (``kvcompress_<name>_total``, errors by HTTP status),
+    the rest as gauges."""
+
+    COUNTERS = {
+        "requests": "requests accepted",
+        "completions": "/v1/completions requests",
+        "chat_completions": "/v1/chat/completions requests",
+        "streamed": "requests answered as server-sent events",
+        "prefills": "contexts compressed",
+        "memory_hits": "contexts found in memory",
+        "disk_hits": "contexts reloaded from the store's folder",
+        "prompt_tokens": "prompt tokens of answered requests",
+        "completion_tokens": "tokens decoded",
+        "batches": "batches run by the model",
+        "prefill_seconds": "seconds spent compressing contexts",
+        "decode_seconds": "seconds spent decoding answers",
+        "queue_seconds": "seconds requests waited for the model",
+        "cancelled": "requests whose client left before the answer ended",
+        "evictions": "contexts moved from memory to disk",
+        "deleted_from_disk": "context files deleted beyond --store-budget",
+    }
+    GAUGES = {
+        "largest_batch": "the most requests answered in one batch",
+        "kept_bytes": "bytes of compressed contexts held in memory",
+        "memory_budget": "bytes of compressed contexts the memory may hold (--memory-budget)",
+        "kept_in_memory": "compressed contexts held in memory",
+        "kept_on_disk": "compressed contexts in the store's folder",
+        "disk_bytes": "bytes of the store's files",
+        "store_budget": "bytes the store's files may take (--store-budget; absent: no limit)",
+        "queued": "requests waiting for the model",
+    }
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
+
+    def collect(self):
+        values = self.snapshot()
+        for key, text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"kvcompress_{key}", text, value=values[key])
+        for key, text in self.GAUGES.items():
+            if values[key] is not None:
+                yield GaugeMetricFamily(f"kvcompress_{key}", text, value=values[key])
+        errors = CounterMetricFamily("kvcompress_errors", "requests refused or failed, by HTTP status", labels=["status"])
+        for status, count in sorted(values["errors"].items()):
+            errors.add_metric([status], count)
+        yield errors
 
 
 class Engine:
@@ -452,7 +573,7 @@ class Engine:
             for job in batch:
                 if job.cancelled:  # its client left while it waited; its handler ends on "done"
                     self.metrics.add(cancelled=1)
-                    job.emit(("done", "cancelled", 0))
+                    job.emit(("done", ["cancelled"] * job.n, [0] * job.n))
                     continue
                 groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
@@ -464,7 +585,7 @@ class Engine:
             self.metrics.add(**{f"{where}_hits": 1})
             return cache, where
         start = time.perf_counter()
-        cache = compress(self.model, self.tokenizer, job.context, self.method)
+        cache = compress(self.model, self.tokenizer, job.context, self.method, templated=True)
         self.metrics.add(prefills=1, prefill_seconds=time.perf_counter() - start)
         return cache, "prefilled"
 
@@ -475,11 +596,18 @@ class Engine:
             self.metrics.counts["largest_batch"] = max(self.metrics.counts["largest_batch"], len(jobs))
         try:
             cache, where = self._context(jobs[0])
-            streamer = _RowStreamer(jobs, self.eos)
+            # A batch all greedy without logprobs is decoded as the library does (no sampler).
+            plain = all(j.sampling.greedy and j.sampling.logprobs is None for j in jobs)
+            sampler = None if plain else Sampler([(j.sampling, j.n) for j in jobs])
+            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            streamer = _RowStreamer(jobs, self.eos, decode, sampler)
             asked = time.perf_counter()
-            questions, longest = [j.question for j in jobs], max(j.max_tokens for j in jobs)
+            questions, longest = [j.asked for j in jobs for _ in range(j.n)], max(j.max_tokens for j in jobs)
             with torch.inference_mode():
-                ask(self.model, self.tokenizer, cache, questions, longest, streamer=streamer, stopping_criteria=[streamer])
+                ask(
+                    self.model, self.tokenizer, cache, questions, longest, streamer=streamer, stopping_criteria=[streamer],
+                    sampler=sampler, templated=True,
+                )  # fmt: skip
             self.metrics.add(decode_seconds=time.perf_counter() - asked)
             self.store.put(jobs[0].key, cache)
             log.info(
@@ -492,9 +620,11 @@ class Engine:
             for job in jobs:
                 job.emit(("error", err))
             return
-        for job, finish, count in zip(jobs, streamer.finish, streamer.counts):
-            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=count, cancelled=int(finish == "cancelled"))
-            job.emit(("done", finish or "length", count))
+        for job in jobs:
+            finishes, counts = streamer.results(job)
+            cancelled = int(all(f == "cancelled" for f in finishes))
+            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=sum(counts), cancelled=cancelled)
+            job.emit(("done", finishes, counts))
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -634,7 +764,7 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return await api_error(request, ApiError(500, f"internal error: {err}", "internal_error", kind="server_error"))
 
-    def submit(req: CompletionRequest | ChatRequest, max_tokens: int) -> Job:
+    def submit(req: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None = None) -> Job:
         if req.model != name:
             raise ApiError(
                 404,
@@ -642,24 +772,38 @@ def create_app(
                 "model_not_found",
                 "model",
             )
-        req.check()
-        context, question = req.parts()
-        if not context:
-            raise ApiError(400, "the context is empty; send some text", "invalid_prompt")
-        context_ids = request_tokenizer(split_prompt(request_tokenizer, context, None)[0])["input_ids"]
-        asked = request_tokenizer(asked_part(request_tokenizer, question), add_special_tokens=False)["input_ids"]
+        req.check(max_batch)
+        sampling = req.sampling(logprobs)
+        context, asked = req.parts(request_tokenizer)
+        context_ids = request_tokenizer(context)["input_ids"]
+        asked_ids = request_tokenizer(asked, add_special_tokens=False)["input_ids"]
         try:
-            check_room(model, len(context_ids) + len(asked), max_tokens)
+            check_room(model, len(context_ids) + len(asked_ids), max_tokens)
         except ContextTooLongError as err:
             raise ApiError(400, str(err), "context_length_exceeded", "max_tokens") from None
         key = hashlib.sha256(digest.encode() + json.dumps(context_ids).encode()).hexdigest()[:32]
-        job = Job(key, context, question, max_tokens, len(context_ids) + len(asked), asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        job = Job(key, context, asked, max_tokens, len(context_ids) + len(asked_ids), loop, sampling, req.n or 1, req.stops())
         engine.submit(job)
         metrics.add(requests=1, streamed=int(req.stream))
         return job
 
+    def decode(ids: list[int]) -> str:
+        return request_tokenizer.decode(ids, skip_special_tokens=True)
+
+    def logprobs(job: Job, picks: list[Choice]) -> dict | None:
+        """OpenAI's chat ``logprobs`` of the chosen tokens ``picks`` (None when ``job`` did not ask for them)."""
+        if job.sampling.logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict:
+            text = decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(p.token, p.logprob), "top_logprobs": [entry(*t) for t in p.top]} for p in picks]}
+
     async def tokens(job: Job):
-        """Each new token id of ``job``, then ``("done", finish_reason, count)``; ApiError/500 on failure."""
+        """``job``'s events (see :class:`Job`), ending with its ``done``; ApiError/500 on failure."""
         while True:
             event = await job.events.get()
             if event[0] == "error":
@@ -673,48 +817,76 @@ def create_app(
             if event[0] == "done":
                 return
 
-    async def answer(job: Job, request: Request) -> tuple[str, str, int]:
-        ids, finish, count = [], "length", 0
+    async def answer(job: Job, request: Request) -> tuple[list[tuple[str, str, dict | None]], int]:
+        """Each answer's ``(text, finish_reason, logprobs)``, and the tokens decoded in all."""
+        ids, picks = [[] for _ in range(job.n)], [[] for _ in range(job.n)]
+        finishes, counts = ["length"] * job.n, [0] * job.n
         watch = asyncio.create_task(_cancel_when_gone(job, request))
         try:
             async for event in tokens(job):
                 if event[0] == "token":
-                    ids.append(event[1])
+                    _, choice, token, pick = event
+                    ids[choice].append(token)
+                    picks[choice].append(pick)
                 else:
-                    _, finish, count = event
+                    _, finishes, counts = event
         finally:
             watch.cancel()
-        return request_tokenizer.decode(ids, skip_special_tokens=True).strip(), finish, count
+        answers = []
+        for choice in range(job.n):
+            text, kept = _final(decode, ids[choice], job.stop)
+            answers.append((text, finishes[choice], logprobs(job, picks[choice][:kept])))
+        return answers, sum(counts)
 
     def usage(job: Job, count: int) -> dict:
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": count, "total_tokens": job.prompt_tokens + count}
 
-    def stream(job: Job, chunk: Callable[[str | None, str | None], dict], include_usage: bool, first: dict | None = None):
+    def stream(job: Job, chunk: Callable[..., dict], include_usage: bool, first: list[dict] | None = None):
+        """Server-sent events of ``job``'s answers: ``chunk(choice, text, finish, logprobs)`` for each piece.
+        A piece holds back a partial character, trailing spaces and what may be the start of a stop text,
+        so the pieces of an answer add up to its whole (stripped, cut before its stop text)."""
+
         async def events():
-            ids, sent, count = [], "", 0
-            if first is not None:
-                yield _sse(first)
+            ids, picks = [[] for _ in range(job.n)], [[] for _ in range(job.n)]
+            sent, released, count = [""] * job.n, [0] * job.n, 0
+            for event in first or []:
+                yield _sse(event)
+
+            def piece(choice: int, text: str, kept: int, finish: str | None = None) -> str | None:
+                """The event adding what ``text`` has past what was sent, with the logprobs of tokens up to ``kept``."""
+                more = text[len(sent[choice]) :] if text.startswith(sent[choice]) and len(text) > len(sent[choice]) else ""
+                if not more and finish is None:
+                    return None
+                sent[choice] += more
+                pending, released[choice] = picks[choice][released[choice] : kept], max(released[choice], kept)
+                return _sse(chunk(choice, more or None, finish, logprobs(job, pending) if pending else None))
+
             try:
                 async for event in tokens(job):
                     if event[0] == "token":
-                        ids.append(event[1])
-                        text = request_tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-                        # Hold back a partial character and trailing spaces: the whole equals the stripped answer.
-                        visible = text.rstrip() if not text.endswith("\ufffd") else sent
-                        if visible.startswith(sent) and len(visible) > len(sent):
-                            yield _sse(chunk(visible[len(sent) :], None))
-                            sent = visible
+                        _, choice, token, pick = event
+                        ids[choice].append(token)
+                        picks[choice].append(pick)
+                        text = decode(ids[choice])
+                        if text.endswith("\ufffd"):  # a partial character: wait for the rest
+                            continue
+                        cut = _stop_at(text, job.stop)
+                        text = text[:cut] if cut is not None else text[: len(text) - _starting_stop(text, job.stop)]
+                        if (out := piece(choice, text.strip(), len(ids[choice]) - (cut is not None))) is not None:
+                            yield out
                     else:
-                        _, finish, count = event
-                        final = request_tokenizer.decode(ids, skip_special_tokens=True).strip()
-                        if final.startswith(sent) and len(final) > len(sent):
-                            yield _sse(chunk(final[len(sent) :], None))
-                        yield _sse(chunk(None, finish))
+                        _, finishes, counts = event
+                        count = sum(counts)
+                        for choice in range(job.n):
+                            text, kept = _final(decode, ids[choice], job.stop)
+                            if (out := piece(choice, text, kept)) is not None:
+                                yield out
+                            yield piece(choice, sent[choice], kept, finishes[choice])
             except ApiError as err:
                 metrics.error(err.status)
                 yield _sse(err.body())
             if include_usage:
-                yield _sse({**chunk(None, None), "choices": [], "usage": usage(job, count)})
+                yield _sse({**chunk(0, None, None, None), "choices": [], "usage": usage(job, count)})
             yield "data: [DONE]\n\n"
 
         return _JobStream(job, events())
@@ -730,8 +902,7 @@ def create_app(
             "data": [{"id": name, "object": "model", "created": created, "owned_by": "kvcompress", "method": method}],
         }
 
-    @app.get("/metrics")
-    async def show_metrics():
+    def snapshot() -> dict:
         with metrics.lock:
             counts, errors = dict(metrics.counts), dict(metrics.errors)
         return {
@@ -748,46 +919,54 @@ def create_app(
             "queued": engine.jobs.qsize(),
         }
 
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Exporter(snapshot))
+
+    @app.get("/metrics")
+    async def show_metrics(request: Request, format: Literal["prometheus", "json"] | None = None):
+        """Prometheus' text format; JSON with ``?format=json`` or ``Accept: application/json``."""
+        if format == "json" or (format is None and "application/json" in request.headers.get("accept", "")):
+            return snapshot()
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         job = submit(req, req.max_tokens or 16)
         metrics.add(completions=1)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None) -> dict:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
+        def chunk(choice: int, text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
+            piece = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [piece]}
 
         if req.stream:
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")))
-        text, finish, count = await answer(job, request)
-        return {**chunk(text, finish), "usage": usage(job, count)}
+        answers, count = await answer(job, request)
+        choices = [chunk(i, text, finish)["choices"][0] for i, (text, finish, _) in enumerate(answers)]
+        return {**chunk(0, None, None), "choices": choices, "usage": usage(job, count)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        job = submit(req, req.max_completion_tokens or req.max_tokens or 128)
+        job = submit(req, req.max_completion_tokens or req.max_tokens or 128, req.top())
         metrics.add(chat_completions=1)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None) -> dict:
+        def chunk(choice: int, text: str | None, finish: str | None, logprobs: dict | None = None) -> dict:
             delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name, "choices": [choice]}
+            piece = {"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name, "choices": [piece]}
 
         if req.stream:
-            first = chunk("", None)
-            first["choices"][0]["delta"]["role"] = "assistant"
+            first = [chunk(i, "", None) for i in range(job.n)]
+            for event in first:
+                event["choices"][0]["delta"]["role"] = "assistant"
             return stream(job, chunk, bool((req.stream_options or {}).get("include_usage")), first)
-        text, finish, count = await answer(job, request)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": now,
-            "model": name,
-            "choices": [choice],
-            "usage": usage(job, count),
-        }
+        answers, count = await answer(job, request)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
+            for i, (text, finish, logprobs) in enumerate(answers)
+        ]
+        return {"id": rid, "object": "chat.completion", "created": now, "model": name, "choices": choices, "usage": usage(job, count)}
 
     return app
 
