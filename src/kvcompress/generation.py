@@ -9,13 +9,11 @@ conversation) is cut between the compressed part and the asked part. Answers are
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 
 import torch
 from transformers import LogitsProcessorList
 
-from kvcompress.attach import KEYWORD, attach
+from kvcompress.attach import attach
 from kvcompress.cache import CompressedCache, make_cache
 from kvcompress.models import cache_kwarg
 from kvcompress.sampling import Sampler
@@ -124,8 +122,9 @@ def prefill(
     at about the compressed context plus one chunk instead of the whole context in full precision;
     later chunks then attend to the compressed earlier ones (what decoding does), so results differ
     slightly from one forward. Only the last chunk's logits are returned.
-    A selection that replays the context (KVzip, see :func:`replay`) needs the ``tokenizer``: the
-    context is then held uncompressed (fed in chunks of ``chunk`` if given), replayed, and compressed.
+    A selection that replays the context (KVzip, :meth:`~kvcompress.protocols.Selection.replay_context`)
+    needs the ``tokenizer``: the context is then held uncompressed (fed in chunks of ``chunk`` if given),
+    replayed by the selection, and compressed.
 
     Raises:
         ValueError: the cache's method replays the context and no ``tokenizer`` was given.
@@ -139,7 +138,7 @@ def prefill(
             )
         with cache.deferred():
             logits = _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
-        replay(model, tokenizer, input_ids, attention_mask, cache)
+        selection.replay_context(model, tokenizer, input_ids, attention_mask, cache)
         return logits
     return _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
 
@@ -165,79 +164,6 @@ def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk) -> 
                 **kwargs,
             )
     return out.logits
-
-
-@torch.no_grad()
-def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache) -> None:
-    """Score the context the cache holds uncompressed by replaying it, then compress it (KVzip).
-    Call it inside :func:`kvcompress.attach`, after prefilling the context under ``cache.deferred()``
-    (:func:`prefill` does both).
-
-    Each row's real tokens are cut into chunks of ``selection.replay`` tokens; chunk ``k`` is fed
-    after the selection's prompt (with a chat template, as the user's turn followed by the assistant
-    header) and, after the first, the last tokens of chunk ``k - 1`` (where to resume), at the
-    positions that follow the context, as queries only (:meth:`CompressedCache.replay`). Rows are
-    chunked on their own tokens and left-padded, so a row is scored as it is alone.
-
-    Args:
-        input_ids, attention_mask: ``(B, T)`` the context the cache was prefilled with (left-padded).
-    """
-    selection = cache.pipeline.selection
-    size = selection.replay
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-    lengths = attention_mask.sum(-1, keepdim=True)  # (B, 1)
-    first = tokenizer.encode(asked_part(tokenizer, selection.replay_prompt(True)), add_special_tokens=False)
-    chunks = max(-(-len(row) // size) for row in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    kwargs = {cache_kwarg(model): cache}
-    with cache.replay(), _replay_norms(model) if selection.replay_norms else contextlib.nullcontext():
-        for k in range(chunks):
-            fed = []  # each row's prompt and chunk; nothing for a row with fewer chunks
-            for row in rows:
-                part = row[k * size : (k + 1) * size]
-                prompt = first if k == 0 else _resume(tokenizer, selection, row[max(0, k * size - RESUME) : k * size])
-                fed.append(prompt + part if part else [])
-            width = max(len(f) for f in fed)
-            ids = torch.tensor([[pad] * (width - len(f)) + f for f in fed], device=input_ids.device)  # (B, n)
-            mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=input_ids.device)
-            positions = lengths + (mask.cumsum(-1) - 1).clamp_min(0)  # after each row's context
-            model(
-                input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
-                use_cache=True, logits_to_keep=1, **kwargs,
-            )
-
-
-@contextlib.contextmanager
-def _replay_norms(model):
-    """KVzip+: give every attention module's replay step the norm of its input at each token and its
-    output projection (forward pre-hooks on the attention modules, removed on exit)."""
-
-    def hook(module, args, kwargs):
-        inputs = kwargs.get(KEYWORD)
-        if inputs is None or not inputs.replay:
-            return None
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, q, hidden)
-        norms = dataclasses.replace(inputs, hidden_norm=hidden.norm(dim=-1), output_weight=module.o_proj.weight)
-        return args, {**kwargs, KEYWORD: norms}
-
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and isinstance(getattr(m, "o_proj", None), torch.nn.Linear)]
-    if not modules:
-        raise ValueError(f"KVzip+ normalization needs attention modules with an `o_proj` output projection; {type(model).__name__} has none")
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-RESUME = 8  # tokens of the chunk before that a replay chunk's prompt quotes, to say where to resume
-
-
-def _resume(tokenizer, selection, tail: list[int]) -> list[int]:
-    """The prompt of a later replay chunk: the instruction, then the end of the chunk before."""
-    text = selection.replay_prompt(False) + " " + tokenizer.decode(tail)
-    return tokenizer.encode(asked_part(tokenizer, text), add_special_tokens=False)
 
 
 def _encode(tokenizer, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,6 +224,12 @@ class Selection:
         later ones are followed by the end of the chunk before, to say where to resume)."""
         raise NotImplementedError
 
+    def replay_context(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+        """Replay the context ``cache`` holds uncompressed, ``(B, T)`` ``input_ids`` left-padded, through
+        ``model`` (inside :func:`kvcompress.attach`), then compress it: called by
+        :func:`kvcompress.generation.prefill` when :attr:`replay` is not 0 (see :func:`kvcompress.methods.kvzip.replay`)."""
+        raise NotImplementedError
+
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""
         raise NotImplementedError

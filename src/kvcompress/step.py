@@ -45,7 +45,7 @@ class StepInputs:
             queries only, attending to the held slots and to each other, never stored.
         hidden_norm: ``(B, q)`` norm of the attention's input at each new token, and
         output_weight: ``(hidden, Hq * D)`` the layer's output projection: given to a replay step
-            whose selection asks for ``replay_norms`` (per layer, by :func:`kvcompress.generation.replay`).
+            whose selection asks for ``replay_norms`` (per layer, by :func:`kvcompress.methods.kvzip.replay`).
     """
 
     cache: Any

@@ -5,7 +5,7 @@ https://arxiv.org/abs/2505.23416.
 
 After the context is prefilled (and held uncompressed), it is fed again, in chunks of ``chunk``
 tokens, each after a "repeat the previous context" prompt, as queries over the full-precision
-cache (:func:`kvcompress.generation.replay`). A slot's score is the largest attention weight it
+cache (:func:`replay`, in this module). A slot's score is the largest attention weight it
 receives from any replayed token and any query head of its KV head, over all chunks; then the
 usual top-k of :class:`~kvcompress.methods.scored.ScoredEviction` evicts. The replayed tokens are
 never kept, and the scores do not depend on any question: one compressed context serves many.
@@ -33,11 +33,16 @@ Departures from the paper:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from kvcompress.attach import KEYWORD
+from kvcompress.generation import asked_part
 from kvcompress.methods.scored import ScoredEviction
+from kvcompress.models import cache_kwarg
 from kvcompress.protocols import LayerView
 from kvcompress.registry import register
 
@@ -84,5 +89,81 @@ class KVzip(ScoredEviction):
             else "Repeat the part of the previous context exactly, starting with"
         )
 
+    def replay_context(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+        replay(model, tokenizer, input_ids, attention_mask, cache)
+
     def score(self, view: LayerView) -> torch.Tensor:
         return view.attention  # (B, H, S)
+
+
+@torch.no_grad()
+def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+    """Score the context the cache holds uncompressed by replaying it, then compress it (KVzip).
+    Call it inside :func:`kvcompress.attach`, after prefilling the context under ``cache.deferred()``
+    (:func:`kvcompress.generation.prefill` does both, through :meth:`KVzip.replay_context`).
+
+    Each row's real tokens are cut into chunks of ``selection.replay`` tokens; chunk ``k`` is fed
+    after the selection's prompt (with a chat template, as the user's turn followed by the assistant
+    header) and, after the first, the last tokens of chunk ``k - 1`` (where to resume), at the
+    positions that follow the context, as queries only (:meth:`kvcompress.cache.CompressedCache.replay`). Rows are
+    chunked on their own tokens and left-padded, so a row is scored as it is alone.
+
+    Args:
+        input_ids, attention_mask: ``(B, T)`` the context the cache was prefilled with (left-padded).
+    """
+    selection = cache.pipeline.selection
+    size = selection.replay
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    lengths = attention_mask.sum(-1, keepdim=True)  # (B, 1)
+    first = tokenizer.encode(asked_part(tokenizer, selection.replay_prompt(True)), add_special_tokens=False)
+    chunks = max(-(-len(row) // size) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kwargs = {cache_kwarg(model): cache}
+    with cache.replay(), _replay_norms(model) if selection.replay_norms else contextlib.nullcontext():
+        for k in range(chunks):
+            fed = []  # each row's prompt and chunk; nothing for a row with fewer chunks
+            for row in rows:
+                part = row[k * size : (k + 1) * size]
+                prompt = first if k == 0 else _resume(tokenizer, selection, row[max(0, k * size - RESUME) : k * size])
+                fed.append(prompt + part if part else [])
+            width = max(len(f) for f in fed)
+            ids = torch.tensor([[pad] * (width - len(f)) + f for f in fed], device=input_ids.device)  # (B, n)
+            mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=input_ids.device)
+            positions = lengths + (mask.cumsum(-1) - 1).clamp_min(0)  # after each row's context
+            model(
+                input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
+                use_cache=True, logits_to_keep=1, **kwargs,
+            )
+
+
+@contextlib.contextmanager
+def _replay_norms(model):
+    """KVzip+: give every attention module's replay step the norm of its input at each token and its
+    output projection (forward pre-hooks on the attention modules, removed on exit)."""
+
+    def hook(module, args, kwargs):
+        inputs = kwargs.get(KEYWORD)
+        if inputs is None or not inputs.replay:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, q, hidden)
+        norms = dataclasses.replace(inputs, hidden_norm=hidden.norm(dim=-1), output_weight=module.o_proj.weight)
+        return args, {**kwargs, KEYWORD: norms}
+
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and isinstance(getattr(m, "o_proj", None), torch.nn.Linear)]
+    if not modules:
+        raise ValueError(f"KVzip+ normalization needs attention modules with an `o_proj` output projection; {type(model).__name__} has none")
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+RESUME = 8  # tokens of the chunk before that a replay chunk's prompt quotes, to say where to resume
+
+
+def _resume(tokenizer, selection, tail: list[int]) -> list[int]:
+    """The prompt of a later replay chunk: the instruction, then the end of the chunk before."""
+    text = selection.replay_prompt(False) + " " + tokenizer.decode(tail)
+    return tokenizer.encode(asked_part(tokenizer, text), add_special_tokens=False)
