@@ -10,7 +10,7 @@ import kvcompress
 from conftest import requires_kernels
 from kvcompress import attention
 from kvcompress.pages import PAGE, PagePool, PoolExhausted
-from kvcompress.paged import PagedBuffer
+from kvcompress.paged import PagedBuffer, attend_pages, attend_pages_reference
 from kvcompress.step import Operands
 
 
@@ -159,6 +159,36 @@ def test_paged_kernel_equals_the_reference(tokens):
     torch.testing.assert_close(fast.output, reference.output, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.observed, reference.observed, atol=1e-6, rtol=1e-5)
 
+
+
+def _random_pages(pool: PagePool, count: int, dim: int) -> list[int]:
+    ids = pool.allocate(count, PAGE_BYTES)
+    for page in ids:
+        pool.data[page] = (torch.randn(H, PAGE, dim), torch.randn(H, PAGE, dim))
+    return ids
+
+
+@requires_kernels
+def test_sequences_of_different_lengths_read_their_own_pages():
+    """The varlen entry point: five sequences of 1, 31, 70, 33 and 0 slots, two of them reading the same
+    first two pages (a shared prefix), in one kernel call; against the plain-PyTorch reference and sdpa."""
+    torch.manual_seed(0)
+    pool, dim = PagePool(), 64
+    prefix = _random_pages(pool, 2, dim)
+    tables = [_random_pages(pool, 1, dim), _random_pages(pool, 1, dim), prefix + _random_pages(pool, 1, dim), prefix, []]
+    lengths = [1, PAGE - 1, 2 * PAGE + 6, PAGE + 1, 0]
+    query = torch.randn(len(tables), H, 3, dim)  # three query heads per KV head
+    fast = attend_pages(query, pool, tables, lengths, 0.125)
+    torch.testing.assert_close(fast, attend_pages_reference(query, pool, tables, lengths, 0.125), atol=1e-5, rtol=1e-5)
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        if not length:
+            assert torch.equal(fast[row], torch.zeros_like(fast[row]))
+            continue
+        keys, values = (torch.cat([pool.data[page][i] for page in table], dim=1)[:, :length] for i in (0, 1))
+        expected = torch.nn.functional.scaled_dot_product_attention(query[row], keys, values, scale=0.125)
+        torch.testing.assert_close(fast[row], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit a table of 1 pages"):
+        attend_pages(query[:1], pool, tables[:1], [PAGE + 1], 0.125)
 
 # ---- in a cache ---------------------------------------------------------------------------------
 

@@ -154,24 +154,24 @@ def paged_attend(
     query: torch.Tensor,
     key_pages: torch.Tensor,
     value_pages: torch.Tensor,
-    fill: int,
+    npages: torch.Tensor,
+    fills: torch.Tensor,
     page: int,
     allow: torch.Tensor,
     scaling: float,
     observed: torch.Tensor,
 ) -> torch.Tensor:
     """One decode step over float32 slots held in pages (``csrc/dense.c``): ``(B, H, G, D)`` queries; each
-    (row, head)'s ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64 addresses ``key_pages`` and
-    ``value_pages`` (each a ``(page, D)`` block; see :meth:`kvcompress.paged.PagedSegment.pointers`), the last
-    page holding ``fill`` slots; ``allow`` ``(B, H, S)`` uint8 as :func:`page_mask` gives it, or empty.
-    Returns the ``(B, H, G, D)`` output and adds to ``observed`` ``(B, H, S)`` (unless empty) the attention
-    each slot received, as :func:`dense_attend` does."""
+    (row, head) reads its first ``npages`` of ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64
+    addresses ``key_pages`` and ``value_pages`` (each a ``(page, D)`` block; see
+    :func:`kvcompress.paged.page_addresses`), its last page holding ``fills`` slots (``npages`` and ``fills``
+    ``(B * H,)`` int64: rows may differ in length, varlen); ``allow`` ``(B, H, S)`` uint8 as :func:`page_mask`
+    gives it, or empty. Returns the ``(B, H, G, D)`` output (zeros for a row of no slot) and adds to
+    ``observed`` ``(B, H, S)`` (unless empty) the attention each slot received, as :func:`dense_attend` does."""
     batch, heads, rows, dim = query.shape
-    count, pages = key_pages.shape
+    pages = key_pages.shape[1]
     out = query.new_empty(batch, heads, rows, dim)
     ostride = observed_rows(observed) if observed.numel() else 0
-    npages = torch.full((count,), pages, dtype=torch.int64)
-    fills = torch.full((count,), fill, dtype=torch.int64)
     status = native.load("dense").paged_attend(
         data_pointer(query), data_pointer(key_pages), data_pointer(value_pages), ctypes.c_int64(pages),
         data_pointer(npages), data_pointer(fills), ctypes.c_int64(page), data_pointer(allow),
@@ -184,7 +184,7 @@ def paged_attend(
 
 
 @paged_attend.register_fake
-def _(query, key_pages, value_pages, fill, page, allow, scaling, observed):
+def _(query, key_pages, value_pages, npages, fills, page, allow, scaling, observed):
     return query.new_empty(query.shape)
 
 

@@ -99,13 +99,7 @@ class PagedBuffer:
         if not self.n:
             self.pointers = None
             return
-        heads = self.shape[0]
-        pairs = [[self._kv(page) for page in table] for table in self.tables]
-        base = torch.tensor([[[k.data_ptr(), v.data_ptr()] for k, v in row] for row in pairs], dtype=torch.int64)  # (B, J, 2)
-        k0, v0 = pairs[0][0]
-        step = torch.tensor([k0.stride(0) * k0.element_size(), v0.stride(0) * v0.element_size()], dtype=torch.int64)
-        per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * step  # (B, H, J, 2)
-        self.pointers = per_head[..., 0].flatten(0, 1).contiguous(), per_head[..., 1].flatten(0, 1).contiguous()
+        self.pointers = page_addresses(self.pool, self.tables, self.shape[0])
 
     # ---- writing --------------------------------------------------------------------------------
 
@@ -368,7 +362,92 @@ class PagedSegment:
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         return weights @ self.dense()[1]
 
+    def extents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B * H,)`` int64 pages and slots in the last page of each (row, head), as the C kernel reads
+        them: every row of a buffer holds the same slots."""
+        count, pages = self.buffer.pointers[0].shape
+        return torch.full((count,), pages, dtype=torch.int64), torch.full((count,), self.fill, dtype=torch.int64)
+
     def pointers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B * H, J)`` int64 addresses of each (row, head)'s ``(P, D)`` keys and values in each of its ``J``
         pages, as the C kernel reads them (the buffer's page tables)."""
         return self.buffer.pointers
+
+
+def page_addresses(pool: PagePool, tables: list[list[int]], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N * H, J)`` int64 addresses of each (row, head)'s ``(P, D)`` keys and values in each page of its
+    table, as :func:`kvcompress.kernels.paged_attend` reads them (``J`` the longest table; shorter ones end
+    in zeros, which the kernel never reads). 16 bytes per page and head."""
+    longest = max(len(table) for table in tables)
+    base = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2)
+    step = None
+    for row, table in enumerate(tables):
+        for j, page in enumerate(table):
+            k, v = pool.data[page]
+            base[row, j, 0], base[row, j, 1] = k.data_ptr(), v.data_ptr()
+            step = (k.stride(0) * k.element_size(), v.stride(0) * v.element_size())
+    held = (base != 0).to(torch.int64)  # padding stays 0 in every head
+    per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * torch.tensor(step or (0, 0)) * held[:, None]
+    return per_head[..., 0].flatten(0, 1).contiguous(), per_head[..., 1].flatten(0, 1).contiguous()
+
+
+def attend_pages(
+    query: torch.Tensor, pool: PagePool, tables: list[list[int]], lengths: list[int], scaling: float
+) -> torch.Tensor:
+    """One decode step of ``N`` sequences of different lengths, each reading its own pages (varlen): what
+    a batch of requests over different contexts calls (continuous batching). Pages may be shared between
+    tables (a common prefix, a fork); nothing is gathered or copied.
+
+    Args:
+        query: ``(N, H, G, D)``: each sequence's ``G`` queries per KV head (the query heads of a group).
+        pool: the pool whose pages the tables name; each page ``(k, v)``, each ``(H, P, D)``.
+        tables: ``N`` lists of page ids, in slot order.
+        lengths: slots each sequence reads, from the start of its first page (at most its pages' slots).
+
+    Returns:
+        ``(N, H, G, D)``: softmax attention of each query over its sequence's slots (zeros where a
+        sequence holds no slot). Float32 on the CPU runs the C kernel; anything else
+        :func:`attend_pages_reference`.
+
+    Raises:
+        ValueError: ``tables`` and ``lengths`` differ in count from the queries, or a length is negative or
+            beyond its table's pages.
+    """
+    from kvcompress import native
+    from kvcompress.kernels import NO_MASK, NO_OBSERVATION, paged_attend
+
+    count, heads = query.shape[0], query.shape[1]
+    page = pool.page
+    if len(tables) != count or len(lengths) != count:
+        raise ValueError(f"{count} queries need as many tables and lengths, got {len(tables)} and {len(lengths)}")
+    for table, length in zip(tables, lengths):
+        if not 0 <= length <= len(table) * page:
+            raise ValueError(f"a length of {length} slots does not fit a table of {len(table)} pages of {page}")
+    if not any(lengths):
+        return torch.zeros_like(query)
+    first = next(pool.data[table[0]][0] for table, length in zip(tables, lengths) if length)
+    if query.dtype != torch.float32 or first.dtype != torch.float32 or query.device.type != "cpu" or native.load("dense") is None:
+        return attend_pages_reference(query, pool, tables, lengths, scaling)
+    npages = [-(-length // page) for length in lengths]  # pages each sequence reads
+    fills = [length - (n - 1) * page if n else 0 for length, n in zip(lengths, npages)]  # slots of its last
+    keys, values = page_addresses(pool, [table[:n] for table, n in zip(tables, npages)], heads)  # (N * H, J) each
+    per_head = lambda counts: torch.tensor(counts, dtype=torch.int64).repeat_interleave(heads)  # noqa: E731  (N * H,)
+    return paged_attend(
+        query.contiguous(), keys, values, per_head(npages), per_head(fills), page, NO_MASK, scaling, NO_OBSERVATION
+    )
+
+
+def attend_pages_reference(
+    query: torch.Tensor, pool: PagePool, tables: list[list[int]], lengths: list[int], scaling: float
+) -> torch.Tensor:
+    """:func:`attend_pages` in plain PyTorch: each sequence's slots gathered from its pages, then softmax
+    attention; what the kernel is tested against, and what runs where it does not apply."""
+    out = torch.zeros_like(query)  # (N, H, G, D)
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        if not length:
+            continue
+        keys = torch.cat([pool.data[page][0] for page in table], dim=1)[:, :length]  # (H, n, D)
+        values = torch.cat([pool.data[page][1] for page in table], dim=1)[:, :length]
+        weights = (query[row].float() @ keys.float().transpose(-1, -2) * scaling).softmax(-1)  # (H, G, n)
+        out[row] = (weights @ values.float()).to(query.dtype)
+    return out
