@@ -79,7 +79,7 @@ class CompressedLayer(CacheLayerMixin):
         # A layer with no other storage holds its tokens in pages (kvcompress.paged) of the cache's pool.
         self.pool = pool if pool is not None else PagePool()
         if storage is None and not self.ragged:
-            self.window = PagedBuffer(self.pool)
+            self.window = PagedBuffer(self.pool, extents=selection is None)  # a layer that never evicts frees no page alone
         else:
             self.window = FullPrecisionBuffer(chunk=RAGGED_CHUNK if self.ragged else 1)
         self.store = None

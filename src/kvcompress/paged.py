@@ -52,8 +52,10 @@ class PagedBuffer:
     block = 1
     STATE = ("k", "v", "_valid", "n")  # saved as FullPrecisionBuffer's entries: the file format is unchanged
 
-    def __init__(self, pool: PagePool | None = None):
+    def __init__(self, pool: PagePool | None = None, extents: bool = False):
         self.pool = pool if pool is not None else PagePool()
+        self.extents = extents  # pages written together share one allocation (see _new_pages)
+        self.extent: dict[int, tuple[int, int]] = {}  # page -> (its allocation, the allocation's bytes)
         self.page = self.pool.page
         self.tables: list[list[int]] = []
         self.n = 0
@@ -84,7 +86,12 @@ class PagedBuffer:
         addresses) and of its validity mask."""
         own = {page for table in self.tables for page in table if page not in self.borrowed}
         extra = sum(t.numel() * t.element_size() for t in (self._valid, *(self.pointers or ())) if t is not None)
-        return len(own) * self.page_bytes + extra if own else extra
+        if not own:
+            return extra
+        if not self.extents:
+            return len(own) * self.page_bytes + extra
+        held = dict(self.extent[page] for page in own)  # an allocation is held whole while any page of it is
+        return sum(held.values()) + extra
 
     def _kv(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool.data[page]
@@ -104,13 +111,19 @@ class PagedBuffer:
     # ---- writing --------------------------------------------------------------------------------
 
     def _new_pages(self, count: int) -> list[int]:
+        """``count`` new zeroed pages (a saved page's unwritten slots are the same in every file). With
+        ``extents``, pages asked for together are one allocation, each head's pages one after the other
+        (``(H, count, P, D)``, a page the slice ``[:, i]``), so the kernel reads a head's slots as one run of
+        memory; the allocation is freed with its last page. Otherwise each page is its own."""
         heads, dim, vdim, _ = self.shape
         ids = self.pool.allocate(count, self.page_bytes)
-        for page in ids:
-            self.pool.data[page] = (  # zeros: a saved page's unwritten slots are the same in every file
-                torch.zeros(heads, self.page, dim, dtype=self.dtype, device=self.device),
-                torch.zeros(heads, self.page, vdim, dtype=self.dtype, device=self.device),
-            )
+        together = count if self.extents else 1
+        for first in range(0, count, together):
+            keys = torch.zeros(heads, together, self.page, dim, dtype=self.dtype, device=self.device)
+            values = torch.zeros(heads, together, self.page, vdim, dtype=self.dtype, device=self.device)
+            for i, page in enumerate(ids[first : first + together]):
+                self.pool.data[page] = (keys[:, i], values[:, i])
+                self.extent[page] = (id(keys), together * self.page_bytes)
         return ids
 
     def _writable_last(self, row: int) -> bool:
@@ -139,10 +152,13 @@ class PagedBuffer:
         if not self.tables:
             self.tables = [[] for _ in range(batch)]
         start, written, changed = self._fill(), 0, self.pointers is None
+        room = self.page - start if self.tables[0] else 0  # slots left in the last page
+        fresh = -(-max(0, new - room) // self.page)  # new pages per row, asked for together
+        pages = [iter(self._new_pages(fresh)) for _ in range(batch)] if fresh else []
         while written < new:
             if not self.tables[0] or start == self.page:
-                for table, page in zip(self.tables, self._new_pages(batch)):
-                    table.append(page)
+                for table, row in zip(self.tables, pages):
+                    table.append(next(row))
                 start, changed = 0, True
             elif written == 0:
                 for b in range(batch):
@@ -282,7 +298,7 @@ class PagedBuffer:
     def fork(self, copies: int = 1) -> PagedBuffer:
         """A buffer whose row ``r`` reads this one's row ``r // copies`` from the same pages (one more
         reference each, no copy); whichever writes a shared page copies it first."""
-        fork = PagedBuffer(self.pool)
+        fork = PagedBuffer(self.pool, self.extents)
         fork.shape, fork.dtype, fork.device, fork.n = self.shape, self.dtype, self.device, self.n
         fork.tables = [list(table) for table in self.tables for _ in range(copies)]
         for table in fork.tables:
@@ -379,15 +395,14 @@ def page_addresses(pool: PagePool, tables: list[list[int]], heads: int) -> tuple
     table, as :func:`kvcompress.kernels.paged_attend` reads them (``J`` the longest table; shorter ones end
     in zeros, which the kernel never reads). 16 bytes per page and head."""
     longest = max(len(table) for table in tables)
-    base = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2)
-    step = None
+    base = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2): head 0's keys and values
+    step = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2): bytes from one head to the next
     for row, table in enumerate(tables):
         for j, page in enumerate(table):
             k, v = pool.data[page]
             base[row, j, 0], base[row, j, 1] = k.data_ptr(), v.data_ptr()
-            step = (k.stride(0) * k.element_size(), v.stride(0) * v.element_size())
-    held = (base != 0).to(torch.int64)  # padding stays 0 in every head
-    per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * torch.tensor(step or (0, 0)) * held[:, None]
+            step[row, j, 0], step[row, j, 1] = k.stride(0) * k.element_size(), v.stride(0) * v.element_size()
+    per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * step[:, None]  # (N, H, J, 2)
     return per_head[..., 0].flatten(0, 1).contiguous(), per_head[..., 1].flatten(0, 1).contiguous()
 
 
