@@ -10,10 +10,9 @@
 
 from kvcompress import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
 from kvcompress.attach import attach
-from kvcompress.cache import CompressedCache, make_cache
+from kvcompress.cache import CompressedCache, load_cache, make_cache
 from kvcompress.generation import ask, compress, generate
 from kvcompress.models import load_model
-from kvcompress.persist import load_cache
 from kvcompress.registry import SpecError, methods, register
 
 __all__ = [

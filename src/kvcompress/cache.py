@@ -38,7 +38,8 @@ from kvcompress.pages import PagePool
 from kvcompress.paged import PagedBuffer
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
-from kvcompress.state import Value, parts_of, restore, state_of
+from kvcompress.persist import load, save_cache
+from kvcompress.state import Value, load_sliding_state, parts_of, restore, sliding_state, state_of
 from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
 
 _UNKNOWN = object()  # a layer's validity not handed down: work it out
@@ -549,19 +550,6 @@ class SharedSegment:
         return self._unfold(self.inner.mix(self._fold(weights)), weights.shape[2])
 
 
-def sliding_state(layer) -> dict[str, Value]:
-    """The entries of transformers' sliding-window layer (hybrid models' local layers)."""
-    if not layer.is_initialized:
-        return {"initialized": False}
-    return {"initialized": True, "keys": layer.keys, "values": layer.values, "cumulative_length": layer.cumulative_length}
-
-
-def load_sliding_state(layer, state: dict[str, Value]) -> None:
-    if state["initialized"]:
-        layer.lazy_initialization(state["keys"], state["values"])
-        layer.keys, layer.values, layer.cumulative_length = state["keys"], state["values"], state["cumulative_length"]
-
-
 def layer_nbytes(layer) -> int:
     """Bytes of every tensor a cache layer holds (a compressed layer, or one of transformers' own)."""
     if isinstance(layer, CompressedLayer):
@@ -718,8 +706,6 @@ class CompressedCache(Cache):
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write the cache to a file that :func:`kvcompress.load_cache` reloads; see
         :func:`kvcompress.persist.save_cache`."""
-        from kvcompress.persist import save_cache
-
         return save_cache(self, path, tokenizer)
 
     @property
@@ -779,3 +765,16 @@ def make_cache(method: str, model) -> CompressedCache:
     cache = CompressedCache(pipeline, model.config, storage, model_identity(model), rotary, head_scores=head_scores)
     cache.model_name = model_name(model)
     return cache
+
+
+def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
+    """Reload a cache that :meth:`CompressedCache.save` wrote, for ``model`` (and ``tokenizer``, checked
+    against the one recorded when both are known): the file is checked whole before use
+    (:func:`kvcompress.persist.load`), then its entries fill a cache :func:`make_cache` builds from its spec.
+
+    Raises:
+        kvcompress.persist.CacheFileError: the file is missing, truncated or damaged, not a kvcompress cache
+            (or one of another format version), holds what its spec and the model do not imply, or was made
+            for another model, tokenizer or calibration; the message names the fix.
+    """
+    return load(path, model, tokenizer, make_cache)

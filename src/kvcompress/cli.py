@@ -178,7 +178,8 @@ def cmd_compress(args) -> None:
 
 
 def cmd_ask(args) -> None:
-    from kvcompress.persist import CacheFileError, load_cache, read_header
+    from kvcompress.cache import load_cache
+    from kvcompress.persist import CacheFileError, read_header
     from kvcompress.generation import ContextTooLongError, ask
 
     _check_generation_flags(args)

@@ -1,13 +1,13 @@
 """Saved caches: one safetensors file per compressed context, and the checks that make a file safe to
 reload.
 
-:func:`save_cache` (also :meth:`kvcompress.cache.CompressedCache.save`) writes every tensor a cache
+:func:`save_cache` (called by :meth:`kvcompress.cache.CompressedCache.save`) writes every tensor a cache
 holds under ``layers.<i>.<name>`` (the names its layers' ``STATE`` lists, see :mod:`kvcompress.state`;
 a paged layer saves its pages as one window, :class:`kvcompress.paged.PagedBuffer`), the method spec,
 the model's identity and the tokenizer's fingerprint, and a sha256 checksum over all of it. The file is
 written beside its path and renamed over it, so a reader never sees half a file.
 
-:func:`load_cache` trusts nothing it reads: the format version, the checksum, the header's fields, the
+:func:`load` (:func:`kvcompress.load_cache`) trusts nothing it reads: the format version, the checksum, the header's fields, the
 model's identity and calibration, then every entry against what the spec builds for the model
 (:func:`_check_restored`). Any failure is a :class:`CacheFileError` of one line that names the fix.
 """
@@ -24,7 +24,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvcompress.cache import CompressedCache, CompressedLayer, load_sliding_state, make_cache, sliding_state
 from kvcompress.calibration import CalibrationError
 from kvcompress.models import (
     identity_differences,
@@ -33,7 +32,10 @@ from kvcompress.models import (
     tokenizer_fingerprint,
 )
 from kvcompress.registry import SpecError
-from kvcompress.state import Value
+from kvcompress.state import Value, load_sliding_state, sliding_state
+
+# This module knows the file, not the cache's classes: kvcompress.cache calls it (save_cache, load) with a
+# cache, and hands `load` the function that builds an empty cache from a spec (make_cache).
 
 CACHE_FORMAT = "kvcompress-cache/2"  # /2: a checksum in the header (/1 files are refused, naming the version)
 
@@ -68,7 +70,7 @@ def _write_replacing(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """sha256 of every header field but ``checksum`` and of every tensor's name, dtype, shape and bytes, in
-    name order: :func:`load_cache` refuses a file whose contents do not give the checksum it holds.
+    name order: :func:`load` refuses a file whose contents do not give the checksum it holds.
 
     One pass over the bytes, at sha256's speed: for a 4,096-token context of the default model saved
     uncompressed (``none``, 189 MB in float32) 0.22 s to save and again to load, and 0.05 s for the same
@@ -83,11 +85,11 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
     return digest.hexdigest()
 
 
-def save_cache(cache: CompressedCache, path: str | Path, tokenizer=None) -> Path:
+def save_cache(cache, path: str | Path, tokenizer=None) -> Path:
     """Write the cache to a safetensors file (no pickle): every tensor it holds, the method spec,
     the model's identity, and, when known, the compressed context's token ids and the tokenizer's
     fingerprint, with a checksum of all of it (see :func:`_checksum`). The file's size is about
-    :attr:`CompressedCache.nbytes`; reload it with :func:`load_cache`.
+    :attr:`kvcompress.cache.CompressedCache.nbytes`; reload it with :func:`kvcompress.load_cache`.
 
     The file is written beside ``path`` and renamed over it, so a reader never sees half a file; a
     file it replaces keeps its permissions, and an error or interrupt leaves ``path`` as it was.
@@ -96,13 +98,13 @@ def save_cache(cache: CompressedCache, path: str | Path, tokenizer=None) -> Path
         RuntimeError: a forward is using the cache (save between steps).
         CacheFileError: ``path`` exists and is not a regular file (a folder, a FIFO, a device).
     """
-    if cache.attached_to is not None and any(isinstance(l, CompressedLayer) and l.held is not None for l in cache.layers):
+    if cache.attached_to is not None and any(getattr(l, "held", None) is not None for l in cache.layers):
         raise RuntimeError("the cache holds a question-aware step that is not compressed yet; save it after the question")
     tensors, scalars, seen_storage = {}, {}, set()
     for layer in cache.compressed_layers:
         layer.trim()  # a file holds the tokens, not the room reserved for more
     for i, layer in enumerate(cache.layers):
-        entries = layer.state() if isinstance(layer, CompressedLayer) else sliding_state(layer)
+        entries = layer.state() if _compressed(layer) else sliding_state(layer)
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().to("cpu").contiguous()
@@ -160,9 +162,9 @@ def read_header(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
-    """Reload a cache written by :func:`save_cache` (or :meth:`CompressedCache.save`) for ``model`` (and ``tokenizer``, when both
-    recorded and given, checked too).
+def load(path: str | Path, model, tokenizer, build):
+    """Reload a cache written by :func:`save_cache` for ``model`` (and ``tokenizer``, when both recorded and
+    given, checked too), into the empty cache ``build(spec, model)`` returns (:func:`kvcompress.make_cache`).
 
     Nothing in the file is used before its checksum is verified (:func:`_checksum`); then what it holds is
     checked against its spec and the model (:func:`_check_restored`).
@@ -198,7 +200,7 @@ def load_cache(path: str | Path, model, tokenizer=None) -> CompressedCache:
     if tokenizer is not None and fingerprint and fingerprint != tokenizer_fingerprint(tokenizer):
         raise CacheFileError(f"{str(path)!r} was saved with another tokenizer; load it with the model's own tokenizer")
     try:
-        cache = make_cache(meta["spec"], model)
+        cache = build(meta["spec"], model)
     except (SpecError, CalibrationError) as err:
         raise CacheFileError(f"{str(path)!r}: its method spec {meta['spec']!r} cannot be built for this model ({err})") from None
     if meta["storage"] != _fixed_fingerprint(cache.storage):
@@ -226,13 +228,13 @@ def _float_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _restore(cache: CompressedCache, tensors: dict[str, torch.Tensor], scalars: dict[str, Value], dtype: torch.dtype, device) -> None:
-    """Put a file's entries (``layers.<i>.<name>``, ``context.ids``/``context.mask``) into a cache :func:`make_cache` built."""
+def _restore(cache, tensors: dict[str, torch.Tensor], scalars: dict[str, Value], dtype: torch.dtype, device) -> None:
+    """Put a file's entries (``layers.<i>.<name>``, ``context.ids``/``context.mask``) into a cache :func:`kvcompress.make_cache` built."""
     for i, layer in enumerate(cache.layers):
         prefix = f"layers.{i}."
         entries = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
         entries.update({k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)})
-        if isinstance(layer, CompressedLayer):
+        if _compressed(layer):
             layer.load_state(entries, dtype, device)
         else:
             load_sliding_state(layer, entries)
@@ -240,7 +242,7 @@ def _restore(cache: CompressedCache, tensors: dict[str, torch.Tensor], scalars: 
         cache.context = (tensors["context.ids"].to(device), tensors["context.mask"].to(device))
 
 
-def _check_restored(cache: CompressedCache, tensors: dict[str, torch.Tensor], scalars: dict[str, Value], dtype: torch.dtype,
+def _check_restored(cache, tensors: dict[str, torch.Tensor], scalars: dict[str, Value], dtype: torch.dtype,
                     seen: int) -> None:
     """Raise ValueError unless a restored cache holds what its spec and model imply: exactly the entries its
     layers hold (no more: a ``kivi`` file read as ``none`` would drop its store), every float finite, every
@@ -251,7 +253,7 @@ def _check_restored(cache: CompressedCache, tensors: dict[str, torch.Tensor], sc
     if bad is not None:
         raise ValueError(f"{bad} holds NaN or infinite values")
     held = {f"layers.{i}.{name}" for i, layer in enumerate(cache.layers)
-            for name in (layer.state() if isinstance(layer, CompressedLayer) else sliding_state(layer))}
+            for name in (layer.state() if _compressed(layer) else sliding_state(layer))}
     saved = {name for name in (*tensors, *scalars) if name.startswith("layers.")}
     if held != saved:
         raise ValueError(f"entries missing: {sorted(held - saved)[:3]}; entries no layer of it holds: {sorted(saved - held)[:3]}")
@@ -275,3 +277,8 @@ def _check_restored(cache: CompressedCache, tensors: dict[str, torch.Tensor], sc
             raise ValueError(f"context ids {tuple(ids.shape)} and mask {tuple(mask.shape)} are not (rows, tokens) ids of the vocabulary")
     if len(rows) > 1:
         raise ValueError(f"its parts hold different numbers of rows: {sorted(rows)}")
+
+
+def _compressed(layer) -> bool:
+    """A kvcompress layer (it lists its own entries), not one of transformers' sliding-window layers."""
+    return hasattr(layer, "load_state")

@@ -56,10 +56,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from kvcompress.cache import CompressedCache
+from kvcompress.cache import CompressedCache, load_cache
 from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_chat, split_prompt
 from kvcompress.models import model_identity, model_name
-from kvcompress.persist import CacheFileError, load_cache
+from kvcompress.persist import CacheFileError
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 
 log = logging.getLogger("kvcompress.serve")

@@ -51,3 +51,17 @@ def parts_of(obj):
     for row in getattr(obj, "rows", None) or ():
         for inner in row:
             yield from parts_of(inner)
+
+
+def sliding_state(layer) -> dict[str, Value]:
+    """The entries of transformers' sliding-window layer (hybrid models' local layers)."""
+    if not layer.is_initialized:
+        return {"initialized": False}
+    return {"initialized": True, "keys": layer.keys, "values": layer.values, "cumulative_length": layer.cumulative_length}
+
+
+def load_sliding_state(layer, state: dict[str, Value]) -> None:
+    """Put :func:`sliding_state` entries back into a sliding-window layer."""
+    if state["initialized"]:
+        layer.lazy_initialization(state["keys"], state["values"])
+        layer.keys, layer.values, layer.cumulative_length = state["keys"], state["values"], state["cumulative_length"]
