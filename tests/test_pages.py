@@ -140,6 +140,26 @@ def test_repeated_rows_share_pages_until_unshared():
     k, v = buffer.keys_values()
     assert torch.equal(k, keys.expand(3, -1, -1, -1)) and torch.equal(v, -k)
 
+
+def test_a_prompt_cut_hands_the_freed_pages_back_to_the_system(monkeypatch):
+    """Freed pages stay in the C heap (resident) unless handed back: a compaction that frees at least
+    TRIM_BYTES asks for it, one that frees less does not (a decode step's compaction)."""
+    from kvcompress import native, paged
+
+    calls = []
+    monkeypatch.setattr(native, "trim_heap", lambda: calls.append(1))
+    buffer = PagedBuffer()
+    tokens = -(-paged.TRIM_BYTES // PAGE_BYTES) * 2 * PAGE  # twice the pages that make TRIM_BYTES
+    buffer.append(torch.randn(1, H, tokens, D), torch.randn(1, H, tokens, D), None)
+    keep = torch.zeros(1, H, tokens, dtype=torch.bool)
+    keep[..., : tokens // 4] = True
+    buffer.compact(keep)  # three quarters of the pages freed
+    assert calls == [1] and len(buffer) == tokens // 4
+    keep = torch.ones(1, H, tokens // 4, dtype=torch.bool)
+    keep[..., :PAGE] = False
+    buffer.compact(keep)  # one page freed
+    assert calls == [1]
+
 # ---- the kernel -------------------------------------------------------------------------------
 
 

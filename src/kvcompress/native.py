@@ -40,6 +40,26 @@ def _cpu() -> str:
     return f"{platform.machine()} {flags}"
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)  # the process's own C library
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc's; other C libraries have no such call
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the memory that freed pages left inside the C heap back to the system (glibc's
+    ``malloc_trim``; nothing where the C library has no such call). Pages are small allocations that
+    the heap keeps after they are freed: without this, a 4,096-token prompt cut to a quarter, layer
+    after layer, kept about 200 MiB more resident memory than the tokens it holds
+    (``experiments/prefill-trim-4096-2026-12-07.txt``)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def custom_op(name: str, mutates: tuple[str, ...] = ()):
     """Register the decorated function as the ``torch.library`` custom op ``name``, which writes into the
     arguments named in ``mutates`` (none by default).

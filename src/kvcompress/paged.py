@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import torch
 
+from kvcompress import native
 from kvcompress.buffer import compaction_index
 from kvcompress.pages import PagePool
 
 HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
+TRIM_BYTES = 1 << 20  # a compaction that frees this much hands the C heap's free memory back (native.trim_heap)
 
 
 class PagedBuffer:
@@ -277,8 +279,11 @@ class PagedBuffer:
         k = keys.gather(2, index[..., None].expand(*index.shape, dim))
         v = values.gather(2, index[..., None].expand(*index.shape, values.shape[-1]))
         self.moved += k.numel() * k.element_size() + v.numel() * v.element_size()
+        before = len(self.pool)
         self.clear()
         self.append(k, v, valid)
+        if (before - len(self.pool)) * self.page_bytes >= TRIM_BYTES:  # a prompt cut: return what it freed
+            native.trim_heap()
         return index
 
     def clear(self) -> None:
