@@ -318,14 +318,13 @@ class PagedBuffer:
         """Give every row its own copy of each page it reads with another row or buffer: the pages that
         distinct sequences would hold (a benchmark's batch of one repeated context)."""
         for table in self.tables:
-            for i, page in enumerate(table):
-                if self.pool.shared(page) or page in self.borrowed:
-                    (copy,) = self._new_pages(1)
-                    for new, old in zip(self._kv(copy), self._kv(page)):
-                        new.copy_(old)
-                    self.moved += self.page_bytes
-                    self.pool.release([page])
-                    table[i] = copy
+            slots = [i for i, page in enumerate(table) if self.pool.shared(page) or page in self.borrowed]
+            for i, copy in zip(slots, self._new_pages(len(slots)) if slots else []):  # a row's copies together
+                for new, old in zip(self._kv(copy), self._kv(table[i])):
+                    new.copy_(old)
+                self.moved += self.page_bytes
+                self.pool.release([table[i]])
+                table[i] = copy
         self.borrowed.clear()
         self._changed()
 
