@@ -62,11 +62,11 @@ def main() -> None:
         for start in range(0, slots, 32):
             for buffer, (keys, values) in zip(buffers, layers):
                 buffer.append(keys[:, :, start : start + 32], values[:, :, start : start + 32], None)
-        segments = [(b.segment(), b.segment().extents()) for b in buffers]
+        segments = [(b.segment(), b.segment().page_counts()) for b in buffers]
 
         def paged(segments=segments, page=page):
-            for segment, extents in segments:
-                kernels.paged_attend(query, *segment.pointers(), *extents, page, NO_MASK, 0.125, NO_OBSERVATION)
+            for segment, counts in segments:
+                kernels.paged_attend(query, *segment.pointers(), *counts, page, NO_MASK, 0.125, NO_OBSERVATION)
 
         runs.append((f"pages, P={page}, each its own allocation", paged))
     times = {name: [] for name, _ in runs}

@@ -33,7 +33,7 @@ def _cases():
     pages = PagedBuffer()  # 40 slots: a full 32-slot page and 8 in the next
     pages.append(keys, values, None)
     _HELD.append(pages)  # the pages the addresses point at live as long as the cases
-    yield "paged_attend", kernels.paged_attend, (query, *pages.pointers, *pages.segment().extents(), pages.page, allow, 0.125, observed)
+    yield "paged_attend", kernels.paged_attend, (query, *pages.pointers, *pages.segment().page_counts(), pages.page, allow, 0.125, observed)
     t = _kivi_tensors(4)
     yield "kivi_key_logits", kernels.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
     yield "kivi_value_mix", kernels.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)

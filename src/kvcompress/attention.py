@@ -187,7 +187,7 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     if len(segments) == 1 and hasattr(first, "pointers"):  # eviction alone, in pages (kvcompress.paged)
         if not paged_one_pass_applies(query, first):
             return None
-        out = paged_attend(grouped.contiguous(), *first.pointers(), *first.extents(), first.page, page_mask(operands.valid), scaling, observed)
+        out = paged_attend(grouped.contiguous(), *first.pointers(), *first.page_counts(), first.page, page_mask(operands.valid), scaling, observed)
     elif len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
         if not dense_one_pass_applies(query, first):
             return None

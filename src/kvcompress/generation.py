@@ -9,7 +9,6 @@ conversation) is cut between the compressed part and the asked part. Answers are
 
 from __future__ import annotations
 
-
 import torch
 from transformers import LogitsProcessorList
 

@@ -46,12 +46,20 @@ def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool
     return query.dtype == torch.float32 and native.load("dense") is not None
 
 
+def paged_kernel_reads(query: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``kvcompress::paged_attend`` can read pages of ``dtype`` on ``device`` for ``query`` (float32
+    on the CPU, the C kernels built)."""
+    return (dtype == query.dtype == torch.float32 and device.type == query.device.type == "cpu"
+            and native.load("dense") is not None)
+
+
 def paged_one_pass_applies(query: torch.Tensor, segment) -> bool:
-    """Whether ``kvcompress::paged_attend`` can read this paged segment (float32 on the CPU, the C kernels built)."""
-    shape, dtype, device = segment.buffer.shape, segment.buffer.dtype, segment.buffer.device
-    if dtype != torch.float32 or device.type != "cpu" or not len(segment) or shape[1] != shape[2] or shape[1] != query.shape[-1]:
+    """Whether ``kvcompress::paged_attend`` can read this paged segment: :func:`paged_kernel_reads`, some
+    slots, and keys and values of the query's head dim."""
+    shape = segment.buffer.shape
+    if not len(segment) or shape[1] != shape[2] or shape[1] != query.shape[-1]:
         return False
-    return query.dtype == torch.float32 and native.load("dense") is not None
+    return paged_kernel_reads(query, segment.buffer.dtype, segment.buffer.device)
 
 
 def page_mask(valid: torch.Tensor | None) -> torch.Tensor:

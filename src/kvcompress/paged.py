@@ -33,6 +33,7 @@ import torch
 
 from kvcompress import native
 from kvcompress.buffer import compaction_index
+from kvcompress.kernels import NO_MASK, NO_OBSERVATION, paged_attend, paged_kernel_reads
 from kvcompress.pages import PagePool
 
 HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
@@ -57,7 +58,6 @@ class PagedBuffer:
     def __init__(self, pool: PagePool | None = None, extents: bool = False):
         self.pool = pool if pool is not None else PagePool()
         self.extents = extents  # pages written together share one allocation (see _new_pages)
-        self.extent: dict[int, tuple[int, int]] = {}  # page -> (its allocation, the allocation's bytes)
         self.page = self.pool.page
         self.tables: list[list[int]] = []
         self.n = 0
@@ -88,12 +88,10 @@ class PagedBuffer:
         addresses) and of its validity mask."""
         own = {page for table in self.tables for page in table if page not in self.borrowed}
         extra = sum(t.numel() * t.element_size() for t in (self._valid, *(self.pointers or ())) if t is not None)
-        if not own:
-            return extra
         if not self.extents:
             return len(own) * self.page_bytes + extra
-        held = dict(self.extent[page] for page in own)  # an allocation is held whole while any page of it is
-        return sum(held.values()) + extra
+        held = {s.data_ptr(): s.nbytes() for page in own for s in (t.untyped_storage() for t in self._kv(page))}
+        return sum(held.values()) + extra  # an allocation is held whole while any page of it is
 
     def _kv(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool.data[page]
@@ -125,7 +123,6 @@ class PagedBuffer:
             values = torch.zeros(heads, together, self.page, vdim, dtype=self.dtype, device=self.device)
             for i, page in enumerate(ids[first : first + together]):
                 self.pool.data[page] = (keys[:, i], values[:, i])
-                self.extent[page] = (id(keys), together * self.page_bytes)
         return ids
 
     def _writable_last(self, row: int) -> bool:
@@ -382,7 +379,7 @@ class PagedSegment:
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         return weights @ self.dense()[1]
 
-    def extents(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def page_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B * H,)`` int64 pages and slots in the last page of each (row, head), as the C kernel reads
         them: every row of a buffer holds the same slots."""
         count, pages = self.buffer.pointers[0].shape
@@ -432,9 +429,6 @@ def attend_pages(
         ValueError: ``tables`` and ``lengths`` differ in count from the queries, or a length is negative or
             beyond its table's pages.
     """
-    from kvcompress import native
-    from kvcompress.kernels import NO_MASK, NO_OBSERVATION, paged_attend
-
     count, heads = query.shape[0], query.shape[1]
     page = pool.page
     if len(tables) != count or len(lengths) != count:
@@ -445,7 +439,7 @@ def attend_pages(
     if not any(lengths):
         return torch.zeros_like(query)
     first = next(pool.data[table[0]][0] for table, length in zip(tables, lengths) if length)
-    if query.dtype != torch.float32 or first.dtype != torch.float32 or query.device.type != "cpu" or native.load("dense") is None:
+    if not paged_kernel_reads(query, first.dtype, first.device):
         return attend_pages_reference(query, pool, tables, lengths, scaling)
     npages = [-(-length // page) for length in lengths]  # pages each sequence reads
     fills = [length - (n - 1) * page if n else 0 for length, n in zip(lengths, npages)]  # slots of its last
