@@ -3,6 +3,8 @@ step moves, forks that share pages, and the paged kernel against the reference."
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -122,6 +124,21 @@ def test_a_fork_shares_pages_until_it_writes_one():
     assert len(base.pool) == 3  # the base's pages are back to one reference each
     assert all(not base.pool.shared(page) for page in base.tables[0])
 
+
+def test_a_fork_dropped_without_release_gives_its_pages_back():
+    """An answer's fork is dropped when the answer is done; the pool it shares with its context (kept by a
+    server for many answers) must not keep the fork's pages, nor its references to the context's."""
+    base = PagedBuffer()
+    keys = torch.randn(1, H, 2 * PAGE + 3, D)
+    base.append(keys, keys, None)
+    for _ in range(3):
+        fork = base.fork(copies=2)
+        fork.append(torch.randn(2, H, PAGE, D), torch.randn(2, H, PAGE, D), None)  # pages of its own
+        assert len(base.pool) > 3
+        del fork
+        gc.collect()
+        assert len(base.pool) == 3
+        assert all(not base.pool.shared(page) for page in base.tables[0])
 
 
 def test_repeated_rows_share_pages_until_unshared():

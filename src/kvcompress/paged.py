@@ -29,6 +29,8 @@ gathered into ``(B, H, S, D)`` by :meth:`PagedSegment.dense`.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kvcompress import native
@@ -59,7 +61,10 @@ class PagedBuffer:
         self.pool = pool if pool is not None else PagePool()
         self.extents = extents  # pages written together share one allocation (see _new_pages)
         self.page = self.pool.page
-        self.tables: list[list[int]] = []
+        self._tables: list[list[list[int]]] = [[]]  # [the tables]: what the finalizer releases
+        # A buffer dropped without release() (a fork whose answer is done) gives its pages back when collected:
+        # the pool is shared with the context it was forked from, which may live on in a server for hours.
+        weakref.finalize(self, _release_tables, self.pool, self._tables)
         self.n = 0
         self.shape: tuple[int, int, int, int] | None = None  # (H, D, Dv) and the dtype's element size
         self.dtype = self.device = None
@@ -67,6 +72,14 @@ class PagedBuffer:
         self.borrowed: set[int] = set()  # pages read from the buffer this one was forked from
         self.moved = 0
         self.pointers: tuple[torch.Tensor, torch.Tensor] | None = None  # (B * H, J) int64 page addresses (see _changed)
+
+    @property
+    def tables(self) -> list[list[int]]:
+        return self._tables[0]
+
+    @tables.setter
+    def tables(self, tables: list[list[int]]) -> None:
+        self._tables[0] = tables
 
     # ---- what is held ---------------------------------------------------------------------------
 
@@ -343,6 +356,11 @@ class PagedBuffer:
     def release(self) -> None:
         """Give every page back to the pool (the buffer is done)."""
         self.clear()
+
+
+def _release_tables(pool: PagePool, held: list[list[list[int]]]) -> None:
+    for table in held[0]:
+        pool.release(table)
 
 
 class PagedSegment:
