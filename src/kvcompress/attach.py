@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvcompress.batching import CacheBatch, RowsLayer
 from kvcompress.cache import CompressedCache, CompressedLayer
 from kvcompress.step import ATTENTION, StepInputs
 
@@ -38,10 +39,11 @@ KEYWORD = "kvcompress"  # the forward keyword that carries StepInputs to every a
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function: a compressed layer's step, else ``sdpa`` (same arguments and results)."""
+    """Attention function: a compressed layer's step (each group's, in a batch of caches), else ``sdpa``
+    (same arguments and results)."""
     inputs: StepInputs | None = kwargs.get(KEYWORD)
     layer = inputs.cache.layers[module.layer_idx] if inputs is not None else None
-    if isinstance(layer, CompressedLayer):
+    if isinstance(layer, (CompressedLayer, RowsLayer)):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = layer.attend(query, key, value, inputs, scaling)  # (B, Hq, q, D)
         return out.transpose(1, 2).contiguous(), None
@@ -107,8 +109,10 @@ def _bind_to_names(forward, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def attach(model, cache: CompressedCache):
+def attach(model, cache: CompressedCache | CacheBatch):
     """Run ``model`` with ``cache`` compressing, inside a ``with`` block; restore the model on exit.
+    A :class:`~kvcompress.batching.CacheBatch` (several sequences' caches decoded together) is attached
+    the same way.
 
     Safe from several threads at once on one model, each with its own cache: the model is restored
     when the last of them leaves.
@@ -122,7 +126,7 @@ def attach(model, cache: CompressedCache):
         ValueError: the cache was made for another model.
         RuntimeError: the cache is already attached to another model.
     """
-    if not isinstance(cache, CompressedCache):
+    if not isinstance(cache, (CompressedCache, CacheBatch)):
         raise TypeError(f"kvcompress.attach needs a cache from kvcompress.make_cache, not {type(cache).__name__}")
     cache.check_model(model)
     outer = cache.attached_to

@@ -266,7 +266,7 @@ def cmd_serve(args) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("kvcompress serve needs fastapi and uvicorn: pip install 'kvcompress[serve]'") from None
-    for flag in ("max_batch", "max_queue", "memory_budget", "max_body_bytes"):
+    for flag in ("max_batch", "max_queue", "memory_budget", "max_body_bytes", "prefill_chunk"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.store_budget is not None and args.store_budget < 1:
@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=None, help="the model's name in the API, which requests must send as `model` (default: --model's name)")
     serve.add_argument(
         "--memory-budget", type=_size, default="1GiB",
-        help="bytes of compressed contexts kept in memory, e.g. 512MiB or 2GiB; the least recently used beyond it go to --store (default 1GiB)",
+        help="bytes of KV memory, e.g. 512MiB or 2GiB: the contexts running requests read and their own tokens, then idle "
+        "kept contexts in what is left (the least recently used beyond go to --store); a request waits until it fits (default 1GiB)",
     )
     serve.add_argument(
         "--store", default=None,
@@ -395,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of files kept in --store, e.g. 20GiB; the least recently used beyond it are deleted and compressed "
         "again when next asked for (default: no limit)",
     )
-    serve.add_argument("--max-batch", type=int, default=8, help="most queued requests of one context answered as one batch, and the most choices (n) a request may ask (default 8)")
+    serve.add_argument("--max-batch", type=int, default=16, help="most answers decoded together in one model step, whatever their contexts, and the most choices (n) a request may ask (default 16)")
+    serve.add_argument(
+        "--prefill-chunk", type=int, default=512,
+        help="a new context is compressed this many tokens per model step, between the running answers' steps (default 512)",
+    )
     serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; more get HTTP 429 (default 256)")
     serve.add_argument("--max-body-bytes", type=_size, default="4MiB", help="larger request bodies get HTTP 413 (default 4MiB)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level (default info)")

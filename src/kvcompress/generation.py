@@ -9,6 +9,8 @@ conversation) is cut between the compressed part and the asked part. Answers are
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from transformers import LogitsProcessorList
 
@@ -128,6 +130,18 @@ def prefill(
     Raises:
         ValueError: the cache's method replays the context and no ``tokenizer`` was given.
     """
+    for logits in prefill_chunks(model, input_ids, attention_mask, cache, logits_to_keep, chunk, tokenizer):
+        pass
+    return logits
+
+
+def prefill_chunks(
+    model, input_ids, attention_mask, cache: CompressedCache, logits_to_keep: int = 0, chunk: int | None = None, tokenizer=None
+) -> Iterator[torch.Tensor]:
+    """:func:`prefill` one chunk at a time: yields each chunk's logits once the chunk is in the cache, so a
+    caller can do other work between chunks (a server decodes its running sequences); the last yield
+    comes after the context is compressed. Call it inside :func:`kvcompress.attach` (kept open while
+    the generator runs)."""
     selection = cache.pipeline.selection if isinstance(cache, CompressedCache) else None  # kvpress rows: a DynamicCache
     if selection is not None and selection.replay and not cache.deferring:
         if tokenizer is None:
@@ -136,33 +150,35 @@ def prefill(
                 "prefill(..., tokenizer=tokenizer) (kvcompress.compress and generate do)"
             )
         with cache.deferred():
-            logits = _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
+            for logits in _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk):
+                pass
         selection.replay_context(model, tokenizer, input_ids, attention_mask, cache)
-        return logits
-    return _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
+        yield logits
+        return
+    yield from _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
 
 
-def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk) -> torch.Tensor:
+def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk) -> Iterator[torch.Tensor]:
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     kwargs = {cache_kwarg(model): cache}
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
     length = input_ids.shape[1]
     if not chunk or length <= chunk:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs).logits
+        yield model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs).logits
+        return
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 token, got {chunk}")
     with cache.prefilling(attention_mask.sum(-1)):
         for start in range(0, length, chunk):
             stop = min(start + chunk, length)
-            out = model(
+            yield model(
                 input_ids=input_ids[:, start:stop],
                 attention_mask=attention_mask[:, :stop],
                 position_ids=position_ids[:, start:stop],
                 use_cache=True,
                 **kwargs,
-            )
-    return out.logits
+            ).logits
 
 
 def _encode(tokenizer, texts: list[str], device, special: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +230,21 @@ def compress(
         ValueError: an empty context, or a cache that already holds one (make a new one, or ``cache.reset()``).
         ContextTooLongError: the context does not fit the model's positions.
     """
-    contexts = _contexts(context)
     cache = make_cache(cache, model) if isinstance(cache, str) else cache
+    for _ in compressing(model, tokenizer, context, cache, prefill_chunk, templated):
+        pass
+    return cache
+
+
+@torch.no_grad()
+def compressing(
+    model, tokenizer, context: str | list[str], cache: CompressedCache, prefill_chunk: int | None = None, templated: bool = False
+) -> Iterator[int]:
+    """:func:`compress` into ``cache`` one chunk of ``prefill_chunk`` tokens at a time: yields the tokens fed
+    so far after each chunk, so a caller can run other sequences between chunks (``kvcompress serve``
+    admits a request so); when it ends, the cache holds the compressed context. Raises as :func:`compress`
+    does, on its first step."""
+    contexts = _contexts(context)
     if cache.get_seq_length():
         raise ValueError(
             f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
@@ -226,11 +255,12 @@ def compress(
     check_room(model, ids.shape[1], 0)
     # Without a chat template nothing may follow the context: its last token is held back, to be fed
     # with the question (or alone, to continue the text), so an answer always starts from a step.
-    held_back = 0 if getattr(tokenizer, "chat_template", None) else 1
+    fed = ids.shape[1] - (0 if getattr(tokenizer, "chat_template", None) else 1)
     with attach(model, cache):
-        prefill(model, ids[:, : ids.shape[1] - held_back], mask[:, : ids.shape[1] - held_back], cache, logits_to_keep=1, chunk=prefill_chunk, tokenizer=tokenizer)
+        chunks = prefill_chunks(model, ids[:, :fed], mask[:, :fed], cache, logits_to_keep=1, chunk=prefill_chunk, tokenizer=tokenizer)
+        for i, _ in enumerate(chunks):
+            yield min(fed, (i + 1) * prefill_chunk) if prefill_chunk else fed
     cache.context = (ids, mask)
-    return cache
 
 
 def asked_part(tokenizer, question: str | None) -> str:

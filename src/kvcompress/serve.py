@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +54,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
 
-from kvcompress.cache import CompressedCache, load_cache
-from kvcompress.generation import ContextTooLongError, ask, asked_part, check_room, compress, split_chat, split_prompt
-from kvcompress.models import model_identity, model_name
+from kvcompress.attach import attach
+from kvcompress.batching import CacheBatch
+from kvcompress.cache import CompressedCache, load_cache, make_cache
+from kvcompress.generation import ContextTooLongError, asked_part, check_room, compressing, split_chat, split_prompt
+from kvcompress.models import cache_kwarg, model_identity, model_name
 from kvcompress.persist import CacheFileError
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
+from kvcompress.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("kvcompress.serve")
 
 DEFAULT_BUDGET = 1 << 30
 DEFAULT_MAX_BODY = 4 << 20
+DEFAULT_PREFILL_CHUNK = 512  # tokens of a new context compressed per model step, between the running answers' steps
 
 
 def parse_size(text: str) -> int:
@@ -131,11 +134,23 @@ class ContextStore:
             return cache, "disk"
         return None, None
 
+    def take(self, key: str) -> tuple[object | None, str | None]:
+        """As :meth:`get`, but a context found in memory leaves it (it is in use: :meth:`put` it back after);
+        one found on disk stays there too."""
+        cache, where = self.get(key)
+        if where == "memory":
+            del self.memory[key]
+        return cache, where
+
     def put(self, key: str, cache) -> None:
         """Keep ``cache`` as the most recently used; move the least recently used to disk while over budget
         (a context larger than the whole budget goes straight to disk)."""
         self.memory[key] = (cache, self._size(cache))
         self.memory.move_to_end(key)
+        self.fit()
+
+    def fit(self) -> None:
+        """Move the least recently used contexts to disk while those in memory take more than the budget."""
         while self.memory and self.kept_bytes > self.budget:
             old, (old_cache, _) = self.memory.popitem(last=False)
             self._spill(old, old_cache)
@@ -367,6 +382,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    asked_tokens: int = 0  # tokens of ``asked``
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -392,25 +408,23 @@ def _final(decode: Callable[[list[int]], str], ids: list[int], stops: list[str])
     return text[:cut].strip(), sum(len(decode(ids[:k])) < cut for k in range(len(ids)))
 
 
-class _RowStreamer(BaseStreamer, StoppingCriteria):
-    """Hands each row's new tokens to its job as they come (a job's ``n`` answers are ``n`` rows), and ends
-    a row at EOS, at a stop text, at its job's ``max_tokens``, or when its job is cancelled. As a stopping
-    criterion it tells ``generate`` which rows are done (``(B,)`` bools), so a batch stops once every row
-    is, not at the largest ``max_tokens``. ``sampler``, when the batch has one, gives each token's logprobs."""
+class _Rows:
+    """The answers of one job (its ``n`` rows), token by token: hands each new token to the job as it comes,
+    and ends a row at EOS, at a stop text, at the job's ``max_tokens``, or when the job is cancelled."""
 
-    def __init__(self, jobs: list[Job], eos: set[int], decode: Callable[[list[int]], str], sampler: Sampler | None = None):
-        self.rows = [(job, choice) for job in jobs for choice in range(job.n)]
-        self.eos, self.decode, self.sampler = eos, decode, sampler
-        self.prompt_seen = False
-        self.ids: list[list[int]] = [[] for _ in self.rows]
-        self.finish: list[str | None] = [None] * len(self.rows)
+    def __init__(self, job: Job, eos: set[int], decode: Callable[[list[int]], str]):
+        self.job, self.eos, self.decode = job, eos, decode
+        self.ids: list[list[int]] = [[] for _ in range(job.n)]
+        self.finish: list[str | None] = [None] * job.n
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call gets the prompt's ids
-            self.prompt_seen = True
-            return
-        for i, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
-            job, choice = self.rows[i]
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def put(self, tokens: list[int], chosen: list[Choice | None]) -> None:
+        """One step's token and its :class:`~kvcompress.sampling.Choice` (or None) for each row."""
+        job = self.job
+        for i, (token, choice) in enumerate(zip(tokens, chosen)):
             if self.finish[i] is not None:
                 continue
             if job.cancelled:
@@ -420,22 +434,15 @@ class _RowStreamer(BaseStreamer, StoppingCriteria):
                 self.finish[i] = "stop"
                 continue
             self.ids[i].append(token)
-            job.emit(("token", choice, token, self.sampler.chosen[i] if self.sampler else None))
+            job.emit(("token", i, token, choice))
             if job.stop and _stop_at(self.decode(self.ids[i]), job.stop) is not None:
                 self.finish[i] = "stop"
             elif len(self.ids[i]) >= job.max_tokens:
                 self.finish[i] = "length"
 
-    def end(self) -> None:
-        self.finish = [f or "length" for f in self.finish]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
-
-    def results(self, job: Job) -> tuple[list[str], list[int]]:
-        """``job``'s finish reason and token count, per answer."""
-        rows = [i for i, (j, _) in enumerate(self.rows) if j is job]
-        return [self.finish[i] or "length" for i in rows], [len(self.ids[i]) for i in rows]
+    def results(self) -> tuple[list[str], list[int]]:
+        """Each answer's finish reason and token count."""
+        return [f or "length" for f in self.finish], [len(ids) for ids in self.ids]
 
 
 class Metrics:
@@ -460,6 +467,7 @@ class Metrics:
                 "decode_seconds",
                 "queue_seconds",
                 "cancelled",
+                "preemptions",
             ],
             0,
         )
@@ -490,18 +498,22 @@ class _Exporter:
         "disk_hits": "contexts reloaded from the store's folder",
         "prompt_tokens": "prompt tokens of answered requests",
         "completion_tokens": "tokens decoded",
-        "batches": "batches run by the model",
+        "batches": "decode steps run by the model (a token for every running answer)",
         "prefill_seconds": "seconds spent compressing contexts",
         "decode_seconds": "seconds spent decoding answers",
         "queue_seconds": "seconds requests waited for the model",
         "cancelled": "requests whose client left before the answer ended",
+        "preemptions": "running requests stopped to free memory (resumed later, their own tokens recomputed)",
         "evictions": "contexts moved from memory to disk",
         "deleted_from_disk": "context files deleted beyond --store-budget",
     }
     GAUGES = {
-        "largest_batch": "the most requests answered in one batch",
-        "kept_bytes": "bytes of compressed contexts held in memory",
-        "memory_budget": "bytes of compressed contexts the memory may hold (--memory-budget)",
+        "largest_batch": "the most answers (rows) decoded in one step",
+        "running": "requests decoding",
+        "waiting": "requests admitted to the worker, waiting for memory or for their context's prefill",
+        "active_bytes": "bytes of the contexts running requests read and of their forks",
+        "kept_bytes": "bytes of idle compressed contexts held in memory",
+        "memory_budget": "bytes of KV memory running requests and idle kept contexts may hold (--memory-budget)",
         "kept_in_memory": "compressed contexts held in memory",
         "kept_on_disk": "compressed contexts in the store's folder",
         "disk_bytes": "bytes of the store's files",
@@ -525,15 +537,50 @@ class _Exporter:
         yield errors
 
 
-class Engine:
-    """The model's one worker thread: takes queued jobs, batches those of one context, answers them."""
+@dataclass(eq=False)
+class _Answer:
+    """A job in the worker: its place in the scheduler, its context (compressed chunk by chunk while
+    ``prefill`` runs), its fork of the context (None while waiting or preempted), the tokens it has fed
+    after its question (what a preempted answer recomputes) and the tokens its next step feeds."""
 
-    def __init__(self, model, tokenizer, method: str, store: ContextStore, metrics: Metrics, max_batch: int, max_queue: int):
+    job: Job
+    seq: Sequence
+    rows: _Rows
+    sampler: Sampler | None
+    context: CompressedCache | None = None
+    prefill: Iterator | None = None
+    fork: CompressedCache | None = None
+    asked: torch.Tensor | None = None  # (n, q) the question's ids (and any of the context held back)
+    fed: list[torch.Tensor] = field(default_factory=list)  # (n, 1) each step's tokens
+    pending: torch.Tensor | None = None  # (n, 1)
+    where: str = ""  # where its context was found: memory, disk, prefilled
+
+
+class Engine:
+    """The model's one worker thread, batching continuously: every model step decodes one token for each
+    running answer, whatever its context; between steps, waiting requests are admitted (their context
+    compressed ``prefill_chunk`` tokens per step, or found kept) while their bytes fit ``memory_budget``,
+    and answers that outgrow it are preempted (:class:`~kvcompress.scheduler.Scheduler`). A finished or
+    cancelled answer frees its pages at once.
+
+    Memory is the KV bytes of the contexts that running answers read, plus their forks; idle kept
+    contexts take what is left of the budget (the :class:`ContextStore` moves the rest to disk).
+    """
+
+    def __init__(
+        self, model, tokenizer, method: str, store: ContextStore, metrics: Metrics, max_batch: int, max_queue: int,
+        memory_budget: int | None = None, prefill_chunk: int | None = 512,
+    ):
         self.model, self.tokenizer, self.method = model, tokenizer, method
-        self.store, self.metrics, self.max_batch = store, metrics, max_batch
+        self.store, self.metrics, self.prefill_chunk = store, metrics, prefill_chunk
+        self.budget = memory_budget if memory_budget is not None else (store.budget if store is not None else None)
+        self.scheduler = Scheduler(self.budget, max_batch)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pinned: dict[str, list] = {}  # key -> [context, answers reading it, its bytes]: contexts in use
+        self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
+        self.active = 0  # bytes of the pinned contexts and the running forks, after the last step
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -553,78 +600,239 @@ class Engine:
             self.jobs.put(None)
             self.thread.join()
 
+    # ---- the loop ---------------------------------------------------------------------------------
+
     def _run(self) -> None:
         stopping = False
-        while not stopping:
-            first = self.jobs.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
+        with torch.inference_mode():
+            while True:
+                idle = not self.scheduler.running and not self.scheduler.waiting
+                stopping = self._take(block=idle and not stopping) or stopping
+                if stopping and not self.scheduler.running and not self.scheduler.waiting:
                     break
+                self._drop_cancelled()
+                self._admit()
+                if self.scheduler.running:
+                    self._step()
+
+    def _take(self, block: bool) -> bool:
+        """Queue the submitted jobs (waiting for one if ``block``); True if the stop sign came."""
+        stop = False
+        try:
+            job = self.jobs.get() if block else self.jobs.get_nowait()
+            while True:
                 if job is None:
-                    stopping = True
-                    break
-                batch.append(job)
-            groups: dict[str, list[Job]] = {}
-            for job in batch:
-                if job.cancelled:  # its client left while it waited; its handler ends on "done"
+                    stop = True
+                elif job.cancelled:  # its client left while it waited; its handler ends on "done"
                     self.metrics.add(cancelled=1)
                     job.emit(("done", ["cancelled"] * job.n, [0] * job.n))
-                    continue
-                groups.setdefault(job.key, []).append(job)
-            for jobs in groups.values():
-                self._answer(jobs)
+                else:
+                    plain = job.sampling.greedy and job.sampling.logprobs is None
+                    rows = _Rows(job, self.eos, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+                    answer = _Answer(job, Sequence(None, rows=job.n), rows, None if plain else Sampler([(job.sampling, job.n)]))
+                    answer.seq.request = answer
+                    self.scheduler.add(answer.seq)
+                job = self.jobs.get_nowait()
+        except queue.Empty:
+            pass
+        return stop
 
-    def _context(self, job: Job) -> tuple[CompressedCache, str]:
-        cache, where = self.store.get(job.key)
-        if cache is not None:
-            self.metrics.add(**{f"{where}_hits": 1})
-            return cache, where
-        start = time.perf_counter()
-        cache = compress(self.model, self.tokenizer, job.context, self.method, templated=True)
-        self.metrics.add(prefills=1, prefill_seconds=time.perf_counter() - start)
-        return cache, "prefilled"
+    def _drop_cancelled(self) -> None:
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.request.job.cancelled:
+                self._end(seq.request)
 
-    def _answer(self, jobs: list[Job]) -> None:
-        start = time.perf_counter()
-        self.metrics.add(batches=1, queue_seconds=sum(start - j.queued for j in jobs))
-        with self.metrics.lock:
-            self.metrics.counts["largest_batch"] = max(self.metrics.counts["largest_batch"], len(jobs))
-        try:
-            cache, where = self._context(jobs[0])
-            # A batch all greedy without logprobs is decoded as the library does (no sampler).
-            plain = all(j.sampling.greedy and j.sampling.logprobs is None for j in jobs)
-            sampler = None if plain else Sampler([(j.sampling, j.n) for j in jobs])
-            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-            streamer = _RowStreamer(jobs, self.eos, decode, sampler)
-            asked = time.perf_counter()
-            questions, longest = [j.asked for j in jobs for _ in range(j.n)], max(j.max_tokens for j in jobs)
-            with torch.inference_mode():
-                ask(
-                    self.model, self.tokenizer, cache, questions, longest, streamer=streamer, stopping_criteria=[streamer],
-                    sampler=sampler, templated=True,
-                )  # fmt: skip
-            self.metrics.add(decode_seconds=time.perf_counter() - asked)
-            self.store.put(jobs[0].key, cache)
-            log.info(
-                "answered %d request(s) of context %s (%s; %d tokens, %s bytes): %.2f s context, %.2f s decode",
-                len(jobs), jobs[0].key[:12], where, cache.get_seq_length(), f"{cache.nbytes:,}", asked - start,
-                time.perf_counter() - asked,
-            )  # fmt: skip
-        except Exception as err:  # the jobs fail; the worker and the server go on
-            log.exception("answering %d request(s) failed", len(jobs))
-            for job in jobs:
-                job.emit(("error", err))
+    # ---- admission --------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Start waiting answers while they fit, in order; compress at most one chunk of a context."""
+        while self.scheduler.waiting:
+            answer = self.scheduler.waiting[0].request
+            answer.seq.need = self._need(answer)
+            if not self.scheduler.can_start(answer.seq, self.active):
+                return
+            try:
+                if answer.context is None:
+                    self._find_context(answer)
+                if answer.prefill is not None:
+                    if self._prefill_chunk(answer):
+                        return  # a chunk per step: the running answers decode between chunks
+                self._start(answer)
+            except Exception as err:  # this answer fails; the others go on
+                log.exception("starting a request failed")
+                self._end(answer, err)
+
+    @functools.cached_property
+    def token_bytes(self) -> int:
+        """Bytes of one token's keys and values at full precision, in every layer."""
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
+
+    def _need(self, answer: _Answer) -> int:
+        """Bytes ``answer`` would add if it started now: its context's (unless running answers read it; until
+        a context was compressed, at full precision) and its rows' question at full precision. Its answer's
+        tokens are not reserved: as in vLLM, a step that outgrows the budget preempts (see :meth:`_account`)."""
+        job = answer.job
+        own = job.n * job.asked_tokens * self.token_bytes
+        if job.key in self.pinned:
+            return own if answer.context is None or answer.fork is None else 0
+        if answer.context is not None and answer.prefill is None:
+            return own + answer.context.nbytes
+        cached = self.store.memory.get(job.key)
+        return own + (cached[1] if cached else job.prompt_tokens * (self.context_token_bytes or self.token_bytes))
+
+    def _find_context(self, answer: _Answer) -> None:
+        job = answer.job
+        if job.key in self.pinned:
+            answer.context, answer.where = self.pinned[job.key][0], "memory"
+            self.metrics.add(memory_hits=1)
             return
-        for job in jobs:
-            finishes, counts = streamer.results(job)
-            cancelled = int(all(f == "cancelled" for f in finishes))
-            self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=sum(counts), cancelled=cancelled)
-            job.emit(("done", finishes, counts))
+        cache, where = self.store.take(job.key)
+        if cache is not None:
+            answer.context, answer.where = cache, where
+            self.metrics.add(**{f"{where}_hits": 1})
+            return
+        answer.context, answer.where = make_cache(self.method, self.model), "prefilled"
+        answer.prefill = compressing(self.model, self.tokenizer, job.context, answer.context, self.prefill_chunk, templated=True)
+
+    def _prefill_chunk(self, answer: _Answer) -> bool:
+        """Compress the next chunk of ``answer``'s context; False once the context is compressed."""
+        start = time.perf_counter()
+        try:
+            next(answer.prefill)
+            done = False
+        except StopIteration:
+            answer.prefill, done = None, True
+            tokens = answer.context.get_seq_length()
+            self.context_token_bytes = max(1, answer.context.nbytes // max(1, tokens))
+            self.metrics.add(prefills=1)
+        self.metrics.add(prefill_seconds=time.perf_counter() - start)
+        return not done
+
+    def _start(self, answer: _Answer) -> None:
+        """Fork the context for ``answer``'s rows and feed its question (a preempted answer: its question and
+        every token it had fed), choosing its first tokens."""
+        job, context = answer.job, answer.context
+        if answer.fork is None and answer.pending is None:
+            self.metrics.add(queue_seconds=time.perf_counter() - job.queued)
+        self._pin(job.key, context)
+        self.scheduler.start(answer.seq)
+        answer.fork = context.fork(job.n)
+        if answer.asked is None:
+            ids = context.context[0].repeat(job.n, 1)  # (n, C)
+            asked = self.tokenizer([job.asked] * job.n, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            answer.asked = torch.cat([ids, asked.to(ids.device)], 1)[:, context.get_seq_length() :]  # what the cache has not seen
+        feed = torch.cat([answer.asked, *answer.fed], 1)  # (n, q)
+        seen = answer.fork.get_seq_length()
+        positions = torch.arange(seen, seen + feed.shape[1], device=feed.device)[None].expand(job.n, -1)
+        with attach(self.model, answer.fork):
+            logits = self.model(
+                input_ids=feed, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): answer.fork}
+            ).logits[:, -1]  # (n, V)
+        if answer.pending is None:  # a resumed answer has its next tokens already
+            self._choose(answer, logits)
+        self.active += answer.fork.nbytes + (self.pinned[job.key][2] if self.pinned[job.key][1] == 1 else 0)
+        log.info("started a request on context %s (%s; %d tokens)", job.key[:12], answer.where, context.get_seq_length())
+
+    def _pin(self, key: str, context: CompressedCache) -> None:
+        if key not in self.pinned:
+            self.pinned[key] = [context, 0, context.nbytes]
+        self.pinned[key][1] += 1
+
+    def _unpin(self, key: str) -> None:
+        entry = self.pinned[key]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.pinned[key]
+            self.store.put(key, entry[0])
+
+    # ---- decoding ---------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One model step: a token for every row of every running answer."""
+        answers = [seq.request for seq in self.scheduler.running]
+        start = time.perf_counter()
+        try:
+            batch = CacheBatch([a.fork for a in answers])
+            tokens = torch.cat([a.pending for a in answers])  # (B, 1)
+            with attach(self.model, batch):
+                logits = self.model(
+                    input_ids=tokens, position_ids=batch.positions(), use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(self.model): batch},
+                ).logits[:, -1]  # (B, V)
+        except Exception as err:  # the running answers fail; the worker and the server go on
+            log.exception("a decode step of %d request(s) failed", len(answers))
+            for answer in answers:
+                self._end(answer, err)
+            return
+        rows = batch.batch_size
+        self.metrics.add(batches=1, decode_seconds=time.perf_counter() - start)
+        with self.metrics.lock:
+            self.metrics.counts["largest_batch"] = max(self.metrics.counts["largest_batch"], rows)
+        first = 0
+        for answer in answers:
+            n = answer.job.n
+            answer.fed.append(answer.pending)
+            self._choose(answer, logits[first : first + n])
+            first += n
+            if answer.rows.done:
+                self._end(answer)
+        self._account()
+
+    def _choose(self, answer: _Answer, logits: torch.Tensor) -> None:
+        """``answer``'s next tokens from its rows' ``(n, V)`` logits, handed to its rows."""
+        if answer.sampler is None:
+            tokens, chosen = logits.argmax(-1), [None] * answer.job.n  # as generate's greedy step picks
+        else:
+            tokens = answer.sampler(None, logits).argmax(-1)
+            chosen = answer.sampler.chosen
+        answer.pending = tokens[:, None]
+        answer.rows.put(tokens.tolist(), chosen)
+
+    def _account(self) -> None:
+        """Bytes held by running answers; preempt the newest while they are over the budget."""
+        self.active = sum(entry[2] for entry in self.pinned.values())
+        for seq in self.scheduler.running:
+            answer = seq.request
+            seq.held = answer.fork.nbytes
+            self.active += seq.held
+            entry = self.pinned[answer.job.key]
+            if entry[1] == 1:
+                seq.held += entry[2]  # its context goes idle with it
+        for seq in self.scheduler.to_preempt(self.active):
+            answer = seq.request
+            self.active -= answer.fork.nbytes + (self.pinned[answer.job.key][2] if self.pinned[answer.job.key][1] == 1 else 0)
+            answer.fork.reset()
+            answer.fork = None
+            self._unpin(answer.job.key)
+            self.metrics.add(preemptions=1)
+            log.info("preempted a request of context %s: %s bytes in use of %s", answer.job.key[:12], f"{self.active:,}", f"{self.budget:,}")
+        self.store.budget = max(0, self.budget - self.active) if self.budget is not None else None
+        self.store.fit()
+
+    def _end(self, answer: _Answer, error: Exception | None = None) -> None:
+        """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler."""
+        job = answer.job
+        self.scheduler.finish(answer.seq)
+        if answer.prefill is not None:
+            answer.prefill.close()
+            answer.prefill = None
+        if answer.fork is not None:
+            self.active -= answer.fork.nbytes
+            answer.fork.reset()
+            answer.fork = None
+            self._unpin(job.key)
+        if error is not None:
+            job.emit(("error", error))
+            return
+        finishes, counts = answer.rows.results()
+        if job.cancelled:
+            finishes = [f if f != "length" or c >= job.max_tokens else "cancelled" for f, c in zip(finishes, counts)]
+        cancelled = int(job.cancelled)
+        self.metrics.add(prompt_tokens=job.prompt_tokens, completion_tokens=sum(counts), cancelled=cancelled)
+        job.emit(("done", finishes, counts))
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -688,25 +896,28 @@ def create_app(
     name: str | None = None,
     memory_budget: int = DEFAULT_BUDGET,
     store: str | Path | None = None,
-    max_batch: int = 8,
+    max_batch: int = 16,
     max_queue: int = 256,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     store_budget: int | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> FastAPI:
     """The ASGI app serving ``model`` with compression ``method`` (a spec, checked here).
 
     Args:
         name: the model's name in the API (default: the name it was loaded under).
-        memory_budget: bytes of compressed contexts kept in memory; the least recently used beyond go to disk.
+        memory_budget: bytes of KV memory: the contexts running answers read and their forks, then idle kept
+            contexts in what is left (the least recently used beyond go to disk). Requests start while they fit.
         store: folder for contexts moved to disk. Given, it persists: contexts found there are reused and
             those in memory are saved there at shutdown. None: a temporary folder, removed at shutdown.
-        max_batch: the most queued requests answered in one batch (those of one context are batched).
+        max_batch: the most rows (answers) one model step decodes, and the most choices (``n``) a request may ask.
         max_queue: requests waiting beyond this get a 429.
         max_body_bytes: larger request bodies get a 413.
         store_budget: bytes of files kept in the store; the least recently used beyond are deleted (None: no limit).
+        prefill_chunk: a new context is compressed this many tokens per model step, between decode steps of the
+            running answers (None: in one forward); answers equal :func:`kvcompress.generate` with the same
+            ``prefill_chunk``.
     """
-    from kvcompress.cache import make_cache
-
     make_cache(method, model)  # a bad spec fails here, not at the first request
     name = name or model_name(model)
     temporary = tempfile.TemporaryDirectory(prefix="kvcompress-serve-") if store is None else None
@@ -720,7 +931,7 @@ def create_app(
         disk_budget=store_budget,
     )
     metrics = Metrics()
-    engine = Engine(model, tokenizer, method, kept, metrics, max_batch, max_queue)
+    engine = Engine(model, tokenizer, method, kept, metrics, max_batch, max_queue, memory_budget, prefill_chunk)
     # The worker's tokenizer pads (which changes its Rust state); requests are tokenized with a copy.
     request_tokenizer = copy.deepcopy(tokenizer)
     created = int(time.time())
@@ -784,6 +995,7 @@ def create_app(
         key = hashlib.sha256(digest.encode() + json.dumps(context_ids).encode()).hexdigest()[:32]
         loop = asyncio.get_running_loop()
         job = Job(key, context, asked, max_tokens, len(context_ids) + len(asked_ids), loop, sampling, req.n or 1, req.stops())
+        job.asked_tokens = len(asked_ids)
         engine.submit(job)
         metrics.add(requests=1, streamed=int(req.stream))
         return job
@@ -909,7 +1121,7 @@ def create_app(
             **counts,
             "errors": errors,
             "kept_bytes": kept.kept_bytes,
-            "memory_budget": kept.budget,
+            "memory_budget": engine.budget,
             "kept_in_memory": len(kept.memory),
             "kept_on_disk": len(kept.disk),
             "disk_bytes": kept.disk_bytes,
@@ -917,6 +1129,9 @@ def create_app(
             "deleted_from_disk": kept.deleted,
             "evictions": kept.evictions,
             "queued": engine.jobs.qsize(),
+            "running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.waiting),
+            "active_bytes": engine.active,
         }
 
     registry = CollectorRegistry(auto_describe=False)
@@ -1016,6 +1231,7 @@ def run(args) -> None:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         store_budget=args.store_budget,
+        prefill_chunk=args.prefill_chunk,
     )
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (queued requests answered, kept contexts
     # saved by the lifespan), then raises the signal again for the handler it found: make that one a
