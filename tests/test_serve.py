@@ -251,10 +251,58 @@ def test_a_request_whose_client_leaves_stops_decoding_at_the_next_step(server, s
     after = _metrics(url)
     decoded = after["completion_tokens"] - before["completion_tokens"]
     assert decoded < 100 and after["cancelled"] == before["cancelled"] + 1  # not 400 tokens for nobody
+    assert after["running"] == 0 and after["active_bytes"] == 0  # its fork's pages are freed
     quick = {"model": "smol", "prompt": DOCS[0], "max_tokens": 2}
     assert httpx.post(f"{url}/v1/completions", json=quick, timeout=120).status_code == 200
     seconds = after["decode_seconds"] - before["decode_seconds"]
     print(f"\nabandoned 400-token request: {decoded} tokens decoded ({seconds:.1f} s), cancelled {time.monotonic() - left:.1f} s after")
+
+
+def _post_all(url: str, bodies: list[dict]) -> list[dict]:
+    """Send ``bodies`` to /v1/completions at once; their JSON replies, in order."""
+
+    async def send():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        return [r.json() for r in replies]
+
+    return asyncio.run(send())
+
+
+def test_requests_over_different_documents_decode_in_one_step_and_answer_as_alone(smol, tmp_path):
+    model, tokenizer = smol
+    tokens = 12
+    expected = [kvcompress.generate(model, tokenizer, doc, QUESTIONS[0], METHOD, max_new_tokens=tokens) for doc in DOCS]
+    app = create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)
+    with _serving(app) as url:
+        bodies = [{"model": "smol", "prompt": doc, "question": QUESTIONS[0], "max_tokens": tokens} for doc in DOCS]
+        replies = _post_all(url, bodies)
+        metrics = _metrics(url)
+    assert [r["choices"][0]["text"] for r in replies] == expected
+    assert metrics["largest_batch"] >= 2  # rows of different documents in one step (each request is one row)
+    assert metrics["prefills"] == len(DOCS) and metrics["active_bytes"] == 0 and metrics["running"] == 0
+
+
+def test_answers_that_outgrow_the_budget_are_preempted_and_resume_with_the_same_answer(smol, tmp_path):
+    """A budget with room for the documents and little more: answers growing past it stop (the newest
+    first), wait, and resume by recomputing their own tokens; no request fails, no answer changes."""
+    model, tokenizer = smol
+    tokens, method = 24, "none"
+    docs = DOCS[:2]
+    expected = [kvcompress.generate(model, tokenizer, doc, QUESTIONS[1], method, max_new_tokens=tokens) for doc in docs]
+    contexts = sum(kvcompress.compress(model, tokenizer, doc, method).nbytes for doc in docs)
+    config = model.config
+    token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    asked = len(tokenizer(asked_part(tokenizer, QUESTIONS[1]), add_special_tokens=False)["input_ids"])
+    budget = contexts + 2 * (asked + 32) * token  # both start (a page each); both cannot grow a second page
+    app = create_app(model, tokenizer, method, name="smol", memory_budget=budget, store=tmp_path)
+    with _serving(app) as url:
+        bodies = [{"model": "smol", "prompt": doc, "question": QUESTIONS[1], "max_tokens": tokens} for doc in docs]
+        replies = _post_all(url, bodies)
+        metrics = _metrics(url)
+    assert [r["choices"][0]["text"] for r in replies] == expected
+    assert metrics["preemptions"] >= 1 and metrics["active_bytes"] == 0
 
 
 def test_a_request_cancelled_while_queued_is_never_run_and_its_handler_is_told():
