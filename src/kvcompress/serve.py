@@ -14,12 +14,17 @@ same context, question, method and ``max_new_tokens``):
 
 A compressed context is kept under a hash of the model, the method and the context's token ids, so
 the same document (or conversation before its last user message) sent again is not prefilled again.
-Kept contexts are held in memory up to a budget of bytes (:attr:`CompressedCache.nbytes`); the least
-recently used go to disk in the saved format (:meth:`CompressedCache.save`) and come back on their next
-use. The model runs on one worker thread: requests queue, and those waiting for the same context are
-answered as one batch (each answer a row on its own fork of the context, so no request sees another's
-tokens; a request's ``n`` answers are ``n`` rows). Decoding is greedy unless a request sets a
-``temperature``; then tokens are drawn by :class:`~kvcompress.sampling.Sampler` (``top_p``, ``top_k``,
+
+The model runs on one worker thread that batches continuously (:class:`Engine`): every model step
+decodes one token for every running request, whatever its context (:class:`~kvcompress.batching.CacheBatch`:
+one forward, each request's own fork of its context attended per layer, so no request sees another's
+tokens; a request's ``n`` answers are ``n`` rows); between steps, waiting requests start in order
+while their bytes fit ``--memory-budget`` (:class:`~kvcompress.scheduler.Scheduler`), a new context
+being compressed ``--prefill-chunk`` tokens per step; when the running requests' answers outgrow the
+budget, the newest is preempted and later resumes by recomputing its own tokens. Idle kept contexts
+take what the running ones leave of the budget; the least recently used go to disk in the saved format
+(:meth:`CompressedCache.save`) and come back on their next use. Decoding is greedy unless a request sets
+a ``temperature``; then tokens are drawn by :class:`~kvcompress.sampling.Sampler` (``top_p``, ``top_k``,
 ``seed``). ``stop`` texts end an answer before them.
 """
 
