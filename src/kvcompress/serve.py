@@ -686,7 +686,10 @@ class Engine:
         if answer.context is not None and answer.prefill is None:
             return own + answer.context.nbytes
         cached = self.store.memory.get(job.key)
-        return own + (cached[1] if cached else job.prompt_tokens * (self.context_token_bytes or self.token_bytes))
+        context = cached[1] if cached else job.prompt_tokens * (self.context_token_bytes or self.token_bytes)
+        if answer.prefill is not None:  # what it holds so far is counted as held (see _held)
+            context = max(0, context - answer.context.nbytes)
+        return own + context
 
     def _find_context(self, answer: _Answer) -> None:
         job = answer.job
@@ -714,31 +717,37 @@ class Engine:
             self.context_token_bytes = max(1, answer.context.nbytes // max(1, tokens))
             self.metrics.add(prefills=1)
         self.metrics.add(prefill_seconds=time.perf_counter() - start)
+        self._fit_store()
         return not done
 
     def _start(self, answer: _Answer) -> None:
         """Fork the context for ``answer``'s rows and feed its question (a preempted answer: its question and
         every token it had fed), choosing its first tokens."""
         job, context = answer.job, answer.context
-        if answer.fork is None and answer.pending is None:
+        if answer.pending is None:
             self.metrics.add(queue_seconds=time.perf_counter() - job.queued)
-        self._pin(job.key, context)
-        self.scheduler.start(answer.seq)
-        answer.fork = context.fork(job.n)
         if answer.asked is None:
             ids = context.context[0].repeat(job.n, 1)  # (n, C)
             asked = self.tokenizer([job.asked] * job.n, return_tensors="pt", add_special_tokens=False)["input_ids"]
             answer.asked = torch.cat([ids, asked.to(ids.device)], 1)[:, context.get_seq_length() :]  # what the cache has not seen
-        feed = torch.cat([answer.asked, *answer.fed], 1)  # (n, q)
-        seen = answer.fork.get_seq_length()
-        positions = torch.arange(seen, seen + feed.shape[1], device=feed.device)[None].expand(job.n, -1)
-        with attach(self.model, answer.fork):
-            logits = self.model(
-                input_ids=feed, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): answer.fork}
-            ).logits[:, -1]  # (n, V)
+        self._pin(job.key, context)
+        fork = context.fork(job.n)
+        try:
+            feed = torch.cat([answer.asked, *answer.fed], 1)  # (n, q)
+            seen = fork.get_seq_length()
+            positions = torch.arange(seen, seen + feed.shape[1], device=feed.device)[None].expand(job.n, -1)
+            with attach(self.model, fork):
+                logits = self.model(
+                    input_ids=feed, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): fork}
+                ).logits[:, -1]  # (n, V)
+        except Exception:
+            self._unpin(job.key)
+            raise
+        answer.fork = fork
+        self.scheduler.start(answer.seq)
         if answer.pending is None:  # a resumed answer has its next tokens already
             self._choose(answer, logits)
-        self.active += answer.fork.nbytes + (self.pinned[job.key][2] if self.pinned[job.key][1] == 1 else 0)
+        self._fit_store()
         log.info("started a request on context %s (%s; %d tokens)", job.key[:12], answer.where, context.get_seq_length())
 
     def _pin(self, key: str, context: CompressedCache) -> None:
@@ -796,39 +805,54 @@ class Engine:
         answer.pending = tokens[:, None]
         answer.rows.put(tokens.tolist(), chosen)
 
-    def _account(self) -> None:
-        """Bytes held by running answers; preempt the newest while they are over the budget."""
-        self.active = sum(entry[2] for entry in self.pinned.values())
+    def _held(self) -> int:
+        """Bytes of the contexts running answers read and of their forks; each answer's ``held``: what stopping it frees."""
+        held = sum(entry[2] for entry in self.pinned.values())
+        held += sum(seq.request.context.nbytes for seq in self.scheduler.waiting if seq.request.prefill is not None)
         for seq in self.scheduler.running:
             answer = seq.request
             seq.held = answer.fork.nbytes
-            self.active += seq.held
+            held += seq.held
             entry = self.pinned[answer.job.key]
             if entry[1] == 1:
                 seq.held += entry[2]  # its context goes idle with it
+        return held
+
+    def _account(self) -> None:
+        """Bytes held by running answers; preempt the newest while they are over the budget."""
+        self.active = self._held()
         for seq in self.scheduler.to_preempt(self.active):
             answer = seq.request
-            self.active -= answer.fork.nbytes + (self.pinned[answer.job.key][2] if self.pinned[answer.job.key][1] == 1 else 0)
             answer.fork.reset()
-            answer.fork = None
+            answer.fork = answer.context = None  # its context is found again when it resumes (it may go to disk)
             self._unpin(answer.job.key)
             self.metrics.add(preemptions=1)
-            log.info("preempted a request of context %s: %s bytes in use of %s", answer.job.key[:12], f"{self.active:,}", f"{self.budget:,}")
-        self.store.budget = max(0, self.budget - self.active) if self.budget is not None else None
-        self.store.fit()
+            log.info("preempted a request of context %s: %s bytes were in use of %s", answer.job.key[:12], f"{self.active:,}", f"{self.budget:,}")
+        self._fit_store()
+
+    def _fit_store(self) -> None:
+        """Recount the bytes running answers hold; idle kept contexts get what is left of the budget."""
+        self.active = self._held()
+        if self.budget is not None:
+            self.store.budget = max(0, self.budget - self.active)
+            self.store.fit()
 
     def _end(self, answer: _Answer, error: Exception | None = None) -> None:
         """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler."""
         job = answer.job
         self.scheduler.finish(answer.seq)
-        if answer.prefill is not None:
+        compressing = answer.prefill is not None
+        if compressing:  # a context half compressed is dropped
             answer.prefill.close()
             answer.prefill = None
         if answer.fork is not None:
-            self.active -= answer.fork.nbytes
             answer.fork.reset()
             answer.fork = None
             self._unpin(job.key)
+            self._fit_store()
+        elif answer.context is not None and not compressing and job.key not in self.pinned:
+            self.store.put(job.key, answer.context)  # taken from the store, never started: kept again
+        answer.context = None
         if error is not None:
             job.emit(("error", error))
             return
