@@ -1,11 +1,14 @@
 """Users served at once by ``kvcompress serve`` under one KV memory budget, per method: continuous batching's figures.
 
-For each method and each user count, starts the real ``kvcompress serve`` on a local port with
+For each method and each user count, starts the real ``kvcompress serve`` (or an anchor:
+``transformers-serve``, transformers' ``serve --continuous-batching`` with as many 32-token blocks as the
+budget holds; ``vllm-serve``, vLLM's CPU build with ``--kv-cache-memory-bytes``) on a local port with
 ``--memory-budget`` set to the KV bytes ``none`` needs for ``--fit`` sequences of ``--tokens`` tokens
 (full precision, every layer). Users arrive ``--arrival`` seconds apart; each has their own document
 (``--tokens`` tokens of the King James Bible, a number planted in it) and asks ``--questions``
 questions of it one after the other, streaming each answer. Prints one row per (method, users):
-sequences running at once (the most, polled from ``/metrics``), aggregate tokens/s (answer tokens over
+sequences running at once (the most, polled from kvcompress' ``/metrics``; and, for every server, the
+most answers streaming at once as the clients saw them), aggregate tokens/s (answer tokens over
 the wall time from the first arrival to the last answer), p50/p95 time to first token and per-token
 latency, the most KV bytes held, errors, planted numbers answered and answers holding another user's
 number. Writes the rows as JSON beside the text, and a plot of tokens/s against users.
@@ -21,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,18 +44,28 @@ def _pct(values: list[float], q: float) -> float:
     return values[int(q * (len(values) - 1))] if values else float("nan")
 
 
-async def _user(client, name: str, doc, questions: int, max_tokens: int, delay: float, out: list) -> None:
+async def _user(client, name: str, doc, questions: int, max_tokens: int, delay: float, out: list, chat: bool) -> None:
+    """One user: their questions one after the other, each answer streamed. ``chat``: an anchor server, sent the
+    document and the question as one user message (kvcompress gets the document as ``prompt`` and the
+    question in ``question``: the same chat-templated prompt)."""
     text, asks, answers = doc
     await asyncio.sleep(delay)
     for q in asks[:questions]:
-        body = {"model": name, "prompt": text, "question": q, "max_tokens": max_tokens, "stream": True}
+        if chat:
+            path = "/v1/chat/completions"
+            body = {"model": name, "messages": [{"role": "user", "content": f"{text}\n\n{q}"}], "max_tokens": max_tokens,
+                    "stream": True, "temperature": 0}
+        else:
+            path = "/v1/completions"
+            body = {"model": name, "prompt": text, "question": q, "max_tokens": max_tokens, "stream": True}
         start, stamps, pieces, status = time.perf_counter(), [], [], None
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
+            async with client.stream("POST", path, json=body) as response:
                 status = response.status_code
                 async for line in response.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        piece = json.loads(line[6:])["choices"][0]["text"]
+                    if line.startswith("data: ") and line.strip() != "data: [DONE]":
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        piece = choices[0].get("text") if not chat else (choices[0].get("delta") or {}).get("content")
                         if piece:
                             stamps.append(time.perf_counter())
                             pieces.append(piece)
@@ -74,12 +86,41 @@ def _watch(url: str, stop: threading.Event, seen: dict) -> None:
         stop.wait(0.2)
 
 
-def run_one(method: str, users: int, documents, args, budget: int) -> dict:
-    port = _free_port()
+ANCHORS = ("transformers-serve", "vllm-serve")
+
+
+def _command(method: str, port: int, budget: int, args, folder: str, token_bytes: int) -> tuple[list[str], dict]:
+    """The server's command line and environment: kvcompress serve, or an anchor with the same KV memory."""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if method == "transformers-serve":  # its paged cache: blocks of 32 tokens, as many as the budget holds
+        blocks = budget // (32 * token_bytes)
+        return [str(Path(sys.executable).with_name("transformers")), "serve", folder, "--continuous-batching",
+                "--cb-block-size", "32", "--cb-num-blocks", str(blocks), "--device", "cpu", "--dtype", "float32",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env
+    if method == "vllm-serve":
+        return [args.vllm, "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                "--kv-cache-memory-bytes", str(budget), "--max-model-len", str(args.tokens + 512),
+                "--max-num-seqs", str(args.max_batch)], env
     store = tempfile.mkdtemp(prefix="kvc-serve-users-")
-    cmd = [sys.executable, "-m", "kvcompress.cli", "serve", "--method", method, "--port", str(port),
-           "--memory-budget", str(budget), "--store", store, "--max-batch", str(args.max_batch), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env=dict(os.environ, TQDM_DISABLE="1"), stderr=subprocess.DEVNULL)
+    return [sys.executable, "-m", "kvcompress.cli", "serve", "--method", method, "--port", str(port),
+            "--memory-budget", str(budget), "--store", store, "--max-batch", str(args.max_batch), "--log-level", "warning"], env
+
+
+def _most_at_once(out: list[dict]) -> int:
+    """The most answers streaming at once, seen by the clients (from a first token to the last)."""
+    events = sorted([(r["stamps"][0], 1) for r in out if r["stamps"]] + [(r["stamps"][-1], -1) for r in out if r["stamps"]])
+    most = now = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+def run_one(method: str, users: int, documents, args, budget: int, folder: str = "", token_bytes: int = 0) -> dict:
+    port = _free_port()
+    cmd, env = _command(method, port, budget, args, folder, token_bytes)
+    chat = method in ANCHORS
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -92,24 +133,27 @@ def run_one(method: str, users: int, documents, args, budget: int) -> dict:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the server did not start: {' '.join(cmd)}")
             time.sleep(0.5)
-        name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        name = folder if chat else httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         stop, seen = threading.Event(), {}
         watcher = threading.Thread(target=_watch, args=(url, stop, seen), daemon=True)
-        watcher.start()
+        if not chat:
+            watcher.start()
         out: list[dict] = []
 
         async def everyone():
             async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
                 await asyncio.gather(*(
-                    _user(client, name, documents[u], args.questions, args.max_tokens, u * args.arrival, out) for u in range(users)
+                    _user(client, name, documents[u], args.questions, args.max_tokens, u * args.arrival, out, chat)
+                    for u in range(users)
                 ))
 
         start = time.perf_counter()
         asyncio.run(everyone())
         wall = time.perf_counter() - start
         stop.set()
-        watcher.join()
-        metrics = httpx.get(f"{url}/metrics", params={"format": "json"}).json()
+        if not chat:
+            watcher.join()
+        metrics = httpx.get(f"{url}/metrics", params={"format": "json"}).json() if not chat else {}
         peak = _peak_rss(server.pid)
     finally:
         server.terminate()
@@ -117,18 +161,19 @@ def run_one(method: str, users: int, documents, args, budget: int) -> dict:
     numbers = [doc[2][0] for doc in documents[:users]]
     ok = [r for r in out if r["status"] == 200]
     gaps = [(r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1) for r in ok if len(r["stamps"]) > 1]
-    tokens = metrics["completion_tokens"]
+    tokens = metrics["completion_tokens"] if not chat else sum(len(r["stamps"]) for r in ok)  # an anchor: streamed pieces
     return {
         "method": method, "users": users, "budget": budget, "wall_s": round(wall, 1),
-        "most_running": seen.get("running", 0), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+        "most_running": seen.get("running", _most_at_once(ok)), "most_streaming": _most_at_once(ok),
+        "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
         "ttft_p50": round(_pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.5), 2),
         "ttft_p95": round(_pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.95), 2),
         "token_ms_p50": round(1000 * _pct(gaps, 0.5), 1), "token_ms_p95": round(1000 * _pct(gaps, 0.95), 1),
-        "most_bytes": seen.get("bytes", 0), "errors": len(out) - len(ok),
-        "facts": sum(r["expected"] and r["expected"] in r["text"] for r in ok),
+        "most_bytes": seen.get("bytes", budget if chat else 0), "errors": len(out) - len(ok),
+        "facts": sum(bool(r["expected"]) and r["expected"] in r["text"] for r in ok),
         "facts_asked": sum(bool(r["expected"]) for r in ok),
         "leaks": sum(any(n in r["text"] for n in numbers if n != r["expected"]) for r in ok),
-        "preemptions": metrics["preemptions"], "prefills": metrics["prefills"], "peak_rss_mib": round(peak / 2**20),
+        "preemptions": metrics.get("preemptions"), "prefills": metrics.get("prefills"), "peak_rss_mib": round(peak / 2**20),
     }
 
 
@@ -143,9 +188,11 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=4, help="the budget holds this many sequences of --tokens uncompressed")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--out", default=None, help="JSON file for the rows (a PNG beside it)")
+    parser.add_argument("--vllm", default="vllm", help="the vllm command, for the vllm-serve anchor (its own environment)")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
+    folder = str(model.name_or_path)  # the converted folder the anchors serve
     config = model.config
     token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
     budget = args.fit * args.tokens * token_bytes
@@ -156,12 +203,12 @@ def main() -> None:
           f"({token_bytes:,} B per token); {args.questions} questions per user, {args.max_tokens} tokens per answer, "
           f"a user every {args.arrival} s; {os.cpu_count()} CPUs")
     rows = []
-    header = ("method", "users", "most_running", "tokens_per_s", "ttft_p50", "ttft_p95", "token_ms_p50", "token_ms_p95",
+    header = ("method", "users", "most_running", "most_streaming", "tokens_per_s", "ttft_p50", "ttft_p95", "token_ms_p50", "token_ms_p95",
               "most_bytes", "errors", "facts", "leaks", "preemptions", "wall_s")
     print(" | ".join(header))
     for method in args.methods.split(";"):
         for users in counts:
-            row = run_one(method, users, documents, args, budget)
+            row = run_one(method, users, documents, args, budget, folder, token_bytes)
             rows.append(row)
             cells = [f"{row[h]:,}" if h == "most_bytes" else (f"{row['facts']}/{row['facts_asked']}" if h == "facts" else str(row[h]))
                      for h in header]

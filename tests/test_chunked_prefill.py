@@ -7,7 +7,7 @@ import math
 import torch
 
 import kvcompress
-from kvcompress.generation import prefill
+from kvcompress.generation import compressing, prefill
 from kvcompress.models import cache_kwarg
 
 FP_TOKEN = 2 * 2 * 2 * 32 * 4  # the tiny model: K and V, 2 layers, 2 KV heads, head dim 32, fp32
@@ -69,3 +69,24 @@ def test_streaming_in_chunks_of_one_token_is_decoding(tiny):
             last = tiny(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(tiny): stepped}).logits
     torch.testing.assert_close(logits[:, -1], last[:, -1], atol=1e-5, rtol=1e-5)
     assert chunked.stored_tokens == stepped.stored_tokens == 10
+
+
+def test_compressing_yields_after_each_chunk_and_ends_as_compress(smol):
+    """``compressing`` (a server compresses a context between decode steps) is ``compress`` a chunk at a time."""
+    model, tokenizer = smol
+    text = "The keeper of Elm wrote every ship's name in a book of stone. " * 60
+    method = "snapkv:ratio=0.5,window=16+kivi:bits=4,residual=16"
+    whole = kvcompress.compress(model, tokenizer, text, method, prefill_chunk=256)
+    cache = kvcompress.make_cache(method, model)
+    fed = list(compressing(model, tokenizer, text, cache, prefill_chunk=256))
+    tokens = whole.context[0].shape[1]
+    assert fed == [min(tokens, 256 * (i + 1)) for i in range(math.ceil(tokens / 256))]
+    assert cache.get_seq_length() == whole.get_seq_length() and cache.nbytes == whole.nbytes
+    assert torch.equal(cache.context[0], whole.context[0])
+    question = "What did the keeper write?"
+    assert kvcompress.ask(model, tokenizer, cache, question, 8) == kvcompress.ask(model, tokenizer, whole, question, 8)
+    stopped = kvcompress.make_cache(method, model)
+    steps = compressing(model, tokenizer, text, stopped, prefill_chunk=256)
+    next(steps)
+    steps.close()  # a request cancelled mid-prefill: the model is left as it was
+    assert model.config._attn_implementation != "kvcompress" and stopped.context is None
