@@ -56,6 +56,20 @@ def _documents(tokenizer, docs: int, tokens: int) -> list[tuple[str, list[str], 
     return out
 
 
+def wait_healthy(url: str, server: subprocess.Popen, seconds: float, cmd: list[str]) -> None:
+    """Wait until ``url``'s ``/health`` answers 200; exit if the server ends or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+        time.sleep(0.5)
+
+
 def _peak_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -109,16 +123,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, env=dict(os.environ, TQDM_DISABLE="1"), stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_healthy(url, server, 300, cmd)
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         latencies, errors, replies, seconds = asyncio.run(
             _load(url, name, prompts, args.requests, args.concurrency, args.max_tokens)

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import _documents, _free_port, _peak_rss  # noqa: E402
+from serve_load import _documents, _free_port, _peak_rss, wait_healthy  # noqa: E402
 
 from kvcompress.models import load_model  # noqa: E402
 
@@ -123,16 +123,7 @@ def run_one(method: str, users: int, documents, args, budget: int, folder: str =
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {' '.join(cmd)}")
-            time.sleep(0.5)
+        wait_healthy(url, server, 600, cmd)
         name = folder if chat else httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         stop, seen = threading.Event(), {}
         watcher = threading.Thread(target=_watch, args=(url, stop, seen), daemon=True)
