@@ -1,0 +1,15 @@
+"""kvcompress as vLLM's compressed KV tier: a KV connector that saves vLLM's blocks as KIVI-quantized pages
+to a store and loads them back for any later prompt that starts with the same tokens.
+
+- :mod:`kvcompress.vllm.codec`: a page (one vLLM block of every layer) in KIVI's codes, to and from bytes.
+- :mod:`kvcompress.vllm.store`: the hash-chain keys, the :class:`Store` interface and :class:`FolderStore`.
+- :mod:`kvcompress.vllm.connector`: the connector, ``KVCompressConnector``; the only module that imports
+  vLLM (nothing here does, nor does ``import kvcompress``).
+- :mod:`kvcompress.vllm.importer`: a ``kvcompress compress`` file into the store
+  (``python -m kvcompress.vllm import``).
+"""
+
+from kvcompress.vllm.codec import Geometry, PageCodec, PageError
+from kvcompress.vllm.store import FolderStore, Store, block_keys, chain_key, folder_identity, root_key
+
+__all__ = ["FolderStore", "Geometry", "PageCodec", "PageError", "Store", "block_keys", "chain_key", "folder_identity", "root_key"]
