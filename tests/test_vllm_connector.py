@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvcompress.persist import CACHE_FORMAT
 from kvcompress.vllm import FolderStore, Geometry, PageCodec, PageError, block_keys, chain_key, folder_identity, root_key
+from kvcompress.vllm.importer import ImportRefused, import_context
 
 GEOMETRY = Geometry(layers=2, heads=3, head_dim=64, block=32)
 
@@ -151,6 +153,21 @@ def test_folder_identity_follows_the_weights(tmp_path):
         folder_identity(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("spec, why", [
+    ("snapkv:ratio=0.5", "evicts tokens"), ("streaming:window=256+kivi:bits=4", "evicts tokens"),
+    ("lowrank:ratio=0.5", "does not hold each token"), ("share_layers", "does not hold each token"),
+])
+def test_import_refuses_contexts_that_lack_tokens_or_plain_keys(tmp_path, spec, why):
+    """Refused from the file's header, before any model is loaded."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "context.kvc"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": CACHE_FORMAT, "spec": spec})
+    with pytest.raises(ImportRefused, match=why) as refused:
+        import_context(path, FolderStore(tmp_path / "store"), PageCodec(), 128)
+    assert "compress it with 'kivi:bits=4' or 'none'" in str(refused.value)
+
+
 def test_importing_kvcompress_does_not_import_vllm():
     code = "import sys, kvcompress, kvcompress.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -181,12 +198,34 @@ def engine_runs(tmp_path_factory):
     if _NO_VLLM:
         print(f"skipped: {_NO_VLLM}")
         pytest.skip(_NO_VLLM)
+    import pydoc_data.topics
+
+    import kvcompress
+
     tmp = tmp_path_factory.mktemp("vllm")
     store8 = tmp / "store8"
-    first = _engine(tmp, "8bit", store=store8, bits=8, rounds=2)
-    second = _engine(tmp, "8bit-second-process", store=store8, bits=8, rounds=2, damage_after=0)
+    # A context kvcompress compressed (kivi, 8 bits), asked after it as a 9th prompt of the 8-bit runs.
+    model, tokenizer = kvcompress.load_model(device="cpu")
+    cache = kvcompress.compress(model, tokenizer, pydoc_data.topics.topics["formatstrings"][:2500], "kivi:bits=8")
+    cache.save(tmp / "context.kvc", tokenizer)
+    context = cache.context[0][0].tolist()
+    question = tokenizer("\nWhat is this text about? Answer:", add_special_tokens=False)["input_ids"]
+    (tmp / "extra.json").write_text(json.dumps([context + question]))
+    first = _engine(tmp, "8bit", store=store8, bits=8, rounds=2, extra_prompts=tmp / "extra.json")
+    # The first process saved that prompt's blocks under the keys the importer computes; replace them by the
+    # imported context's pages, which the second process then loads.
+    codec, block = PageCodec(bits=8), first["block"]
+    root = root_key(folder_identity(model.config._name_or_path), codec.name, Geometry(30, 3, 64, block).as_dict())
+    keys = [key for key, _, _ in block_keys(root, context, block)]
+    store = FolderStore(store8)
+    saved_by_vllm = [store.contains(key) for key in keys]
+    for key in keys:
+        store.discard(key)
+    imported = import_context(tmp / "context.kvc", store, codec, block, model, tokenizer)
+    del model, cache
+    second = _engine(tmp, "8bit-second-process", store=store8, bits=8, rounds=2, damage_after=0, extra_prompts=tmp / "extra.json")
     four = _engine(tmp, "4bit", store=tmp / "store4", bits=4, sink=4, rounds=2)
-    return first, second, four
+    return first, second, four, (keys, saved_by_vllm, imported)
 
 
 def _agreement(a: list[dict], b: list[dict]) -> float:
@@ -207,10 +246,10 @@ def test_8bit_pages_give_the_answers_of_recompute(engine_runs):
 @pytest.mark.vllm
 @requires_vllm
 def test_a_second_process_hits_what_the_first_saved_and_damaged_pages_are_misses(engine_runs):
-    first, second, _ = engine_runs
+    first, second = engine_runs[:2]
     recompute = first["rounds"][0]
     hits, after_damage = second["rounds"]
-    assert all(r["cached"] > 0 for r in hits) and _agreement(recompute, hits) == 1.0
+    assert all(r["cached"] > 0 for r in hits) and _agreement(recompute, hits) == 1.0  # the last prompt's from the import
     assert second["damaged"] > 0
     # a damaged page and every page after it in its prompt are misses: fewer tokens found, the same answers
     assert sum(r["cached"] for r in after_damage) < sum(r["cached"] for r in hits)
@@ -226,3 +265,14 @@ def test_4bit_pages_mostly_agree_with_recompute(engine_runs):
     agreement = _agreement(recompute, loaded)
     print(f"4-bit (sink=4) greedy answers equal to recompute: {agreement:.0%} of {len(loaded)}")
     assert agreement >= 0.75
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_an_imported_kvcompress_context_is_a_hit_with_the_answer_of_recompute(engine_runs):
+    first, second, _, (keys, saved_by_vllm, imported) = engine_runs
+    assert keys and all(saved_by_vllm)  # the importer's keys are the connector's
+    assert imported.written == len(keys) and imported.present == 0
+    recompute, from_import = first["rounds"][0][-1], second["rounds"][0][-1]
+    assert from_import["cached"] == len(keys) * first["block"]
+    assert from_import["tokens"] == recompute["tokens"]

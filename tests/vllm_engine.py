@@ -1,9 +1,10 @@
 """One vLLM engine with kvcompress's connector, run by ``tests/test_vllm_connector.py`` in a subprocess (vLLM spawns
 processes of its own, and its startup is best paid once per configuration).
 
-    python tests/vllm_engine.py OUT.json --store DIR --bits 8 [--sink 0] [--prompts 8] [--rounds 2] [--damage-after 1]
+    python tests/vllm_engine.py OUT.json --store DIR --bits 8 [--sink 0] [--prompts 8] [--rounds 2] [--damage-after 1] [--extra-prompts F]
 
-Generates greedy answers to ``--prompts`` prompts (pydoc help topics, each a few blocks long, then a question)
+Generates greedy answers to ``--prompts`` prompts (pydoc help topics, each a few blocks long, then a question;
+then those of ``--extra-prompts``)
 ``--rounds`` times with vLLM's own prefix cache off, so every token found comes from the store; with
 ``--damage-after R``, after round R it flips a byte in the middle of every other page file of the store.
 Writes ``{"rounds": [[{"tokens": [...], "cached": n, "prompt": n}, ...], ...], "block": T, "pages": n}``.
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--damage-after", type=int, default=-1)
+    parser.add_argument("--extra-prompts", default=None, help="a JSON file of more prompts, as lists of token ids")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -70,7 +72,8 @@ def main() -> None:
     }
     llm = LLM(model=str(_converted_folder("smollm2-135m")), kv_transfer_config=config, enable_prefix_caching=False,
               max_model_len=1024, dtype="float32", seed=0)
-    batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts(llm.get_tokenizer(), args.prompts)]
+    extra = json.loads(Path(args.extra_prompts).read_text()) if args.extra_prompts else []
+    batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts(llm.get_tokenizer(), args.prompts) + extra]
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     rounds, damaged = [], 0
     for r in range(args.rounds):

@@ -9,7 +9,7 @@ The only module of kvcompress that imports vLLM. Enable it with::
       "kv_connector_module_path": "kvcompress.vllm.connector", "kv_load_failure_policy": "recompute",
       "kv_connector_extra_config": {"store_path": "/var/kv", "bits": 4, "sink": 4, "max_bytes": "20GiB"}}'
 
-``kv_connector_extra_config``: ``store_path`` (the folder; required), ``bits`` (2, 4, 8, or 16 for
+``kv_connector_extra_config``: ``store_path`` (the folder; required unless a subclass's :meth:`make_store` says otherwise), ``bits`` (2, 4, 8, or 16 for
 unquantized pages; default 4), ``group`` (channels per value group; default 64, must divide the head dim),
 ``sink`` (first tokens of a sequence kept exact; default 0), ``max_bytes`` (the folder's bound, a number
 or ``"20GiB"``; default 0, no bound), ``model_identity`` (what keys the pages instead of a hash of the
@@ -54,7 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kvcompress.vllm.codec import Geometry, PageCodec, PageError
-from kvcompress.vllm.store import FolderStore, block_keys, folder_identity, root_key
+from kvcompress.vllm.store import FolderStore, Store, block_keys, folder_identity, root_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -126,8 +126,6 @@ class KVCompressConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        if "store_path" not in extra:
-            raise ValueError('KVCompressConnector needs kv_connector_extra_config {"store_path": "<folder>"}')
         parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
             raise ValueError("KVCompressConnector runs on one worker: tensor_parallel_size and pipeline_parallel_size must be 1")
@@ -136,7 +134,7 @@ class KVCompressConnector(KVConnectorBase_V1):
         self.geometry = Geometry(model.get_num_layers(parallel), model.get_num_kv_heads(parallel), model.get_head_size(), self.block)
         self.codec = PageCodec(bits=int(extra.get("bits", 4)), group=int(extra.get("group", 64)), sink=int(extra.get("sink", 0)))
         self.codec.check(self.geometry)
-        self.store = FolderStore(extra["store_path"], parse_bytes(extra.get("max_bytes", 0)))
+        self.store = self.make_store(extra)
         if role == KVConnectorRole.SCHEDULER:
             identity = extra.get("model_identity") or _model_identity(model.model)
             self.root = root_key(identity, self.codec.name, self.geometry.as_dict())
@@ -151,7 +149,16 @@ class KVCompressConnector(KVConnectorBase_V1):
             self._layer_index: dict[str, int] = {}
             self._encoded: dict[int, list[dict[str, torch.Tensor]]] = {}  # layer -> a page's tensors per save
             self._load_errors: set[int] = set()
-        logger.info("KVCompressConnector: %s pages of %s in %s", self.codec.name, self.geometry.as_dict(), extra["store_path"])
+        logger.info("KVCompressConnector: %s pages of %s in %r", self.codec.name, self.geometry.as_dict(), self.store)
+
+    def make_store(self, extra: dict[str, Any]) -> Store:
+        """The store pages go to, from ``kv_connector_extra_config``: a :class:`FolderStore` at ``store_path``
+        bounded by ``max_bytes``. Another backend (an object store, Redis) is a subclass that returns its own
+        :class:`kvcompress.vllm.store.Store` here, named by ``kv_connector`` and ``kv_connector_module_path``.
+        Both sides call it: the scheduler reads pages, the worker reads and writes them."""
+        if "store_path" not in extra:
+            raise ValueError('KVCompressConnector needs kv_connector_extra_config {"store_path": "<folder>"}')
+        return FolderStore(extra["store_path"], parse_bytes(extra.get("max_bytes", 0)))
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -253,19 +260,24 @@ class KVCompressConnector(KVConnectorBase_V1):
                 )
         if len(names) != g.layers:
             raise RuntimeError(f"KVCompressConnector expected {g.layers} attention layers, vLLM registered {len(names)}")
+        cache_dtype = self._vllm_config.cache_config.cache_dtype
+        if cache_dtype != "auto":
+            raise RuntimeError(f"KVCompressConnector reads caches in the model's dtype; vLLM's kv_cache_dtype is {cache_dtype!r}: leave it 'auto'")
         self._caches = [kv_caches[name] for name in names]
         self._layer_index = {name: i for i, name in enumerate(names)}
+        self._key_at, self._value_at = _cpu_block_layout(g, self._caches[0].dtype)
 
-    def _tiles(self, cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
-        """``(n, H, 2T, D)`` of the blocks ``block_ids``: keys ``[:, :, :T]``, values ``[:, :, T:]`` (a copy)."""
+    def _read_blocks(self, cache: torch.Tensor, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(n, H, T, D)`` of the blocks ``block_ids`` of one layer's cache (copies)."""
         g = self.geometry
         index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
-        return cache.index_select(0, index).view(len(block_ids), g.heads, 2 * g.block, g.head_dim)
+        flat = cache.index_select(0, index).flatten(1)  # (n, H * T * 2D): a block's memory
+        shape = (len(block_ids), g.heads, g.block, g.head_dim)
+        return flat[:, self._key_at].view(shape), flat[:, self._value_at].view(shape)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         failed: set[str] = set()
-        t = self.block
         for load in meta.loads:
             if load.req_id in failed:  # what follows a failed page is not a hit either
                 self._load_errors.add(load.block_id)
@@ -282,9 +294,9 @@ class KVCompressConnector(KVConnectorBase_V1):
                 continue
             keys, values = self.codec.decode(page, self._caches[0].dtype)  # (L, H, T, D)
             for layer, cache in enumerate(self._caches):
-                tile = cache[load.block_id].view(self.geometry.heads, 2 * t, self.geometry.head_dim)
-                tile[:, :t] = keys[layer]
-                tile[:, t:] = values[layer]
+                block = cache[load.block_id].view(-1)  # the block's memory, laid out as vLLM's kernel keeps it
+                block[self._key_at] = keys[layer].flatten()
+                block[self._value_at] = values[layer].flatten()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: start_load_kv wrote every layer
@@ -293,14 +305,12 @@ class KVCompressConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not meta.saves or layer_name not in self._layer_index:
             return
-        t = self.block
-        tiles = self._tiles(kv_layer, [s.block_id for s in meta.saves])  # (n, H, 2T, D)
+        keys, values = self._read_blocks(kv_layer, [s.block_id for s in meta.saves])  # (n, H, T, D)
         pages: list[dict[str, torch.Tensor] | None] = [None] * len(meta.saves)
         for first in (True, False):
             rows = [j for j, s in enumerate(meta.saves) if s.first == first]
             if rows:
-                part = tiles[rows]
-                encoded = self.codec.encode(part[:, :, :t], part[:, :, t:], first=first)
+                encoded = self.codec.encode(keys[rows], values[rows], first=first)
                 for n, j in enumerate(rows):
                     pages[j] = {name: tensor[n] for name, tensor in encoded.items()}
         self._encoded[self._layer_index[layer_name]] = pages
@@ -324,6 +334,42 @@ class KVCompressConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+
+def _cpu_block_layout(g: Geometry, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each key and value element of a block lies in the block's memory, as vLLM's CPU kernel writes it:
+    ``(H * T * D,)`` positions of keys and of values, in ``(h, t, d)`` order, in a block's ``H * T * 2D`` elements.
+
+    The layout inside a block depends on the kernel's instruction set (with AVX-512, keys are stored
+    channel-major, ``(H, D, T)``, values ``(H, T, D)``), so it is read off vLLM's own op rather than assumed:
+    one block is written with each of ``h + 1``, ``t + 1``, ``d + 1`` (small integers, exact in bf16) as keys,
+    then as values, and each element's coordinates are read back from where they landed.
+    """
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, g.block, g.head_dim, "auto")
+    shape = (g.block, g.heads, g.head_dim)  # the op's (tokens, H, D)
+    coordinates = torch.meshgrid(*(torch.arange(n) for n in (g.heads, g.block, g.head_dim)), indexing="ij")  # (H, T, D) each
+    slots = torch.arange(g.block, dtype=torch.long)
+    positions = []
+    for part in (0, 1):  # keys, then values
+        landed = []
+        for coordinate in coordinates:
+            block = torch.zeros(1, g.heads, g.block, 2 * g.head_dim, dtype=dtype)
+            key_cache, value_cache = block.view(1, g.heads, 2 * g.block, g.head_dim).chunk(2, dim=2)
+            written = (coordinate + 1).permute(1, 0, 2).to(dtype).contiguous()  # (T, H, D)
+            zeros = torch.zeros(shape, dtype=dtype)
+            ops.cpu_attn_reshape_and_cache(*((written, zeros) if part == 0 else (zeros, written)), key_cache, value_cache, slots, isa)
+            landed.append(block.flatten().to(torch.long))
+        where = landed[0].nonzero().flatten()  # the H * T * D positions this part occupies
+        if where.numel() != g.heads * g.block * g.head_dim:
+            raise RuntimeError(f"KVCompressConnector could not read vLLM's CPU block layout (isa {isa})")
+        h, t, d = (c[where] - 1 for c in landed)
+        at = torch.empty(g.heads * g.block * g.head_dim, dtype=torch.long)
+        at[(h * g.block + t) * g.head_dim + d] = where
+        positions.append(at)
+    return positions[0], positions[1]
 
 
 def _layer_number(name: str) -> tuple[int, str]:
