@@ -63,14 +63,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvcompress.models import _converted_folder
+    from kvcompress.vllm import model_folder
 
     config = {
         "kv_connector": "KVCompressConnector", "kv_role": "kv_both", "kv_connector_module_path": "kvcompress.vllm.connector",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"store_path": args.store, "bits": args.bits, "sink": args.sink},
     }
-    llm = LLM(model=str(_converted_folder("smollm2-135m")), kv_transfer_config=config, enable_prefix_caching=False,
+    llm = LLM(model=model_folder(), kv_transfer_config=config, enable_prefix_caching=False,
               max_model_len=1024, dtype="float32", seed=0)
     extra = json.loads(Path(args.extra_prompts).read_text()) if args.extra_prompts else []
     batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts(llm.get_tokenizer(), args.prompts) + extra]

@@ -12,4 +12,16 @@ to a store and loads them back for any later prompt that starts with the same to
 from kvcompress.vllm.codec import Geometry, PageCodec, PageError
 from kvcompress.vllm.store import FolderStore, Store, block_keys, chain_key, folder_identity, root_key
 
-__all__ = ["FolderStore", "Geometry", "PageCodec", "PageError", "Store", "block_keys", "chain_key", "folder_identity", "root_key"]
+__all__ = [
+    "FolderStore", "Geometry", "PageCodec", "PageError", "Store", "block_keys", "chain_key", "folder_identity", "model_folder",
+    "root_key",
+]
+
+
+def model_folder(name: str | None = None) -> str:
+    """The local folder for vLLM to serve: a built-in model's (``None``: the default model), converted from its
+    GGUF once into the user cache, as :func:`kvcompress.load_model` does; any other ``name`` as it is."""
+    from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL, _converted_folder
+
+    name = name or DEFAULT_MODEL
+    return str(_converted_folder(name)) if name in BUILTIN_MODELS else name

@@ -1,4 +1,5 @@
-"""``python -m kvcompress.vllm import FILE --store DIR ...``: a ``kvcompress compress`` file into the connector's store."""
+"""``python -m kvcompress.vllm import FILE --store DIR ...``: a ``kvcompress compress`` file into the connector's store;
+``python -m kvcompress.vllm folder [--model M]``: the local folder of a kvcompress model, for ``vllm serve``."""
 
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--bits", type=int, default=4)
     imp.add_argument("--group", type=int, default=64)
     imp.add_argument("--sink", type=int, default=0)
+    where = commands.add_parser("folder", help="print the local folder vLLM should serve for a kvcompress model name")
+    where.add_argument("--model", default=None, help="a built-in name (default: the default model) or a folder")
     args = parser.parse_args(argv)
     from kvcompress import load_model
+    from kvcompress.vllm import model_folder
+
+    if args.command == "folder":
+        print(model_folder(args.model))
+        return 0
     from kvcompress.persist import CacheFileError
 
     try:

@@ -122,6 +122,9 @@ class FolderStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._held = self._scan()[0]  # bytes this process believes the folder holds
 
+    def __repr__(self) -> str:
+        return f"FolderStore({str(self.folder)!r}, max_bytes={self.max_bytes})"
+
     def _path(self, key: str) -> Path:
         if not _KEY.fullmatch(key):
             raise ValueError(f"a store key is 64 lowercase hex digits, got {key!r}")
