@@ -123,9 +123,14 @@ class _Tracked:
 class KVCompressConnector(KVConnectorBase_V1):
     """kvcompress's compressed KV tier for vLLM (see the module docstring)."""
 
+    OPTIONS = ("store_path", "bits", "group", "sink", "max_bytes", "model_identity")  # of kv_connector_extra_config
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        unknown = sorted(set(extra) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"KVCompressConnector: unknown kv_connector_extra_config keys {unknown}; it takes {', '.join(self.OPTIONS)}")
         parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
             raise ValueError("KVCompressConnector runs on one worker: tensor_parallel_size and pipeline_parallel_size must be 1")
@@ -155,7 +160,8 @@ class KVCompressConnector(KVConnectorBase_V1):
         """The store pages go to, from ``kv_connector_extra_config``: a :class:`FolderStore` at ``store_path``
         bounded by ``max_bytes``. Another backend (an object store, Redis) is a subclass that returns its own
         :class:`kvcompress.vllm.store.Store` here, named by ``kv_connector`` and ``kv_connector_module_path``.
-        Both sides call it: the scheduler reads pages, the worker reads and writes them."""
+        Both sides call it: the scheduler reads pages, the worker reads and writes them. A subclass that takes
+        options of its own adds their names to :attr:`OPTIONS`."""
         if "store_path" not in extra:
             raise ValueError('KVCompressConnector needs kv_connector_extra_config {"store_path": "<folder>"}')
         return FolderStore(extra["store_path"], parse_bytes(extra.get("max_bytes", 0)))
