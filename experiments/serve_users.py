@@ -36,7 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import _documents, _free_port, _peak_rss, wait_healthy  # noqa: E402
 
-from kvcompress.models import load_model  # noqa: E402
+from kvcompress.models import load_model, model_summary  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -184,8 +184,7 @@ def main() -> None:
 
     model, tokenizer = load_model()
     folder = str(model.name_or_path)  # the converted folder the anchors serve
-    config = model.config
-    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
+    token_bytes = model_summary(model)["kv_bytes_per_token"]
     budget = args.fit * args.tokens * token_bytes
     del model
     counts = [int(u) for u in args.users.split(",")]

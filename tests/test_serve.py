@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from kvcompress.generation import asked_part
+from kvcompress.models import model_summary
 from kvcompress.serve import ContextStore, Engine, Job, Metrics, create_app, parse_size
 
 pytestmark = [pytest.mark.model, pytest.mark.xdist_group("serve")]  # one worker: one server for the module
@@ -292,8 +293,7 @@ def test_answers_that_outgrow_the_budget_are_preempted_and_resume_with_the_same_
     docs = DOCS[:2]
     expected = [kvcompress.generate(model, tokenizer, doc, QUESTIONS[1], method, max_new_tokens=tokens) for doc in docs]
     contexts = sum(kvcompress.compress(model, tokenizer, doc, method).nbytes for doc in docs)
-    config = model.config
-    token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    token = model_summary(model)["kv_bytes_per_token"]
     asked = len(tokenizer(asked_part(tokenizer, QUESTIONS[1]), add_special_tokens=False)["input_ids"])
     budget = contexts + 2 * (asked + 32) * token  # both start (a page each); both cannot grow a second page
     app = create_app(model, tokenizer, method, name="smol", memory_budget=budget, store=tmp_path)
@@ -334,8 +334,7 @@ def test_under_load_every_answer_is_the_single_request_answer_and_memory_stays_i
             expected[doc, q] = kvcompress.ask(model, tokenizer, cache, q, max_new_tokens=TOKENS)
     one = cache.nbytes
     asked = max(len(tokenizer(asked_part(tokenizer, q), add_special_tokens=False)["input_ids"]) for q in QUESTIONS)
-    config = model.config
-    answer = (asked + TOKENS) * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # a fork, at most
+    answer = (asked + TOKENS) * model_summary(model)["kv_bytes_per_token"]  # a fork, at most
     budget = one + one // 4 + 4 * answer  # not two documents at once
     app = create_app(model, tokenizer, METHOD, name="smol", memory_budget=budget, store=tmp_path, max_batch=4)
     prompts = [(doc, q) for doc in docs for q in QUESTIONS]

@@ -64,7 +64,7 @@ from kvcompress.attach import attach
 from kvcompress.batching import CacheBatch
 from kvcompress.cache import CompressedCache, load_cache, make_cache
 from kvcompress.generation import ContextTooLongError, asked_part, check_room, compressing, split_chat, split_prompt
-from kvcompress.models import cache_kwarg, model_identity, model_name
+from kvcompress.models import cache_kwarg, model_identity, model_name, model_summary
 from kvcompress.persist import CacheFileError
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 from kvcompress.scheduler import Scheduler, Sequence
@@ -574,7 +574,7 @@ class Engine:
 
     def __init__(
         self, model, tokenizer, method: str, store: ContextStore, metrics: Metrics, max_batch: int, max_queue: int,
-        memory_budget: int | None = None, prefill_chunk: int | None = 512,
+        memory_budget: int | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     ):
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.store, self.metrics, self.prefill_chunk = store, metrics, prefill_chunk
@@ -585,7 +585,7 @@ class Engine:
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pinned: dict[str, list] = {}  # key -> [context, answers reading it, its bytes]: contexts in use
         self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
-        self.active = 0  # bytes of the pinned contexts and the running forks, after the last step
+        self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -670,10 +670,7 @@ class Engine:
     @functools.cached_property
     def token_bytes(self) -> int:
         """Bytes of one token's keys and values at full precision, in every layer."""
-        config = self.model.config.get_text_config()
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
+        return model_summary(self.model)["kv_bytes_per_token"]
 
     def _need(self, answer: _Answer) -> int:
         """Bytes ``answer`` would add if it started now: its context's (unless running answers read it; until
@@ -681,8 +678,8 @@ class Engine:
         tokens are not reserved: as in vLLM, a step that outgrows the budget preempts (see :meth:`_account`)."""
         job = answer.job
         own = job.n * job.asked_tokens * self.token_bytes
-        if job.key in self.pinned:
-            return own if answer.context is None or answer.fork is None else 0
+        if job.key in self.pinned:  # running answers read its context
+            return own
         if answer.context is not None and answer.prefill is None:
             return own + answer.context.nbytes
         cached = self.store.memory.get(job.key)
@@ -820,19 +817,21 @@ class Engine:
 
     def _account(self) -> None:
         """Bytes held by running answers; preempt the newest while they are over the budget."""
-        self.active = self._held()
-        for seq in self.scheduler.to_preempt(self.active):
+        held = self._held()
+        victims = self.scheduler.to_preempt(held)
+        for seq in victims:
             answer = seq.request
             answer.fork.reset()
             answer.fork = answer.context = None  # its context is found again when it resumes (it may go to disk)
             self._unpin(answer.job.key)
             self.metrics.add(preemptions=1)
-            log.info("preempted a request of context %s: %s bytes were in use of %s", answer.job.key[:12], f"{self.active:,}", f"{self.budget:,}")
-        self._fit_store()
+            log.info("preempted a request of context %s: %s bytes were in use of %s", answer.job.key[:12], f"{held:,}", f"{self.budget:,}")
+        self._fit_store(None if victims else held)
 
-    def _fit_store(self) -> None:
-        """Recount the bytes running answers hold; idle kept contexts get what is left of the budget."""
-        self.active = self._held()
+    def _fit_store(self, held: int | None = None) -> None:
+        """Recount the bytes running answers hold (unless ``held``, counted since nothing changed); idle kept
+        contexts get what is left of the budget."""
+        self.active = self._held() if held is None else held
         if self.budget is not None:
             self.store.budget = max(0, self.budget - self.active)
             self.store.fit()
