@@ -441,3 +441,42 @@ def test_every_tensor_an_expected_attention_cache_holds_is_counted(tiny):
     assert sum(storages.values()) == cache.nbytes + cache.fixed_nbytes
     other = kvcompress.make_cache(spec, tiny)
     assert all(layer.rotary is rotary for layer in other.compressed_layers)  # shared, not built again
+
+
+def _evicts(spec: str, model) -> bool:
+    return kvcompress.make_cache(spec, model).pipeline.selection is not None
+
+
+@pytest.mark.parametrize("row", TABLE, ids=IDS)
+def test_a_copied_context_continues_as_one_chunk_more(row, smol):
+    """A conversation's next turn: a copy of the compressed earlier context, continued with the rest of the
+    longer one, holds what compressing the longer one holds when its chunks split it at the same token,
+    and the earlier cache (read by a fork) is unchanged. Evicting methods refuse, with the reason."""
+    model, tokenizer = smol
+    earlier = "The keeper of Elm wrote every ship's name in a book of stone.\n" * 6
+    longer = earlier + "The book was lost in the flood of the ninth winter, and the names with it.\n" * 3
+    ids, first = (tokenizer(t)["input_ids"] for t in (longer, earlier))
+    assert ids[: len(first)] == first and len(ids) - len(first) <= len(first)
+    turn = kvcompress.compress(model, tokenizer, earlier, row.on, templated=True)
+    if _evicts(row.on, model):
+        with pytest.raises(ValueError, match="evicts"):
+            kvcompress.compress(model, tokenizer, longer, turn.copy(), templated=True)
+        return
+    turn.fork()  # a server's answers read it: it is read-only now, and its copy is not
+    before = turn.nbytes
+    continued = kvcompress.compress(model, tokenizer, longer, turn.copy(), templated=True)
+    whole = kvcompress.compress(model, tokenizer, longer, row.on, prefill_chunk=len(first), templated=True)
+    assert continued.get_seq_length() == whole.get_seq_length() == len(ids)
+    assert continued.nbytes == whole.nbytes and turn.nbytes == before
+    assert torch.equal(continued.context[0], whole.context[0])
+    for mine, theirs in zip(continued.compressed_layers, whole.compressed_layers):
+        mine.trim(), theirs.trim()  # as saving does: the tokens, not the room reserved for more
+        a, b = mine.state(), theirs.state()
+        assert a.keys() == b.keys()
+        for name in a:
+            if isinstance(a[name], torch.Tensor) and a[name].is_floating_point():
+                torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0, msg=f"{row.name}: {name}")
+            else:
+                assert torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name], name
+    with pytest.raises(ValueError, match="forks"):
+        kvcompress.compress(model, tokenizer, longer, turn, templated=True)

@@ -621,6 +621,28 @@ class CompressedCache(Cache):
         fork.model_name = self.model_name
         return fork
 
+    def copy(self) -> CompressedCache:
+        """A cache that holds what this one holds in tensors and pages of its own (the bytes again, no
+        prefill), and that may take more tokens even where this one is read by forks: a context to
+        continue (:func:`kvcompress.compress` on a longer context). Forks of this cache are unaffected."""
+        first = self.compressed_layers[0]
+        copy = CompressedCache(self.pipeline, self.config, self.storage, self.identity, first.rotary, head_scores=first.head_scores)
+        for mine, theirs in zip(copy.layers, self.layers):
+            if isinstance(theirs, CompressedLayer):
+                if theirs.shared:
+                    raise ValueError("a fork reads the context it was forked from: copy that context, not the fork")
+                theirs.trim()
+                state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in theirs.state().items()}
+                if state["initialized"]:
+                    mine.load_state(state, theirs.dtype, theirs.device)
+            else:
+                state = sliding_state(theirs)
+                load_sliding_state(mine, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+        if self.context is not None:
+            copy.context = tuple(t.clone() for t in self.context)
+        copy.model_name = self.model_name
+        return copy
+
     def unshare(self) -> None:
         """Give every row its own copy of the pages it shares with other rows (after
         ``batch_repeat_interleave``, rows that repeat one context share its pages): the bytes a batch of

@@ -136,12 +136,14 @@ def prefill(
 
 
 def prefill_chunks(
-    model, input_ids, attention_mask, cache: CompressedCache, logits_to_keep: int = 0, chunk: int | None = None, tokenizer=None
+    model, input_ids, attention_mask, cache: CompressedCache, logits_to_keep: int = 0, chunk: int | None = None, tokenizer=None,
+    start: int = 0,
 ) -> Iterator[torch.Tensor]:
     """:func:`prefill` one chunk at a time: yields each chunk's logits once the chunk is in the cache, so a
     caller can do other work between chunks (a server decodes its running sequences); the last yield
     comes after the context is compressed. Call it inside :func:`kvcompress.attach` (kept open while
-    the generator runs)."""
+    the generator runs). ``start``: the cache already holds the first ``start`` tokens of ``input_ids``
+    (a cache that continues its context; only a method that does not evict, see :func:`compressing`)."""
     selection = cache.pipeline.selection if isinstance(cache, CompressedCache) else None  # kvpress rows: a DynamicCache
     if selection is not None and selection.replay and not cache.deferring:
         if tokenizer is None:
@@ -155,27 +157,29 @@ def prefill_chunks(
         selection.replay_context(model, tokenizer, input_ids, attention_mask, cache)
         yield logits
         return
-    yield from _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk)
+    yield from _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk, start)
 
 
-def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk) -> Iterator[torch.Tensor]:
+def _forward(model, input_ids, attention_mask, cache, logits_to_keep, chunk, start: int = 0) -> Iterator[torch.Tensor]:
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     kwargs = {cache_kwarg(model): cache}
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
     length = input_ids.shape[1]
-    if not chunk or length <= chunk:
-        yield model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs).logits
-        return
-    if chunk < 1:
+    if chunk and chunk < 1:
         raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    if not chunk or length - start <= chunk:
+        yield model(
+            input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=position_ids[:, start:], use_cache=True, **kwargs
+        ).logits
+        return
     with cache.prefilling(attention_mask.sum(-1)):
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
+        for first in range(start, length, chunk):
+            stop = min(first + chunk, length)
             yield model(
-                input_ids=input_ids[:, start:stop],
+                input_ids=input_ids[:, first:stop],
                 attention_mask=attention_mask[:, :stop],
-                position_ids=position_ids[:, start:stop],
+                position_ids=position_ids[:, first:stop],
                 use_cache=True,
                 **kwargs,
             ).logits
@@ -218,7 +222,10 @@ def compress(
     asked of, many times (:func:`ask`), and that can be saved (``cache.save``) and reloaded.
 
     Args:
-        cache: an empty cache for ``model`` (:func:`kvcompress.make_cache`), or a method spec to make one.
+        cache: an empty cache for ``model`` (:func:`kvcompress.make_cache`), or a method spec to make one; or a
+            cache holding an earlier context that starts this one (a conversation's earlier turns), compressed by a
+            method that does not evict and not read by forks (:meth:`~kvcompress.cache.CompressedCache.copy` one
+            that is): only the tokens after it are fed, as one more chunk of a chunked prefill would be.
         prefill_chunk: see :func:`generate`.
         templated: each context is already the model's prompt up to the cut, as the first part of
             :func:`split_prompt` or :func:`split_chat` (a conversation's context), and is used as it is.
@@ -227,7 +234,8 @@ def compress(
         The cache, holding the compressed context and its token ids (``cache.context``).
 
     Raises:
-        ValueError: an empty context, or a cache that already holds one (make a new one, or ``cache.reset()``).
+        ValueError: an empty context, or a cache that already holds a context that it cannot continue into this
+            one (another context, a batch, an evicting method, a cache read by forks).
         ContextTooLongError: the context does not fit the model's positions.
     """
     cache = make_cache(cache, model) if isinstance(cache, str) else cache
@@ -245,22 +253,48 @@ def compressing(
     admits a request so); when it ends, the cache holds the compressed context. Raises as :func:`compress`
     does, on its first step."""
     contexts = _contexts(context)
-    if cache.get_seq_length():
-        raise ValueError(
-            f"the cache already holds {cache.get_seq_length()} tokens of another context; pass a new cache "
-            "(kvcompress.make_cache) or empty this one with cache.reset()"
-        )
     texts = contexts if templated else [split_prompt(tokenizer, c, None)[0] for c in contexts]
     ids, mask = _encode(tokenizer, texts, model.device, special=True)
+    held = _continued(cache, ids, mask)
     check_room(model, ids.shape[1], 0)
     # Without a chat template nothing may follow the context: its last token is held back, to be fed
     # with the question (or alone, to continue the text), so an answer always starts from a step.
     fed = ids.shape[1] - (0 if getattr(tokenizer, "chat_template", None) else 1)
-    with attach(model, cache):
-        chunks = prefill_chunks(model, ids[:, :fed], mask[:, :fed], cache, logits_to_keep=1, chunk=prefill_chunk, tokenizer=tokenizer)
-        for i, _ in enumerate(chunks):
-            yield min(fed, (i + 1) * prefill_chunk) if prefill_chunk else fed
+    if fed > held:
+        with attach(model, cache):
+            chunks = prefill_chunks(
+                model, ids[:, :fed], mask[:, :fed], cache, logits_to_keep=1, chunk=prefill_chunk, tokenizer=tokenizer, start=held
+            )
+            for i, _ in enumerate(chunks):
+                yield min(fed, held + (i + 1) * prefill_chunk) if prefill_chunk else fed
     cache.context = (ids, mask)
+
+
+def _continued(cache: CompressedCache, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Tokens of the context ``ids`` that ``cache`` already holds: 0 for an empty cache, else those of the earlier
+    context it holds, which must start ``ids`` (a conversation's earlier turns), in a cache that may take more."""
+    held = cache.get_seq_length()
+    if not held:
+        return 0
+    earlier = cache.context[0] if cache.context is not None else None
+    if earlier is None or ids.shape[0] != 1 or earlier.shape[0] != 1 or not bool(mask.all()):
+        raise ValueError(
+            f"the cache already holds {held} tokens of another context; pass a new cache (kvcompress.make_cache) or "
+            "empty this one with cache.reset() (a cache continues only one context of its own that starts the new one)"
+        )
+    if earlier.shape[1] > ids.shape[1] or not torch.equal(ids[0, : earlier.shape[1]], earlier[0].to(ids.device)):
+        raise ValueError(
+            f"the cache holds {held} tokens of a context that does not start this one; pass a new cache "
+            "(kvcompress.make_cache) or empty this one with cache.reset()"
+        )
+    if cache.pipeline.selection is not None:
+        raise ValueError(
+            f"{cache.spec!r} evicts by scores over the whole context, so a compressed context cannot be continued: "
+            "compress the longer context into a new cache"
+        )
+    if cache.forked:
+        raise ValueError("this cache's context is read by its forks and may not change: continue cache.copy()")
+    return held
 
 
 def asked_part(tokenizer, question: str | None) -> str:
