@@ -89,10 +89,19 @@ def test_a_conversation_is_answered_after_the_conversation_before_its_last_user_
         after = _metrics(url)
         assert _answers(again) == _answers(reply) and after["prefills"] == before["prefills"] + 1
         assert after["memory_hits"] == before["memory_hits"] + 1
-    # The next turn's context is the whole earlier conversation: another context, compressed anew.
+    # The next turn's context is the whole earlier conversation: it starts with the context kept above, so
+    # the server continues a copy of that one and prefills only the new tokens, as kvcompress.compress does.
     turn = [*chat, {"role": "assistant", "content": _answers(reply)[0]}, {"role": "user", "content": "Spell it."}]
-    _chat(url, turn, max_tokens=2)
-    assert _metrics(url)["prefills"] == after["prefills"] + 1
+    next_turn = _chat(url, turn, max_tokens=4)
+    now = _metrics(url)
+    context, asked = split_chat(tokenizer, turn)
+    earlier, _ = split_chat(tokenizer, chat)
+    grown = tokenizer(context)["input_ids"]
+    assert now["prefills"] == after["prefills"] + 1 and now["prefix_hits"] == after["prefix_hits"] + 1
+    assert now["reused_tokens"] - after["reused_tokens"] == len(tokenizer(earlier)["input_ids"]) < len(grown)
+    continued = kvcompress.compress(model, tokenizer, context, kvcompress.compress(model, tokenizer, earlier, METHOD, templated=True), templated=True)
+    assert _answers(next_turn)[0] == kvcompress.ask(model, tokenizer, continued, [asked], 4, templated=True)[0]
+    assert grown in [cache.context[0][0].tolist() for cache, _ in app.state.store.memory.values()]
 
 
 def test_a_seed_gives_the_same_sampled_answer_and_other_seeds_or_none_differ(server):

@@ -14,6 +14,11 @@ same context, question, method and ``max_new_tokens``):
 
 A compressed context is kept under a hash of the model, the method and the context's token ids, so
 the same document (or conversation before its last user message) sent again is not prefilled again.
+The keys are a hash chain over pages of token ids (:mod:`kvcompress.prefixes`): a context that starts with a
+kept one, such as a conversation's next turn, continues a copy of the longest such context and prefills only
+its new tokens, where the method does not evict (with eviction, what is kept depends on the whole context,
+so contexts are shared whole). The copy costs the kept context's bytes again, not its prefill; each kept
+context owns its memory, so it moves to disk and back alone.
 
 The model runs on one worker thread that batches continuously (:class:`Engine`): every model step
 decodes one token for every running request, whatever its context (:class:`~kvcompress.batching.CacheBatch`:
@@ -66,6 +71,7 @@ from kvcompress.cache import CompressedCache, load_cache, make_cache
 from kvcompress.generation import ContextTooLongError, asked_part, check_room, compressing, split_chat, split_prompt
 from kvcompress.models import cache_kwarg, model_identity, model_name, model_summary
 from kvcompress.persist import CacheFileError
+from kvcompress.prefixes import PrefixKeys
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 from kvcompress.scheduler import Scheduler, Sequence
 
@@ -388,6 +394,7 @@ class Job:
     queued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     asked_tokens: int = 0  # tokens of ``asked``
+    prefixes: PrefixKeys | None = None  # the keys of the context's prefixes (``key`` is the whole's)
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -473,6 +480,8 @@ class Metrics:
                 "queue_seconds",
                 "cancelled",
                 "preemptions",
+                "prefix_hits",
+                "reused_tokens",
             ],
             0,
         )
@@ -509,6 +518,8 @@ class _Exporter:
         "queue_seconds": "seconds requests waited for the model",
         "cancelled": "requests whose client left before the answer ended",
         "preemptions": "running requests stopped to free memory (resumed later, their own tokens recomputed)",
+        "prefix_hits": "contexts compressed by continuing a kept context that starts them (a conversation's earlier turns)",
+        "reused_tokens": "context tokens not prefilled because a kept context that started their context held them",
         "evictions": "contexts moved from memory to disk",
         "deleted_from_disk": "context files deleted beyond --store-budget",
     }
@@ -586,6 +597,8 @@ class Engine:
         self.pinned: dict[str, list] = {}  # key -> [context, answers reading it, its bytes]: contexts in use
         self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
         self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
+        self.lengths: dict[str, int] = {}  # key -> tokens of each context kept or in use (the prefixes to look up)
+        self.continues = make_cache(method, model).pipeline.selection is None  # a kept context can be continued
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -697,10 +710,32 @@ class Engine:
         cache, where = self.store.take(job.key)
         if cache is not None:
             answer.context, answer.where = cache, where
+            self.lengths[job.key] = cache.context[0].shape[1]
             self.metrics.add(**{f"{where}_hits": 1})
             return
-        answer.context, answer.where = make_cache(self.method, self.model), "prefilled"
+        answer.context, answer.where = self._kept_prefix(job) or make_cache(self.method, self.model), "prefilled"
+        if answer.context.get_seq_length():
+            answer.where = "continued"
+            self.metrics.add(prefix_hits=1, reused_tokens=answer.context.get_seq_length())
         answer.prefill = compressing(self.model, self.tokenizer, job.context, answer.context, self.prefill_chunk, templated=True)
+
+    def _kept_prefix(self, job: Job) -> CompressedCache | None:
+        """A cache to continue into ``job``'s context: a copy of the longest kept context that starts it (in
+        memory or in use; one reloaded from disk is its own copy), or None. Only where the method does not
+        evict: an evicting method's compressed context depends on all of it (then contexts are shared whole)."""
+        if not self.continues or job.prefixes is None:
+            return None
+        if len(self.lengths) > 64 + 2 * (len(self.store.memory) + len(self.store.disk) + len(self.pinned)):
+            held = self.store.memory.keys() | self.store.disk.keys() | self.pinned.keys()
+            self.lengths = {key: n for key, n in self.lengths.items() if key in held}  # forget deleted contexts
+        for length in sorted({n for n in self.lengths.values() if n < len(job.prefixes)}, reverse=True):
+            key = job.prefixes(length)
+            if key in self.pinned:
+                return self.pinned[key][0].copy()
+            cache, where = self.store.get(key)
+            if cache is not None:
+                return cache.copy() if where == "memory" else cache
+        return None
 
     def _prefill_chunk(self, answer: _Answer) -> bool:
         """Compress the next chunk of ``answer``'s context; False once the context is compressed."""
@@ -711,6 +746,7 @@ class Engine:
         except StopIteration:
             answer.prefill, done = None, True
             tokens = answer.context.get_seq_length()
+            self.lengths[answer.job.key] = answer.context.context[0].shape[1]
             self.context_token_bytes = max(1, answer.context.nbytes // max(1, tokens))
             self.metrics.add(prefills=1)
         self.metrics.add(prefill_seconds=time.perf_counter() - start)
@@ -1020,10 +1056,10 @@ def create_app(
             check_room(model, len(context_ids) + len(asked_ids), max_tokens)
         except ContextTooLongError as err:
             raise ApiError(400, str(err), "context_length_exceeded", "max_tokens") from None
-        key = hashlib.sha256(digest.encode() + json.dumps(context_ids).encode()).hexdigest()[:32]
+        prefixes = PrefixKeys(digest.encode(), context_ids)
         loop = asyncio.get_running_loop()
-        job = Job(key, context, asked, max_tokens, len(context_ids) + len(asked_ids), loop, sampling, req.n or 1, req.stops())
-        job.asked_tokens = len(asked_ids)
+        job = Job(prefixes(len(prefixes)), context, asked, max_tokens, len(context_ids) + len(asked_ids), loop, sampling, req.n or 1, req.stops())
+        job.asked_tokens, job.prefixes = len(asked_ids), prefixes
         engine.submit(job)
         metrics.add(requests=1, streamed=int(req.stream))
         return job
