@@ -598,7 +598,6 @@ class Engine:
         self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
         self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
         self.lengths: dict[str, int] = {}  # key -> tokens of each context kept or in use (the prefixes to look up)
-        self.continues = make_cache(method, model).pipeline.selection is None  # a kept context can be continued
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -718,6 +717,11 @@ class Engine:
             answer.where = "continued"
             self.metrics.add(prefix_hits=1, reused_tokens=answer.context.get_seq_length())
         answer.prefill = compressing(self.model, self.tokenizer, job.context, answer.context, self.prefill_chunk, templated=True)
+
+    @functools.cached_property
+    def continues(self) -> bool:
+        """Whether a kept context can be continued into a longer one: the method does not evict."""
+        return make_cache(self.method, self.model).pipeline.selection is None
 
     def _kept_prefix(self, job: Job) -> CompressedCache | None:
         """A cache to continue into ``job``'s context: a copy of the longest kept context that starts it (in
