@@ -203,3 +203,17 @@ def test_metrics_are_in_prometheus_text_format_and_json_on_request(server):
     assert families["kvcompress_kept_bytes"].samples[0].value == counts["kept_bytes"] > 0
     assert "kvcompress_store_budget" not in families  # no limit: no figure
     assert httpx.get(f"{url}/metrics", params={"format": "xml"}).status_code == 400
+
+
+def test_a_conversation_continues_from_the_context_an_earlier_server_saved(smol, tmp_path):
+    """Contexts saved at shutdown are found by their prefixes after a restart: the next turn is continued."""
+    model, tokenizer = smol
+    chat = _city_chat("Lima")
+    with _serving(create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)) as url:
+        answer = _answers(_chat(url, chat))[0]
+    turn = [*chat, {"role": "assistant", "content": answer}, {"role": "user", "content": "Spell it."}]
+    with _serving(create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)) as url:
+        _chat(url, turn, max_tokens=2)
+        metrics = _metrics(url)
+    earlier = tokenizer(split_chat(tokenizer, chat)[0])["input_ids"]
+    assert metrics["prefix_hits"] == 1 and metrics["reused_tokens"] == len(earlier)

@@ -162,6 +162,16 @@ def read_header(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def context_tokens(path: str | Path) -> int | None:
+    """Tokens of the context a saved cache holds, read from its file's index without loading a tensor (None:
+    the file does not say, or cannot be read; :func:`load` tells why)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice("context.ids").get_shape()[-1]) if "context.ids" in f.keys() else None
+    except Exception:  # a damaged file: loading it reports the damage
+        return None
+
+
 def load(path: str | Path, model, tokenizer, build):
     """Reload a cache written by :func:`save_cache` for ``model`` (and ``tokenizer``, when both recorded and
     given, checked too), into the empty cache ``build(spec, model)`` returns (:func:`kvcompress.make_cache`).

@@ -70,7 +70,7 @@ from kvcompress.batching import CacheBatch
 from kvcompress.cache import CompressedCache, load_cache, make_cache
 from kvcompress.generation import ContextTooLongError, asked_part, check_room, compressing, split_chat, split_prompt
 from kvcompress.models import cache_kwarg, model_identity, model_name, model_summary
-from kvcompress.persist import CacheFileError
+from kvcompress.persist import CacheFileError, context_tokens
 from kvcompress.prefixes import PrefixKeys
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 from kvcompress.scheduler import Scheduler, Sequence
@@ -598,6 +598,7 @@ class Engine:
         self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
         self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
         self.lengths: dict[str, int] = {}  # key -> tokens of each context kept or in use (the prefixes to look up)
+        self.scanned = False  # the store's files found at start are in lengths
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -729,10 +730,14 @@ class Engine:
         evict: an evicting method's compressed context depends on all of it (then contexts are shared whole)."""
         if not self.continues or job.prefixes is None:
             return None
+        if not self.scanned:  # contexts an earlier run saved: their lengths, from their files' indexes
+            self.scanned = True
+            for key in list(self.store.disk):
+                self.lengths.setdefault(key, context_tokens(self.store.path(key)) or 0)
         if len(self.lengths) > 64 + 2 * (len(self.store.memory) + len(self.store.disk) + len(self.pinned)):
             held = self.store.memory.keys() | self.store.disk.keys() | self.pinned.keys()
             self.lengths = {key: n for key, n in self.lengths.items() if key in held}  # forget deleted contexts
-        for length in sorted({n for n in self.lengths.values() if n < len(job.prefixes)}, reverse=True):
+        for length in sorted({n for n in self.lengths.values() if 0 < n < len(job.prefixes)}, reverse=True):
             key = job.prefixes(length)
             if key in self.pinned:
                 return self.pinned[key][0].copy()
