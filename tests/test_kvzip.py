@@ -56,10 +56,10 @@ def test_replay_keeps_a_planted_fact_that_the_window_scores_lose(smol):
     assert "4721" not in kvcompress.ask(model, tokenizer, snapkv, QUESTION, max_new_tokens=10)
 
 
-def test_replay_scores_the_chunk_from_its_own_queries():
-    """A replay step scores only the replayed chunk's held slots, by the chunk's queries (not its prompt's),
-    each the max over the query heads of a KV head, the softmax over the sinks, the chunk's held slots and
-    the step's own tokens (Kim et al., 2025, Sec. 3.3)."""
+def test_replay_scores_only_its_chunk_in_a_softmax_over_the_chunk():
+    """A replay step scores only the replayed chunk's held slots: the max over the step's queries (prompt and
+    chunk) and the query heads of a KV head, the softmax over the sinks, the chunk's held slots and the step's
+    own tokens, not the rest of the context (Kim et al., 2025, Algorithm 1)."""
     torch.manual_seed(0)
     layer = CompressedLayer(KVzip(ratio=0.5, window=0, sink=1, allocation="uniform"))
     held, prompt, chunk, scaling = 8, 3, 4, 0.3
@@ -73,7 +73,7 @@ def test_replay_scores_the_chunk_from_its_own_queries():
     logits = torch.einsum("bhgqd,bhsd->bhgqs", query.view(1, 2, 2, 7, 16), every) * scaling
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     allowed = torch.cat([torch.ones(7, len(read), dtype=torch.bool), causal], 1)
-    weights = logits.masked_fill(~allowed, -torch.inf).softmax(-1)[:, :, :, prompt:]  # the chunk's queries
+    weights = logits.masked_fill(~allowed, -torch.inf).softmax(-1)  # (1, 2, 2, 7, 12)
     expected = torch.zeros(1, 2, held)
     expected[..., 2:6] = weights[..., 1 : len(read)].amax((2, 3))
     torch.testing.assert_close(layer.attention, expected)

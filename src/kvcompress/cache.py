@@ -186,10 +186,10 @@ class CompressedLayer(CacheLayerMixin):
     def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
         """A replay step (KVzip): the ``q`` new tokens attend to every held slot and causally to each
         other, as in a normal step, but are not stored. The score of a slot of the replayed chunk
-        (:class:`~kvcompress.step.Replayed`) becomes the most attention it received from a query of the
-        chunk (not of its prompt) and any query head of its KV head, that softmax read over the sinks,
-        the chunk's held slots and the step's tokens only (Kim et al., 2025, Sec. 3.3), or its score from
-        an earlier replay step if higher."""
+        (:class:`~kvcompress.step.Replayed`) becomes the most attention it received from any of them (the
+        prompt's and the chunk's) and any query head of its KV head, in a softmax over the sinks, the
+        chunk's held slots and the step's tokens only (Kim et al., 2025, Algorithm 1), or its score from an
+        earlier replay step if higher."""
         batch, heads, new, _ = keys.shape
         held = len(self)
         valid = self.valid()
@@ -204,16 +204,14 @@ class CompressedLayer(CacheLayerMixin):
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = the row's oldest real token
         start, stop = chunk.start.to(age)[:, None, None], chunk.stop.to(age)[:, None, None]
         read = valid & ((age < chunk.sink) | ((age >= start) & (age < stop)))  # (B, H, S) the scoring softmax's held slots
-        scoring = torch.arange(new, device=keys.device) >= new - (chunk.stop - chunk.start).to(keys.device)[:, None]  # (B, q)
         held_keys, held_values = self._dense()
+        scale = None
         if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
             every = torch.cat([held_values, values], 2).float()  # (B, H, S + q, D)
             rep = query.shape[1] // heads
             out_heads = inputs.output_weight.float().view(-1, heads, rep, every.shape[-1])  # (hidden, H, g, D)
             contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
-            scale = (contributed.flatten(1, 2), scoring / inputs.hidden_norm.float().clamp_min(1e-6))
-        else:  # only the chunk's queries score
-            scale = (torch.ones(batch, query.shape[1], held + new, device=keys.device), scoring.float())
+            scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
         peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), torch.cat([read, mine], -1), scaling, scale)
         peak = peak[..., :held] * (read & (age >= start))  # (B, H, S) the chunk's slots only: the sinks' are not its
         self._set_attention(peak if self.attention is None else torch.maximum(self.attention, peak))

@@ -32,9 +32,9 @@ ATTENTION = "kvcompress"  # the attention implementation that runs the step (reg
 class Replayed:
     """Which chunk of the held context a replay step replays (KVzip, :func:`kvcompress.methods.kvzip.replay`).
 
-    Each row's step is its prompt followed by the chunk (left-padded), so the chunk is the row's last
-    ``stop - start`` tokens: only their queries score, and their softmax for the score reads the ``sink``
-    oldest held tokens, the chunk's own held slots and the step's tokens (Kim et al., 2025, Sec. 3.3).
+    Each row's step is its prompt followed by the chunk (left-padded). Their queries score the chunk's
+    held slots alone, in a softmax over the ``sink`` oldest held tokens, the chunk's held slots and the
+    step's tokens (Kim et al., 2025, Algorithm 1).
 
     Attributes:
         start, stop: ``(B,)`` the chunk is each row's real context tokens ``start .. stop - 1``

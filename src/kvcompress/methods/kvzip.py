@@ -6,11 +6,11 @@ https://arxiv.org/abs/2505.23416.
 After the context is prefilled (and held uncompressed), it is fed again, in chunks of ``chunk``
 tokens, each after a "repeat the previous context" prompt (in a chat template, the prompt ends the
 user's turn and the chunk is the assistant's answer), as queries over the full-precision cache
-(:func:`replay`, in this module). As in the paper's chunked scoring (Sec. 3.3), a slot of chunk ``k``
-is scored by chunk ``k``'s replay alone: its score is the largest attention weight it receives from
-any token of the replayed chunk (not of its prompt) and any query head of its KV head, in a softmax
-over the ``sink`` oldest tokens, chunk ``k``'s held slots and the replay step's own tokens (the
-model's own attention in that step still reads the whole context). One ranking over every head of
+(:func:`replay`, in this module). As in the paper's chunked scoring (Sec. 3.3 and Algorithm 1), a slot
+of chunk ``k`` is scored by chunk ``k``'s replay step alone: its score is the largest attention weight
+it receives from any token of the step (the prompt's and the chunk's) and any query head of its KV
+head, in a softmax over the ``sink`` oldest tokens, chunk ``k``'s held slots and the step's own tokens
+(the model's own attention in that step still reads the whole context). One ranking over every head of
 every layer (``allocation=global``, the paper's non-uniform budget) then keeps the best scores of
 the whole model, per row: heads and layers keep different numbers of tokens, each head stored apart,
 so what is evicted is freed. The replayed tokens are never kept, and the scores do not depend on any
@@ -27,8 +27,8 @@ slot adds to the attention output over the norm of the replayed token's attentio
 Departures from the paper:
 - The newest ``window`` tokens (32) are kept whatever their score, as well as the first ``sink``
   (4, as in kvpress's port; the authors' code keeps the system prompt); both count toward the budget.
-- The authors' code and kvpress's port take the maximum over the prompt's queries too (about 20 of
-  a 2K chunk); here only the replayed context's queries score, as the paper's definition reads.
+- The first ``sink`` tokens join every chunk's scoring softmax (as in kvpress's port; the authors'
+  code does so with the system prompt; Algorithm 1 has no sinks).
 - The prompt of a later chunk quotes the last 8 tokens of the chunk before as text (decoded, then
   encoded again after the instruction), not as the same token ids.
 - Without a replay (a forward that does not go through :func:`kvcompress.generation.prefill`),
@@ -117,7 +117,7 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
     header) and, after the first, the last tokens of chunk ``k - 1`` (where to resume), at the
     positions that follow the context, as queries only (:meth:`kvcompress.cache.CompressedCache.replay`), and
     told which of the row's tokens it replays (:class:`kvcompress.step.Replayed`), so that the layers score
-    those slots alone, by the chunk's queries alone. Rows are chunked on their own tokens and left-padded,
+    those slots alone. Rows are chunked on their own tokens and left-padded,
     so a row is scored as it is alone. On exit the selection's allocation shares the budget over the model.
 
     Args:
