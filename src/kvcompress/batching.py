@@ -86,7 +86,7 @@ class CacheBatch(Cache):
             batch), all made for one model; each is written by the step as if it ran alone.
     """
 
-    deferring, expected, replaying = False, None, False  # a decode step: what kvcompress.attach reads off a cache
+    deferring, expected, replaying = False, None, None  # a decode step: what kvcompress.attach reads off a cache
 
     def __init__(self, caches: list[CompressedCache]):
         if not caches:

@@ -40,7 +40,7 @@ from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.persist import load, save_cache
 from kvcompress.state import Value, load_sliding_state, parts_of, restore, sliding_state, state_of
-from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Segment, StepInputs
+from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Replayed, Segment, StepInputs
 
 _UNKNOWN = object()  # a layer's validity not handed down: work it out
 
@@ -124,7 +124,7 @@ class CompressedLayer(CacheLayerMixin):
         slot, then compress; returns the ``(B, Hq, q, D)`` attention output."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
-        if inputs.replay:
+        if inputs.replay is not None:
             return self._replay(query, keys, values, inputs, scaling)
         operands = self.append(keys, values, inputs)
         attended = attention.attend(query, operands, scaling)
@@ -185,8 +185,11 @@ class CompressedLayer(CacheLayerMixin):
 
     def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
         """A replay step (KVzip): the ``q`` new tokens attend to every held slot and causally to each
-        other, as in a normal step, but are not stored; each held slot's score becomes the most
-        attention it received from any of them (and from any earlier replay step)."""
+        other, as in a normal step, but are not stored. The score of a slot of the replayed chunk
+        (:class:`~kvcompress.step.Replayed`) becomes the most attention it received from any of them (the
+        prompt's and the chunk's) and any query head of its KV head, in a softmax over the sinks, the
+        chunk's held slots and the step's tokens only (Kim et al., 2025, Algorithm 1), or its score from an
+        earlier replay step if higher."""
         batch, heads, new, _ = keys.shape
         held = len(self)
         valid = self.valid()
@@ -195,9 +198,12 @@ class CompressedLayer(CacheLayerMixin):
         mine = torch.ones(batch, heads, new, dtype=torch.bool, device=keys.device)
         if inputs.valid is not None:
             mine = mine & inputs.valid[:, None, :]
-        valid = torch.cat([valid, mine], -1)  # (B, H, S + q)
         segments = (*(part.segment() for part in self._parts()), DenseSegment(keys, values))
-        output = attention.attend(query, Operands(segments, valid, heads), scaling).output
+        output = attention.attend(query, Operands(segments, torch.cat([valid, mine], -1), heads), scaling).output
+        chunk = inputs.replay
+        age = valid.cumsum(-1) - 1  # (B, H, S) 0 = the row's oldest real token
+        start, stop = chunk.start.to(age)[:, None, None], chunk.stop.to(age)[:, None, None]
+        read = valid & ((age < chunk.sink) | ((age >= start) & (age < stop)))  # (B, H, S) the scoring softmax's held slots
         held_keys, held_values = self._dense()
         scale = None
         if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
@@ -206,15 +212,17 @@ class CompressedLayer(CacheLayerMixin):
             out_heads = inputs.output_weight.float().view(-1, heads, rep, every.shape[-1])  # (hidden, H, g, D)
             contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
             scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
-        peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), valid, scaling, scale)[..., :held]  # (B, H, S)
+        peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), torch.cat([read, mine], -1), scaling, scale)
+        peak = peak[..., :held] * (read & (age >= start))  # (B, H, S) the chunk's slots only: the sinks' are not its
         self._set_attention(peak if self.attention is None else torch.maximum(self.attention, peak))
         self.held = None  # the replay's queries replace the held context's own
         return output
 
-    def compress_held(self) -> None:
-        """Compress what held steps left, with no step to follow them (after a replay)."""
+    def compress_held(self, allotted: torch.Tensor | None = None) -> None:
+        """Compress what held steps left, with no step to follow them (after a replay); ``allotted``:
+        ``(B, H, 1)`` tokens each head keeps, from a model-wide allocation (see :meth:`Selection.allot`)."""
         self.held = None
-        self._evict()
+        self._evict(allotted=allotted)
         self._settle()
 
     def _positions(self, given: torch.Tensor | None, start: int, new: int) -> torch.Tensor:
@@ -245,20 +253,24 @@ class CompressedLayer(CacheLayerMixin):
         earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
         self._observe(torch.nn.functional.pad(earlier, (0, new)))
 
-    def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, decoding: bool = False) -> bool:
-        """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
-        :meth:`compress`; ``decoding``: the step was one token, whose cut the pages may only mask); True
-        when it evicted."""
-        if self.selection is None or (self.quiet_until is not None and self.seen <= self.quiet_until):
-            return False
+    def view(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, allotted: torch.Tensor | None = None) -> LayerView:
+        """What the selection sees of this layer (arguments: see :meth:`_evict`)."""
         if valid is _UNKNOWN:
             valid = self.valid()
         if valid is None:
             valid = torch.ones(*self.window.batch_heads, len(self), dtype=torch.bool, device=self.device)
-        view = LayerView(
+        return LayerView(
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
-            dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores,
+            dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores, allotted=allotted,
         )
+
+    def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, decoding: bool = False, allotted=None) -> bool:
+        """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
+        :meth:`compress`; ``decoding``: the step was one token, whose cut the pages may only mask;
+        ``allotted``: see :meth:`compress_held`); True when it evicted."""
+        if self.selection is None or (self.quiet_until is not None and self.seen <= self.quiet_until):
+            return False
+        view = self.view(expected, valid, allotted)
         first = self.budget is None  # the prompt cut to its budget; later cuts are in a decode loop
         selected = self.selection.select(view)
         self.quiet_until = None if selected.quiet is None else self.seen + selected.quiet
@@ -576,7 +588,7 @@ class CompressedCache(Cache):
         self.deferring = False  # question-aware: hold compression (see deferred)
         self.expected: torch.Tensor | None = None  # (B,) tokens of a context prefilled in chunks (see prefilling)
         self.forked = False  # its slots are read by forks: it may not change any more
-        self.replaying = False  # the tokens fed are a replay of the held context (see replay)
+        self.replaying: Replayed | None = None  # the tokens fed replay this chunk of the held context (see replay_chunk)
         self.model_name: str | None = None  # the name the model was loaded under (saved, for `kvcompress ask`)
 
     @staticmethod
@@ -682,19 +694,31 @@ class CompressedCache(Cache):
 
     @contextlib.contextmanager
     def replay(self):
-        """Tokens fed inside this block replay the context the cache holds uncompressed (held by
-        :meth:`deferred`), as queries that score it (KVzip); they are not kept. On exit the context is
-        compressed. Sliding-window layers (hybrid models) store what they are fed: they are restored."""
+        """Inside this block, the context the cache holds uncompressed (held by :meth:`deferred`) is
+        replayed, chunk by chunk (each fed inside :meth:`replay_chunk`), as queries that score it (KVzip);
+        they are not kept. On exit the context is compressed, each layer to the budgets the selection
+        allots over all layers (:meth:`~kvcompress.protocols.Selection.allot`), if it does. Sliding-window
+        layers (hybrid models) store what they are fed: they are restored."""
         sliding = [(layer, sliding_state(layer)) for layer in self.layers if not isinstance(layer, CompressedLayer)]
-        self.replaying = True
         try:
             yield self
         finally:
-            self.replaying = False
+            self.replaying = None
             for layer, state in sliding:
                 load_sliding_state(layer, state)
-        for layer in self.compressed_layers:
-            layer.compress_held()
+        layers = self.compressed_layers
+        allotted = self.pipeline.selection.allot([layer.view() for layer in layers]) if layers else []
+        for layer, share in zip(layers, allotted):
+            layer.compress_held(share)
+
+    @contextlib.contextmanager
+    def replay_chunk(self, chunk: Replayed):
+        """The tokens fed inside this block (inside :meth:`replay`) are ``chunk``'s prompt and replay."""
+        self.replaying = chunk
+        try:
+            yield self
+        finally:
+            self.replaying = None
 
     @property
     def compressed_layers(self) -> list[CompressedLayer]:

@@ -128,6 +128,8 @@ class LayerView:
             :attr:`kvcompress.step.StepInputs.expected`), or None.
         head_scores: ``(L, H)`` the model's retrieval-head scores, when the selection asks for them
             (:attr:`Selection.retrieval_heads`); else None.
+        allotted: ``(B, H, 1)`` tokens each head keeps at the first compression, from a model-wide
+            allocation (:meth:`Selection.allot`); None when the selection sets the layer's budget itself.
     """
 
     valid: torch.Tensor
@@ -141,6 +143,7 @@ class LayerView:
     rotary: object | None = None
     expected: torch.Tensor | None = None
     head_scores: torch.Tensor | None = None
+    allotted: torch.Tensor | None = None
 
     @cached_property
     def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +232,12 @@ class Selection:
         ``model`` (inside :func:`kvcompress.attach`), then compress it: called by
         :func:`kvcompress.generation.prefill` when :attr:`replay` is not 0 (see :func:`kvcompress.methods.kvzip.replay`)."""
         raise NotImplementedError
+
+    def allot(self, views: list[LayerView]) -> list[torch.Tensor | None]:
+        """After a replay, before the first compression: the ``(B, H, 1)`` tokens each head of each
+        layer keeps (:attr:`LayerView.allotted`), when the budget is spread over the whole model from
+        every layer's scores; None per layer (the default) lets each layer set its own."""
+        return [None] * len(views)
 
     def select(self, view: LayerView) -> Selected:
         """Choose the slots to keep: a ``(B, H, S)`` bool subset of ``view.valid``, or None for all."""

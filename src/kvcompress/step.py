@@ -29,6 +29,25 @@ ATTENTION = "kvcompress"  # the attention implementation that runs the step (reg
 
 
 @dataclass(frozen=True)
+class Replayed:
+    """Which chunk of the held context a replay step replays (KVzip, :func:`kvcompress.methods.kvzip.replay`).
+
+    Each row's step is its prompt followed by the chunk (left-padded). Their queries score the chunk's
+    held slots alone, in a softmax over the ``sink`` oldest held tokens, the chunk's held slots and the
+    step's tokens (Kim et al., 2025, Algorithm 1).
+
+    Attributes:
+        start, stop: ``(B,)`` the chunk is each row's real context tokens ``start .. stop - 1``
+            (0 = its oldest); ``start == stop`` for a row with no chunk in this step.
+        sink: oldest held tokens every chunk's scoring softmax also reads (attention sinks).
+    """
+
+    start: torch.Tensor
+    stop: torch.Tensor
+    sink: int = 0
+
+
+@dataclass(frozen=True)
 class StepInputs:
     """Per-forward inputs that every compressed layer needs, built once per forward.
 
@@ -41,8 +60,8 @@ class StepInputs:
             that follows is scored with the context).
         expected: ``(B,)`` tokens of the context being prefilled in chunks, per row, so that budgets
             given as a ratio are a ratio of the whole context, not of the first chunk; else None.
-        replay: the tokens replay the held context (see :attr:`kvcompress.protocols.Selection.replay`):
-            queries only, attending to the held slots and to each other, never stored.
+        replay: the tokens replay a chunk of the held context (see :attr:`kvcompress.protocols.Selection.replay`):
+            queries only, attending to the held slots and to each other, never stored; None otherwise.
         hidden_norm: ``(B, q)`` norm of the attention's input at each new token, and
         output_weight: ``(hidden, Hq * D)`` the layer's output projection: given to a replay step
             whose selection asks for ``replay_norms`` (per layer, by :func:`kvcompress.methods.kvzip.replay`).
@@ -53,7 +72,7 @@ class StepInputs:
     positions: torch.Tensor | None = None
     hold: bool = False
     expected: torch.Tensor | None = None
-    replay: bool = False
+    replay: Replayed | None = None
     hidden_norm: torch.Tensor | None = None
     output_weight: torch.Tensor | None = None
 

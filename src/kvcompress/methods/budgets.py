@@ -15,6 +15,10 @@ nothing of how the scores were made, so any scorer takes any allocation
   least their sinks and window); how many heads are retrieval heads follows from the average budget
   (DuoAttention, https://arxiv.org/abs/2410.10819; RazorAttention, https://arxiv.org/abs/2407.15891).
   Ragged.
+- ``global``: one budget for the whole model: per row, the ``layers × heads × average`` best scores of
+  any head of any layer are kept, so heads and layers keep what their scores earn (KVzip's non-uniform
+  budget, https://arxiv.org/abs/2505.23416). The ranking needs every layer's scores at once, which only a
+  replay gives (:func:`global_budgets`, through :meth:`kvcompress.protocols.Selection.allot`). Ragged.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``S`` slots.
 """
@@ -163,7 +167,35 @@ class Retrieval(Uniform):
         return torch.stack(out).to(average)[..., None]  # (B, H, 1)
 
 
-ALLOCATIONS = ("uniform", "pyramid", "adaptive", "retrieval")
+@dataclass(frozen=True)
+class Global(Uniform):
+    """Every head of every layer keeps the budget :func:`global_budgets` gives it (one ranking over the
+    whole model); a layer compressed without one (no replay) keeps the average in every head."""
+
+    ragged = True
+
+
+def global_budgets(scores: list[torch.Tensor], average: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``(B, H, 1)`` tokens each head of each layer keeps when, per row, the ``sum(average)`` best of all
+    the layers' scores are kept (KVzip's non-uniform budget: one threshold for the whole model).
+
+    Args:
+        scores: per layer, ``(B, H, S)`` scores; +inf for protected slots (kept first, counted in the
+            budget), -inf for invalid ones (never kept).
+        average: per layer, ``(B, H, 1)`` the tokens each head would keep with a uniform budget.
+    """
+    total = sum(a.sum((1, 2)) for a in average)  # (B,) tokens the row keeps in the whole model
+    flat = torch.cat([s.flatten(1) for s in scores], 1)  # (B, L * H * S)
+    kept = (rank(flat) < total[:, None]) & (flat > -math.inf)
+    budgets, at = [], 0
+    for s in scores:
+        size = s[0].numel()
+        budgets.append(kept[:, at : at + size].view_as(s).sum(-1, keepdim=True))
+        at += size
+    return budgets
+
+
+ALLOCATIONS = ("uniform", "pyramid", "adaptive", "retrieval", "global")
 
 
 def allocation(name: str, beta: float, alpha: float, sink: int = 0) -> Uniform:
@@ -175,4 +207,6 @@ def allocation(name: str, beta: float, alpha: float, sink: int = 0) -> Uniform:
         return Adaptive(alpha)
     if name == "retrieval":
         return Retrieval(sink)
+    if name == "global":
+        return Global()
     return Uniform()

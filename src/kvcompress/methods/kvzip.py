@@ -4,31 +4,38 @@ Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruct
 https://arxiv.org/abs/2505.23416.
 
 After the context is prefilled (and held uncompressed), it is fed again, in chunks of ``chunk``
-tokens, each after a "repeat the previous context" prompt, as queries over the full-precision
-cache (:func:`replay`, in this module). A slot's score is the largest attention weight it
-receives from any replayed token and any query head of its KV head, over all chunks; then the
-usual top-k of :class:`~kvcompress.methods.scored.ScoredEviction` evicts. The replayed tokens are
-never kept, and the scores do not depend on any question: one compressed context serves many.
-The replay runs the model over the context once more (plus a prompt per chunk), with attention
-over the whole held context: on 2,000 tokens (CPU, 1 thread) compressing took 3.3x SnapKV's time.
+tokens, each after a "repeat the previous context" prompt (in a chat template, the prompt ends the
+user's turn and the chunk is the assistant's answer), as queries over the full-precision cache
+(:func:`replay`, in this module). As in the paper's chunked scoring (Sec. 3.3 and Algorithm 1), a slot
+of chunk ``k`` is scored by chunk ``k``'s replay step alone: its score is the largest attention weight
+it receives from any token of the step (the prompt's and the chunk's) and any query head of its KV
+head, in a softmax over the ``sink`` oldest tokens, chunk ``k``'s held slots and the step's own tokens
+(the model's own attention in that step still reads the whole context). One ranking over every head of
+every layer (``allocation=global``, the paper's non-uniform budget) then keeps the best scores of
+the whole model, per row: heads and layers keep different numbers of tokens, each head stored apart,
+so what is evicted is freed. The replayed tokens are never kept, and the scores do not depend on any
+question: one compressed context serves many.
 
 ``plus=true`` is KVzip+ (Jégou and Jeblick, "KVzap: Fast, Adaptive, and Faithful KV Cache Pruning",
 2026, https://arxiv.org/abs/2601.07891): each attention weight is weighed by the norm of what the
 slot adds to the attention output over the norm of the replayed token's attention input.
 
-``allocation=uniform`` (the default) keeps the same number of tokens in every head of every layer;
-``allocation=adaptive`` lets the heads of a layer share it (ragged heads, their memory freed); the
-paper's default spreads one budget over all heads of all layers, which neither variant does.
+``allocation=uniform`` keeps the same number of tokens in every head of every layer (the paper's
+"uniform" variant); ``adaptive`` lets the heads of a layer share its budget; ``pyramid`` and
+``retrieval`` as for every scored method (:mod:`kvcompress.methods.budgets`).
 
 Departures from the paper:
+- The newest ``window`` tokens (32) are kept whatever their score, as well as the first ``sink``
+  (4, as in kvpress's port; the authors' code keeps the system prompt); both count toward the budget.
+- The first ``sink`` tokens join every chunk's scoring softmax (as in kvpress's port; the authors'
+  code does so with the system prompt; Algorithm 1 has no sinks).
+- The prompt of a later chunk quotes the last 8 tokens of the chunk before as text (decoded, then
+  encoded again after the instruction), not as the same token ids.
 - Without a replay (a forward that does not go through :func:`kvcompress.generation.prefill`),
-  and while decoding (cut back every ``block`` tokens to the budget set at the prompt, as every
-  method here), slots are scored by the attention of the latest ``window`` queries, summed
-  (SnapKV without pooling).
-- The newest ``window`` tokens and the first ``sink`` are kept whatever their score (the paper
-  keeps 4 sinks, no window).
-- Each chunk's queries attend to the whole held context (the paper's chunked scoring attends to
-  the context in full as well; kvpress's port attends to the sinks and the chunk only).
+  slots are scored by the attention of the latest ``window`` queries, summed (SnapKV without pooling),
+  and ``allocation=global`` keeps the average budget in every head. While decoding, every ``block``
+  tokens each head is cut back to the budget it was given at the prompt, as every method here.
+- Rows of a batch are ranked apart (each row keeps its own share of the model's budget).
 """
 
 from __future__ import annotations
@@ -44,26 +51,29 @@ from kvcompress.generation import asked_part
 from kvcompress.methods.scored import ScoredEviction
 from kvcompress.models import cache_kwarg
 from kvcompress.protocols import LayerView
+from kvcompress.step import Replayed
 from kvcompress.registry import register
 
 
 @register("kvzip")
 @dataclass(frozen=True)
 class KVzip(ScoredEviction):
-    """``kvzip:ratio=0.75,chunk=512``; see :class:`ScoredEviction` for shared fields.
+    """``kvzip:ratio=0.75,chunk=2048``; see :class:`ScoredEviction` for shared fields (here ``sink`` is 4
+    and ``allocation`` is ``global``: one budget for every head of every layer).
 
     Args:
-        chunk: tokens of the context replayed per forward. The paper uses 2K; a chunk attends to the
-            context and to itself, so the replay's attention costs ``T (T + chunk)`` for ``T`` tokens,
-            and 512 measured half the time of 2048 on 2,000 tokens (CPU).
+        chunk: tokens of the context replayed per forward (the paper's 2K). A slot's score is normalized
+            over its chunk's slots (and the sinks and the replay step), so the chunk size changes the
+            scores, not only the time.
         plus: KVzip+ normalization: each attention weight ``a_ij`` of replayed token ``j`` on slot ``i``
             is weighed by ``|W_O v_i| / |h_j|`` (what the slot adds to the output, over the norm of the
             token's attention input ``h_j``) before the maximum.
     """
 
     sink: int = 4
-    chunk: int = 512
+    chunk: int = 2048
     plus: bool = False
+    allocation: str = "global"
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,8 +115,10 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
     Each row's real tokens are cut into chunks of ``selection.replay`` tokens; chunk ``k`` is fed
     after the selection's prompt (with a chat template, as the user's turn followed by the assistant
     header) and, after the first, the last tokens of chunk ``k - 1`` (where to resume), at the
-    positions that follow the context, as queries only (:meth:`kvcompress.cache.CompressedCache.replay`). Rows are
-    chunked on their own tokens and left-padded, so a row is scored as it is alone.
+    positions that follow the context, as queries only (:meth:`kvcompress.cache.CompressedCache.replay`), and
+    told which of the row's tokens it replays (:class:`kvcompress.step.Replayed`), so that the layers score
+    those slots alone. Rows are chunked on their own tokens and left-padded,
+    so a row is scored as it is alone. On exit the selection's allocation shares the budget over the model.
 
     Args:
         input_ids, attention_mask: ``(B, T)`` the context the cache was prefilled with (left-padded).
@@ -121,6 +133,8 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
     kwargs = {cache_kwarg(model): cache}
     with cache.replay(), _replay_norms(model) if selection.replay_norms else contextlib.nullcontext():
         for k in range(chunks):
+            start = torch.tensor([min(k * size, len(row)) for row in rows])  # (B,) the chunk: tokens start .. stop - 1
+            stop = torch.tensor([min((k + 1) * size, len(row)) for row in rows])
             fed = []  # each row's prompt and chunk; nothing for a row with fewer chunks
             for row in rows:
                 part = row[k * size : (k + 1) * size]
@@ -130,10 +144,11 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
             ids = torch.tensor([[pad] * (width - len(f)) + f for f in fed], device=input_ids.device)  # (B, n)
             mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=input_ids.device)
             positions = lengths + (mask.cumsum(-1) - 1).clamp_min(0)  # after each row's context
-            model(
-                input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
-                use_cache=True, logits_to_keep=1, **kwargs,
-            )
+            with cache.replay_chunk(Replayed(start, stop, selection.sink)):
+                model(
+                    input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **kwargs,
+                )
 
 
 @contextlib.contextmanager
@@ -143,7 +158,7 @@ def _replay_norms(model):
 
     def hook(module, args, kwargs):
         inputs = kwargs.get(KEYWORD)
-        if inputs is None or not inputs.replay:
+        if inputs is None or inputs.replay is None:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, q, hidden)
         norms = dataclasses.replace(inputs, hidden_norm=hidden.norm(dim=-1), output_weight=module.o_proj.weight)

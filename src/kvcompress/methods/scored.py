@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.kernels import drop_lowest
-from kvcompress.methods.budgets import ALLOCATIONS, Uniform, allocation
+from kvcompress.methods.budgets import ALLOCATIONS, Global, Uniform, allocation, global_budgets
 from kvcompress.protocols import LayerView, Selected, Selection
 
 
@@ -35,7 +35,9 @@ class ScoredEviction(Selection):
         block: new tokens that collect before the layer is compressed back to its budget.
         sink: oldest tokens never evicted (attention sinks).
         allocation: how the budget is spread: ``uniform`` (every layer and head alike), ``pyramid``
-            (shrinking with depth) or ``adaptive`` (the heads of a layer share it).
+            (shrinking with depth), ``adaptive`` (the heads of a layer share it), ``retrieval`` (retrieval
+            heads keep every token) or ``global`` (every head of every layer shares it: only a method
+            that replays the context, kvzip, ranks all layers' scores at once).
         beta: ``pyramid`` only: ratio of the average budget to the last layer's.
         alpha: ``adaptive`` only: fraction of the average every head keeps whatever its scores.
         calibration: ``retrieval`` only: the calibration file holding the retrieval-head scores;
@@ -62,6 +64,11 @@ class ScoredEviction(Selection):
             raise ValueError(f"block must be >= 1, got {self.block}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "global" and type(self).replay_context is Selection.replay_context:
+            raise ValueError(
+                f"allocation=global ranks every layer's scores at once, which needs a replay of the context; "
+                f"{type(self).__name__} has none: use kvzip, or allocation=adaptive to share a budget within each layer"
+            )
         if self.beta < 1:
             raise ValueError(f"beta must be >= 1, got {self.beta}")
         if not 0 <= self.alpha <= 1:
@@ -113,9 +120,10 @@ class ScoredEviction(Selection):
                 return Selected(keep, budget)
         count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         if budget is None:  # the first compression (the prompt) cuts straight to the budget
-            basis = count if view.expected is None else view.expected.to(count)[:, None, None].expand_as(count)
-            average = torch.full_like(count, self.budget) if self.budget else torch.ceil(basis * (1 - self.ratio)).long()
-            budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window, basis, view.head_scores)
+            basis, average = self._average(view)
+            budget = view.allotted
+            if budget is None:
+                budget = policy.layer_budget(average, view.layer_idx, view.num_layers, self.window, basis, view.head_scores)
             slack = 0
         else:
             slack = self.block - 1
@@ -123,9 +131,31 @@ class ScoredEviction(Selection):
         # leaves, the layer does not ask again: a decode loop of SnapKV or AdaKV (block 32) asks once in 32 steps.
         if not policy.over_budget(count, budget + slack):
             return Selected(None, budget, policy.margin(count, budget + self.block - 1))
+        scores, protected = self._ranked(view, budget, scores)
+        keep = policy.keep(scores, valid, protected, budget)
+        return Selected(keep, budget, policy.margin(keep.sum(-1, keepdim=True), budget + self.block - 1))
+
+    def allot(self, views: list[LayerView]) -> list[torch.Tensor | None]:
+        """``allocation=global``: each head's share of one budget over every layer (:func:`global_budgets`)."""
+        if not self.evicts or not isinstance(allocation(self.allocation, self.beta, self.alpha), Global):
+            return super().allot(views)
+        averages = [self._average(view)[1] for view in views]
+        scores = [self._ranked(view, average)[0] for view, average in zip(views, averages)]
+        return global_budgets(scores, averages)
+
+    def _average(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, 1)`` the tokens the first compression's budget is a share of, and the average budget per head."""
+        count = view.valid.sum(-1, keepdim=True)  # (B, H, 1)
+        basis = count if view.expected is None else view.expected.to(count)[:, None, None].expand_as(count)
+        average = torch.full_like(count, self.budget) if self.budget else torch.ceil(basis * (1 - self.ratio)).long()
+        return basis, average
+
+    def _ranked(self, view: LayerView, budget: torch.Tensor, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, S)`` float scores, +inf for the protected slots (sinks and the recent window, also
+        returned) and -inf for invalid ones; ``scores``: the scorer's, if already computed."""
+        valid = view.valid
+        count = valid.sum(-1, keepdim=True)  # (B, H, 1)
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = oldest real token
         protected = valid & ((age < self.sink) | (age >= count - self.recent(budget)))
         scores = (self.score(view) if scores is None else scores).float()  # scored once, if the C scan declined
-        scores = scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf)
-        keep = policy.keep(scores, valid, protected, budget)
-        return Selected(keep, budget, policy.margin(keep.sum(-1, keepdim=True), budget + self.block - 1))
+        return scores.masked_fill(~valid, -torch.inf).masked_fill(protected, torch.inf), protected
