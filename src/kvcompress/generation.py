@@ -284,7 +284,7 @@ def _continued(cache: CompressedCache, ids: torch.Tensor, mask: torch.Tensor) ->
         )
     if earlier.shape[1] > ids.shape[1] or not torch.equal(ids[0, : earlier.shape[1]], earlier[0].to(ids.device)):
         raise ValueError(
-            f"the cache holds {held} tokens of a context that does not start this one; pass a new cache "
+            f"the cache already holds {held} tokens of a context that does not start this one; pass a new cache "
             "(kvcompress.make_cache) or empty this one with cache.reset()"
         )
     if cache.pipeline.selection is not None:
