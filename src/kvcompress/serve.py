@@ -834,7 +834,7 @@ class Engine:
             self._choose(answer, logits[first : first + n])
             first += n
             if answer.rows.done:
-                self._end(answer, refit=False)  # the step's own count follows
+                self._end(answer)
         self._account()
 
     def _choose(self, answer: _Answer, logits: torch.Tensor) -> None:
@@ -881,9 +881,10 @@ class Engine:
             self.store.budget = max(0, self.budget - self.active)
             self.store.fit()
 
-    def _end(self, answer: _Answer, error: Exception | None = None, refit: bool = True) -> None:
-        """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler; ``refit``: recount
-        the bytes held and fit the store to what is left (a decode step counts once for all it ended)."""
+    def _end(self, answer: _Answer, error: Exception | None = None) -> None:
+        """``answer`` is done, failed or cancelled: free its fork's pages and tell its handler. The bytes held
+        are recounted at once: its context may have just gone back to the store, and ``/metrics`` reads the
+        store's bytes beside :attr:`active` from another thread."""
         job = answer.job
         self.scheduler.finish(answer.seq)
         compressing = answer.prefill is not None
@@ -894,8 +895,7 @@ class Engine:
             answer.fork.reset()
             answer.fork = None
             self._unpin(job.key)
-            if refit:
-                self._fit_store()
+            self._fit_store()
         elif answer.context is not None and not compressing and job.key not in self.pinned:
             self.store.put(job.key, answer.context)  # taken from the store, never started: kept again
         answer.context = None
