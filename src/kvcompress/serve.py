@@ -72,6 +72,7 @@ from kvcompress.generation import ContextTooLongError, asked_part, check_room, c
 from kvcompress.models import cache_kwarg, model_identity, model_name, model_summary
 from kvcompress.persist import CacheFileError, context_tokens
 from kvcompress.prefixes import PrefixKeys
+from kvcompress.registry import parse_spec
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
 from kvcompress.scheduler import Scheduler, Sequence
 
@@ -599,6 +600,7 @@ class Engine:
         self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
         self.lengths: dict[str, int] = {}  # key -> tokens of each context kept or in use (the prefixes to look up)
         self.scanned = False  # the store's files found at start are in lengths
+        self.continues = parse_spec(method).selection is None  # a kept context can be continued: the method does not evict
         self.thread = threading.Thread(target=self._run, name="kvcompress-model", daemon=True)
 
     def submit(self, job: Job) -> None:
@@ -713,16 +715,13 @@ class Engine:
             self.lengths[job.key] = cache.context[0].shape[1]
             self.metrics.add(**{f"{where}_hits": 1})
             return
-        answer.context, answer.where = self._kept_prefix(job) or make_cache(self.method, self.model), "prefilled"
-        if answer.context.get_seq_length():
-            answer.where = "continued"
-            self.metrics.add(prefix_hits=1, reused_tokens=answer.context.get_seq_length())
+        earlier = self._kept_prefix(job)
+        if earlier is None:
+            answer.context, answer.where = make_cache(self.method, self.model), "prefilled"
+        else:
+            answer.context, answer.where = earlier, "continued"
+            self.metrics.add(prefix_hits=1, reused_tokens=earlier.get_seq_length())
         answer.prefill = compressing(self.model, self.tokenizer, job.context, answer.context, self.prefill_chunk, templated=True)
-
-    @functools.cached_property
-    def continues(self) -> bool:
-        """Whether a kept context can be continued into a longer one: the method does not evict."""
-        return make_cache(self.method, self.model).pipeline.selection is None
 
     def _kept_prefix(self, job: Job) -> CompressedCache | None:
         """A cache to continue into ``job``'s context: a copy of the longest kept context that starts it (in
