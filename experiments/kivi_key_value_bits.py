@@ -15,15 +15,22 @@ torch.set_num_threads(1)
 KB, VB = int(sys.argv[1]), int(sys.argv[2])
 C, N, W = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 class Store(K.KIVIStore):
+    """Its tensors held whole (``held``), not in pages: keys and values here have different widths."""
+    held: dict = {}
+    def __len__(self):
+        return self.held["key_codes"].shape[3] if self.held else 0
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.held.values())
     def append(self, keys, values, valid, positions=None):
         tmp = K.KIVIStore(KB, self.block, self.dtype, self.meta_dtype)
         tmp.append(keys, keys, valid)  # keys at KB (its values are discarded)
         g = self.block
         codes, scale, mn = K.quantize(values.unflatten(3, (values.shape[3] // g, g)), VB, dim=4)
         new = dict(tmp.tensors, value_codes=K.pack(codes.flatten(3, 4), VB), value_scale=scale.squeeze(4).to(self.meta_dtype), value_min=mn.squeeze(4).to(self.meta_dtype))
-        self.tensors = {k: torch.cat([self.tensors[k], t], self.TOKEN_DIM.get(k, 2)) if self.tensors else t for k, t in new.items()}
+        self.held = {k: torch.cat([self.held[k], t], self.TOKEN_DIM.get(k, 2)) if self.held else t for k, t in new.items()}
     def keys_values(self):
-        t, g = self.tensors, self.block
+        t, g = self.held, self.block
         kc = K.unpack(t["key_codes"].transpose(2, 3), KB).unflatten(2, (-1, g))
         keys = kc.float() * t["key_scale"][:, :, :, None].float() + t["key_min"][:, :, :, None].float()
         vc = K.unpack(t["value_codes"], VB).unflatten(3, (-1, g))

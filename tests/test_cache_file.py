@@ -102,7 +102,7 @@ def test_an_old_format_file_names_the_version(saved, tiny):
     [
         (lambda t: {"layers.0.window.k": t["layers.0.window.k"] * float("nan")}, "layers.0.window.k holds NaN"),
         (lambda t: {"layers.1.store.tensors.key_scale": t["layers.1.store.tensors.key_scale"] + float("inf")}, "holds NaN or infinite"),
-        (lambda t: {"layers.0.store.tensors.value_codes": t["layers.0.store.tensors.value_codes"][:, :, :-16]}, "stores for this model .The size of tensor"),
+        (lambda t: {"layers.0.store.tensors.value_codes": t["layers.0.store.tensors.value_codes"][:, :, :-16]}, "stores for this model .key codes hold 112 tokens.*value codes, scales and minimums .96, 112, 112. tokens: they must agree"),
         (lambda t: {"layers.0.store.tensors.key_codes": t["layers.0.store.tensors.key_codes"][..., :-16]}, "does not hold what its spec"),
         (lambda t: {"layers.1.store.tensors.key_min": None}, "no entry 'store.tensors.key_min'"),
         (lambda t: {f"layers.1.window.{x}": t[f"layers.1.window.{x}"][:, :1] for x in "kv"}, "layer 1 holds keys .1, 1, "),

@@ -37,11 +37,15 @@ def _cases():
     t = _kivi_tensors(4)
     yield "kivi_key_logits", kernels.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
     yield "kivi_value_mix", kernels.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)
-    t = _kivi_tensors(2)
+    store = KIVI(bits=2, group=32, sink=4).new_store(0, 64, torch.float32)
+    store.append(torch.randn(2, 3, 128, 64), torch.randn(2, 3, 128, 64), None, None)
+    sinks = [store.sinks[name].float().contiguous() for name in ("keys", "error")]
+    _HELD.append((store, sinks))  # the pages and sinks the addresses point at live as long as the cases
+    each = torch.arange(6, dtype=torch.int64) * 4 * 64 * 4  # (B * H,) a (row, head)'s sinks from the first's
     allow = torch.ones(2, 3, 128 + 40, dtype=torch.uint8)
-    yield "kivi_attend", kernels.kivi_attend, (
-        query, t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"], t["value_min"],
-        keys, values, torch.randn(2, 3, 4, 64), torch.randn(2, 3, 4, 64), allow, 0.125, torch.zeros(2, 3, 128 + 40), 2, 32,
+    yield "kivi_attend_pages", kernels.kivi_attend_pages, (
+        query, *store.page_table(), store.layout.offsets, 128, keys, values, sinks[0].data_ptr() + each,
+        sinks[1].data_ptr() + each, 4, allow, 0.125, torch.zeros(2, 3, 128 + 40), 1, 2, 32,
     )
 
     logits = torch.randn(2, 3, 3, 8, 40)  # 8 queries, the last 8 of 40 slots

@@ -53,7 +53,8 @@ def test_nbytes_is_exact(bits):
     codes = 2 * batch * heads * tokens * dim * bits // 8
     key_meta = 2 * batch * heads * (tokens // group) * dim * 2  # fp16 scale + min per channel per group
     value_meta = 2 * batch * heads * tokens * (dim // group) * 2  # fp16 scale + min per token per group
-    assert store.nbytes == codes + key_meta + value_meta
+    table = 8 * batch * heads * (tokens // group)  # the page table: an 8-byte address per page (a group) and head
+    assert store.nbytes == codes + key_meta + value_meta + table
 
 
 def test_padding_is_excluded_from_key_statistics():
@@ -78,6 +79,93 @@ def test_compact_frees_only_whole_blocks():
     assert index[0, 0].tolist() == list(range(32)) + list(range(64, 96))
     assert store.valid().sum() == 127 and not store.valid()[0, 1, 32 + 6]
     assert store.nbytes == 2 * per_block + 2 * 64  # plus the (1, 2, 64) bool validity mask
+
+
+def _runs(store):
+    """Each row's pages as (address, pages) per allocation: what moved and what stayed."""
+    return [[(run.data_ptr(), len(run)) for run in table] for table in store.tables]
+
+
+def test_codes_are_written_in_pages_that_never_move():
+    """A prompt is one allocation of pages per row, a group leaving the window one new page: pages already
+    held are never copied (``moved`` stays 0), and every page read back equals the whole tensors encoded."""
+    torch.manual_seed(0)
+    store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
+    keys, values = torch.randn(2, 3, 96, 64), torch.randn(2, 3, 96, 64)
+    store.append(keys[:, :, :64], values[:, :, :64], None, None)
+    prompt = _runs(store)
+    assert prompt == [[(prompt[0][0][0], 2)], [(prompt[1][0][0], 2)]]  # (address, pages): one run per row
+    store.append(keys[:, :, 64:], values[:, :, 64:], None, None)  # the next group
+    assert _runs(store)[0][0] == prompt[0][0] and _runs(store)[1][0] == prompt[1][0] and store.pages == 3
+    assert store.moved == 0
+    whole = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
+    whole.append(keys, values, None, None)
+    for name, tensor in whole.tensors.items():
+        assert torch.equal(store.tensors[name], tensor), name
+    layout = store.layout
+    assert store.nbytes == 2 * 3 * layout.page_bytes + 8 * 2 * 3 * 3 and layout.page_bytes == 3 * layout.head_bytes  # + its table
+
+
+def test_a_saved_layout_round_trips_through_pages():
+    """Setting :attr:`tensors` (a saved store read back) writes pages that give the same tensors back."""
+    torch.manual_seed(0)
+    store = KIVI(bits=2, group=16).new_store(0, 64, torch.float32)
+    store.append(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), None, None)
+    saved = store.tensors
+    again = KIVI(bits=2, group=16).new_store(0, 64, torch.float32)
+    again.tensors = saved
+    assert again.pages == 4 and all(torch.equal(again.tensors[name], t) for name, t in saved.items())
+    torch.testing.assert_close(again.keys_values(), store.keys_values(), atol=0, rtol=0)
+
+
+def test_an_evicted_page_is_freed_and_a_split_run_moves_once():
+    """The first eviction inside a prompt's run splits it into single pages (its kept pages copied once, so
+    the freed page's memory goes); a later eviction of a page frees it with nothing copied."""
+    torch.manual_seed(0)
+    store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
+    store.append(torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64), None, None)
+    page = store.layout.page_bytes
+    assert store.nbytes == 4 * page + 8 * 2 * 4  # and the page table: 8 bytes per page and head
+    keep = torch.ones(1, 2, 128, dtype=torch.bool)
+    keep[..., 32:64] = False
+    store.compact(keep)
+    assert store.nbytes == 3 * page + 8 * 2 * 3 and store.moved == 3 * page and len(store.tables[0]) == 3
+    held = _runs(store)
+    keep = torch.ones(1, 2, 96, dtype=torch.bool)
+    keep[..., :32] = False
+    store.compact(keep)
+    assert store.nbytes == 2 * page + 8 * 2 * 2 and store.moved == 3 * page and _runs(store)[0] == held[0][1:]
+
+
+def test_repeated_rows_share_pages_until_unshared():
+    """Beam search or a batch of one repeated context: rows read the same pages (the bytes once) until
+    ``unshare`` gives each its own copy; the codes are unchanged either way."""
+    torch.manual_seed(0)
+    store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
+    store.append(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), None, None)
+    before = store.tensors
+    store.map_batch(lambda t: t.repeat_interleave(3, dim=0))
+    assert store.nbytes == 2 * store.layout.page_bytes + 8 * 3 * 3 * 2  # and the table of 3 rows, 3 heads, 2 pages
+    store.unshare()
+    assert store.nbytes == 3 * 2 * store.layout.page_bytes + 8 * 3 * 3 * 2 and store.moved == 2 * 2 * store.layout.page_bytes
+    assert all(torch.equal(store.tensors[name], t.expand(3, *t.shape[1:])) for name, t in before.items())
+
+
+def test_kivi_decode_steps_move_no_page(tiny):
+    """Through the model: no decode step of ``kivi`` copies a held page of its store, while the store grows
+    one page per group (what a step copies of the full-precision window is bounded by the window)."""
+    import kvcompress
+
+    cache = kvcompress.make_cache("kivi:bits=4,group=16,residual=16", tiny)
+    ids = torch.randint(3, 128, (1, 100))
+    with torch.no_grad(), kvcompress.attach(tiny, cache):
+        out = tiny(ids, past_key_values=cache, use_cache=True)
+        layer = cache.compressed_layers[0]
+        start, first = layer.store.pages, _runs(layer.store)[0][0]
+        for _ in range(48):
+            out = tiny(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert layer.store.pages == start + 3 and _runs(layer.store)[0][0] == first
+    assert layer.store.moved == 0
 
 
 def test_sinks_are_held_exactly_and_out_of_their_blocks_statistics():
@@ -177,7 +265,7 @@ def test_kernel_reads_a_store_that_grew_and_was_compacted():
 @pytest.mark.parametrize("sink", [0, 4])
 @requires_kernels
 def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, observe, window, sink):
-    """A decode step over [codes | window] in one kernel call (``kivi_attend``) gives the output and the
+    """A decode step over [codes | window] in one kernel call (``kivi_attend_pages``, through the store's page table) gives the output and the
     observed attention of the segment path and of sdpa on dequantized keys and values, exact sinks
     included (float32 sums in another order: atol 1e-5)."""
     from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
@@ -212,7 +300,7 @@ def test_one_pass_equals_the_segment_and_reference_paths(bits, group, holes, obs
 @requires_kernels
 def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe, holes, sink):
     """Heads that each hold their own number of KIVI codes (``adakv+kivi``, per-head budgets) are read in one
-    kernel call per layer (``kivi_attend_heads``), padding to the longest head weighted 0: the output and
+    kernel call per layer (``kivi_attend_pages``, each head through its own page table), padding to the longest head weighted 0: the output and
     observed attention of the segment path and of sdpa on dequantized keys and values (atol 1e-5)."""
     from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
     from kvcompress.buffer import RaggedSegment
@@ -237,9 +325,9 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
     window_kv = DenseSegment(torch.randn(batch, heads, window, 64), torch.randn(batch, heads, window, 64))
     operands = Operands((RaggedSegment(segments, stored), window_kv), valid, heads, observe)
     query = torch.randn(batch, heads * rep, 1, 64)
-    calls, ragged = [], kivi.kivi_attend_heads
+    calls, ragged = [], kivi.kivi_attend_pages
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
+        patch.setattr(kivi, "kivi_attend_pages", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
         one = attend_one_pass(query, operands, 0.125)
     assert one is not None and calls == [batch * heads]  # every head of the layer in one call
     for other in (attend_segments(query, operands, 0.125), attend_dense(query, operands, 0.125)):
@@ -248,7 +336,7 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
             torch.testing.assert_close(one.observed, other.observed, atol=1e-6, rtol=1e-5)
     if observe:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
+            patch.setattr(kivi, "kivi_attend_pages", lambda *a, **k: calls.append(len(a[1])) or ragged(*a, **k))
             assert_each_path_adds_to_a_running_observation(query, operands, one.observed)
         assert calls == [batch * heads] * 2  # the one-pass path took the ragged kernel again
 

@@ -183,9 +183,9 @@ def test_ragged_kivi_heads_decode_in_one_pass_and_match_the_reference(smol, monk
 
     model, _ = smol
     calls, heads = [], []
-    one, ragged = kivi.kivi_attend, kivi.kivi_attend_heads
-    monkeypatch.setattr(kivi, "kivi_attend", lambda *a, **k: calls.append(a[1].shape[:2]) or one(*a, **k))
-    monkeypatch.setattr(kivi, "kivi_attend_heads", lambda *a, **k: heads.append(len(a[1])) or ragged(*a, **k))
+    one, kernel = kivi.KIVISegment.attend_one, kivi.kivi_attend_pages
+    monkeypatch.setattr(kivi.KIVISegment, "attend_one", lambda *a, **k: calls.append(1) or one(*a, **k))  # a store's heads alike
+    monkeypatch.setattr(kivi, "kivi_attend_pages", lambda *a, **k: heads.append(len(a[1])) or kernel(*a, **k))
     caches = _generate_on_both_paths(smol, "adakv:budget=48,window=8,block=8+kivi:bits=4,group=16,residual=16")
     store = caches[0].compressed_layers[0].store
     assert isinstance(store, RaggedStore) and len(set(store.lengths().flatten().tolist())) > 1

@@ -116,5 +116,8 @@ def _tensors(layer):
         window = [t for table in layer.window.tables for page in table for t in layer.window.pool.data[page]]
     else:
         window = [layer.window.k, layer.window.v]
-    store = list(layer.store.tensors.values()) if hasattr(layer.store, "tensors") else []
+    if hasattr(layer.store, "tables"):  # KIVI's pages, and their table
+        store = [run for table in layer.store.tables for run in table] + [layer.store.pointers]
+    else:
+        store = list(layer.store.tensors.values()) if hasattr(layer.store, "tensors") else []
     return window + store

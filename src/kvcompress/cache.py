@@ -492,10 +492,14 @@ class CompressedLayer(CacheLayerMixin):
                 setattr(self, name, fn(getattr(self, name)))
 
     def unshare(self) -> None:
-        """Give each row its own pages (see :meth:`kvcompress.paged.PagedBuffer.unshare`); other stores
-        already hold every row apart."""
-        if isinstance(self.window, PagedBuffer) and not self.shared:
-            self.window.unshare()
+        """Give each row its own pages (see :meth:`kvcompress.paged.PagedBuffer.unshare` and
+        :meth:`kvcompress.methods.kivi.KIVIStore.unshare`); other stores already hold every row apart."""
+        if self.shared:
+            return
+        for part in self._parts():
+            for obj in parts_of(part):
+                if hasattr(obj, "unshare"):
+                    obj.unshare()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -5,7 +5,7 @@ through :mod:`kvcompress.native` (which builds ``csrc/*.c`` on first use) and is
 - ``dense.c``: :func:`dense_attend` (float32 slots: a window, ragged heads), :func:`paged_attend`
   (float32 pages through page tables, rows of different lengths), :func:`observe_rows` (a prompt's
   observed queries);
-- ``kivi.c``: :func:`key_logits`, :func:`value_mix`, :func:`kivi_attend`, :func:`kivi_attend_heads`
+- ``kivi.c``: :func:`key_logits`, :func:`value_mix`, :func:`kivi_attend_pages`
   (attention on KIVI's codes);
 - ``lowrank.c``: :func:`lowrank_logits` (keys rebuilt from latents and rotated in registers);
 - ``select.c``: :func:`drop_lowest` (a decode step's eviction of one token per head).
@@ -211,7 +211,7 @@ def observe_rows(logits: torch.Tensor, allow: torch.Tensor, weigh: torch.Tensor,
     )
 
 
-_META = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
+META_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how the kernel reads scales and zero points
 
 
 def _call(name: str, out: torch.Tensor, first: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -220,7 +220,7 @@ def _call(name: str, out: torch.Tensor, first: torch.Tensor, codes: torch.Tensor
     tensors = [t.contiguous() for t in (first, codes, scale, minimum)]
     pointers = [ctypes.c_void_p(t.data_ptr()) for t in tensors]
     status = getattr(native.load("kivi"), name)(
-        *pointers, ctypes.c_int(_META[scale.dtype]), ctypes.c_void_p(out.data_ptr()), *map(ctypes.c_int64, sizes),
+        *pointers, ctypes.c_int(META_KIND[scale.dtype]), ctypes.c_void_p(out.data_ptr()), *map(ctypes.c_int64, sizes),
         ctypes.c_int(bits), ctypes.c_int64(group),
     )
     if status:
@@ -259,88 +259,44 @@ def _(weights, codes, scale, minimum, bits, group):
     return weights.new_empty(*weights.shape[:3], codes.shape[3] * 8 // bits)
 
 
-@native.custom_op("kvcompress::kivi_attend", mutates=("observed",))
-def kivi_attend(query: torch.Tensor, key_codes: torch.Tensor, key_scale: torch.Tensor, key_min: torch.Tensor,
-                value_codes: torch.Tensor, value_scale: torch.Tensor, value_min: torch.Tensor, window_keys: torch.Tensor,
-                window_values: torch.Tensor, sink_keys: torch.Tensor, sink_error: torch.Tensor, allow: torch.Tensor,
-                scaling: float, observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """One decode step of attention over ``[codes | window]``: ``(B, H, G, D)`` float32 queries, key codes
-    ``(B, H, P, N)`` and value codes ``(B, H, N, P)`` with their scales and zero points (as in
-    :func:`key_logits` and :func:`value_mix`), float32 window keys and values ``(B, H, W, D)`` (each
-    (row, head) a contiguous block, blocks one stride apart), the float32 exact keys and value errors
-    ``(B, H, m, D)`` of the first ``m`` slots (sinks, see :class:`KIVIStore`; empty: none), ``allow``
-    ``(B, H, N + W)`` uint8 or empty (every slot real; the last slot, the query's own token, is always
-    allowed). Returns the ``(B, H, G, D)`` output, and adds to ``observed`` ``(B, H, N + W)`` (unless empty)
-    the attention each slot received, as :func:`kvcompress.attention.dense_attend` does."""
-    batch, heads, rows, dim = query.shape
-    tokens = key_codes.shape[3]
-    out = query.new_empty(batch, heads, rows, dim)
-    ostride = observed_rows(observed) if observed.numel() else 0
-    meta = [t.contiguous() for t in (key_scale, key_min, value_scale, value_min)]
-    codes = [t.contiguous() for t in (key_codes, value_codes)]
-    pointer = native.data_pointer
-    status = native.load("kivi").kivi_attend(
-        *map(pointer, (query, codes[0], meta[0], meta[1], codes[1], meta[2], meta[3])), ctypes.c_int(_META[key_scale.dtype]),
-        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1)), pointer(sink_keys),
-        pointer(sink_error), ctypes.c_int64(sink_keys.shape[2] if sink_keys.numel() else 0), pointer(allow),
-        ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
-        *map(ctypes.c_int64, (batch * heads, rows, dim, tokens, window_keys.shape[2])), ctypes.c_int(bits),
-        ctypes.c_int64(group),
-    )
-    if status:
-        raise MemoryError("kvcompress::kivi_attend: the kernel could not allocate its scratch buffers")
-    return out
-
-
-@kivi_attend.register_fake
-def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, window_keys, window_values, sink_keys,
-      sink_error, allow, scaling, observed, bits, group):
-    return query.new_empty(query.shape)
-
-
-@native.custom_op("kvcompress::kivi_attend_heads", mutates=("observed",))
-def kivi_attend_heads(query: torch.Tensor, key_codes: list[torch.Tensor], key_scale: list[torch.Tensor],
-                      key_min: list[torch.Tensor], value_codes: list[torch.Tensor], value_scale: list[torch.Tensor],
-                      value_min: list[torch.Tensor], stored: int, window_keys: torch.Tensor, window_values: torch.Tensor,
-                      sink_keys: list[torch.Tensor], sink_error: list[torch.Tensor], allow: torch.Tensor, scaling: float,
-                      observed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """:func:`kivi_attend` over ragged heads: ``(B, H, G, D)`` float32 queries; per (row, head), row-major,
-    ``B * H`` of each list: one head's key codes ``(1, 1, P, n)``, scales and zero points ``(1, 1, n / group, D)``,
-    value codes ``(1, 1, n, P)``, scales and zero points ``(1, 1, n, D / group)``, ``n <= stored`` (a shorter
-    head's last slots are padding, weight 0), and its sinks' float32 keys and value errors ``(1, 1, m, D)``
-    (empty: none; ``m`` the same for every head that has them). Window, ``allow`` and ``observed`` as in
-    :func:`kivi_attend`, over ``stored + W`` slots. Returns the ``(B, H, G, D)`` output."""
+@native.custom_op("kvcompress::kivi_attend_pages", mutates=("observed",))
+def kivi_attend_pages(query: torch.Tensor, pages: torch.Tensor, npages: torch.Tensor, layout: torch.Tensor, stored: int,
+                      window_keys: torch.Tensor, window_values: torch.Tensor, sink_keys: torch.Tensor,
+                      sink_error: torch.Tensor, sinks: int, allow: torch.Tensor, scaling: float, observed: torch.Tensor,
+                      meta: int, bits: int, group: int) -> torch.Tensor:
+    """One decode step of attention over ``[KIVI pages | window]`` (``csrc/kivi.c``): ``(B, H, G, D)`` float32
+    queries; each (row, head) reads its first ``npages`` ``(B * H,)`` int64 of ``J`` pages of ``group`` slots,
+    each the block at the ``(B * H, J)`` int64 address in ``pages`` laid out as ``layout`` (six int64 byte
+    offsets, :class:`kvcompress.methods.kivi.PageLayout`), out of ``stored`` slots (a head holding fewer is
+    ragged: its other slots are padding, weight 0). Scales and zero points of the kind ``meta`` (0 float32,
+    1 float16, 2 bfloat16). Float32 window keys and values ``(B, H, W, D)`` (each (row, head) a contiguous
+    block, blocks one stride apart); ``sink_keys`` and ``sink_error`` ``(B * H,)`` int64 addresses of each
+    head's float32 exact keys and value errors ``(sinks, D)`` of its first slots (0: none; empty: no head
+    has any, see :class:`kvcompress.methods.kivi.KIVIStore`); ``allow`` ``(B, H, stored + W)`` uint8 or
+    empty (every slot real; the last slot, the query's own token, is always allowed). Returns the
+    ``(B, H, G, D)`` output, and adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention
+    each slot received, as :func:`kvcompress.attention.dense_attend` does."""
     batch, heads, rows, dim = query.shape
     window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
     ostride = observed_rows(observed) if observed.numel() else 0
-    count = batch * heads
-    lists = [[t.contiguous() for t in held] for held in (key_codes, key_scale, key_min, value_codes, value_scale, value_min)]
-    if any(len(held) != count for held in lists):
-        raise ValueError(f"kvcompress::kivi_attend_heads: {count} heads in the query, {[len(h) for h in lists]} in the lists")
-    pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in held)) for held in lists]
-    lengths = (ctypes.c_int64 * count)(*(t.shape[3] for t in lists[0]))
-    sinks = {t.shape[2] for t in sink_keys if t.numel()}
-    if len(sinks) > 1 or len(sink_keys) != count or len(sink_error) != count:
-        raise ValueError(f"kvcompress::kivi_attend_heads: {count} heads, sinks of {sorted(sinks)} slots in lists of "
-                         f"{len(sink_keys)} and {len(sink_error)}")
-    sink_pointers = [(ctypes.c_void_p * count)(*(native.data_pointer(t).value for t in held)) if sinks else None
-                     for held in (sink_keys, sink_error)]
     pointer = native.data_pointer
-    status = native.load("kivi").kivi_attend_heads(
-        pointer(query), *pointers, lengths, ctypes.c_int64(stored), ctypes.c_int(_META[key_scale[0].dtype]),
-        pointer(window_keys), pointer(window_values), ctypes.c_int64(window_keys.stride(1) if window else 0),
-        ctypes.c_int64(window), *sink_pointers, ctypes.c_int64(sinks.pop() if sinks else 0), pointer(allow), ctypes.c_float(scaling), pointer(out), pointer(observed), ctypes.c_int64(ostride),
-        *map(ctypes.c_int64, (count, rows, dim)), ctypes.c_int(bits), ctypes.c_int64(group),
+    status = native.load("kivi").kivi_attend_pages(
+        pointer(query), pointer(pages), ctypes.c_int64(pages.shape[1]), pointer(npages), pointer(layout),
+        ctypes.c_int64(stored), ctypes.c_int(meta), pointer(window_keys), pointer(window_values),
+        ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), pointer(sink_keys),
+        pointer(sink_error), ctypes.c_int64(sinks), pointer(allow), ctypes.c_float(scaling), pointer(out),
+        pointer(observed), ctypes.c_int64(ostride), *map(ctypes.c_int64, (batch * heads, rows, dim)), ctypes.c_int(bits),
+        ctypes.c_int64(group),
     )
     if status:
-        raise MemoryError("kvcompress::kivi_attend_heads: the kernel could not allocate its scratch buffers")
+        raise MemoryError("kvcompress::kivi_attend_pages: the kernel could not allocate its scratch buffers")
     return out
 
 
-@kivi_attend_heads.register_fake
-def _(query, key_codes, key_scale, key_min, value_codes, value_scale, value_min, stored, window_keys, window_values,
-      sink_keys, sink_error, allow, scaling, observed, bits, group):
+@kivi_attend_pages.register_fake
+def _(query, pages, npages, layout, stored, window_keys, window_values, sink_keys, sink_error, sinks, allow, scaling,
+      observed, meta, bits, group):
     return query.new_empty(query.shape)
 
 

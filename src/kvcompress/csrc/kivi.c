@@ -392,84 +392,58 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
     return 0;
 }
 
-/* One (row, head) of a decode step over [n KIVI codes | padding to L | W window slots], the padding left
- * out (head_mask): q (G, D); key codes (P, n) channel-major, their scales and zero points from element
- * `kmeta0` on; value codes (n, P), theirs from `vmeta0` on; window keys and values (W, D); allow (L + W)
- * uint8 or NULL. The first m stored slots are sinks held exactly: their logits come from the keys sk
- * (m, D), and their values are the codes' plus se (m, D) (sk NULL: none). Writes out (G, D) and, unless
- * NULL, adds to observed (L + W) the attention each slot received (observe_head); logits (G, L + W), mask
- * (L + W) and scratch are the caller's. */
-static void attend_head(const float *restrict qb, const uint8_t *kc, const void *ks, const void *km, int64_t kmeta0,
-                        const uint8_t *vc, const void *vs, const void *vm, int64_t vmeta0, int meta, int64_t n, int64_t L,
-                        const float *kw, const float *vw, int64_t W, const float *sk, const float *se, int64_t m,
-                        const uint8_t *allow, float scaling, float *restrict ob, float *observed, float *logits,
-                        uint8_t *mask, float *scratch, int64_t G, int64_t D, int bits, int64_t group) {
-    const int64_t T = n + W;
-    const uint8_t *a = head_mask(allow, n, L, W, mask);
-    if (!sk || m > n) m = sk ? n : 0;
-    if (n) key_logits_one(qb, kc, ks, km, meta, kmeta0, logits, T, G, D, n, bits, group, scratch);
-    if (m) logits_of(qb, sk, logits, T, G, D, m); /* the sinks' exact logits replace their codes' */
-    if (W) logits_of(qb, kw, logits + n, T, G, D, W);
-    for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
-    if (observed) observe_head(logits, G, n, L, W, a, observed);
-    if (n) value_mix_one(logits, T, vc, vs, vm, meta, vmeta0, ob, G, D, n, bits, group, scratch);
-    else memset(ob, 0, sizeof(float) * G * D);
-    if (m) mix_into(logits, T, se, ob, G, D, m); /* and their values what the codes miss */
-    if (W) mix_into(logits + n, T, vw, ob, G, D, W);
-}
+/* Where the parts of one (row, head)'s block of a KIVI page sit, in bytes from the block's start
+ * (kvcompress.methods.kivi.PageLayout): key codes (P, group) channel-major, value codes (group, P), key
+ * scales and zero points (D), value scales and zero points (group, D / group). */
+enum { KEY_CODES, VALUE_CODES, KEY_SCALE, KEY_MIN, VALUE_SCALE, VALUE_MIN };
 
-/* One decode step of attention over [KIVI codes | full-precision window], for every (row, head):
- * q (BH, G, D) float32, the G query rows that read one KV head; key codes (BH, P, N) channel-major with
- * kscale, kmin (BH, N / group, D); value codes (BH, N, P) with vscale, vmin (BH, N, D / group); window
- * keys and values (W, D) float32 per (row, head), `wstride` elements apart; allow (BH, N + W) uint8, or
- * NULL when every slot is real; scaling, the softmax scale; sink keys and value corrections (BH, m, D) of
- * the first m slots (attend_head), or NULL. Writes out (BH, G, D) and, unless NULL, adds to
- * observed[bh * ostride + s] the attention slot s received (the mean over the G rows). Logits, softmax
- * and both mixes in one call, so the (G, N + W) weights of a head never leave this function's scratch. */
-int kivi_attend(const float *restrict q, const uint8_t *restrict kcodes, const void *kscale, const void *kmin,
-                const uint8_t *restrict vcodes, const void *vscale, const void *vmin, int meta,
-                const float *restrict wk, const float *restrict wv, int64_t wstride, const float *sk, const float *se,
-                int64_t m, const uint8_t *allow,
-                float scaling, float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G, int64_t D, int64_t N,
-                int64_t W, int bits, int64_t group) {
-    const int64_t P = D * bits / 8, S = N + W, E = D / group;
-    const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, N, group);
-    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)) + S); /* then S mask bytes */
-    if (!logits) return 1;
-    uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
-    for (int64_t bh = 0; bh < BH; ++bh)
-        attend_head(q + bh * G * D, kcodes + bh * P * N, kscale, kmin, bh * (N / group) * D, vcodes + bh * N * P, vscale,
-                    vmin, bh * N * E, meta, N, N, wk + bh * wstride, wv + bh * wstride, W, sk ? sk + bh * m * D : NULL,
-                    sk ? se + bh * m * D : NULL, m, allow ? allow + bh * S : NULL,
-                    scaling, out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D,
-                    bits, group);
-    free(logits);
-    return 0;
-}
-
-/* The same step over ragged heads (AdaKV or per-head budgets with KIVI): head bh (row-major over rows
- * and heads) holds lengths[bh] of L slots in its own store, read where it is held: key codes kcodes[bh]
- * (P, n), kscale[bh], kmin[bh] (n / group, D); value codes vcodes[bh] (n, P), vscale[bh], vmin[bh]
- * (n, D / group), and its sinks' keys sk[bh] and value corrections se[bh] (m, D) (sk NULL, or sk[bh] NULL:
- * none). The slots a shorter head lacks are padding, weight 0. The window, allow, out and observed as in
- * kivi_attend, with L + W slots. One call per layer instead of one per (row, head). */
-int kivi_attend_heads(const float *restrict q, const uint8_t *const *kcodes, const void *const *kscale,
-                      const void *const *kmin, const uint8_t *const *vcodes, const void *const *vscale,
-                      const void *const *vmin, const int64_t *lengths, int64_t L, int meta, const float *restrict wk,
-                      const float *restrict wv, int64_t wstride, int64_t W, const float *const *sk,
-                      const float *const *se, int64_t m, const uint8_t *allow, float scaling,
-                      float *restrict out, float *observed, int64_t ostride, int64_t BH, int64_t G, int64_t D, int bits,
-                      int64_t group) {
+/* One decode step of attention over [KIVI pages | full-precision window], for every (row, head) bh:
+ * q (BH, G, D) float32, the G query rows that read one KV head. Head bh holds npages[bh] pages of `group`
+ * slots, page j's block at pages[bh * J + j], its parts at the byte offsets `at` (the enum above): its
+ * n = npages[bh] * group slots are its own of the layer's L stored slots (a shorter head's others are
+ * padding, left out: ragged heads, as AdaKV keeps them). Window keys and values (W, D) float32 per
+ * (row, head), `wstride` elements apart; allow (BH, L + W) uint8, or NULL when every slot is real;
+ * scaling, the softmax scale. The first m stored slots of a head with sk[bh] non-NULL are sinks held
+ * exactly: their logits come from the keys sk[bh] (m, D), and their values are the codes' plus se[bh]
+ * (m, D). Writes out (BH, G, D) and, unless NULL, adds to observed[bh * ostride + s] the attention slot
+ * s received (the mean over the G rows). Logits, softmax and both mixes in one call, each page read where
+ * it is held, so the (G, n + W) weights of a head never leave this function's scratch. */
+int kivi_attend_pages(const float *restrict q, const uint8_t *const *pages, int64_t J, const int64_t *npages,
+                      const int64_t *at, int64_t L, int meta, const float *restrict wk, const float *restrict wv,
+                      int64_t wstride, int64_t W, const float *const *sk, const float *const *se, int64_t m,
+                      const uint8_t *allow, float scaling, float *restrict out, float *observed, int64_t ostride,
+                      int64_t BH, int64_t G, int64_t D, int bits, int64_t group) {
     const int64_t S = L + W;
-    const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, L, group);
-    float *logits = malloc(sizeof(float) * (G * S + (ks > vs ? ks : vs)) + S); /* then S mask bytes */
+    const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, group, group);
+    const size_t scratch = (ks > vs ? ks : vs);
+    float *logits = malloc(sizeof(float) * (G * S + scratch + G * D) + S); /* then the page's mix, then S mask bytes */
     if (!logits) return 1;
-    uint8_t *mask = (uint8_t *)(logits + G * S + (ks > vs ? ks : vs));
-    for (int64_t bh = 0; bh < BH; ++bh)
-        attend_head(q + bh * G * D, kcodes[bh], kscale[bh], kmin[bh], 0, vcodes[bh], vscale[bh], vmin[bh], 0, meta,
-                    lengths[bh], L, wk + bh * wstride, wv + bh * wstride, W, sk ? sk[bh] : NULL, sk ? se[bh] : NULL, m,
-                    allow ? allow + bh * S : NULL, scaling,
-                    out + bh * G * D, observed ? observed + bh * ostride : NULL, logits, mask, logits + G * S, G, D, bits, group);
+    float *work = logits + G * S, *mixed = work + scratch;
+    uint8_t *mask = (uint8_t *)(mixed + G * D);
+    for (int64_t bh = 0; bh < BH; ++bh) {
+        const float *qb = q + bh * G * D;
+        float *ob = out + bh * G * D;
+        const uint8_t *const *held = pages + bh * J;
+        const int64_t n = npages[bh] * group, T = n + W;
+        const uint8_t *a = head_mask(allow ? allow + bh * S : NULL, n, L, W, mask);
+        const float *sinks = sk ? sk[bh] : NULL, *errors = se ? se[bh] : NULL;
+        const int64_t exact = sinks ? (m > n ? n : m) : 0;
+        for (int64_t j = 0; j < npages[bh]; ++j)
+            key_logits_one(qb, held[j] + at[KEY_CODES], held[j] + at[KEY_SCALE], held[j] + at[KEY_MIN], meta, 0,
+                           logits + j * group, T, G, D, group, bits, group, work);
+        if (exact) logits_of(qb, sinks, logits, T, G, D, exact); /* the sinks' exact logits replace their codes' */
+        if (W) logits_of(qb, wk + bh * wstride, logits + n, T, G, D, W);
+        for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
+        if (observed) observe_head(logits, G, n, L, W, a, observed + bh * ostride);
+        memset(ob, 0, sizeof(float) * G * D);
+        for (int64_t j = 0; j < npages[bh]; ++j) {
+            value_mix_one(logits + j * group, T, held[j] + at[VALUE_CODES], held[j] + at[VALUE_SCALE],
+                          held[j] + at[VALUE_MIN], meta, 0, mixed, G, D, group, bits, group, work);
+            for (int64_t i = 0; i < G * D; ++i) ob[i] += mixed[i];
+        }
+        if (exact) mix_into(logits, T, errors, ob, G, D, exact); /* and their values what the codes miss */
+        if (W) mix_into(logits + n, T, wv + bh * wstride, ob, G, D, W);
+    }
     free(logits);
     return 0;
 }

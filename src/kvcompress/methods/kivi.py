@@ -27,12 +27,15 @@ against).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from kvcompress import native
-from kvcompress.kernels import key_logits, kernel_pair, kivi_attend, kivi_attend_heads, mask_bytes, value_mix
+from kvcompress.kernels import META_KIND, key_logits, kernel_pair, kivi_attend_pages, mask_bytes, value_mix
 from kvcompress.protocols import Representation, Storage
 from kvcompress.registry import SpecError, register
 from kvcompress.step import DenseSegment
@@ -149,13 +152,115 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-class KIVIStore:
-    """Quantized keys and values of one layer, in blocks of ``group`` tokens.
+@dataclass(frozen=True)
+class PageLayout:
+    """Where the parts of a KIVI page sit: a page holds one key group (``group`` tokens) of one row, all
+    its KV heads, as ``(H, head_bytes)`` uint8, each head's block the parts below, in this order, each
+    starting at a multiple of 16 bytes (``P = D * bits / 8``, ``Pv = Dv * bits / 8``, ``E = Dv / group``;
+    scales and zero points of the meta type)::
 
-    Tensors held (``N`` tokens, ``G`` group, ``P = D * bits / 8`` packed bytes):
+        key_codes (P, group) channel-major | value_codes (group, Pv) | key_scale (D) | key_min (D)
+        | value_scale (group, E) | value_min (group, E)
+
+    What the kernel reads (``csrc/kivi.c``, its offsets :attr:`offsets`) and what :meth:`write` and
+    :meth:`read` convert to and from the store's tensors as :meth:`KIVIStore.encode` makes them."""
+
+    heads: int
+    dim: int
+    vdim: int
+    bits: int
+    group: int
+    meta_dtype: torch.dtype
+
+    PARTS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")  # the kernel's order
+    ALIGN = 16
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each part's shape in one head's block."""
+        g, codes, vcodes, groups = self.group, self.dim * self.bits // 8, self.vdim * self.bits // 8, self.vdim // self.group
+        return {"key_codes": (codes, g), "value_codes": (g, vcodes), "key_scale": (self.dim,), "key_min": (self.dim,),
+                "value_scale": (g, groups), "value_min": (g, groups)}
+
+    @cached_property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Each part's first byte and byte count in one head's block."""
+        spans, at = {}, 0
+        for name in self.PARTS:
+            size = math.prod(self.shapes[name]) * (1 if name.endswith("codes") else self.meta_dtype.itemsize)
+            spans[name] = (at, size)
+            at = -(-(at + size) // self.ALIGN) * self.ALIGN
+        return spans
+
+    @cached_property
+    def head_bytes(self) -> int:
+        first, size = self.spans[self.PARTS[-1]]
+        return -(-(first + size) // self.ALIGN) * self.ALIGN
+
+    @cached_property
+    def page_bytes(self) -> int:
+        return self.heads * self.head_bytes
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """The parts' first bytes, int64, as the kernel reads them (one tensor per layout, not held by a store)."""
+        return _offsets(tuple(self.spans[name][0] for name in self.PARTS))
+
+    def views(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part of ``(count, H, head_bytes)`` pages as a ``(count, H, *shape)`` view."""
+        out = {}
+        for name in self.PARTS:
+            first, size = self.spans[name]
+            part = pages[..., first : first + size]
+            out[name] = (part if name.endswith("codes") else part.view(self.meta_dtype)).unflatten(-1, self.shapes[name])
+        return out
+
+    def write(self, pages: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
+        """Fill ``(count, H, head_bytes)`` pages with one row's tensors of ``count * group`` tokens, shaped as
+        :meth:`KIVIStore.encode` makes them without the batch dimension."""
+        count, parts = pages.shape[0], self.views(pages)
+        parts["key_codes"].copy_(new["key_codes"].unflatten(2, (count, self.group)).permute(2, 0, 1, 3))  # (H, P, n)
+        for name in ("key_scale", "key_min"):  # (H, n / group, D)
+            parts[name].copy_(new[name].transpose(0, 1))
+        for name in ("value_codes", "value_scale", "value_min"):  # (H, n, *)
+            parts[name].copy_(new[name].unflatten(1, (count, self.group)).transpose(0, 1))
+
+    def read(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One row's tensors, as :meth:`write` takes them, from ``(count, H, head_bytes)`` pages (a copy)."""
+        parts = self.views(pages)
+        out = {"key_codes": parts["key_codes"].permute(1, 2, 0, 3).flatten(2, 3)}  # (H, P, n)
+        out.update({name: parts[name].transpose(0, 1).contiguous() for name in ("key_scale", "key_min")})
+        out.update({name: parts[name].transpose(0, 1).flatten(1, 2) for name in ("value_codes", "value_scale", "value_min")})
+        return {name: out[name].contiguous() for name in self.PARTS}
+
+
+@functools.cache
+def _offsets(offsets: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int64)
+
+
+class KIVIStore:
+    """Quantized keys and values of one layer, in pages of one key group (``group`` tokens) each.
+
+    Each row has a page table: its pages in slot order, held as runs, ``(count, H, head_bytes)`` uint8 each
+    (:class:`PageLayout`): the pages encoded together (a prompt, a chunk, a group leaving the window) are one
+    allocation. A page is written once and never changed, so rows and stores share pages by reference (the
+    allocation is freed with its last reader: torch's own reference count) and nothing is copied before a
+    write. What a step moves:
+
+    - a group leaving the window is encoded into one new page: no held page is copied;
+    - eviction frees a page once no row or head keeps a token of it, and masks the other evicted slots; a
+      run that loses pages is split into single pages the first time (its kept pages copied once, so the
+      freed ones' memory goes), after which a page leaves with no copy.
+
+    Attention reads the pages where they are, through the ``(B * H, J)`` addresses of :meth:`page_table`
+    (:attr:`pointers`, 8 bytes per page and head, counted in :attr:`nbytes`)
+    (``kvcompress::kivi_attend_pages``). :attr:`tensors` gives every page's parts as whole tensors (a copy):
+    what is saved (so the file format is the one of contiguous stores), and what the reference path and the
+    multi-query path read. Shapes there (``N`` tokens, ``G`` group, ``P = D * bits / 8``):
     ``key_codes (B, H, P, N)`` uint8 (channel-major), ``key_scale``/``key_min (B, H, N/G, D)``,
-    ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``, and a
-    ``(B, H, N)`` bool validity mask only while some slot is padding or evicted.
+    ``value_codes (B, H, N, P)`` uint8, ``value_scale``/``value_min (B, H, N, D/G)``; and a ``(B, H, N)``
+    bool validity mask only while some slot is padding or evicted.
 
     Sinks: with ``sink = m > 0``, the first ``m`` slots (the first tokens a head stores: a prompt's
     first tokens, or a padded row's padding) are also held exactly, ``sinks["keys"]`` ``(B, H, m, D)``
@@ -167,24 +272,40 @@ class KIVIStore:
     (4 x 256 tokens of prose after 4,096, 4-bit, residual 32): +2.5 % perplexity without sinks,
     +1.2 % with 4 (``experiments/README.md``). The sinks leave with their block (an eviction that
     frees the first block).
+
+    Attributes:
+        tables: ``[B]`` lists of runs of pages, in slot order.
+        moved: bytes of pages copied so far (runs split by an eviction); a step's new page is not counted.
     """
 
-    TOKEN_DIM = {"key_codes": 3}  # every other tensor holds tokens (or token groups) on dim 2
+    TOKEN_DIM = {"key_codes": 3}  # in :attr:`tensors`, every other part holds tokens (or token groups) on dim 2
     STATE = ("tensors", "_valid", "sinks")  # see kvcompress.state
 
     def __init__(self, bits: int, group: int, dtype: torch.dtype, meta_dtype: torch.dtype, sink: int = 0):
         self.bits, self.block, self.dtype, self.meta_dtype, self.sink = bits, group, dtype, meta_dtype, sink
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tables: list[list[torch.Tensor]] = []
+        self.layout: PageLayout | None = None  # set by the first tokens (heads and dims)
         self._valid: torch.Tensor | None = None
         self.sinks: dict[str, torch.Tensor] = {}  # "keys", "error": (B, H, m, D), while the first block is held
+        self.pointers: torch.Tensor | None = None  # (B * H, J) int64: see page_table
+        self.moved = 0
 
     def __len__(self) -> int:
-        return self.tensors["key_codes"].shape[3] if self.tensors else 0
+        return self.pages * self.block
+
+    @property
+    def pages(self) -> int:
+        """Pages each row holds."""
+        return sum(len(run) for run in self.tables[0]) if self.tables else 0
 
     @property
     def nbytes(self) -> int:
-        held = [*self.tensors.values(), *self.sinks.values()] + ([self._valid] if self._valid is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
+        """Bytes of the pages held (an allocation shared by rows once), the sinks, the mask and the page table."""
+        held = {run.untyped_storage().data_ptr(): run.untyped_storage().nbytes() for table in self.tables for run in table}
+        extra = [*self.sinks.values(), self._valid, self.pointers]
+        return sum(held.values()) + sum(t.numel() * t.element_size() for t in extra if t is not None)
+
+    # ---- writing --------------------------------------------------------------------------------
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None) -> None:
         self.extend(self.encode(keys, values, valid, first=not len(self)), valid)
@@ -229,12 +350,47 @@ class KIVIStore:
         sink_keys, sink_error = new.pop("sink_keys", None), new.pop("sink_error", None)
         if sink_keys is not None and not old_n:
             self.sinks = {"keys": sink_keys.contiguous(), "error": sink_error.contiguous()}
-        self.tensors = {
-            k: (torch.cat([self.tensors[k], t], self.TOKEN_DIM.get(k, 2)) if self.tensors else t).contiguous()
-            for k, t in new.items()
-        }
+        self._write(new)
         batch, heads, n = new["value_codes"].shape[:3]
         self._set_valid(old_n, n, valid, batch, heads, new["value_codes"].device)
+
+    def _write(self, new: dict[str, torch.Tensor]) -> None:
+        """Each row's tokens of ``new`` (whole tensors, as :meth:`encode` makes them) into one new run of pages."""
+        batch, heads, n, vcodes = new["value_codes"].shape
+        if not n:
+            return
+        if self.layout is None:
+            dim = new["key_scale"].shape[3]
+            self.layout = PageLayout(heads, dim, vcodes * 8 // self.bits, self.bits, self.block, self.meta_dtype)
+        if not self.tables:
+            self.tables = [[] for _ in range(batch)]
+        for b, table in enumerate(self.tables):
+            run = torch.empty(n // self.block, heads, self.layout.head_bytes, dtype=torch.uint8, device=new["value_codes"].device)
+            self.layout.write(run, {name: t[b] for name, t in new.items()})
+            table.append(run)
+        self._changed()
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every held page's parts as whole ``(B, H, ...)`` tensors (a copy; see the class docstring); ``{}`` when
+        nothing is held. Setting it replaces every page (a saved store read back)."""
+        if not self.pages:
+            return {}
+        rows = [self.layout.read(table[0] if len(table) == 1 else torch.cat(table)) for table in self.tables]
+        return {name: torch.stack([row[name] for row in rows]) for name in PageLayout.PARTS}
+
+    @tensors.setter
+    def tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tables, self.layout, self.pointers = [], None, None
+        if tensors:
+            n, groups = tensors["key_codes"].shape[3], tensors["key_scale"].shape[2]
+            held = [tensors[name].shape[2] for name in ("value_codes", "value_scale", "value_min")]
+            if n % self.block or groups * self.block != n or tensors["key_min"].shape[2] != groups or held != [n] * 3:
+                raise ValueError(
+                    f"key codes hold {n} tokens, key scales and minimums {groups} and {tensors['key_min'].shape[2]} "
+                    f"groups of {self.block}, value codes, scales and minimums {held} tokens: they must agree"
+                )
+            self._write(tensors)
 
     def _set_valid(self, old_n, n, valid, batch, heads, device) -> None:
         if valid is None or bool(valid.all()):
@@ -245,9 +401,30 @@ class KIVIStore:
             self._valid = torch.ones(batch, heads, old_n, dtype=torch.bool, device=device)
         self._valid = torch.cat([self._valid, valid], 2)
 
+    # ---- reading --------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """The page tables changed: work out the address of each (row, head)'s block in each page (8 bytes per
+        page and head, held with the tables and counted in :attr:`nbytes`)."""
+        if not self.pages:
+            self.pointers = None
+            return
+        rows = [[run.data_ptr() + i * run.stride(0) for run in table for i in range(len(run))] for table in self.tables]
+        heads = torch.arange(self.layout.heads, dtype=torch.int64) * self.layout.head_bytes
+        self.pointers = (torch.tensor(rows, dtype=torch.int64)[:, None, :] + heads[None, :, None]).flatten(0, 1).contiguous()
+
+    def page_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B * H, J)`` int64 address of each (row, head)'s block in each of its ``J`` pages, and the ``(B * H,)``
+        int64 pages each reads, as the kernel reads them."""
+        return self.pointers, torch.full((self.pointers.shape[0],), self.pointers.shape[1], dtype=torch.int64)
+
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``(B, H, N, D)`` keys and values (the reference path; transient)."""
-        t, g = self.tensors, self.block
+        return self.dequantized(self.tensors)
+
+    def dequantized(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`keys_values` of the parts ``t`` (:attr:`tensors`)."""
+        g = self.block
         key_codes = unpack(t["key_codes"].transpose(2, 3), self.bits).unflatten(2, (-1, g))  # (B, H, N/g, g, D)
         keys = dequantize(key_codes, t["key_scale"][:, :, :, None], t["key_min"][:, :, :, None], self.dtype)
         value_codes = unpack(t["value_codes"], self.bits).unflatten(3, (-1, g))  # (B, H, N, D/g, g)
@@ -260,27 +437,39 @@ class KIVIStore:
         return keys, values
 
     def segment(self) -> KIVISegment | DenseSegment:
-        if self.dtype.is_floating_point and self.tensors["key_codes"].device.type == "cpu" and native.load("kivi"):
+        if self.dtype.is_floating_point and self.tables[0][0].device.type == "cpu" and native.load("kivi"):
             return KIVISegment(self)
         return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
         return self._valid
 
+    # ---- evicting and rows ----------------------------------------------------------------------
+
     def compact(self, keep: torch.Tensor) -> torch.Tensor:
-        """Free the blocks no row or head keeps a token of; return the ``(B, H, n)`` old slot of each slot."""
+        """Free the pages no row or head keeps a token of; return the ``(B, H, n)`` old slot of each slot."""
         g = self.block
-        # (N/g,): a block lives while any row or head keeps one of its tokens
+        # (N/g,): a page lives while any row or head keeps one of its tokens
         live_blocks = keep.unflatten(2, (-1, g)).any(3).flatten(0, 1).any(0)
-        if bool(live_blocks.all()):  # no block is freed: nothing moves, the dropped slots are masked
+        if bool(live_blocks.all()):  # no page is freed: nothing moves, the dropped slots are masked
             self._valid = None if bool(keep.all()) else keep.clone()
             return torch.arange(keep.shape[2], device=keep.device).expand(keep.shape)
         tokens = live_blocks.repeat_interleave(g)  # (N,)
-        if not bool(live_blocks[0]):  # the sinks' block is freed: they go with it
+        if not bool(live_blocks[0]):  # the sinks' page is freed: they go with it
             self.sinks = {}
-        for name, t in self.tensors.items():
-            index = live_blocks if name == "key_scale" or name == "key_min" else tokens
-            self.tensors[name] = t.index_select(self.TOKEN_DIM.get(name, 2), index.nonzero().flatten())
+        live = live_blocks.tolist()
+        for b, table in enumerate(self.tables):
+            kept, at = [], 0
+            for run in table:
+                flags, at = live[at : at + len(run)], at + len(run)
+                if all(flags):
+                    kept.append(run)
+                else:  # split, so each freed page's memory goes now and later pages leave with no copy
+                    singles = [run[i : i + 1].clone() for i, alive in enumerate(flags) if alive]
+                    self.moved += len(singles) * self.layout.page_bytes
+                    kept.extend(singles)
+            self.tables[b] = kept
+        self._changed()
         self._valid = None
         valid = keep[:, :, tokens]
         if not bool(valid.all()):
@@ -288,15 +477,34 @@ class KIVIStore:
         return tokens.nonzero().flatten().expand(*keep.shape[:2], -1)
 
     def map_batch(self, fn) -> None:
-        self.tensors = {k: fn(t) for k, t in self.tensors.items()}
+        """Reorder, repeat or select rows (``fn`` on the batch dimension): rows used twice share their pages."""
+        if self.tables:
+            order = fn(torch.arange(len(self.tables))).tolist()  # the old row of every new row
+            self.tables = [list(self.tables[i]) for i in order]
+            self._changed()
         self.sinks = {k: fn(t) for k, t in self.sinks.items()}
         if self._valid is not None:
             self._valid = fn(self._valid)
 
+    def unshare(self) -> None:
+        """Give every row its own copy of the pages it shares with another row (after ``map_batch`` repeated
+        rows): the bytes distinct sequences would hold and read."""
+        seen = set()
+        for table in self.tables:
+            for i, run in enumerate(table):
+                if run.untyped_storage().data_ptr() in seen:
+                    table[i] = run.clone()
+                    self.moved += run.numel()
+                else:
+                    seen.add(run.untyped_storage().data_ptr())
+        self._changed()
+
 
 @dataclass(frozen=True)
 class KIVISegment:
-    """Attention straight from a :class:`KIVIStore`'s codes, through the ``kvcompress::kivi_*`` ops."""
+    """Attention straight from a :class:`KIVIStore`'s codes: one decode query per row through its pages
+    (``kvcompress::kivi_attend_pages``), several queries (a prompt, a chunk) through the whole parts
+    (``kvcompress::kivi_key_logits`` and ``kivi_value_mix``, gathered once per segment: a segment lives for one step)."""
 
     store: KIVIStore
     dense_only = False
@@ -304,11 +512,15 @@ class KIVISegment:
     def __len__(self) -> int:
         return len(self.store)
 
+    @cached_property
+    def parts(self) -> dict[str, torch.Tensor]:
+        return self.store.tensors
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.keys_values()
+        return self.store.dequantized(self.parts)
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
-        t, store = self.store.tensors, self.store
+        t, store = self.parts, self.store
         out = key_logits(query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], store.bits, store.block)
         if store.sinks:  # the sinks' exact logits replace their codes'
             sink_keys = store.sinks["keys"]
@@ -316,7 +528,7 @@ class KIVISegment:
         return out.to(query.dtype)
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        t, store = self.store.tensors, self.store
+        t, store = self.parts, self.store
         out = value_mix(weights.float().contiguous(), t["value_codes"], t["value_scale"], t["value_min"], store.bits, store.block)
         if store.sinks:  # what the codes miss of the sinks' values
             error = store.sinks["error"]
@@ -325,57 +537,79 @@ class KIVISegment:
 
     def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
                    observed: torch.Tensor) -> torch.Tensor | None:
-        """One decode query per row over ``[these codes | window]`` in one kernel call (``kvcompress::kivi_attend``):
-        ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output; the attention each slot received is added to
-        ``observed`` ``(B, H, S)`` unless it is empty (see :func:`kvcompress.attention.attend_one_pass`). None
-        where the kernel does not apply (the caller takes the segment path)."""
-        t, store = self.store.tensors, self.store
+        """One decode query per row over ``[these pages | window]`` in one kernel call: ``(B, H, G, D)`` grouped
+        queries -> ``(B, H, G, D)`` output; the attention each slot received is added to ``observed``
+        ``(B, H, S)`` unless it is empty (see :func:`kvcompress.attention.attend_one_pass`). None where the
+        kernel does not apply (the caller takes the segment path)."""
+        store = self.store
         dim = query.shape[-1]
         if window is None:  # an empty window: zero slots of the right shape
             keys = values = query.new_empty(*query.shape[:2], 0, dim, dtype=torch.float32)
         else:
             keys, values = window.keys, window.values
-        if keys.dtype != torch.float32 or values.shape[-1] != dim or t["value_codes"].shape[3] * 8 // store.bits != dim:
+        if keys.dtype != torch.float32 or values.shape[-1] != dim or store.layout.vdim != dim:
             return None
         keys, values = kernel_pair(keys, values)
-        sink_keys, sink_error = _sinks(store, query)
-        return kivi_attend(
-            query.float().contiguous(), t["key_codes"], t["key_scale"], t["key_min"], t["value_codes"], t["value_scale"],
-            t["value_min"], keys, values, sink_keys, sink_error, mask_bytes(valid), scaling, observed, store.bits,
-            store.block,
+        pointers, npages = store.page_table()
+        sink_keys, sink_error, sinks, held = _sinks([store], query)  # held: what the addresses point into
+        out = kivi_attend_pages(
+            query.float().contiguous(), pointers, npages, store.layout.offsets, len(store), keys, values, sink_keys,
+            sink_error, sinks, mask_bytes(valid), scaling, observed, META_KIND[store.meta_dtype], store.bits, store.block,
         )
+        del held
+        return out
 
     @staticmethod
     def attend_heads(heads: list[KIVISegment], query: torch.Tensor, window: DenseSegment, valid: torch.Tensor | None,
                      stored: int, scaling: float, observed: torch.Tensor) -> torch.Tensor | None:
         """:meth:`attend_one` for ragged heads (a :class:`kvcompress.buffer.RaggedSegment`): ``heads``, one
-        segment per (row, head), row-major, each its own number of the ``stored`` slots; one kernel call
-        (``kvcompress::kivi_attend_heads``) for all of them. ``valid`` ``(B, H, stored + W)`` or None. The heads
-        come from one layer's store factory, so they share bits, group and metadata type. None where the kernel
-        does not apply (as in :meth:`attend_one`)."""
-        first = heads[0].store
-        if window.keys.dtype != torch.float32 or first.tensors["value_codes"].shape[3] * 8 // first.bits != query.shape[-1]:
+        segment per (row, head), row-major, each its own number of the ``stored`` slots; one kernel call for
+        all of them, each head through its own page table. ``valid`` ``(B, H, stored + W)`` or None. The heads
+        come from one layer's store factory, so they share bits, group and metadata type. None where the
+        kernel does not apply (as in :meth:`attend_one`)."""
+        stores = [s.store for s in heads]
+        first = stores[0]
+        if window.keys.dtype != torch.float32 or first.layout.vdim != query.shape[-1]:
             return None
         keys, values = kernel_pair(window.keys, window.values)
-        held = {name: [s.store.tensors[name] for s in heads] for name in KIVI_TENSORS}
-        sinks = [_sinks(s.store, query) for s in heads]
-        return kivi_attend_heads(
-            query.float().contiguous(), *held.values(), stored, keys, values, [k for k, _ in sinks], [e for _, e in sinks],
-            mask_bytes(valid), scaling, observed, first.bits, first.block,
+        tables = [store.page_table()[0] for store in stores]  # (1, J) each: one row, one head
+        pointers = torch.zeros(len(tables), max(t.shape[1] for t in tables), dtype=torch.int64)
+        for i, table in enumerate(tables):
+            pointers[i, : table.shape[1]] = table[0]
+        npages = torch.tensor([t.shape[1] for t in tables], dtype=torch.int64)
+        sink_keys, sink_error, sinks, held = _sinks(stores, query)  # held: what the addresses point into
+        out = kivi_attend_pages(
+            query.float().contiguous(), pointers, npages, first.layout.offsets, stored, keys, values, sink_keys,
+            sink_error, sinks, mask_bytes(valid), scaling, observed, META_KIND[first.meta_dtype], first.bits,
+            first.block,
         )
+        del held
+        return out
 
 
-_NO_SINKS = torch.empty(0)  # what the kernels read for a store without sinks (never written)
-
-
-def _sinks(store: KIVIStore, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A store's sink keys and value errors as the kernels read them: float32, or empty (no sinks)."""
-    if not store.sinks:
-        empty = _NO_SINKS if query.device.type == "cpu" else query.new_empty(0, dtype=torch.float32)
-        return empty, empty
-    return store.sinks["keys"].float().contiguous(), store.sinks["error"].float().contiguous()
-
-
-KIVI_TENSORS = ("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min")  # a store's, in kernel order
-
-
+def _sinks(stores: list[KIVIStore], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
+    """The sinks of ``stores`` as the kernel reads them: ``(B * H,)`` int64 addresses of each (row, head)'s
+    float32 exact keys and value errors (0: none; empty: no store has any), their slots, and the tensors
+    the addresses point into (held by the caller until the kernel returns). ``stores``: one store of
+    ``B`` rows and ``H`` heads, or one store per (row, head), row-major."""
+    empty = torch.empty(0, dtype=torch.int64)
+    held = [(store.sinks["keys"].float().contiguous(), store.sinks["error"].float().contiguous()) if store.sinks else None
+            for store in stores]
+    present = [h for h in held if h is not None]
+    if not present:
+        return empty, empty, 0, []
+    m = present[0][0].shape[2]
+    if any(k.shape[2] != m for k, _ in present):
+        raise ValueError(f"kvcompress: heads hold sinks of {sorted({k.shape[2] for k, _ in present})} slots; the kernel reads one count")
+    addresses = []
+    for part in (0, 1):
+        rows = []
+        for h, store in zip(held, stores):
+            count = store.layout.heads * len(store.tables)
+            if h is None:
+                rows.append(torch.zeros(count, dtype=torch.int64))
+            else:
+                t = h[part]
+                rows.append(t.data_ptr() + torch.arange(count, dtype=torch.int64) * m * t.shape[3] * t.element_size())
+        addresses.append(torch.cat(rows))
+    return addresses[0], addresses[1], m, [t for h in present for t in h]
