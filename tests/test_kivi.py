@@ -258,7 +258,7 @@ def test_kernel_reads_a_store_that_grew_and_was_compacted():
 
 
 # group 8: the 8-lane tiles, which a CPU with AVX-512 takes only for groups that are not multiples of 16
-@pytest.mark.parametrize("bits, group", [(2, 32), (4, 32), (4, 16), (8, 32), (4, 8)])
+@pytest.mark.parametrize("bits, group", [(2, 32), (4, 32), (4, 16), (8, 32), (4, 8), (4, 4)])  # group 4: the plain loops, no tile
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("observe", [0, 1])
 @pytest.mark.parametrize("window", [0, 7])

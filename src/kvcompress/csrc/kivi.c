@@ -102,22 +102,22 @@ static inline __attribute__((always_inline)) void key_tile(float *acc, const flo
         for (int v = 0; v < vecs; ++v) _mm256_storeu_ps(acc + r * stride + 8 * v, a[r][v]);
 }
 
-/* out[r][i P + p0 + 0..7] = sum_n ws[e_i][r][n] code(token n, channel i P + p0 + 0..7) for `rows` rows and
- * every slot i: the 8 bytes p0 .. p0 + 7 of each token are loaded and widened once, their slots unpacked
- * with constant shifts. ws (E, G, N): the weights times each token's scale of value group e (channels
- * e * group ..), from query row j0 on; e_i = (i P + p0) / group (group % 8 == 0: one group per 8 channels).
- * Codes (N, P) token-major. */
+/* out[r][i P + p0 + 0..7] += sum_n ws[e_i][r][n] code(token n, channel i P + p0 + 0..7) for `rows` rows,
+ * N tokens and every slot i: the 8 bytes p0 .. p0 + 7 of each token are loaded and widened once, their slots
+ * unpacked with constant shifts. ws (E, G, ld): the weights times each token's scale of value group e
+ * (channels e * group ..), from query row j0 on; e_i = (i P + p0) / group (group % 8 == 0: one group per 8
+ * channels). Codes (N, P) token-major. */
 static inline __attribute__((always_inline)) void value_tile(float *out, const float *ws, const uint8_t *codes,
-                                                             int64_t p0, int64_t D, int64_t N, int64_t P, int64_t G,
-                                                             int64_t group, const int bits, const int rows) {
+                                                             int64_t p0, int64_t D, int64_t N, int64_t ld, int64_t P,
+                                                             int64_t G, int64_t group, const int bits, const int rows) {
     const int per = 8 / bits;
     const __m256i lowbits = _mm256_set1_epi32((1 << bits) - 1);
     const float *wr[4][3];
     __m256 a[3][4];
     for (int i = 0; i < per; ++i)
         for (int r = 0; r < rows; ++r) {
-            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * N;
-            a[r][i] = _mm256_setzero_ps();
+            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * ld;
+            a[r][i] = _mm256_loadu_ps(out + r * D + i * P + p0);
         }
     for (int64_t n = 0; n < N; ++n) {
         const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + n * P + p0)));
@@ -142,12 +142,12 @@ static void key_tile_any(float *a, const float *w, const uint8_t *c, int64_t gro
 }
 #undef KEY_TILE
 
-static void value_tile_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t P,
-                           int64_t G, int64_t group, int bits, int rows) {
+static void value_tile_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t ld,
+                           int64_t P, int64_t G, int64_t group, int bits, int rows) {
 #define VALUE_ROWS(B)                                                                                                  \
-    if (rows == 3) value_tile(o, ws, cb, p0, D, N, P, G, group, B, 3);                                                 \
-    else if (rows == 2) value_tile(o, ws, cb, p0, D, N, P, G, group, B, 2);                                            \
-    else value_tile(o, ws, cb, p0, D, N, P, G, group, B, 1);
+    if (rows == 3) value_tile(o, ws, cb, p0, D, N, ld, P, G, group, B, 3);                                             \
+    else if (rows == 2) value_tile(o, ws, cb, p0, D, N, ld, P, G, group, B, 2);                                        \
+    else value_tile(o, ws, cb, p0, D, N, ld, P, G, group, B, 1);
     if (bits == 2) { VALUE_ROWS(2) } else if (bits == 4) { VALUE_ROWS(4) } else { VALUE_ROWS(8) }
 #undef VALUE_ROWS
 }
@@ -183,16 +183,16 @@ static inline __attribute__((always_inline)) void key_tile16(float *acc, const f
 }
 
 static inline __attribute__((always_inline)) void value_tile16(float *out, const float *ws, const uint8_t *codes,
-                                                               int64_t p0, int64_t D, int64_t N, int64_t P, int64_t G,
-                                                               int64_t group, const int bits, const int rows) {
+                                                               int64_t p0, int64_t D, int64_t N, int64_t ld, int64_t P,
+                                                               int64_t G, int64_t group, const int bits, const int rows) {
     const int per = 8 / bits;
     const __m512i lowbits = _mm512_set1_epi32((1 << bits) - 1);
     const float *wr[4][3];
     __m512 a[3][4];
     for (int i = 0; i < per; ++i)
         for (int r = 0; r < rows; ++r) {
-            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * N;
-            a[r][i] = _mm512_setzero_ps();
+            wr[i][r] = ws + (((i * P + p0) / group) * G + r) * ld;
+            a[r][i] = _mm512_loadu_ps(out + r * D + i * P + p0);
         }
     for (int64_t n = 0; n < N; ++n) {
         const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + n * P + p0)));
@@ -216,12 +216,12 @@ static void key_tile16_any(float *a, const float *w, const uint8_t *c, int64_t g
 }
 #undef KEY_TILE16
 
-static void value_tile16_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t P,
-                             int64_t G, int64_t group, int bits, int rows) {
+static void value_tile16_any(float *o, const float *ws, const uint8_t *cb, int64_t p0, int64_t D, int64_t N, int64_t ld,
+                             int64_t P, int64_t G, int64_t group, int bits, int rows) {
 #define VALUE_ROWS16(B)                                                                                                \
-    if (rows == 3) value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 3);                                               \
-    else if (rows == 2) value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 2);                                          \
-    else value_tile16(o, ws, cb, p0, D, N, P, G, group, B, 1);
+    if (rows == 3) value_tile16(o, ws, cb, p0, D, N, ld, P, G, group, B, 3);                                           \
+    else if (rows == 2) value_tile16(o, ws, cb, p0, D, N, ld, P, G, group, B, 2);                                      \
+    else value_tile16(o, ws, cb, p0, D, N, ld, P, G, group, B, 1);
     if (bits == 2) { VALUE_ROWS16(2) } else if (bits == 4) { VALUE_ROWS16(4) } else { VALUE_ROWS16(8) }
 #undef VALUE_ROWS16
 }
@@ -339,13 +339,13 @@ static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *
         if (group % 16 == 0 && P % 16 == 0) {
             for (int64_t p0 = 0; p0 < P; p0 += 16)
                 for (int64_t j0 = 0; j0 < G; j0 += 3)
-                    value_tile16_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, P, G, group, bits,
+                    value_tile16_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, N, P, G, group, bits,
                                      (int)(G - j0 < 3 ? G - j0 : 3));
         } else
 #endif
         for (int64_t p0 = 0; p0 < P; p0 += 8)
             for (int64_t j0 = 0; j0 < G; j0 += 3)
-                value_tile_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, P, G, group, bits, (int)(G - j0 < 3 ? G - j0 : 3));
+                value_tile_any(ob + j0 * D, ws + j0 * N, cb, p0, D, N, N, P, G, group, bits, (int)(G - j0 < 3 ? G - j0 : 3));
     } else
 #endif
     for (int64_t n = 0; n < N; ++n) {
@@ -394,8 +394,69 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
 
 /* Where the parts of one (row, head)'s block of a KIVI page sit, in bytes from the block's start
  * (kvcompress.methods.kivi.PageLayout): key codes (P, group) channel-major, value codes (group, P), key
- * scales and zero points (D), value scales and zero points (group, D / group). */
+ * scales and zero points (D), value scales and zero points (D / group, group): value group-major, so a
+ * page's run of one group's scales is contiguous. */
 enum { KEY_CODES, VALUE_CODES, KEY_SCALE, KEY_MIN, VALUE_SCALE, VALUE_MIN };
+
+/* Scratch of value_mix_pages over up to n slots: scales and zero points (E * n each), weights times scales
+ * (E * G * n), zero-point sums (G * E), unpacked codes (D). */
+static size_t value_pages_scratch(int64_t G, int64_t D, int64_t n, int64_t group) {
+    const int64_t E = D / group;
+    return (size_t)(2 * E * n + E * G * n + G * E + D);
+}
+
+/* One (row, head)'s values over its pages: out (G, D) = sum over its n = pages * group slots of w[j][s] v[s],
+ * w (G, n) with row stride ldw, page j's parts at held[j] + at[...]. The scales of all pages are read into
+ * scratch first, so the weights are scaled in one pass over n slots and the tiles of each page only unpack
+ * and accumulate (value_mix_one's scheme, its per-call setup paid once per head, not once per page). */
+static void value_mix_pages(const float *restrict w, int64_t ldw, const uint8_t *const *held, const int64_t *at,
+                            int64_t pages, int meta, float *restrict out, int64_t G, int64_t D, int bits, int64_t group,
+                            float *scratch) {
+    const int per = 8 / bits;
+    const int64_t P = D / per, E = D / group, n = pages * group;
+    const unsigned mask = (1u << bits) - 1u;
+    float *st = scratch, *zt = st + E * n, *ws = zt + E * n, *zacc = ws + E * G * n, *unpacked = zacc + G * E;
+    for (int64_t j = 0; j < pages; ++j)
+        for (int64_t e = 0; e < E; ++e) {
+            meta_run(st + e * n + j * group, held[j] + at[VALUE_SCALE], meta, e * group, group);
+            meta_run(zt + e * n + j * group, held[j] + at[VALUE_MIN], meta, e * group, group);
+        }
+    for (int64_t e = 0; e < E; ++e)
+        for (int64_t r = 0; r < G; ++r) {
+            const float *restrict wr = w + r * ldw, *restrict se = st + e * n;
+            float *restrict wse = ws + (e * G + r) * n;
+            for (int64_t s = 0; s < n; ++s) wse[s] = wr[s] * se[s];
+            zacc[r * E + e] = dot(wr, zt + e * n, n);
+        }
+    memset(out, 0, sizeof(float) * G * D);
+#ifdef __AVX512F__
+    if (group % 16 == 0 && P % 16 == 0) {
+        for (int64_t j = 0; j < pages; ++j)
+            for (int64_t p0 = 0; p0 < P; p0 += 16)
+                for (int64_t r0 = 0; r0 < G; r0 += 3)
+                    value_tile16_any(out + r0 * D, ws + r0 * n + j * group, held[j] + at[VALUE_CODES], p0, D, group, n, P,
+                                     G, group, bits, (int)(G - r0 < 3 ? G - r0 : 3));
+    } else
+#endif
+#ifdef __AVX2__
+    if (group % 8 == 0 && P % 8 == 0) {
+        for (int64_t j = 0; j < pages; ++j)
+            for (int64_t p0 = 0; p0 < P; p0 += 8)
+                for (int64_t r0 = 0; r0 < G; r0 += 3)
+                    value_tile_any(out + r0 * D, ws + r0 * n + j * group, held[j] + at[VALUE_CODES], p0, D, group, n, P, G,
+                                   group, bits, (int)(G - r0 < 3 ? G - r0 : 3));
+    } else
+#endif
+    for (int64_t s = 0; s < n; ++s) {
+        const uint8_t *row = held[s / group] + at[VALUE_CODES] + (s % group) * P;
+        for (int i = 0; i < per; ++i)
+            for (int64_t p = 0; p < P; ++p) unpacked[i * P + p] = (float)((row[p] >> (bits * i)) & mask);
+        for (int64_t r = 0; r < G; ++r)
+            for (int64_t d = 0; d < D; ++d) out[r * D + d] += ws[((d / group) * G + r) * n + s] * unpacked[d];
+    }
+    for (int64_t r = 0; r < G; ++r)
+        for (int64_t d = 0; d < D; ++d) out[r * D + d] += zacc[r * E + d / group];
+}
 
 /* One decode step of attention over [KIVI pages | full-precision window], for every (row, head) bh:
  * q (BH, G, D) float32, the G query rows that read one KV head. Head bh holds npages[bh] pages of `group`
@@ -414,12 +475,12 @@ int kivi_attend_pages(const float *restrict q, const uint8_t *const *pages, int6
                       const uint8_t *allow, float scaling, float *restrict out, float *observed, int64_t ostride,
                       int64_t BH, int64_t G, int64_t D, int bits, int64_t group) {
     const int64_t S = L + W;
-    const size_t ks = key_scratch(G, D, group), vs = value_scratch(G, D, group, group);
+    const size_t ks = key_scratch(G, D, group), vs = value_pages_scratch(G, D, L, group);
     const size_t scratch = (ks > vs ? ks : vs);
-    float *logits = malloc(sizeof(float) * (G * S + scratch + G * D) + S); /* then the page's mix, then S mask bytes */
+    float *logits = malloc(sizeof(float) * (G * S + scratch) + S); /* then S mask bytes */
     if (!logits) return 1;
-    float *work = logits + G * S, *mixed = work + scratch;
-    uint8_t *mask = (uint8_t *)(mixed + G * D);
+    float *work = logits + G * S;
+    uint8_t *mask = (uint8_t *)(work + scratch);
     for (int64_t bh = 0; bh < BH; ++bh) {
         const float *qb = q + bh * G * D;
         float *ob = out + bh * G * D;
@@ -435,12 +496,8 @@ int kivi_attend_pages(const float *restrict q, const uint8_t *const *pages, int6
         if (W) logits_of(qb, wk + bh * wstride, logits + n, T, G, D, W);
         for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
         if (observed) observe_head(logits, G, n, L, W, a, observed + bh * ostride);
-        memset(ob, 0, sizeof(float) * G * D);
-        for (int64_t j = 0; j < npages[bh]; ++j) {
-            value_mix_one(logits + j * group, T, held[j] + at[VALUE_CODES], held[j] + at[VALUE_SCALE],
-                          held[j] + at[VALUE_MIN], meta, 0, mixed, G, D, group, bits, group, work);
-            for (int64_t i = 0; i < G * D; ++i) ob[i] += mixed[i];
-        }
+        if (n) value_mix_pages(logits, T, held, at, npages[bh], meta, ob, G, D, bits, group, work);
+        else memset(ob, 0, sizeof(float) * G * D);
         if (exact) mix_into(logits, T, errors, ob, G, D, exact); /* and their values what the codes miss */
         if (W) mix_into(logits + n, T, wv + bh * wstride, ob, G, D, W);
     }

@@ -160,7 +160,7 @@ class PageLayout:
     scales and zero points of the meta type)::
 
         key_codes (P, group) channel-major | value_codes (group, Pv) | key_scale (D) | key_min (D)
-        | value_scale (group, E) | value_min (group, E)
+        | value_scale (E, group) | value_min (E, group)    (value group-major: a group's scales in one run)
 
     What the kernel reads (``csrc/kivi.c``, its offsets :attr:`offsets`) and what :meth:`write` and
     :meth:`read` convert to and from the store's tensors as :meth:`KIVIStore.encode` makes them."""
@@ -180,7 +180,7 @@ class PageLayout:
         """Each part's shape in one head's block."""
         g, codes, vcodes, groups = self.group, self.dim * self.bits // 8, self.vdim * self.bits // 8, self.vdim // self.group
         return {"key_codes": (codes, g), "value_codes": (g, vcodes), "key_scale": (self.dim,), "key_min": (self.dim,),
-                "value_scale": (g, groups), "value_min": (g, groups)}
+                "value_scale": (groups, g), "value_min": (groups, g)}
 
     @cached_property
     def spans(self) -> dict[str, tuple[int, int]]:
@@ -222,15 +222,17 @@ class PageLayout:
         parts["key_codes"].copy_(new["key_codes"].unflatten(2, (count, self.group)).permute(2, 0, 1, 3))  # (H, P, n)
         for name in ("key_scale", "key_min"):  # (H, n / group, D)
             parts[name].copy_(new[name].transpose(0, 1))
-        for name in ("value_codes", "value_scale", "value_min"):  # (H, n, *)
-            parts[name].copy_(new[name].unflatten(1, (count, self.group)).transpose(0, 1))
+        parts["value_codes"].copy_(new["value_codes"].unflatten(1, (count, self.group)).transpose(0, 1))  # (H, n, Pv)
+        for name in ("value_scale", "value_min"):  # (H, n, E)
+            parts[name].copy_(new[name].unflatten(1, (count, self.group)).permute(1, 0, 3, 2))
 
     def read(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
         """One row's tensors, as :meth:`write` takes them, from ``(count, H, head_bytes)`` pages (a copy)."""
         parts = self.views(pages)
         out = {"key_codes": parts["key_codes"].permute(1, 2, 0, 3).flatten(2, 3)}  # (H, P, n)
         out.update({name: parts[name].transpose(0, 1).contiguous() for name in ("key_scale", "key_min")})
-        out.update({name: parts[name].transpose(0, 1).flatten(1, 2) for name in ("value_codes", "value_scale", "value_min")})
+        out["value_codes"] = parts["value_codes"].transpose(0, 1).flatten(1, 2)  # (H, n, Pv)
+        out.update({name: parts[name].permute(1, 0, 3, 2).flatten(1, 2) for name in ("value_scale", "value_min")})
         return {name: out[name].contiguous() for name in self.PARTS}
 
 
