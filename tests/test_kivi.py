@@ -83,7 +83,7 @@ def test_compact_frees_only_whole_blocks():
 
 def _runs(store):
     """Each row's pages as (address, pages) per allocation: what moved and what stayed."""
-    return [[(run.data_ptr(), len(run)) for run in table] for table in store.tables]
+    return [[(run.data_ptr(), run.shape[1]) for run in table] for table in store.tables]
 
 
 def test_codes_are_written_in_pages_that_never_move():
