@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import kvcompress
-from kvcompress.persist import CACHE_FORMAT, CacheFileError, _checksum
+from kvcompress.persist import CACHE_FORMAT, CacheFileError, checksum as checksum_of
 from kvcompress.cli import main
 from kvcompress.models import model_identity
 from test_persist import _CharTokenizer
@@ -50,7 +50,7 @@ def _rewrite(path: Path, tensors=None, checksum: bool = True, **header) -> Path:
     held = {name: t.contiguous() for name, t in held.items() if t is not None}
     meta.update(header)
     if checksum:
-        meta["checksum"] = _checksum(held, meta)
+        meta["checksum"] = checksum_of(held, meta)
     out = path.with_name("edited.kvc")
     save_file(held, str(out), metadata=meta)
     return out
@@ -65,7 +65,7 @@ def _refused(path: Path, model, match: str) -> None:
 def test_a_saved_file_reloads_with_its_checksum(saved, tiny):
     path, cache = saved
     tensors, meta = _read(path)
-    assert meta["format"] == CACHE_FORMAT and meta["checksum"] == _checksum(tensors, meta)
+    assert meta["format"] == CACHE_FORMAT and meta["checksum"] == checksum_of(tensors, meta)
     loaded = kvcompress.load_cache(path, tiny)
     assert loaded.nbytes == cache.nbytes and loaded.get_seq_length() == cache.get_seq_length()
 

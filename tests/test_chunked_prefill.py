@@ -32,8 +32,8 @@ def test_uncompressed_chunked_prefill_equals_one_forward(tiny):
     chunked, chunked_logits, history = _prefill(tiny, "none", ids, 64)
     assert len(history) == 5  # 64, 64, 64, 64, 44 tokens
     torch.testing.assert_close(chunked_logits, logits, atol=1e-4, rtol=1e-4)
-    keys, _ = chunked.compressed_layers[1]._dense()
-    torch.testing.assert_close(keys, whole.compressed_layers[1]._dense()[0], atol=1e-4, rtol=1e-4)
+    keys, _ = chunked.compressed_layers[1].dense_keys_values()
+    torch.testing.assert_close(keys, whole.compressed_layers[1].dense_keys_values()[0], atol=1e-4, rtol=1e-4)
 
 
 def test_kivi_chunked_prefill_holds_the_compressed_context_plus_a_chunk(tiny):

@@ -102,7 +102,7 @@ def _compressed(model, ids, spec):
 
 
 def _kept_keys(cache, layer_idx):
-    keys, _ = cache.compressed_layers[layer_idx]._dense()
+    keys, _ = cache.compressed_layers[layer_idx].dense_keys_values()
     return keys
 
 

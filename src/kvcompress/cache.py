@@ -204,7 +204,7 @@ class CompressedLayer(CacheLayerMixin):
         age = valid.cumsum(-1) - 1  # (B, H, S) 0 = the row's oldest real token
         start, stop = chunk.start.to(age)[:, None, None], chunk.stop.to(age)[:, None, None]
         read = valid & ((age < chunk.sink) | ((age >= start) & (age < stop)))  # (B, H, S) the scoring softmax's held slots
-        held_keys, held_values = self._dense()
+        held_keys, held_values = self.dense_keys_values()
         scale = None
         if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
             every = torch.cat([held_values, values], 2).float()  # (B, H, S + q, D)
@@ -246,7 +246,7 @@ class CompressedLayer(CacheLayerMixin):
         need = self.selection.observe - min(self.selection.observe, new)
         if need <= 0:
             return
-        keys, _ = self._dense()
+        keys, _ = self.dense_keys_values()
         slots = keys.shape[2] - new
         valid = self.valid()
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device) if valid is None else valid
@@ -261,7 +261,7 @@ class CompressedLayer(CacheLayerMixin):
             valid = torch.ones(*self.window.batch_heads, len(self), dtype=torch.bool, device=self.device)
         return LayerView(
             valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
-            dense=self._dense, rotary=self.rotary, expected=expected, head_scores=self.head_scores, allotted=allotted,
+            dense=self.dense_keys_values, rotary=self.rotary, expected=expected, head_scores=self.head_scores, allotted=allotted,
         )
 
     def _evict(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, decoding: bool = False, allotted=None) -> bool:
@@ -399,7 +399,7 @@ class CompressedLayer(CacheLayerMixin):
     def _parts(self):
         return [part for part in (*self.shared, self.store, self.window) if part is not None and len(part)]
 
-    def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""
         kvs = [part.segment().dense() for part in self._parts()]
         if len(kvs) == 1:

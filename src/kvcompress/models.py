@@ -172,7 +172,7 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if name in _BUILTINS:
-        folder = _converted_folder(name)
+        folder = converted_folder(name)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = _load_checked_tokenizer(name, folder)
         model.kvcompress_name = name
@@ -372,7 +372,7 @@ def _hub_unreachable(err: BaseException) -> bool:
     return False
 
 
-def _converted_folder(name: str) -> Path:
+def converted_folder(name: str) -> Path:
     """Return the safetensors folder of a built-in model, converting it on first use."""
     spec = _BUILTINS[name]
     _check_transformers(name, spec)

@@ -68,7 +68,7 @@ def _write_replacing(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         raise
 
 
-def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """sha256 of every header field but ``checksum`` and of every tensor's name, dtype, shape and bytes, in
     name order: :func:`load` refuses a file whose contents do not give the checksum it holds.
 
@@ -88,7 +88,7 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
 def save_cache(cache, path: str | Path, tokenizer=None) -> Path:
     """Write the cache to a safetensors file (no pickle): every tensor it holds, the method spec,
     the model's identity, and, when known, the compressed context's token ids and the tokenizer's
-    fingerprint, with a checksum of all of it (see :func:`_checksum`). The file's size is about
+    fingerprint, with a checksum of all of it (see :func:`checksum`). The file's size is about
     :attr:`kvcompress.cache.CompressedCache.nbytes`; reload it with :func:`kvcompress.load_cache`.
 
     The file is written beside ``path`` and renamed over it, so a reader never sees half a file; a
@@ -130,7 +130,7 @@ def save_cache(cache, path: str | Path, tokenizer=None) -> Path:
     path = Path(path)
     if os.path.lexists(path) and not path.is_file():
         raise CacheFileError(f"{str(path)!r} exists and is not a regular file (a folder, a FIFO, a device); save to a new path")
-    metadata["checksum"] = _checksum(tensors, metadata)
+    metadata["checksum"] = checksum(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_replacing(path, tensors, metadata)
     return path
@@ -176,7 +176,7 @@ def load(path: str | Path, model, tokenizer, build):
     """Reload a cache written by :func:`save_cache` for ``model`` (and ``tokenizer``, when both recorded and
     given, checked too), into the empty cache ``build(spec, model)`` returns (:func:`kvcompress.make_cache`).
 
-    Nothing in the file is used before its checksum is verified (:func:`_checksum`); then what it holds is
+    Nothing in the file is used before its checksum is verified (:func:`checksum`); then what it holds is
     checked against its spec and the model (:func:`_check_restored`).
 
     Raises:
@@ -191,7 +191,7 @@ def load(path: str | Path, model, tokenizer, build):
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises several types for a damaged file
         raise CacheFileError(f"{str(path)!r} is damaged or truncated ({err}); compress the context again") from None
-    if meta.get("checksum") != _checksum(tensors, meta):
+    if meta.get("checksum") != checksum(tensors, meta):
         raise CacheFileError(f"{str(path)!r} is damaged: its contents do not match its checksum; compress the context again")
     try:
         identity, scalars, seen = json.loads(meta["identity"]), json.loads(meta["scalars"]), int(meta["seen"])

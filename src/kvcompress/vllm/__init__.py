@@ -21,7 +21,7 @@ __all__ = [
 def model_folder(name: str | None = None) -> str:
     """The local folder for vLLM to serve: a built-in model's (``None``: the default model), converted from its
     GGUF once into the user cache, as :func:`kvcompress.load_model` does; any other ``name`` as it is."""
-    from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL, _converted_folder
+    from kvcompress.models import BUILTIN_MODELS, DEFAULT_MODEL, converted_folder
 
     name = name or DEFAULT_MODEL
-    return str(_converted_folder(name)) if name in BUILTIN_MODELS else name
+    return str(converted_folder(name)) if name in BUILTIN_MODELS else name

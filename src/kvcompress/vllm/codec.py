@@ -23,7 +23,7 @@ The bytes of a page are a safetensors file (no pickle). Its header records the f
 its parent's key and its token ids (so a page copied or renamed under another key is refused: the key is
 the hash of the parent and the tokens, :func:`kvcompress.vllm.store.chain_key`), the codec, the geometry
 ``(layers, kv heads, head dim, block tokens)`` and a sha256 checksum of all of it
-(:func:`kvcompress.persist._checksum`, the saved-cache file's). :meth:`PageCodec.read` refuses any page
+(:func:`kvcompress.persist.checksum`, the saved-cache file's). :meth:`PageCodec.read` refuses any page
 whose checksum, key, codec, geometry, shapes or values are not what was asked for, with a
 :class:`PageError`; a caller turns that into a miss.
 """
@@ -39,7 +39,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from kvcompress.methods.kivi import dequantize, pack, quantize, unpack
-from kvcompress.persist import _checksum
+from kvcompress.persist import checksum
 from kvcompress.vllm.store import chain_key
 
 PAGE_FORMAT = "kvcompress-page/1"
@@ -165,7 +165,7 @@ class PageCodec:
             "codec": self.name,
             "geometry": json.dumps(geometry.as_dict(), sort_keys=True),
         }
-        metadata["checksum"] = _checksum(page, metadata)
+        metadata["checksum"] = checksum(page, metadata)
         return save_tensors(page, metadata=metadata)
 
     def read(self, data: bytes, key: str, geometry: Geometry) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -183,7 +183,7 @@ class PageCodec:
             page = load_tensors(data)
         except Exception as err:  # safetensors raises several types for damaged bytes
             raise PageError(f"damaged page ({err})") from None
-        if metadata.get("checksum") != _checksum(page, metadata):
+        if metadata.get("checksum") != checksum(page, metadata):
             raise PageError("damaged page: its contents do not match its checksum")
         try:
             tokens = json.loads(metadata["tokens"])

@@ -80,7 +80,7 @@ def import_context(path: str | Path, store: FolderStore, codec: PageCodec, block
     config = model.config.get_text_config()
     if len(layers) != config.num_hidden_layers:
         raise ImportRefused(f"{str(path)!r}: {len(layers)} of {config.num_hidden_layers} layers hold compressed tokens")
-    dense = [layer._dense() for layer in layers]  # (1, H, S, D) each, every token in full precision
+    dense = [layer.dense_keys_values() for layer in layers]  # (1, H, S, D) each, every token in full precision
     heads, dim = dense[0][0].shape[1], dense[0][0].shape[3]
     geometry = Geometry(len(layers), heads, dim, block)
     codec.check(geometry)
