@@ -27,12 +27,13 @@ ARGS = ["bench", "--quick", "--methods", ",".join(METHODS), "--contexts", str(C)
 def _kivi_bytes(bits: int, group: int = 32, residual: int = 128) -> int:
     """Tokens beyond the residual, a whole group at a time, as packed codes with float16 scales and
     minimums (keys: per channel and group of tokens; values: per token and group of channels), in pages of
-    one group, each with an 8-byte address per head in the page table; the rest in full precision."""
+    one group, each with two 8-byte addresses per head in the page table (its key and value blocks); the rest in
+    full precision."""
     quantized = (C - residual) // group * group  # 384
     codes = 2 * quantized * HEAD_DIM * bits // 8
     key_stats = 2 * (quantized // group) * HEAD_DIM * FLOAT16
     value_stats = 2 * quantized * (HEAD_DIM // group) * FLOAT16
-    table = 8 * (quantized // group)
+    table = 16 * (quantized // group)
     return LAYERS * KV_HEADS * (codes + key_stats + value_stats + table) + (C - quantized) * TOKEN_BYTES
 
 

@@ -53,7 +53,7 @@ def test_nbytes_is_exact(bits):
     codes = 2 * batch * heads * tokens * dim * bits // 8
     key_meta = 2 * batch * heads * (tokens // group) * dim * 2  # fp16 scale + min per channel per group
     value_meta = 2 * batch * heads * tokens * (dim // group) * 2  # fp16 scale + min per token per group
-    table = 8 * batch * heads * (tokens // group)  # the page table: an 8-byte address per page (a group) and head
+    table = 16 * batch * heads * (tokens // group)  # the page table: a key and a value block's address per page (a group) and head
     assert store.nbytes == codes + key_meta + value_meta + table
 
 
@@ -83,7 +83,7 @@ def test_compact_frees_only_whole_blocks():
 
 def _runs(store):
     """Each row's pages as (address, pages) per allocation: what moved and what stayed."""
-    return [[(run.data_ptr(), run.shape[1]) for run in table] for table in store.tables]
+    return [[(run.data_ptr(), store.layout.count(run)) for run in table] for table in store.tables]
 
 
 def test_codes_are_written_in_pages_that_never_move():
@@ -103,7 +103,7 @@ def test_codes_are_written_in_pages_that_never_move():
     for name, tensor in whole.tensors.items():
         assert torch.equal(store.tensors[name], tensor), name
     layout = store.layout
-    assert store.nbytes == 2 * 3 * layout.page_bytes + 8 * 2 * 3 * 3 and layout.page_bytes == 3 * layout.head_bytes  # + its table
+    assert store.nbytes == 2 * 3 * layout.page_bytes + 16 * 2 * 3 * 3 and layout.page_bytes == 3 * layout.head_bytes  # + its table
 
 
 def test_a_saved_layout_round_trips_through_pages():
@@ -125,16 +125,16 @@ def test_an_evicted_page_is_freed_and_a_split_run_moves_once():
     store = KIVI(bits=4, group=32).new_store(0, 64, torch.float32)
     store.append(torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64), None, None)
     page = store.layout.page_bytes
-    assert store.nbytes == 4 * page + 8 * 2 * 4  # and the page table: 8 bytes per page and head
+    assert store.nbytes == 4 * page + 16 * 2 * 4  # and the page table: 16 bytes per page and head
     keep = torch.ones(1, 2, 128, dtype=torch.bool)
     keep[..., 32:64] = False
     store.compact(keep)
-    assert store.nbytes == 3 * page + 8 * 2 * 3 and store.moved == 3 * page and len(store.tables[0]) == 3
+    assert store.nbytes == 3 * page + 16 * 2 * 3 and store.moved == 3 * page and len(store.tables[0]) == 3
     held = _runs(store)
     keep = torch.ones(1, 2, 96, dtype=torch.bool)
     keep[..., :32] = False
     store.compact(keep)
-    assert store.nbytes == 2 * page + 8 * 2 * 2 and store.moved == 3 * page and _runs(store)[0] == held[0][1:]
+    assert store.nbytes == 2 * page + 16 * 2 * 2 and store.moved == 3 * page and _runs(store)[0] == held[0][1:]
 
 
 def test_repeated_rows_share_pages_until_unshared():
@@ -145,9 +145,9 @@ def test_repeated_rows_share_pages_until_unshared():
     store.append(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), None, None)
     before = store.tensors
     store.map_batch(lambda t: t.repeat_interleave(3, dim=0))
-    assert store.nbytes == 2 * store.layout.page_bytes + 8 * 3 * 3 * 2  # and the table of 3 rows, 3 heads, 2 pages
+    assert store.nbytes == 2 * store.layout.page_bytes + 16 * 3 * 3 * 2  # and the table of 3 rows, 3 heads, 2 pages
     store.unshare()
-    assert store.nbytes == 3 * 2 * store.layout.page_bytes + 8 * 3 * 3 * 2 and store.moved == 2 * 2 * store.layout.page_bytes
+    assert store.nbytes == 3 * 2 * store.layout.page_bytes + 16 * 3 * 3 * 2 and store.moved == 2 * 2 * store.layout.page_bytes
     assert all(torch.equal(store.tensors[name], t.expand(3, *t.shape[1:])) for name, t in before.items())
 
 

@@ -248,7 +248,7 @@ def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
     # Latents (G=1, E=64, r=16) as 4-bit KIVI: codes, key scale/min per channel per 16 tokens,
     # value scale/min per token per 16 channels; plus int32 positions, 4 fp32 sinks with int64 slots
     # and the int64 basis group of each head.
-    kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2 + 3 * 8  # and KIVI's page table: 8 bytes per page (a group)
+    kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2 + 3 * 16  # and KIVI's page table: 16 bytes per page (a group)
     assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8 + H * 8
     assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + cache.storage.rotary.nbytes
 

@@ -84,7 +84,7 @@ def kivi_bytes(bits, group, residual, prompt=120, sink=0):
             + 2 * (settled // group) * HEAD_DIM * 2  # key scale and min: fp16 per channel per group
             + 2 * settled * (HEAD_DIM // group) * 2  # value scale and min: fp16 per token per group
             + (2 * sink * HEAD_DIM * FP32 if settled else 0)  # the sinks' exact keys and value errors
-            + 8 * (settled // group)  # the page table: a page holds one key group, one 8-byte address per head
+            + 16 * (settled // group)  # the page table: a page holds one key group; its key and value blocks' addresses per head
         )
         return full_precision + LAYERS * KV_HEADS * per_layer_head
 
@@ -127,7 +127,7 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
             latents = _round_up(stored, CHUNK) * 2 * rank * FP32
         else:
             latents = 2 * stored * rank * bits // 8 + 2 * (stored // group) * rank * 2 + 2 * stored * (rank // group) * 2
-            latents += 8 * (stored // group)  # KIVI's page table: one 8-byte address per page (a group) of the one latent head
+            latents += 16 * (stored // group)  # KIVI's page table: two 8-byte addresses per page (a group) of the one latent head
         sinks = (2 * KV_HEADS * sink * HEAD_DIM * FP32 + KV_HEADS * sink * 8) if stored else 0  # + int64 slots
         per_layer = latents + KV_HEADS * stored * 4 + sinks + KV_HEADS * 8
         return FP_TOKEN * capacity + LAYERS * (KV_HEADS * window * 4 + per_layer)

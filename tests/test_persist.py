@@ -117,7 +117,7 @@ def _tensors(layer):
     else:
         window = [layer.window.k, layer.window.v]
     if hasattr(layer.store, "tables"):  # KIVI's pages, and their table
-        store = [run for table in layer.store.tables for run in table] + [layer.store.pointers]
+        store = [run for table in layer.store.tables for run in table] + list(layer.store.pointers)
     else:
         store = list(layer.store.tensors.values()) if hasattr(layer.store, "tensors") else []
     return window + store

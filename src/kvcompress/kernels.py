@@ -260,14 +260,16 @@ def _(weights, codes, scale, minimum, bits, group):
 
 
 @native.custom_op("kvcompress::kivi_attend_pages", mutates=("observed",))
-def kivi_attend_pages(query: torch.Tensor, pages: torch.Tensor, npages: torch.Tensor, layout: torch.Tensor, stored: int,
+def kivi_attend_pages(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, npages: torch.Tensor,
+                      layout: torch.Tensor, stored: int,
                       window_keys: torch.Tensor, window_values: torch.Tensor, sink_keys: torch.Tensor,
                       sink_error: torch.Tensor, sinks: int, allow: torch.Tensor, scaling: float, observed: torch.Tensor,
                       meta: int, bits: int, group: int) -> torch.Tensor:
     """One decode step of attention over ``[KIVI pages | window]`` (``csrc/kivi.c``): ``(B, H, G, D)`` float32
     queries; each (row, head) reads its first ``npages`` ``(B * H,)`` int64 of ``J`` pages of ``group`` slots,
-    each the block at the ``(B * H, J)`` int64 address in ``pages`` laid out as ``layout`` (six int64 byte
-    offsets, :class:`kvcompress.methods.kivi.PageLayout`), out of ``stored`` slots (a head holding fewer is
+    each a key block and a value block at the ``(B * H, J)`` int64 addresses in ``key_pages`` and
+    ``value_pages``, their parts at the byte offsets ``layout`` (six int64,
+    :class:`kvcompress.methods.kivi.PageLayout`), out of ``stored`` slots (a head holding fewer is
     ragged: its other slots are padding, weight 0). Scales and zero points of the kind ``meta`` (0 float32,
     1 float16, 2 bfloat16). Float32 window keys and values ``(B, H, W, D)`` (each (row, head) a contiguous
     block, blocks one stride apart); ``sink_keys`` and ``sink_error`` ``(B * H,)`` int64 addresses of each
@@ -282,7 +284,8 @@ def kivi_attend_pages(query: torch.Tensor, pages: torch.Tensor, npages: torch.Te
     ostride = observed_rows(observed) if observed.numel() else 0
     pointer = native.data_pointer
     status = native.load("kivi").kivi_attend_pages(
-        pointer(query), pointer(pages), ctypes.c_int64(pages.shape[1]), pointer(npages), pointer(layout),
+        pointer(query), pointer(key_pages), pointer(value_pages), ctypes.c_int64(key_pages.shape[1]), pointer(npages),
+        pointer(layout),
         ctypes.c_int64(stored), ctypes.c_int(meta), pointer(window_keys), pointer(window_values),
         ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), pointer(sink_keys),
         pointer(sink_error), ctypes.c_int64(sinks), pointer(allow), ctypes.c_float(scaling), pointer(out),
@@ -295,8 +298,8 @@ def kivi_attend_pages(query: torch.Tensor, pages: torch.Tensor, npages: torch.Te
 
 
 @kivi_attend_pages.register_fake
-def _(query, pages, npages, layout, stored, window_keys, window_values, sink_keys, sink_error, sinks, allow, scaling,
-      observed, meta, bits, group):
+def _(query, key_pages, value_pages, npages, layout, stored, window_keys, window_values, sink_keys, sink_error, sinks,
+      allow, scaling, observed, meta, bits, group):
     return query.new_empty(query.shape)
 
 

@@ -392,10 +392,10 @@ int kivi_value_mix(const float *restrict w, const uint8_t *restrict codes, const
     return 0;
 }
 
-/* Where the parts of one (row, head)'s block of a KIVI page sit, in bytes from the block's start
- * (kvcompress.methods.kivi.PageLayout): key codes (P, group) channel-major, value codes (group, P), key
- * scales and zero points (D), value scales and zero points (D / group, group): value group-major, so a
- * page's run of one group's scales is contiguous. */
+/* Where the parts of one (row, head)'s share of a KIVI page sit (kvcompress.methods.kivi.PageLayout), in
+ * bytes from the start of its key block (key codes (P, group) channel-major, key scales and zero points
+ * (D)) or of its value block (value codes (group, P), value scales and zero points (D / group, group):
+ * value group-major, so a page's run of one group's scales is contiguous). */
 enum { KEY_CODES, VALUE_CODES, KEY_SCALE, KEY_MIN, VALUE_SCALE, VALUE_MIN };
 
 /* Scratch of value_mix_pages over up to n slots: scales and zero points (E * n each), weights times scales
@@ -406,7 +406,7 @@ static size_t value_pages_scratch(int64_t G, int64_t D, int64_t n, int64_t group
 }
 
 /* One (row, head)'s values over its pages: out (G, D) = sum over its n = pages * group slots of w[j][s] v[s],
- * w (G, n) with row stride ldw, page j's parts at held[j] + at[...]. The scales of all pages are read into
+ * w (G, n) with row stride ldw, page j's value block at held[j], its parts at held[j] + at[...]. The scales of all pages are read into
  * scratch first, so the weights are scaled in one pass over n slots and the tiles of each page only unpack
  * and accumulate (value_mix_one's scheme, its per-call setup paid once per head, not once per page). */
 static void value_mix_pages(const float *restrict w, int64_t ldw, const uint8_t *const *held, const int64_t *at,
@@ -460,7 +460,8 @@ static void value_mix_pages(const float *restrict w, int64_t ldw, const uint8_t 
 
 /* One decode step of attention over [KIVI pages | full-precision window], for every (row, head) bh:
  * q (BH, G, D) float32, the G query rows that read one KV head. Head bh holds npages[bh] pages of `group`
- * slots, page j's block at pages[bh * J + j], its parts at the byte offsets `at` (the enum above): its
+ * slots, page j's key block at kpages[bh * J + j] and value block at vpages[bh * J + j], their parts at the
+ * byte offsets `at` (the enum above): its
  * n = npages[bh] * group slots are its own of the layer's L stored slots (a shorter head's others are
  * padding, left out: ragged heads, as AdaKV keeps them). Window keys and values (W, D) float32 per
  * (row, head), `wstride` elements apart; allow (BH, L + W) uint8, or NULL when every slot is real;
@@ -469,7 +470,8 @@ static void value_mix_pages(const float *restrict w, int64_t ldw, const uint8_t 
  * (m, D). Writes out (BH, G, D) and, unless NULL, adds to observed[bh * ostride + s] the attention slot
  * s received (the mean over the G rows). Logits, softmax and both mixes in one call, each page read where
  * it is held, so the (G, n + W) weights of a head never leave this function's scratch. */
-int kivi_attend_pages(const float *restrict q, const uint8_t *const *pages, int64_t J, const int64_t *npages,
+int kivi_attend_pages(const float *restrict q, const uint8_t *const *kpages, const uint8_t *const *vpages, int64_t J,
+                      const int64_t *npages,
                       const int64_t *at, int64_t L, int meta, const float *restrict wk, const float *restrict wv,
                       int64_t wstride, int64_t W, const float *const *sk, const float *const *se, int64_t m,
                       const uint8_t *allow, float scaling, float *restrict out, float *observed, int64_t ostride,
@@ -484,19 +486,19 @@ int kivi_attend_pages(const float *restrict q, const uint8_t *const *pages, int6
     for (int64_t bh = 0; bh < BH; ++bh) {
         const float *qb = q + bh * G * D;
         float *ob = out + bh * G * D;
-        const uint8_t *const *held = pages + bh * J;
+        const uint8_t *const *keys = kpages + bh * J, *const *values = vpages + bh * J;
         const int64_t n = npages[bh] * group, T = n + W;
         const uint8_t *a = head_mask(allow ? allow + bh * S : NULL, n, L, W, mask);
         const float *sinks = sk ? sk[bh] : NULL, *errors = se ? se[bh] : NULL;
         const int64_t exact = sinks ? (m > n ? n : m) : 0;
         for (int64_t j = 0; j < npages[bh]; ++j)
-            key_logits_one(qb, held[j] + at[KEY_CODES], held[j] + at[KEY_SCALE], held[j] + at[KEY_MIN], meta, 0,
+            key_logits_one(qb, keys[j] + at[KEY_CODES], keys[j] + at[KEY_SCALE], keys[j] + at[KEY_MIN], meta, 0,
                            logits + j * group, T, G, D, group, bits, group, work);
         if (exact) logits_of(qb, sinks, logits, T, G, D, exact); /* the sinks' exact logits replace their codes' */
         if (W) logits_of(qb, wk + bh * wstride, logits + n, T, G, D, W);
         for (int64_t j = 0; j < G; ++j) softmax_row(logits + j * T, T, scaling, a);
         if (observed) observe_head(logits, G, n, L, W, a, observed + bh * ostride);
-        if (n) value_mix_pages(logits, T, held, at, npages[bh], meta, ob, G, D, bits, group, work);
+        if (n) value_mix_pages(logits, T, values, at, npages[bh], meta, ob, G, D, bits, group, work);
         else memset(ob, 0, sizeof(float) * G * D);
         if (exact) mix_into(logits, T, errors, ob, G, D, exact); /* and their values what the codes miss */
         if (W) mix_into(logits + n, T, wv + bh * wstride, ob, G, D, W);

@@ -154,16 +154,20 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 @dataclass(frozen=True)
 class PageLayout:
-    """Where the parts of a KIVI page sit: a page holds one key group (``group`` tokens) of one row, all
-    its KV heads, as ``(H, head_bytes)`` uint8, each head's block the parts below, in this order, each
-    starting at a multiple of 16 bytes (``P = D * bits / 8``, ``Pv = Dv * bits / 8``, ``E = Dv / group``;
-    scales and zero points of the meta type)::
+    """Where the parts of a KIVI page sit. A page holds one key group (``group`` tokens) of one row, all its
+    KV heads; each head's share is a key block and a value block, each part starting at a multiple of 16
+    bytes (``P = D * bits / 8``, ``Pv = Dv * bits / 8``, ``E = Dv / group``; scales and zero points of the
+    meta type)::
 
-        key_codes (P, group) channel-major | value_codes (group, Pv) | key_scale (D) | key_min (D)
-        | value_scale (E, group) | value_min (E, group)    (value group-major: a group's scales in one run)
+        key block:   key_codes (P, group) channel-major | key_scale (D) | key_min (D)
+        value block: value_codes (group, Pv) | value_scale (E, group) | value_min (E, group)
 
-    What the kernel reads (``csrc/kivi.c``, its offsets :attr:`offsets`) and what :meth:`write` and
-    :meth:`read` convert to and from the store's tensors as :meth:`KIVIStore.encode` makes them."""
+    (value scales group-major: a group's in one run). Pages written together are a run, ``(H, count *
+    head_bytes)`` uint8: for each head, the key blocks of its pages one after the other, then their value
+    blocks, so each pass of attention (logits over keys, then the mix of values) reads one run of memory
+    per head. What the kernel reads (``csrc/kivi.c``, the offsets :attr:`offsets` within each block) and what
+    :meth:`write` and :meth:`read` convert to and from the store's tensors as :meth:`KIVIStore.encode`
+    makes them."""
 
     heads: int
     dim: int
@@ -172,6 +176,8 @@ class PageLayout:
     group: int
     meta_dtype: torch.dtype
 
+    KEY_PARTS = ("key_codes", "key_scale", "key_min")
+    VALUE_PARTS = ("value_codes", "value_scale", "value_min")
     PARTS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")  # the kernel's order
     ALIGN = 16
 
@@ -184,18 +190,31 @@ class PageLayout:
 
     @cached_property
     def spans(self) -> dict[str, tuple[int, int]]:
-        """Each part's first byte and byte count in one head's block."""
-        spans, at = {}, 0
-        for name in self.PARTS:
-            size = math.prod(self.shapes[name]) * (1 if name.endswith("codes") else self.meta_dtype.itemsize)
-            spans[name] = (at, size)
-            at = -(-(at + size) // self.ALIGN) * self.ALIGN
+        """Each part's first byte and byte count in its block."""
+        spans = {}
+        for half in (self.KEY_PARTS, self.VALUE_PARTS):
+            at = 0
+            for name in half:
+                size = math.prod(self.shapes[name]) * (1 if name.endswith("codes") else self.meta_dtype.itemsize)
+                spans[name] = (at, size)
+                at = self._aligned(at + size)
         return spans
+
+    def _aligned(self, n: int) -> int:
+        return -(-n // self.ALIGN) * self.ALIGN
+
+    @cached_property
+    def key_bytes(self) -> int:
+        return self._aligned(sum(self.spans[self.KEY_PARTS[-1]]))
+
+    @cached_property
+    def value_bytes(self) -> int:
+        return self._aligned(sum(self.spans[self.VALUE_PARTS[-1]]))
 
     @cached_property
     def head_bytes(self) -> int:
-        first, size = self.spans[self.PARTS[-1]]
-        return -(-(first + size) // self.ALIGN) * self.ALIGN
+        """One head's share of a page: its key block and its value block."""
+        return self.key_bytes + self.value_bytes
 
     @cached_property
     def page_bytes(self) -> int:
@@ -203,22 +222,51 @@ class PageLayout:
 
     @property
     def offsets(self) -> torch.Tensor:
-        """The parts' first bytes, int64, as the kernel reads them (one tensor per layout, not held by a store)."""
+        """The parts' first bytes within their blocks, int64, as the kernel reads them (one tensor per layout,
+        not held by a store)."""
         return _offsets(tuple(self.spans[name][0] for name in self.PARTS))
 
-    def views(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each part of ``(count, H, head_bytes)`` pages as a ``(count, H, *shape)`` view."""
+    def new_run(self, count: int, device) -> torch.Tensor:
+        """Room for ``count`` pages, one allocation."""
+        return torch.empty(self.heads, count * self.head_bytes, dtype=torch.uint8, device=device)
+
+    def count(self, run: torch.Tensor) -> int:
+        """Pages in a run."""
+        return run.shape[1] // self.head_bytes
+
+    def blocks(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A run's key blocks ``(count, H, key_bytes)`` and value blocks ``(count, H, value_bytes)``, as views."""
+        split = self.count(run) * self.key_bytes
+        keys = run[:, :split].unflatten(1, (-1, self.key_bytes)).transpose(0, 1)
+        values = run[:, split:].unflatten(1, (-1, self.value_bytes)).transpose(0, 1)
+        return keys, values
+
+    def addresses(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(H, count)`` int64 address of each head's key block and value block in each page of a run."""
+        count = self.count(run)
+        heads = torch.arange(self.heads, dtype=torch.int64)[:, None] * run.stride(0) + run.data_ptr()
+        pages = torch.arange(count, dtype=torch.int64)[None]
+        return heads + pages * self.key_bytes, heads + count * self.key_bytes + pages * self.value_bytes
+
+    def page(self, run: torch.Tensor, i: int) -> torch.Tensor:
+        """Page ``i`` of a run as a run of its own (a copy)."""
+        keys, values = self.blocks(run)
+        return torch.cat([keys[i], values[i]], 1)
+
+    def views(self, run: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part of a run's pages as a ``(count, H, *shape)`` view."""
+        keys, values = self.blocks(run)
         out = {}
         for name in self.PARTS:
             first, size = self.spans[name]
-            part = pages[..., first : first + size]
+            part = (keys if name in self.KEY_PARTS else values)[..., first : first + size]
             out[name] = (part if name.endswith("codes") else part.view(self.meta_dtype)).unflatten(-1, self.shapes[name])
         return out
 
-    def write(self, pages: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
-        """Fill ``(count, H, head_bytes)`` pages with one row's tensors of ``count * group`` tokens, shaped as
-        :meth:`KIVIStore.encode` makes them without the batch dimension."""
-        count, parts = pages.shape[0], self.views(pages)
+    def write(self, run: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
+        """Fill a run with one row's tensors of ``count * group`` tokens, shaped as :meth:`KIVIStore.encode`
+        makes them without the batch dimension."""
+        count, parts = self.count(run), self.views(run)
         parts["key_codes"].copy_(new["key_codes"].unflatten(2, (count, self.group)).permute(2, 0, 1, 3))  # (H, P, n)
         for name in ("key_scale", "key_min"):  # (H, n / group, D)
             parts[name].copy_(new[name].transpose(0, 1))
@@ -226,11 +274,11 @@ class PageLayout:
         for name in ("value_scale", "value_min"):  # (H, n, E)
             parts[name].copy_(new[name].unflatten(1, (count, self.group)).permute(1, 0, 3, 2))
 
-    def read(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One row's tensors, as :meth:`write` takes them, from ``(count, H, head_bytes)`` pages (a copy)."""
-        parts = self.views(pages)
+    def read(self, run: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One row's tensors, as :meth:`write` takes them, from a run (a copy)."""
+        parts = self.views(run)
         out = {"key_codes": parts["key_codes"].permute(1, 2, 0, 3).flatten(2, 3)}  # (H, P, n)
-        out.update({name: parts[name].transpose(0, 1).contiguous() for name in ("key_scale", "key_min")})
+        out.update({name: parts[name].transpose(0, 1) for name in ("key_scale", "key_min")})
         out["value_codes"] = parts["value_codes"].transpose(0, 1).flatten(1, 2)  # (H, n, Pv)
         out.update({name: parts[name].permute(1, 0, 3, 2).flatten(1, 2) for name in ("value_scale", "value_min")})
         return {name: out[name].contiguous() for name in self.PARTS}
@@ -244,11 +292,11 @@ def _offsets(offsets: tuple[int, ...]) -> torch.Tensor:
 class KIVIStore:
     """Quantized keys and values of one layer, in pages of one key group (``group`` tokens) each.
 
-    Each row has a page table: its pages in slot order, held as runs, ``(H, count, head_bytes)`` uint8 each
-    (:class:`PageLayout`): the pages encoded together (a prompt, a chunk, a group leaving the window) are one
-    allocation, each head's pages one after the other, so attention reads a head's prompt as one run of
-    memory (as full-precision pages, :mod:`kvcompress.paged`: pages scattered across heads made a decode step
-    of ``kivi:bits=4`` at 4,096 tokens about 12 % slower). A page is written once and never changed, so rows and stores share pages by reference (the
+    Each row has a page table: its pages in slot order, held as runs (:class:`PageLayout`): the pages encoded
+    together (a prompt, a chunk, a group leaving the window) are one allocation, each head's key blocks one
+    after the other, then its value blocks, so attention reads a head's prompt as two runs of memory (as
+    full-precision pages, :mod:`kvcompress.paged`: pages interleaved across heads made a decode step of
+    ``kivi:bits=4`` at 4,096 tokens about 12 % slower). A page is written once and never changed, so rows and stores share pages by reference (the
     allocation is freed with its last reader: torch's own reference count) and nothing is copied before a
     write. What a step moves:
 
@@ -258,7 +306,7 @@ class KIVIStore:
       freed ones' memory goes), after which a page leaves with no copy.
 
     Attention reads the pages where they are, through the ``(B * H, J)`` addresses of :meth:`page_table`
-    (:attr:`pointers`, 8 bytes per page and head, counted in :attr:`nbytes`)
+    (:attr:`pointers`, a key block's and a value block's: 16 bytes per page and head, counted in :attr:`nbytes`)
     (``kvcompress::kivi_attend_pages``). :attr:`tensors` gives every page's parts as whole tensors (a copy):
     what is saved (so the file format is the one of contiguous stores), and what the reference path and the
     multi-query path read. Shapes there (``N`` tokens, ``G`` group, ``P = D * bits / 8``):
@@ -278,7 +326,7 @@ class KIVIStore:
     frees the first block).
 
     Attributes:
-        tables: ``[B]`` lists of runs of pages, in slot order; page ``i`` of a run is ``run[:, i]``.
+        tables: ``[B]`` lists of runs of pages, in slot order.
         moved: bytes of pages copied so far (runs split by an eviction); a step's new page is not counted.
     """
 
@@ -291,7 +339,7 @@ class KIVIStore:
         self.layout: PageLayout | None = None  # set by the first tokens (heads and dims)
         self._valid: torch.Tensor | None = None
         self.sinks: dict[str, torch.Tensor] = {}  # "keys", "error": (B, H, m, D), while the first block is held
-        self.pointers: torch.Tensor | None = None  # (B * H, J) int64: see page_table
+        self.pointers: tuple[torch.Tensor, torch.Tensor] | None = None  # (B * H, J) int64 each: see page_table
         self.moved = 0
 
     def __len__(self) -> int:
@@ -300,13 +348,13 @@ class KIVIStore:
     @property
     def pages(self) -> int:
         """Pages each row holds."""
-        return sum(run.shape[1] for run in self.tables[0]) if self.tables else 0
+        return sum(self.layout.count(run) for run in self.tables[0]) if self.tables else 0
 
     @property
     def nbytes(self) -> int:
         """Bytes of the pages held (an allocation shared by rows once), the sinks, the mask and the page table."""
         held = {run.untyped_storage().data_ptr(): run.untyped_storage().nbytes() for table in self.tables for run in table}
-        extra = [*self.sinks.values(), self._valid, self.pointers]
+        extra = [*self.sinks.values(), self._valid, *(self.pointers or ())]
         return sum(held.values()) + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     # ---- writing --------------------------------------------------------------------------------
@@ -369,8 +417,8 @@ class KIVIStore:
         if not self.tables:
             self.tables = [[] for _ in range(batch)]
         for b, table in enumerate(self.tables):
-            run = torch.empty(heads, n // self.block, self.layout.head_bytes, dtype=torch.uint8, device=new["value_codes"].device)
-            self.layout.write(run.transpose(0, 1), {name: t[b] for name, t in new.items()})
+            run = self.layout.new_run(n // self.block, new["value_codes"].device)
+            self.layout.write(run, {name: t[b] for name, t in new.items()})
             table.append(run)
         self._changed()
 
@@ -380,7 +428,10 @@ class KIVIStore:
         nothing is held. Setting it replaces every page (a saved store read back)."""
         if not self.pages:
             return {}
-        rows = [self.layout.read(torch.cat([run.transpose(0, 1) for run in table])) for table in self.tables]
+        rows = []
+        for table in self.tables:
+            runs = [self.layout.read(run) for run in table]
+            rows.append({name: torch.cat([r[name] for r in runs], self.TOKEN_DIM.get(name, 2) - 1) for name in PageLayout.PARTS})
         return {name: torch.stack([row[name] for row in rows]) for name in PageLayout.PARTS}
 
     @tensors.setter
@@ -408,20 +459,22 @@ class KIVIStore:
     # ---- reading --------------------------------------------------------------------------------
 
     def _changed(self) -> None:
-        """The page tables changed: work out the address of each (row, head)'s block in each page (8 bytes per
-        page and head, held with the tables and counted in :attr:`nbytes`)."""
+        """The page tables changed: work out the address of each (row, head)'s key block and value block in each
+        page (16 bytes per page and head, held with the tables and counted in :attr:`nbytes`)."""
         if not self.pages:
             self.pointers = None
             return
-        heads, size = torch.arange(self.layout.heads, dtype=torch.int64)[:, None], self.layout.head_bytes
-        rows = [torch.cat([run.data_ptr() + (heads * run.shape[1] + torch.arange(run.shape[1])) * size for run in table], 1)
-                for table in self.tables]  # (H, J) each: head h's page i of a run at (h * count + i) * size
-        self.pointers = torch.stack(rows).flatten(0, 1).contiguous()
+        rows = [[self.layout.addresses(run) for run in table] for table in self.tables]
+        self.pointers = tuple(
+            torch.stack([torch.cat([pair[half] for pair in row], 1) for row in rows]).flatten(0, 1).contiguous()  # (B * H, J)
+            for half in (0, 1)
+        )
 
-    def page_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B * H, J)`` int64 address of each (row, head)'s block in each of its ``J`` pages, and the ``(B * H,)``
-        int64 pages each reads, as the kernel reads them."""
-        return self.pointers, torch.full((self.pointers.shape[0],), self.pointers.shape[1], dtype=torch.int64)
+    def page_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B * H, J)`` int64 addresses of each (row, head)'s key blocks and of its value blocks in its ``J``
+        pages, and the ``(B * H,)`` int64 pages each reads, as the kernel reads them."""
+        keys, values = self.pointers
+        return keys, values, torch.full((keys.shape[0],), keys.shape[1], dtype=torch.int64)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``(B, H, N, D)`` keys and values (the reference path; transient)."""
@@ -466,11 +519,12 @@ class KIVIStore:
         for b, table in enumerate(self.tables):
             kept, at = [], 0
             for run in table:
-                flags, at = live[at : at + run.shape[1]], at + run.shape[1]
+                count = self.layout.count(run)
+                flags, at = live[at : at + count], at + count
                 if all(flags):
                     kept.append(run)
                 else:  # split, so each freed page's memory goes now and later pages leave with no copy
-                    singles = [run[:, i : i + 1].clone() for i, alive in enumerate(flags) if alive]
+                    singles = [self.layout.page(run, i) for i, alive in enumerate(flags) if alive]
                     self.moved += len(singles) * self.layout.page_bytes
                     kept.extend(singles)
             self.tables[b] = kept
@@ -555,10 +609,10 @@ class KIVISegment:
         if keys.dtype != torch.float32 or values.shape[-1] != dim or store.layout.vdim != dim:
             return None
         keys, values = kernel_pair(keys, values)
-        pointers, npages = store.page_table()
+        key_pages, value_pages, npages = store.page_table()
         sink_keys, sink_error, sinks, held = _sinks([store], query)  # held: what the addresses point into
         out = kivi_attend_pages(
-            query.float().contiguous(), pointers, npages, store.layout.offsets, len(store), keys, values, sink_keys,
+            query.float().contiguous(), key_pages, value_pages, npages, store.layout.offsets, len(store), keys, values, sink_keys,
             sink_error, sinks, mask_bytes(valid), scaling, observed, META_KIND[store.meta_dtype], store.bits, store.block,
         )
         del held
@@ -577,14 +631,15 @@ class KIVISegment:
         if window.keys.dtype != torch.float32 or first.layout.vdim != query.shape[-1]:
             return None
         keys, values = kernel_pair(window.keys, window.values)
-        tables = [store.page_table()[0] for store in stores]  # (1, J) each: one row, one head
-        pointers = torch.zeros(len(tables), max(t.shape[1] for t in tables), dtype=torch.int64)
-        for i, table in enumerate(tables):
-            pointers[i, : table.shape[1]] = table[0]
-        npages = torch.tensor([t.shape[1] for t in tables], dtype=torch.int64)
+        tables = [store.pointers for store in stores]  # (1, J) each, key blocks and value blocks: one row, one head
+        longest = max(table[0].shape[1] for table in tables)
+        key_pages, value_pages = (torch.zeros(len(tables), longest, dtype=torch.int64) for _ in range(2))
+        for i, (key_blocks, value_blocks) in enumerate(tables):
+            key_pages[i, : key_blocks.shape[1]], value_pages[i, : value_blocks.shape[1]] = key_blocks[0], value_blocks[0]
+        npages = torch.tensor([table[0].shape[1] for table in tables], dtype=torch.int64)
         sink_keys, sink_error, sinks, held = _sinks(stores, query)  # held: what the addresses point into
         out = kivi_attend_pages(
-            query.float().contiguous(), pointers, npages, first.layout.offsets, stored, keys, values, sink_keys,
+            query.float().contiguous(), key_pages, value_pages, npages, first.layout.offsets, stored, keys, values, sink_keys,
             sink_error, sinks, mask_bytes(valid), scaling, observed, META_KIND[first.meta_dtype], first.bits,
             first.block,
         )
