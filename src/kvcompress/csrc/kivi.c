@@ -300,6 +300,20 @@ int kivi_key_logits(const float *restrict q, const uint8_t *restrict codes, cons
     return 0;
 }
 
+/* The weights of G rows (row stride ldw) over n slots times each slot's scale of each value group e,
+ * ws[e][r][s] = w[r][s] st[e][s], and the zero points' share of the mix, zacc[r][e] = w[r] . zt[e]
+ * (scales st and zero points zt (E, n), as float32). */
+static void scale_weights(const float *restrict w, int64_t ldw, const float *restrict st, const float *restrict zt,
+                          float *restrict ws, float *restrict zacc, int64_t G, int64_t E, int64_t n) {
+    for (int64_t e = 0; e < E; ++e)
+        for (int64_t r = 0; r < G; ++r) {
+            const float *restrict wr = w + r * ldw, *restrict se = st + e * n;
+            float *restrict wse = ws + (e * G + r) * n;
+            for (int64_t s = 0; s < n; ++s) wse[s] = wr[s] * se[s];
+            zacc[r * E + e] = dot(wr, zt + e * n, n);
+        }
+}
+
 /* Scratch of value_mix_one: zacc (G * E), unpacked (D), s and z (E each), scales and zero points as
  * stored and transposed (N * E each), weights times scales (E * G * N). */
 static size_t value_scratch(int64_t G, int64_t D, int64_t N, int64_t group) {
@@ -328,13 +342,7 @@ static void value_mix_one(const float *restrict wb, int64_t ldw, const uint8_t *
                 st[e * N + n] = sfull[n * E + e];
                 zt[e * N + n] = zfull[n * E + e];
             }
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t j = 0; j < G; ++j) {
-                const float *restrict wj = wb + j * ldw, *restrict se = st + e * N;
-                float *restrict wse = ws + (e * G + j) * N;
-                for (int64_t n = 0; n < N; ++n) wse[n] = wj[n] * se[n];
-                zacc[j * E + e] = dot(wj, zt + e * N, N);
-            }
+        scale_weights(wb, ldw, st, zt, ws, zacc, G, E, N);
 #ifdef __AVX512F__
         if (group % 16 == 0 && P % 16 == 0) {
             for (int64_t p0 = 0; p0 < P; p0 += 16)
@@ -421,13 +429,7 @@ static void value_mix_pages(const float *restrict w, int64_t ldw, const uint8_t 
             meta_run(st + e * n + j * group, held[j] + at[VALUE_SCALE], meta, e * group, group);
             meta_run(zt + e * n + j * group, held[j] + at[VALUE_MIN], meta, e * group, group);
         }
-    for (int64_t e = 0; e < E; ++e)
-        for (int64_t r = 0; r < G; ++r) {
-            const float *restrict wr = w + r * ldw, *restrict se = st + e * n;
-            float *restrict wse = ws + (e * G + r) * n;
-            for (int64_t s = 0; s < n; ++s) wse[s] = wr[s] * se[s];
-            zacc[r * E + e] = dot(wr, zt + e * n, n);
-        }
+    scale_weights(w, ldw, st, zt, ws, zacc, G, E, n);
     memset(out, 0, sizeof(float) * G * D);
 #ifdef __AVX512F__
     if (group % 16 == 0 && P % 16 == 0) {
