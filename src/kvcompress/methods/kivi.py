@@ -18,8 +18,10 @@ Departures from the paper:
 Attention reads the codes directly (:class:`KIVISegment`): per-channel key scales and zero points
 fold into the query, ``q . (s c + z) = (q s) . c + q . z``, and per-token value scales into the
 attention weights, so unpacking and the dot products happen in one pass of a small C kernel
-(``csrc/kivi.c``, registered as the ``kvcompress::kivi_key_logits`` and ``kvcompress::kivi_value_mix``
-ops) that never writes full-precision keys or values. Keys are stored channel-major for it. Where
+(``csrc/kivi.c``) that never writes full-precision keys or values. The codes are held in pages of one key
+group (:class:`PageLayout`, :class:`KIVIStore`), keys channel-major within a page; a decode step reads them
+through the page tables (``kvcompress::kivi_attend_pages``), several queries at once read them gathered
+(``kvcompress::kivi_key_logits`` and ``kvcompress::kivi_value_mix``). Where
 the kernel cannot be built (no C compiler), on GPUs, and under :func:`kvcompress.attention.reference_path`,
 attention reads keys and values dequantized in plain PyTorch (the reference the kernel is tested
 against).
@@ -27,10 +29,9 @@ against).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 
@@ -284,7 +285,7 @@ class PageLayout:
         return {name: out[name].contiguous() for name in self.PARTS}
 
 
-@functools.cache
+@cache
 def _offsets(offsets: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(offsets, dtype=torch.int64)
 
