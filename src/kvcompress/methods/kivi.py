@@ -297,18 +297,18 @@ class KIVIStore:
     together (a prompt, a chunk, a group leaving the window) are one allocation, each head's key blocks one
     after the other, then its value blocks, so attention reads a head's prompt as two runs of memory (as
     full-precision pages, :mod:`kvcompress.paged`: pages interleaved across heads made a decode step of
-    ``kivi:bits=4`` at 4,096 tokens about 12 % slower). A page is written once and never changed, so rows and stores share pages by reference (the
-    allocation is freed with its last reader: torch's own reference count) and nothing is copied before a
-    write. What a step moves:
+    ``kivi:bits=4`` at 4,096 tokens about 12 % slower). A page is written once and never changed, so rows
+    and stores share pages by reference (the allocation is freed with its last reader: torch's own
+    reference count) and nothing is copied before a write. What a step moves:
 
     - a group leaving the window is encoded into one new page: no held page is copied;
     - eviction frees a page once no row or head keeps a token of it, and masks the other evicted slots; a
       run that loses pages is split into single pages the first time (its kept pages copied once, so the
       freed ones' memory goes), after which a page leaves with no copy.
 
-    Attention reads the pages where they are, through the ``(B * H, J)`` addresses of :meth:`page_table`
-    (:attr:`pointers`, a key block's and a value block's: 16 bytes per page and head, counted in :attr:`nbytes`)
-    (``kvcompress::kivi_attend_pages``). :attr:`tensors` gives every page's parts as whole tensors (a copy):
+    A decode step reads the pages where they are (``kvcompress::kivi_attend_pages``), through the
+    ``(B * H, J)`` addresses of each page's key block and value block (:attr:`pointers`, see
+    :meth:`page_table`: 16 bytes per page and head, counted in :attr:`nbytes`). :attr:`tensors` gives every page's parts as whole tensors (a copy):
     what is saved (so the file format is the one of contiguous stores), and what the reference path and the
     multi-query path read. Shapes there (``N`` tokens, ``G`` group, ``P = D * bits / 8``):
     ``key_codes (B, H, P, N)`` uint8 (channel-major), ``key_scale``/``key_min (B, H, N/G, D)``,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.kernels import drop_lowest
-from kvcompress.methods.budgets import ALLOCATIONS, Global, Uniform, allocation, global_budgets
+from kvcompress.methods.budgets import ALLOCATIONS, Uniform, allocation, global_budgets
 from kvcompress.protocols import LayerView, Selected, Selection
 
 
@@ -137,7 +137,7 @@ class ScoredEviction(Selection):
 
     def allot(self, views: list[LayerView]) -> list[torch.Tensor | None]:
         """``allocation=global``: each head's share of one budget over every layer (:func:`global_budgets`)."""
-        if not self.evicts or not isinstance(allocation(self.allocation, self.beta, self.alpha), Global):
+        if not self.evicts or self.allocation != "global":
             return super().allot(views)
         averages = [self._average(view)[1] for view in views]
         scores = [self._ranked(view, average)[0] for view, average in zip(views, averages)]
