@@ -26,14 +26,20 @@ def _cases():
     keys, values = torch.randn(2, 2, 3, 40, 64)
     allow = (torch.rand(2, 3, 40) > 0.3).to(torch.uint8)
     observed = torch.rand(2, 3, 45)[..., :40]  # a running observation in room for more slots gains the step's
-    yield "dense_attend", kernels.dense_attend, (query, [], [], 0, keys, values, allow, 0.125, observed)
-    held = [torch.randn(n, 64) for n in (5, 9, 7, 3, 9, 1)]
-    allow = torch.ones(2, 3, 9 + 40, dtype=torch.uint8)
-    yield "dense_attend stored", kernels.dense_attend, (query, held, [h + 1 for h in held], 9, keys, values, allow, 0.125, torch.empty(0))
+    none, counts = torch.zeros(6, 0, dtype=torch.int64), torch.zeros(6, dtype=torch.int64)
+    yield "paged_attend window", kernels.paged_attend, (query, none, none, counts, counts, 1, 0, keys, values, allow, 0.125, observed)
     pages = PagedBuffer()  # 40 slots: a full 32-slot page and 8 in the next
     pages.append(keys, values, None)
     _HELD.append(pages)  # the pages the addresses point at live as long as the cases
-    yield "paged_attend", kernels.paged_attend, (query, *pages.pointers, *pages.segment().page_counts(), pages.page, allow, 0.125, observed)
+    no_window = torch.empty(1, 1, 0, 1)
+    yield "paged_attend", kernels.paged_attend, (
+        query, *pages.pointers, *pages.segment().page_counts(), pages.page, 40, no_window, no_window, allow, 0.125, observed
+    )
+    npages, fills = torch.tensor([2, 1, 0, 1, 2, 2]), torch.tensor([8, 5, 0, 32, 1, 8])  # ragged heads: 40, 5, 0, 32, 33, 40 slots
+    allow = torch.ones(2, 3, 40 + 40, dtype=torch.uint8)
+    yield "paged_attend ragged", kernels.paged_attend, (  # each head reads the first slots of its pages, then the window
+        query, *pages.pointers, npages, fills, pages.page, 40, keys, values, allow, 0.125, torch.empty(0)
+    )
     t = _kivi_tensors(4)
     yield "kivi_key_logits", kernels.key_logits, (query, t["key_codes"], t["key_scale"], t["key_min"], 4, 32)
     yield "kivi_value_mix", kernels.value_mix, (torch.rand(2, 3, 3, 128), t["value_codes"], t["value_scale"], t["value_min"], 4, 32)

@@ -303,7 +303,7 @@ def test_ragged_heads_in_one_call_equal_the_segment_and_reference_paths(observe,
     kernel call per layer (``kivi_attend_pages``, each head through its own page table), padding to the longest head weighted 0: the output and
     observed attention of the segment path and of sdpa on dequantized keys and values (atol 1e-5)."""
     from kvcompress.attention import attend_dense, attend_one_pass, attend_segments
-    from kvcompress.buffer import RaggedSegment
+    from kvcompress.ragged import RaggedSegment
     from kvcompress.methods import kivi
 
     torch.manual_seed(observe + 2 * holes)

@@ -8,7 +8,7 @@ import torch
 import kvcompress
 from kvcompress.attach import attach
 from kvcompress.attention import attention_weights, peak_attention
-from kvcompress.buffer import RaggedStore
+from kvcompress.ragged import RaggedStore
 from kvcompress.cache import CompressedLayer
 from kvcompress.generation import prefill
 from kvcompress.methods.budgets import global_budgets

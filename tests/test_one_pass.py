@@ -1,4 +1,4 @@
-"""The one-pass decode path over float32 slots (``kvcompress::dense_attend``) against the segment path,
+"""The one-pass decode path over float32 slots (``kvcompress::paged_attend``) against the segment path,
 sdpa, and the plain-PyTorch reference through the model."""
 
 import contextlib
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention, buffer, native
-from kvcompress.buffer import FullPrecisionBuffer, RaggedStore
+from kvcompress import attention, kernels, native, ragged
+from kvcompress.pages import PagePool
+from kvcompress.paged import PagedBuffer
+from kvcompress.ragged import RaggedStore
 from kvcompress.step import DenseSegment, Operands
 from conftest import assert_each_path_adds_to_a_running_observation, requires_kernels
 
@@ -46,13 +48,16 @@ def test_dense_one_pass_equals_the_segment_path_and_sdpa(batch, heads, rep, slot
 @requires_kernels
 @pytest.mark.parametrize("observe", [0, 1])
 def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(observe):
-    """AdaKV's layout: heads holding different numbers of slots, each read where it is held (padding of the
-    shorter heads never read), then the window with a padded row and an evicted slot."""
+    """AdaKV's layout: heads holding different numbers of slots, each in its own pages of 8 slots (a head's
+    last page partly filled, padding of the shorter heads never read), then the window with a padded row and
+    an evicted slot."""
     torch.manual_seed(observe)
     batch, heads, rep = 2, 3, 3
-    store = RaggedStore(lambda: FullPrecisionBuffer(chunk=1))
+    pool = PagePool(page=8)
+    store = RaggedStore(lambda: PagedBuffer(pool, addressed=False))
     store.append(torch.randn(batch, heads, 40, 64), torch.randn(batch, heads, 40, 64), torch.rand(batch, heads, 40) > 0.4)
     assert len(set(store.lengths().flatten().tolist())) > 1  # the heads really differ
+    assert {len(s) % 8 for row in store.rows for s in row} != {0}  # some head's last page is partly filled
     window_k, window_v = torch.randn(2, batch, heads, 12, 64)[:, :, :, :7]
     window_valid = torch.ones(batch, heads, 7, dtype=torch.bool)
     window_valid[0, :, 0] = False  # padding
@@ -104,11 +109,9 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     path (sdpa, and observed attention from a separate pass)."""
     model, tokenizer = smol
     calls = []
-    one = attention.dense_attend
-    monkeypatch.setattr(attention, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
-    monkeypatch.setattr(buffer, "dense_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
-    paged = attention.paged_attend  # a layer with no other storage holds its slots in pages
-    monkeypatch.setattr(attention, "paged_attend", lambda *a, **k: calls.append(1) or paged(*a, **k))
+    one = kernels.paged_attend
+    for module in (attention, kernels, ragged):  # pages alone, a window alone, ragged heads' pages and a window
+        monkeypatch.setattr(module, "paged_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
     caches = _generate_on_both_paths(smol, spec)
     assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer
     held = [len(cache.compressed_layers[0]) for cache in caches]

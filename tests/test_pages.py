@@ -230,15 +230,16 @@ def test_sequences_of_different_lengths_read_their_own_pages():
 # ---- in a cache ---------------------------------------------------------------------------------
 
 
-def _decode(model, cache, ids, steps):
-    """Prefill ``ids``, then ``steps`` greedy tokens one at a time; the bytes the first layer's pages moved at each step."""
+def _decode(model, cache, ids, steps, part=lambda layer: layer.window):
+    """Prefill ``ids``, then ``steps`` greedy tokens one at a time; the bytes the first layer's pages (its
+    ``part``) moved at each step."""
     moved = []
     with torch.no_grad(), kvcompress.attach(model, cache):
         out = model(ids, past_key_values=cache, use_cache=True)
         for _ in range(steps):
-            before = cache.compressed_layers[0].window.moved
+            before = part(cache.compressed_layers[0]).moved
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-            moved.append(cache.compressed_layers[0].window.moved - before)
+            moved.append(part(cache.compressed_layers[0]).moved - before)
     return moved
 
 
@@ -252,6 +253,22 @@ def test_bytes_a_decode_step_moves(tiny):
     tova = _decode(tiny, kvcompress.make_cache("tova:budget=64", tiny), ids, 6 * PAGE)
     assert 0 < sum(tova) <= len(tova) * page_bytes
     print(f"bytes moved per decode step, layer 0: streaming {max(streaming)}, tova mean {sum(tova) / len(tova):.0f} (max {max(tova)})")
+
+
+def test_ragged_heads_hold_their_own_pages_and_move_under_a_page_per_step(tiny):
+    """AdaKV's heads keep different numbers of tokens, each (row, head) in its own pages: a head holds only
+    the pages its tokens need, and a decode step's eviction masks a slot, freeing a page it empties; a
+    head gathers its kept slots once per two pages of holes: under one page per head per step on average."""
+    ids = torch.randint(3, 128, (1, 300))
+    cache = kvcompress.make_cache("adakv:budget=64,block=8", tiny)
+    moved = _decode(tiny, cache, ids, 8 * PAGE, part=lambda layer: layer.store)
+    store = cache.compressed_layers[0].store
+    heads = [s for row in store.rows for s in row]
+    assert all(isinstance(s, PagedBuffer) for s in heads) and len({len(s) for s in heads}) > 1
+    assert all(len(s.tables[0]) == -(-len(s) // PAGE) for s in heads)  # no page beyond what its slots need
+    head_page_bytes = PAGE * 2 * 32 * 4  # one head's keys and values of the tiny model
+    assert sum(moved) <= len(moved) * len(heads) * head_page_bytes
+    print(f"bytes moved per decode step, layer 0: adakv's heads mean {sum(moved) / len(moved):.0f} (max {max(moved)})")
 
 
 def test_a_fork_of_a_long_context_holds_no_new_bytes_until_it_writes_a_page(tiny):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress.buffer import RaggedStore
+from kvcompress.ragged import RaggedStore
 from kvcompress.calibration import CalibrationError, load_or_build, retrieval_heads
 from kvcompress.methods.budgets import Retrieval
 

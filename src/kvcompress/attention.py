@@ -13,7 +13,7 @@ Three paths compute the same result (tests compare them):
   observes the last queries (SnapKV's window, all of H2O's prompt), those queries instead get their
   output and the attention each slot receives from one chunked pass (:func:`attend_observing`).
   With many queries a matrix product over rebuilt keys beats unpacking the codes once per query.
-- **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::dense_attend``,
+- **one pass**: a decode step (one query per row) over float32 slots only (``kvcompress::paged_attend``,
   ``csrc/dense.c``), or over a stored segment that can attend on its own (``attend_one``, e.g. KIVI's
   codes) and the full-precision window: logits, the slots' mask, softmax and the value mix in one
   kernel call per layer, which also adds the attention each slot received to the layer's observation
@@ -41,14 +41,13 @@ from kvcompress import native
 from kvcompress.kernels import (
     NO_MASK,
     NO_OBSERVATION,
-    dense_attend,
+    NO_WINDOW,
     dense_one_pass_applies,
-    kernel_pair,
-    mask_bytes,
     observe_rows,
     page_mask,
     paged_attend,
     paged_one_pass_applies,
+    window_attend,
 )
 from kvcompress.step import Attended, DenseSegment, Operands
 
@@ -187,12 +186,12 @@ def attend_one_pass(query: torch.Tensor, operands: Operands, scaling: float) -> 
     if len(segments) == 1 and hasattr(first, "pointers"):  # eviction alone, in pages (kvcompress.paged)
         if not paged_one_pass_applies(query, first):
             return None
-        out = paged_attend(grouped.contiguous(), *first.pointers(), *first.page_counts(), first.page, page_mask(operands.valid), scaling, observed)
-    elif len(segments) == 1 and isinstance(first, DenseSegment):  # eviction alone: the window is the layer
+        out = paged_attend(grouped.contiguous(), *first.pointers(), *first.page_counts(), first.page, len(first), NO_WINDOW,
+                           NO_WINDOW, page_mask(operands.valid), scaling, observed)
+    elif len(segments) == 1 and isinstance(first, DenseSegment):  # a window alone (a store not yet written)
         if not dense_one_pass_applies(query, first):
             return None
-        keys, values = kernel_pair(first.keys, first.values)
-        out = dense_attend(grouped.contiguous(), [], [], 0, keys, values, mask_bytes(operands.valid), scaling, observed)
+        out = window_attend(grouped, first.keys, first.values, page_mask(operands.valid), scaling, observed)
     elif hasattr(first, "attend_one"):
         out = first.attend_one(grouped, window, operands.valid, scaling, observed)
     else:

@@ -31,11 +31,12 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.buffer import CHUNK, RAGGED_CHUNK, FullPrecisionBuffer, RaggedStore, compaction_index
+from kvcompress.buffer import CHUNK, FullPrecisionBuffer, compaction_index
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name
 from kvcompress.pages import PagePool
 from kvcompress.paged import PagedBuffer
+from kvcompress.ragged import RAGGED_CHUNK, RaggedStore
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.persist import load, save_cache
@@ -107,7 +108,7 @@ class CompressedLayer(CacheLayerMixin):
             self.store = RaggedStore(
                 (lambda: storage.new_store(self.layer_idx, head_dim, self.dtype))
                 if storage is not None
-                else (lambda: FullPrecisionBuffer(chunk=RAGGED_CHUNK))
+                else (lambda: PagedBuffer(self.pool, addressed=False))  # each (row, head) in its own pages
             )
         elif self.storage is not None:
             self.store = self.storage.new_store(self.layer_idx, head_dim, self.dtype)
@@ -385,16 +386,13 @@ class CompressedLayer(CacheLayerMixin):
         empty = torch.empty(1, 1, 0, state["head_dim"], dtype=dtype, device=device)
         self.lazy_initialization(empty, empty)
         restore(self, state)
-        if isinstance(self.window, PagedBuffer):
-            self.window.restore(state, "window.")
-        else:
-            restore(self.window, state, "window.")
+        _restore_part(self.window, state, "window.")
         if self.store is not None:
             restore(self.store, state, "store.")
             if isinstance(self.store, RaggedStore):
                 self.store.device = device
                 for i, store in enumerate(s for row in self.store.rows for s in row):
-                    restore(store, state, f"store.stores.{i}.")
+                    _restore_part(store, state, f"store.stores.{i}.")
 
     def _parts(self):
         return [part for part in (*self.shared, self.store, self.window) if part is not None and len(part)]
@@ -512,6 +510,15 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+
+
+def _restore_part(part, state: dict[str, Value], prefix: str) -> None:
+    """Fill a window or a ragged head's store from its entries: pages are written through their tables
+    (:meth:`PagedBuffer.restore`), other parts take their entries as they are."""
+    if isinstance(part, PagedBuffer):
+        part.restore(state, prefix)
+    else:
+        restore(part, state, prefix)
 
 
 class SharedPart:

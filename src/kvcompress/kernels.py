@@ -2,9 +2,8 @@
 through :mod:`kvcompress.native` (which builds ``csrc/*.c`` on first use) and is registered as a
 ``kvcompress::*`` custom op, with a fake implementation for ``torch.compile``.
 
-- ``dense.c``: :func:`dense_attend` (float32 slots: a window, ragged heads), :func:`paged_attend`
-  (float32 pages through page tables, rows of different lengths), :func:`observe_rows` (a prompt's
-  observed queries);
+- ``dense.c``: :func:`paged_attend` (float32 slots in pages through page tables, rows and heads of
+  different lengths, then a window), :func:`observe_rows` (a prompt's observed queries);
 - ``kivi.c``: :func:`key_logits`, :func:`value_mix`, :func:`kivi_attend_pages`
   (attention on KIVI's codes);
 - ``lowrank.c``: :func:`lowrank_logits` (keys rebuilt from latents and rotated in registers);
@@ -36,7 +35,7 @@ def observed_rows(observed: torch.Tensor) -> int:
 
 
 def dense_one_pass_applies(query: torch.Tensor, *segments: DenseSegment) -> bool:
-    """Whether ``kvcompress::dense_attend`` can read these float32 CPU segments (the C kernels built)."""
+    """Whether ``kvcompress::paged_attend`` can read these float32 CPU segments (the C kernels built)."""
     for segment in segments:
         keys, values = segment.keys, segment.values
         if keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.device.type != "cpu":
@@ -107,56 +106,6 @@ def kernel_pair(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     return keys, values
 
 
-@native.custom_op("kvcompress::dense_attend", mutates=("observed",))
-def dense_attend(
-    query: torch.Tensor,
-    stored_keys: list[torch.Tensor],
-    stored_values: list[torch.Tensor],
-    stored: int,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    allow: torch.Tensor,
-    scaling: float,
-    observed: torch.Tensor,
-) -> torch.Tensor:
-    """One decode step over float32 slots ``[stored | window]``: ``(B, H, G, D)`` queries; the stored part
-    ``stored`` slots per (row, head), held per head as ``(n_i, D)`` tensors in ``stored_keys`` /
-    ``stored_values`` (``B * H`` of each, row-major; heads shorter than ``stored`` are padded, never
-    read; empty lists and 0 when there is none); window keys and values ``(B, H, W, D)`` (each (row, head)
-    a contiguous block, blocks one stride apart); ``allow`` ``(B, H, stored + W)`` uint8 or empty (every
-    slot real; the last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output, and
-    adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention each slot received, the mean
-    over the ``G`` query rows (0 for a padding query; see :func:`observed_rows` for its layout)."""
-    batch, heads, rows, dim = query.shape
-    window = window_keys.shape[2]
-    out = query.new_empty(batch, heads, rows, dim)
-    ostride = observed_rows(observed) if observed.numel() else 0
-    parts = None, None, None
-    if stored:
-        held = [t.contiguous() for t in (*stored_keys, *stored_values)]  # no copy for the buffers' views
-        count = batch * heads
-        pointers = ctypes.c_void_p * count
-        parts = (
-            pointers(*map(data_pointer, held[:count])),
-            pointers(*map(data_pointer, held[count:])),
-            (ctypes.c_int64 * count)(*(t.shape[0] for t in held[:count])),
-        )
-    status = native.load("dense").dense_attend(
-        data_pointer(query), *parts, ctypes.c_int64(stored), data_pointer(window_keys), data_pointer(window_values),
-        ctypes.c_int64(window_keys.stride(1) if window else 0), ctypes.c_int64(window), data_pointer(allow),
-        ctypes.c_float(scaling), data_pointer(out), data_pointer(observed), ctypes.c_int64(ostride),
-        *map(ctypes.c_int64, (batch * heads, rows, dim)),
-    )
-    if status:
-        raise MemoryError("kvcompress::dense_attend: the kernel could not allocate its scratch buffer")
-    return out
-
-
-@dense_attend.register_fake
-def _(query, stored_keys, stored_values, stored, window_keys, window_values, allow, scaling, observed):
-    return query.new_empty(query.shape)
-
-
 @native.custom_op("kvcompress::paged_attend", mutates=("observed",))
 def paged_attend(
     query: torch.Tensor,
@@ -165,26 +114,39 @@ def paged_attend(
     npages: torch.Tensor,
     fills: torch.Tensor,
     page: int,
+    stored: int,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
     allow: torch.Tensor,
     scaling: float,
     observed: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode step over float32 slots held in pages (``csrc/dense.c``): ``(B, H, G, D)`` queries; each
-    (row, head) reads its first ``npages`` of ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64
-    addresses ``key_pages`` and ``value_pages`` (each a ``(page, D)`` block; see
-    :func:`kvcompress.paged.page_addresses`), its last page holding ``fills`` slots (``npages`` and ``fills``
-    ``(B * H,)`` int64: rows may differ in length, varlen); ``allow`` ``(B, H, S)`` uint8 as :func:`page_mask`
-    gives it, or empty. Returns the ``(B, H, G, D)`` output (zeros for a row of no slot) and adds to
-    ``observed`` ``(B, H, S)`` (unless empty) the attention each slot received, as :func:`dense_attend` does."""
+    """One decode step over float32 slots ``[stored | window]`` (``csrc/dense.c``): ``(B, H, G, D)`` queries.
+
+    - The stored part, ``stored`` slots per (row, head), in pages: each (row, head) reads its first
+      ``npages`` of ``J`` pages of ``page`` slots at the ``(B * H, J)`` int64 addresses ``key_pages`` and
+      ``value_pages`` (each a ``(page, D)`` block; see :func:`kvcompress.paged.page_addresses`), its last
+      page holding ``fills`` slots (``npages`` and ``fills`` ``(B * H,)`` int64: rows and heads may differ in
+      length; a head shorter than ``stored`` is padded, never read). ``(B * H, 0)`` tables: none.
+    - The window: keys and values ``(B, H, W, D)``, each (row, head) a contiguous block, blocks one stride
+      apart (:func:`kernel_pair`); ``W = 0``: none.
+
+    ``allow`` ``(B, H, stored + W)`` uint8 as :func:`page_mask` gives it, or empty (every slot real; the
+    last, the query's own token, always allowed). Returns the ``(B, H, G, D)`` output (zeros for a (row,
+    head) of no slot) and adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention each slot
+    received, the mean over the ``G`` query rows (0 for a padding query; see :func:`observed_rows` for its
+    layout)."""
     batch, heads, rows, dim = query.shape
-    pages = key_pages.shape[1]
+    pages, window = key_pages.shape[1], window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)
     ostride = observed_rows(observed) if observed.numel() else 0
     status = native.load("dense").paged_attend(
         data_pointer(query), data_pointer(key_pages), data_pointer(value_pages), ctypes.c_int64(pages),
-        data_pointer(npages), data_pointer(fills), ctypes.c_int64(page), data_pointer(allow),
-        ctypes.c_int64(allow.stride(1) if allow.numel() else 0), ctypes.c_float(scaling), data_pointer(out),
-        data_pointer(observed), ctypes.c_int64(ostride), *map(ctypes.c_int64, (batch * heads, rows, dim)),
+        data_pointer(npages), data_pointer(fills), ctypes.c_int64(page), ctypes.c_int64(stored),
+        data_pointer(window_keys), data_pointer(window_values), ctypes.c_int64(window_keys.stride(1) if window else 0),
+        ctypes.c_int64(window), data_pointer(allow), ctypes.c_int64(allow.stride(1) if allow.numel() else 0),
+        ctypes.c_float(scaling), data_pointer(out), data_pointer(observed), ctypes.c_int64(ostride),
+        *map(ctypes.c_int64, (batch * heads, rows, dim)),
     )
     if status:
         raise MemoryError("kvcompress::paged_attend: the kernel could not allocate its scratch buffer")
@@ -192,8 +154,21 @@ def paged_attend(
 
 
 @paged_attend.register_fake
-def _(query, key_pages, value_pages, npages, fills, page, allow, scaling, observed):
+def _(query, key_pages, value_pages, npages, fills, page, stored, window_keys, window_values, allow, scaling, observed):
     return query.new_empty(query.shape)
+
+
+NO_PAGES = torch.empty(1, 0, dtype=torch.int64)  # page tables of no page (the stored part of a window alone)
+NO_WINDOW = torch.empty(1, 1, 0, 1)  # window keys or values of no slot (pages alone)
+
+
+def window_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allow: torch.Tensor, scaling: float,
+                  observed: torch.Tensor) -> torch.Tensor:
+    """:func:`paged_attend` over a window alone: ``(B, H, W, D)`` float32 keys and values, no pages."""
+    keys, values = kernel_pair(keys, values)
+    none = NO_PAGES.expand(query.shape[0] * query.shape[1], 0)
+    counts = torch.zeros(query.shape[0] * query.shape[1], dtype=torch.int64)
+    return paged_attend(query.contiguous(), none, none, counts, counts, 1, 0, keys, values, allow, scaling, observed)
 
 
 @native.custom_op("kvcompress::observe_rows", mutates=("logits", "observed"))
@@ -277,7 +252,7 @@ def kivi_attend_pages(query: torch.Tensor, key_pages: torch.Tensor, value_pages:
     has any, see :class:`kvcompress.methods.kivi.KIVIStore`); ``allow`` ``(B, H, stored + W)`` uint8 or
     empty (every slot real; the last slot, the query's own token, is always allowed). Returns the
     ``(B, H, G, D)`` output, and adds to ``observed`` ``(B, H, stored + W)`` (unless empty) the attention
-    each slot received, as :func:`kvcompress.attention.dense_attend` does."""
+    each slot received, as :func:`paged_attend` does."""
     batch, heads, rows, dim = query.shape
     window = window_keys.shape[2]
     out = query.new_empty(batch, heads, rows, dim)

@@ -35,7 +35,7 @@ import torch
 
 from kvcompress import native
 from kvcompress.buffer import compaction_index
-from kvcompress.kernels import NO_MASK, NO_OBSERVATION, paged_attend, paged_kernel_reads
+from kvcompress.kernels import NO_MASK, NO_OBSERVATION, NO_WINDOW, paged_attend, paged_kernel_reads
 from kvcompress.pages import PagePool
 
 HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
@@ -57,9 +57,10 @@ class PagedBuffer:
     block = 1
     STATE = ("k", "v", "_valid", "n")  # saved as FullPrecisionBuffer's entries: the file format is unchanged
 
-    def __init__(self, pool: PagePool | None = None, extents: bool = False):
+    def __init__(self, pool: PagePool | None = None, extents: bool = False, addressed: bool = True):
         self.pool = pool if pool is not None else PagePool()
         self.extents = extents  # pages written together share one allocation (see _new_pages)
+        self.addressed = addressed  # keeps its kernel addresses (False: a ragged head's, which its store joins)
         self.page = self.pool.page
         self._tables: list[list[list[int]]] = [[]]  # [the tables]: what the finalizer releases
         # A buffer dropped without release() (a fork whose answer is done) gives its pages back when collected:
@@ -116,7 +117,7 @@ class PagedBuffer:
     def _changed(self) -> None:
         """The page tables changed: work out the addresses the kernel reads each page of each (row, head) at,
         ``(B * H, J)`` int64 for keys and for values (16 bytes per page and head, held with the tables)."""
-        if not self.n:
+        if not self.n or not self.addressed:
             self.pointers = None
             return
         self.pointers = page_addresses(self.pool, self.tables, self.shape[0])
@@ -313,7 +314,7 @@ class PagedBuffer:
     def fork(self, copies: int = 1) -> PagedBuffer:
         """A buffer whose row ``r`` reads this one's row ``r // copies`` from the same pages (one more
         reference each, no copy); whichever writes a shared page copies it first."""
-        fork = PagedBuffer(self.pool, self.extents)
+        fork = PagedBuffer(self.pool, self.extents, self.addressed)
         fork.shape, fork.dtype, fork.device, fork.n = self.shape, self.dtype, self.device, self.n
         fork.tables = [list(table) for table in self.tables for _ in range(copies)]
         for table in fork.tables:
@@ -413,15 +414,15 @@ def page_addresses(pool: PagePool, tables: list[list[int]], heads: int) -> tuple
     """The ``(N * H, J)`` int64 addresses of each (row, head)'s ``(P, D)`` keys and values in each page of its
     table, as :func:`kvcompress.kernels.paged_attend` reads them (``J`` the longest table; shorter ones end
     in zeros, which the kernel never reads). 16 bytes per page and head."""
-    longest = max(len(table) for table in tables)
-    base = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2): head 0's keys and values
-    step = torch.zeros(len(tables), longest, 2, dtype=torch.int64)  # (N, J, 2): bytes from one head to the next
-    for row, table in enumerate(tables):
-        for j, page in enumerate(table):
+    longest = max((len(table) for table in tables), default=0)
+    rows = []  # per page: head 0's key and value addresses, and the bytes from one head to the next of each
+    for table in tables:
+        for page in table:
             k, v = pool.data[page]
-            base[row, j, 0], base[row, j, 1] = k.data_ptr(), v.data_ptr()
-            step[row, j, 0], step[row, j, 1] = k.stride(0) * k.element_size(), v.stride(0) * v.element_size()
-    per_head = base[:, None] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * step[:, None]  # (N, H, J, 2)
+            rows.append((k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), v.stride(0) * v.element_size()))
+        rows.extend([(0, 0, 0, 0)] * (longest - len(table)))
+    at = torch.tensor(rows, dtype=torch.int64).view(len(tables), longest, 2, 2)  # (N, J, base or step, key or value)
+    per_head = at[:, None, :, 0] + torch.arange(heads, dtype=torch.int64)[None, :, None, None] * at[:, None, :, 1]  # (N, H, J, 2)
     return per_head[..., 0].flatten(0, 1).contiguous(), per_head[..., 1].flatten(0, 1).contiguous()
 
 
@@ -464,7 +465,8 @@ def attend_pages(
     keys, values = page_addresses(pool, [table[:n] for table, n in zip(tables, npages)], heads)  # (N * H, J) each
     per_head = lambda counts: torch.tensor(counts, dtype=torch.int64).repeat_interleave(heads)  # noqa: E731  (N * H,)
     return paged_attend(
-        query.contiguous(), keys, values, per_head(npages), per_head(fills), page, NO_MASK, scaling, NO_OBSERVATION
+        query.contiguous(), keys, values, per_head(npages), per_head(fills), page, max(lengths), NO_WINDOW, NO_WINDOW, NO_MASK,
+        scaling, NO_OBSERVATION
     )
 
 
