@@ -41,7 +41,7 @@ from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.persist import load, save_cache
 from kvcompress.state import Value, load_sliding_state, parts_of, restore, sliding_state, state_of
-from kvcompress.step import ATTENTION, Attended, DenseSegment, Operands, Replayed, Segment, StepInputs
+from kvcompress.step import ATTENTION, Attended, Operands, Replayed, Segment, StepInputs
 
 _UNKNOWN = object()  # a layer's validity not handed down: work it out
 
@@ -125,8 +125,8 @@ class CompressedLayer(CacheLayerMixin):
         slot, then compress; returns the ``(B, Hq, q, D)`` attention output."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
-        if inputs.replay is not None:
-            return self._replay(query, keys, values, inputs, scaling)
+        if inputs.replay is not None:  # a replay step scores the held slots and stores nothing (KVzip)
+            return self.selection.replay_step(self, query, keys, values, inputs, scaling)
         operands = self.append(keys, values, inputs)
         attended = attention.attend(query, operands, scaling)
         self.compress(attended, query, inputs, scaling, operands.valid)
@@ -147,7 +147,7 @@ class CompressedLayer(CacheLayerMixin):
         if inputs.hold and observe > 0:
             observe = 0  # a window of queries is observed once the step that compresses has come
         observed = self._observation(batch, heads, len(self)) if observe else None
-        return Operands(tuple(part.segment() for part in self._parts()), self.valid(), heads, observe, observed)
+        return Operands(self.segments(), self.valid(), heads, observe, observed)
 
     def _observation(self, batch: int, heads: int, slots: int) -> torch.Tensor:
         """The ``(B, H, slots)`` observation a step adds to in place: the attention observed so far, then
@@ -183,41 +183,6 @@ class CompressedLayer(CacheLayerMixin):
             self._observe_held(query.shape[2], scaling)
         self._evict(inputs.expected, valid, decoding=query.shape[2] == 1)
         self._settle()
-
-    def _replay(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
-        """A replay step (KVzip): the ``q`` new tokens attend to every held slot and causally to each
-        other, as in a normal step, but are not stored. The score of a slot of the replayed chunk
-        (:class:`~kvcompress.step.Replayed`) becomes the most attention it received from any of them (the
-        prompt's and the chunk's) and any query head of its KV head, in a softmax over the sinks, the
-        chunk's held slots and the step's tokens only (Kim et al., 2025, Algorithm 1), or its score from an
-        earlier replay step if higher."""
-        batch, heads, new, _ = keys.shape
-        held = len(self)
-        valid = self.valid()
-        if valid is None:
-            valid = torch.ones(batch, heads, held, dtype=torch.bool, device=keys.device)
-        mine = torch.ones(batch, heads, new, dtype=torch.bool, device=keys.device)
-        if inputs.valid is not None:
-            mine = mine & inputs.valid[:, None, :]
-        segments = (*(part.segment() for part in self._parts()), DenseSegment(keys, values))
-        output = attention.attend(query, Operands(segments, torch.cat([valid, mine], -1), heads), scaling).output
-        chunk = inputs.replay
-        age = valid.cumsum(-1) - 1  # (B, H, S) 0 = the row's oldest real token
-        start, stop = chunk.start.to(age)[:, None, None], chunk.stop.to(age)[:, None, None]
-        read = valid & ((age < chunk.sink) | ((age >= start) & (age < stop)))  # (B, H, S) the scoring softmax's held slots
-        held_keys, held_values = self.dense_keys_values()
-        scale = None
-        if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
-            every = torch.cat([held_values, values], 2).float()  # (B, H, S + q, D)
-            rep = query.shape[1] // heads
-            out_heads = inputs.output_weight.float().view(-1, heads, rep, every.shape[-1])  # (hidden, H, g, D)
-            contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
-            scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
-        peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), torch.cat([read, mine], -1), scaling, scale)
-        peak = peak[..., :held] * (read & (age >= start))  # (B, H, S) the chunk's slots only: the sinks' are not its
-        self._set_attention(peak if self.attention is None else torch.maximum(self.attention, peak))
-        self.held = None  # the replay's queries replace the held context's own
-        return output
 
     def compress_held(self, allotted: torch.Tensor | None = None) -> None:
         """Compress what held steps left, with no step to follow them (after a replay); ``allotted``:
@@ -396,6 +361,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def _parts(self):
         return [part for part in (*self.shared, self.store, self.window) if part is not None and len(part)]
+
+    def segments(self) -> tuple[Segment, ...]:
+        """What attention reads of every part holding slots, in slot order."""
+        return tuple(part.segment() for part in self._parts())
+
+    def set_scores(self, scores: torch.Tensor) -> None:
+        """Replace the ``(B, H, S)`` observed attention the selection scores with (a replay's peak scores),
+        and forget the held steps' queries (a replay's stand in for them)."""
+        self._set_attention(scores)
+        self.held = None
 
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""

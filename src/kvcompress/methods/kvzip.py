@@ -10,7 +10,8 @@ user's turn and the chunk is the assistant's answer), as queries over the full-p
 of chunk ``k`` is scored by chunk ``k``'s replay step alone: its score is the largest attention weight
 it receives from any token of the step (the prompt's and the chunk's) and any query head of its KV
 head, in a softmax over the ``sink`` oldest tokens, chunk ``k``'s held slots and the step's own tokens
-(the model's own attention in that step still reads the whole context). One ranking over every head of
+(the model's own attention in that step still reads the whole context; :func:`replay_step`, which a
+layer calls for a replay step). One ranking over every head of
 every layer (``allocation=global``, the paper's non-uniform budget) then keeps the best scores of
 the whole model, per row: heads and layers keep different numbers of tokens, each head stored apart,
 so what is evicted is freed. The replayed tokens are never kept, and the scores do not depend on any
@@ -46,12 +47,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompress import attention
 from kvcompress.attach import KEYWORD
 from kvcompress.generation import asked_part
 from kvcompress.methods.scored import ScoredEviction
 from kvcompress.models import cache_kwarg
 from kvcompress.protocols import LayerView
-from kvcompress.step import Replayed
+from kvcompress.step import DenseSegment, Operands, Replayed, StepInputs
 from kvcompress.registry import register
 
 
@@ -102,6 +104,10 @@ class KVzip(ScoredEviction):
     def replay_context(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
         replay(model, tokenizer, input_ids, attention_mask, cache)
 
+    def replay_step(self, layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs,
+                    scaling: float) -> torch.Tensor:
+        return replay_step(layer, query, keys, values, inputs, scaling)
+
     def score(self, view: LayerView) -> torch.Tensor:
         return view.attention  # (B, H, S)
 
@@ -149,6 +155,41 @@ def replay(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tens
                     input_ids=ids, attention_mask=torch.cat([attention_mask, mask], 1), position_ids=positions,
                     use_cache=True, logits_to_keep=1, **kwargs,
                 )
+
+
+def replay_step(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: StepInputs, scaling: float) -> torch.Tensor:
+    """A layer's replay step (:class:`kvcompress.cache.CompressedLayer`): the ``q`` new tokens attend to every
+    held slot and causally to each other, as in a normal step, but are not stored. The score of a slot of
+    the replayed chunk (:class:`~kvcompress.step.Replayed`) becomes the most attention it received from
+    any of them (the prompt's and the chunk's) and any query head of its KV head, in a softmax over the
+    sinks, the chunk's held slots and the step's tokens only (Algorithm 1), or its score from an earlier
+    replay step if higher. Returns the ``(B, Hq, q, D)`` attention output."""
+    batch, heads, new, _ = keys.shape
+    held = len(layer)
+    valid = layer.valid()
+    if valid is None:
+        valid = torch.ones(batch, heads, held, dtype=torch.bool, device=keys.device)
+    mine = torch.ones(batch, heads, new, dtype=torch.bool, device=keys.device)
+    if inputs.valid is not None:
+        mine = mine & inputs.valid[:, None, :]
+    segments = (*layer.segments(), DenseSegment(keys, values))
+    output = attention.attend(query, Operands(segments, torch.cat([valid, mine], -1), heads), scaling).output
+    chunk = inputs.replay
+    age = valid.cumsum(-1) - 1  # (B, H, S) 0 = the row's oldest real token
+    start, stop = chunk.start.to(age)[:, None, None], chunk.stop.to(age)[:, None, None]
+    read = valid & ((age < chunk.sink) | ((age >= start) & (age < stop)))  # (B, H, S) the scoring softmax's held slots
+    held_keys, held_values = layer.dense_keys_values()
+    scale = None
+    if inputs.output_weight is not None:  # KVzip+: |W_O v| per query head and slot, over |h| per query
+        every = torch.cat([held_values, values], 2).float()  # (B, H, S + q, D)
+        rep = query.shape[1] // heads
+        out_heads = inputs.output_weight.float().view(-1, heads, rep, every.shape[-1])  # (hidden, H, g, D)
+        contributed = torch.einsum("bhsd,ehgd->bhgse", every, out_heads).norm(dim=-1)  # (B, H, g, S + q)
+        scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
+    peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), torch.cat([read, mine], -1), scaling, scale)
+    peak = peak[..., :held] * (read & (age >= start))  # (B, H, S) the chunk's slots only: the sinks' are not its
+    layer.set_scores(peak if layer.attention is None else torch.maximum(layer.attention, peak))
+    return output
 
 
 @contextlib.contextmanager
