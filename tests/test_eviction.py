@@ -14,6 +14,7 @@ from kvcompress.methods.budgets import pyramid_budgets
 from kvcompress.methods.knorm import KNorm
 from kvcompress.methods.snapkv import SnapKV
 from kvcompress.models import cache_kwarg
+from kvcompress.pages import PAGE
 from kvcompress.protocols import LayerView
 
 
@@ -181,14 +182,15 @@ def test_adakv_keeps_the_reference_allocation_and_frees_the_rest(smol, ids):
         assert store.lengths()[0].tolist() == [len(e) for e in expected]
         ragged += len(set(store.lengths()[0].tolist())) > 1
     assert ragged  # the heads really hold different numbers of tokens
-    # Only the kept tokens are held: K and V fp32 per kept token of every head (each head in its
-    # own buffer, no spare capacity), the (B, H) int64 budget, the float32 scores of the longest
-    # head's slots (the window is empty right after the cut), and the (B, H, S) bool validity of the
-    # heads' slots once a step has worked it out (None where every head holds as many).
+    # Only the kept tokens' pages are held: each head in its own pages of 32 slots of K and V fp32 (its last
+    # page partly filled), the (B, H) int64 budget, the float32 scores of the longest head's slots (the
+    # window is empty right after the cut), and the (B, H, S) bool validity of the heads' slots once a
+    # step has worked it out (None where every head holds as many).
     layers = cache.compressed_layers
     joined = [layer.store.valid() for layer in layers]
     expected_bytes = sum(
-        int(layer.store.lengths().sum()) * 2 * 64 * 4 + 3 * 8 + 4 * 3 * len(layer) + (0 if mask is None else mask.numel())
+        sum(-(-n // PAGE) for n in layer.store.lengths().flatten().tolist()) * PAGE * 2 * 64 * 4
+        + 3 * 8 + 4 * 3 * len(layer) + (0 if mask is None else mask.numel())
         for layer, mask in zip(layers, joined)
     )
     assert all(len(layer.window) == 0 for layer in layers)
@@ -328,8 +330,8 @@ def test_a_prompt_cut_that_keeps_every_token_releases_its_queries(tiny):
     cache = kvcompress.make_cache("expected_attention:budget=64", tiny)
     with torch.no_grad(), kvcompress.attach(tiny, cache):
         tiny(ids, use_cache=True, **{cache_kwarg(tiny): cache})
-        assert all(layer.queries is None for layer in cache.compressed_layers)
-        assert cache.nbytes == sum(layer.window.nbytes + layer.budget.nbytes for layer in cache.compressed_layers)
+        assert all(layer.scoring.queries is None for layer in cache.compressed_layers)
+        assert cache.nbytes == sum(layer.window.nbytes + layer.scoring.budget.nbytes for layer in cache.compressed_layers)
         for i in range(3):  # decoding collects the queries the next cut will score with
             tiny(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(tiny): cache})
-        assert all(layer.queries.shape[2] == 3 for layer in cache.compressed_layers)
+        assert all(layer.scoring.queries.shape[2] == 3 for layer in cache.compressed_layers)

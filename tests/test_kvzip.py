@@ -76,7 +76,7 @@ def test_replay_scores_only_its_chunk_in_a_softmax_over_the_chunk():
     weights = logits.masked_fill(~allowed, -torch.inf).softmax(-1)  # (1, 2, 2, 7, 12)
     expected = torch.zeros(1, 2, held)
     expected[..., 2:6] = weights[..., 1 : len(read)].amax((2, 3))
-    torch.testing.assert_close(layer.attention, expected)
+    torch.testing.assert_close(layer.scoring.attention, expected)
 
 
 def test_global_budgets_rank_every_head_of_every_layer():
@@ -110,7 +110,7 @@ def test_ragged_heads_and_kivi_compose(smol):
         layer = cache.compressed_layers[0]
         assert isinstance(layer.store, RaggedStore)
         kept = layer.valid().sum(-1)  # (1, H) tokens each head keeps
-        assert int(kept.sum()) == int(layer.budget.sum())  # the layer's share, spread unevenly
+        assert int(kept.sum()) == int(layer.scoring.budget.sum())  # the layer's share, spread unevenly
         assert len(set(kept.flatten().tolist())) > 1
     assert quantized.nbytes < plain.nbytes
 

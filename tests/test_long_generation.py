@@ -115,22 +115,24 @@ def test_layers_ask_the_selection_only_when_a_head_could_be_over_its_budget(tiny
     assert asked_quiet <= 2 * (1 + steps // 16 + 1)
 
 
-def test_a_ragged_layer_reads_its_heads_where_they_are_held_after_a_trim(tiny):
-    """A ragged layer works out its heads' segments once per change; trimming the spare capacity (a
-    context at rest) is a change: the segments then view the trimmed tensors, not the released ones."""
+def test_a_ragged_layer_reads_the_pages_its_heads_hold_after_they_move(tiny):
+    """A ragged layer works out its heads' page tables once per change; giving repeated rows their own
+    pages (``unshare``) is a change: the tables then name the copies, not the pages the rows shared."""
     torch.manual_seed(0)
     _, cache, _ = _generate(tiny, "adakv:budget=24,block=16", 57)
-    spare = [len(inner) < inner.k.shape[2] for layer in cache.compressed_layers for row in layer.store.rows for inner in row]
-    assert any(spare)  # some head holds room to release
+    cache.batch_repeat_interleave(2)
+    first_pages = lambda store: [[inner.pool.data[inner.tables[0][0]][0].data_ptr() for inner in row] for row in store.rows]  # noqa: E731
     for layer in cache.compressed_layers:
         store = layer.store
         before = store.segment()
         assert store.segment() is before  # nothing changed: the same segment
-        layer.trim()
-        after = store.segment()
-        for row, heads in zip(store.rows, after.rows):
-            for inner, segment in zip(row, heads):
-                assert segment.keys.data_ptr() == inner.k.data_ptr() and segment.values.data_ptr() == inner.v.data_ptr()
+        shared = before.tables[0][:, 0].view(2, -1)  # (rows, heads) each head's first key page
+        assert torch.equal(shared[0], shared[1]) and shared[0].tolist() == first_pages(store)[0]
+    cache.unshare()
+    for layer in cache.compressed_layers:
+        after = layer.store.segment().tables[0][:, 0].view(2, -1)
+        assert not bool((after[0] == after[1]).any())  # each row reads its own copy
+        assert after.tolist() == first_pages(layer.store)
 
 
 @pytest.mark.parametrize("spec", [
@@ -150,13 +152,13 @@ def test_the_observed_attention_follows_each_token_when_a_ragged_layer_settles(s
 
     def per_head(layer):
         valid = layer.valid()
-        attention = layer.attention
+        attention = layer.scoring.attention
         valid = torch.ones_like(attention, dtype=torch.bool) if valid is None else valid
         assert attention.shape == valid.shape
         return [attention[b, h][valid[b, h]] for b in range(valid.shape[0]) for h in range(valid.shape[1])]
 
     def checked(layer):
-        if layer.attention is None:
+        if layer.scoring.attention is None:
             return settle(layer)
         before, stored = per_head(layer), len(layer.store)
         settle(layer)

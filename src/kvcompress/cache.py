@@ -31,12 +31,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.buffer import CHUNK, FullPrecisionBuffer, compaction_index
+from kvcompress.buffer import FullPrecisionBuffer
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name
 from kvcompress.pages import PagePool
 from kvcompress.paged import PagedBuffer
 from kvcompress.ragged import RAGGED_CHUNK, RaggedStore
+from kvcompress.scoring import Scoring
 from kvcompress.protocols import LayerView, Selection, Storage
 from kvcompress.registry import Pipeline, SpecError, parse_spec
 from kvcompress.persist import load, save_cache
@@ -87,13 +88,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store = None
         self.positions: torch.Tensor | None = None  # (B, H, n) int32 window positions, if the storage needs them
         self.seen = 0
-        self.attention: torch.Tensor | None = None  # (B, H, S) float32 attention observed for the selection
-        self.room: torch.Tensor | None = None  # (B, H, >= S) zeros past S, `attention` its view (see _observation)
-        self.queries: torch.Tensor | None = None  # (B, Hq, m, D) queries since the last compression, if asked
-        self.query_positions: torch.Tensor | None = None  # (B, m)
-        self.held: torch.Tensor | None = None  # (B, Hq, k, D) last queries of held steps (question-aware)
-        self.budget: torch.Tensor | None = None  # (B, H, 1) the selection's budget, set at the first compression
-        self.quiet_until: int | None = None  # tokens seen before the selection could evict (Selected.quiet)
+        self.scoring = Scoring(selection is not None and selection.accumulate)  # what the selection scores with
         self.shared: list[SharedPart] = []  # a fork's view of the parts of the layer it was forked from
 
     @property
@@ -146,40 +141,22 @@ class CompressedLayer(CacheLayerMixin):
         observe = self.selection.observe if self.selection is not None else 0
         if inputs.hold and observe > 0:
             observe = 0  # a window of queries is observed once the step that compresses has come
-        observed = self._observation(batch, heads, len(self)) if observe else None
+        observed = self.scoring.observation(batch, heads, len(self), self.device) if observe else None
         return Operands(self.segments(), self.valid(), heads, observe, observed)
-
-    def _observation(self, batch: int, heads: int, slots: int) -> torch.Tensor:
-        """The ``(B, H, slots)`` observation a step adds to in place: the attention observed so far, then
-        zeros for the step's new slots. It is a view of :attr:`room`, which holds zeros past the view and
-        grows ``CHUNK`` slots at a time, so a decode step neither pads nor copies it."""
-        held, room = self.attention, self.room
-        if (
-            room is None or held is None or held.data_ptr() != room.data_ptr() or room.shape[:2] != (batch, heads)
-            or not held.shape[-1] <= slots <= room.shape[-1]
-        ):
-            room = torch.zeros(batch, heads, -(-slots // CHUNK) * CHUNK, dtype=torch.float32, device=self.device)
-            if held is not None:
-                room[..., : held.shape[-1]] = held
-            self.room = room
-        return room[..., :slots]
 
     def compress(self, attended: Attended, query: torch.Tensor, inputs: StepInputs, scaling: float, valid=_UNKNOWN) -> None:
         """Keep what the selection scores with, then (unless the step is held) evict and settle; ``valid``:
         the step's :meth:`valid`, when its caller has it (the slots did not move since)."""
-        selection = self.selection
+        selection, scoring = self.selection, self.scoring
         if selection is not None and selection.queries:
-            positions = self._positions(inputs.positions, self.seen - query.shape[2], query.shape[2])
-            self.queries = query if self.queries is None else torch.cat([self.queries, query], 2)
-            self.query_positions = positions if self.query_positions is None else torch.cat([self.query_positions, positions], -1)
+            scoring.add_queries(query, self._positions(inputs.positions, self.seen - query.shape[2], query.shape[2]))
         if attended.observed is not None:
-            self._set_attention(attended.observed)  # Operands.observed with this step's attention added
+            scoring.set_attention(attended.observed)  # Operands.observed with this step's attention added
         if inputs.hold:
             if selection is not None and selection.observe > 0:  # carry the window of queries to the next step
-                held = query if self.held is None else torch.cat([self.held, query], 2)
-                self.held = held[:, :, -selection.observe :]
+                scoring.hold(query, selection.observe)
             return
-        if self.held is not None:
+        if scoring.held is not None:
             self._observe_held(query.shape[2], scaling)
         self._evict(inputs.expected, valid, decoding=query.shape[2] == 1)
         self._settle()
@@ -187,7 +164,7 @@ class CompressedLayer(CacheLayerMixin):
     def compress_held(self, allotted: torch.Tensor | None = None) -> None:
         """Compress what held steps left, with no step to follow them (after a replay); ``allotted``:
         ``(B, H, 1)`` tokens each head keeps, from a model-wide allocation (see :meth:`Selection.allot`)."""
-        self.held = None
+        self.scoring.held = None
         self._evict(allotted=allotted)
         self._settle()
 
@@ -197,18 +174,10 @@ class CompressedLayer(CacheLayerMixin):
             return torch.arange(start, start + new, device=self.device)[None]
         return given.to(self.device)
 
-    def _observe(self, observed: torch.Tensor) -> None:
-        """Add a step's ``(B, H, S)`` observed attention (its new slots start at zero)."""
-        if self.attention is None:
-            self._set_attention(observed)
-            return
-        grow = observed.shape[-1] - self.attention.shape[-1]
-        self._set_attention(torch.nn.functional.pad(self.attention, (0, grow)) + observed)
-
     def _observe_held(self, new: int, scaling: float) -> None:
         """Question-aware: the observation window spans the held steps and this one; score the held
         queries it still needs against the slots they could see (all but this step's)."""
-        held, self.held = self.held, None
+        held = self.scoring.take_held()
         need = self.selection.observe - min(self.selection.observe, new)
         if need <= 0:
             return
@@ -217,7 +186,7 @@ class CompressedLayer(CacheLayerMixin):
         valid = self.valid()
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device) if valid is None else valid
         earlier = attention.summed_attention(held[:, :, -need:], keys[:, :, :slots], valid[..., :slots], scaling)
-        self._observe(torch.nn.functional.pad(earlier, (0, new)))
+        self.scoring.observe(torch.nn.functional.pad(earlier, (0, new)))
 
     def view(self, expected: torch.Tensor | None = None, valid=_UNKNOWN, allotted: torch.Tensor | None = None) -> LayerView:
         """What the selection sees of this layer (arguments: see :meth:`_evict`)."""
@@ -225,8 +194,9 @@ class CompressedLayer(CacheLayerMixin):
             valid = self.valid()
         if valid is None:
             valid = torch.ones(*self.window.batch_heads, len(self), dtype=torch.bool, device=self.device)
+        scoring = self.scoring
         return LayerView(
-            valid, self.attention, self.queries, self.query_positions, self.budget, self.layer_idx, self.num_layers,
+            valid, scoring.attention, scoring.queries, scoring.query_positions, scoring.budget, self.layer_idx, self.num_layers,
             dense=self.dense_keys_values, rotary=self.rotary, expected=expected, head_scores=self.head_scores, allotted=allotted,
         )
 
@@ -234,23 +204,18 @@ class CompressedLayer(CacheLayerMixin):
         """Apply the selection (``expected``: see :class:`~kvcompress.step.StepInputs`; ``valid``: as in
         :meth:`compress`; ``decoding``: the step was one token, whose cut the pages may only mask;
         ``allotted``: see :meth:`compress_held`); True when it evicted."""
-        if self.selection is None or (self.quiet_until is not None and self.seen <= self.quiet_until):
+        if self.selection is None or self.scoring.quiet(self.seen):
             return False
         view = self.view(expected, valid, allotted)
-        first = self.budget is None  # the prompt cut to its budget; later cuts are in a decode loop
         selected = self.selection.select(view)
-        self.quiet_until = None if selected.quiet is None else self.seen + selected.quiet
-        self.budget = selected.budget
         keep = selected.keep
-        if keep is None or first:  # the prompt's queries have served even where its cut kept every token
-            self.queries = self.query_positions = None
+        self.scoring.selected(selected.budget, selected.quiet, self.seen, evicts=keep is not None)
         if keep is None:
             return False
         if self.store is None:  # the window is the whole layer: evicted slots may only be masked
             window_index = self.window.drop(keep, compact=not decoding)
             if window_index is None:  # nothing moved
-                if self.attention is not None and not self.selection.accumulate:
-                    self.attention.zero_()  # in place: a view of the room stays one
+                self.scoring.restart()
                 return True
             return self._moved([window_index])
         stored = len(self.store)
@@ -265,9 +230,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def _moved(self, kept: list[torch.Tensor]) -> bool:
         """Follow the slots' moves (``(B, H, n)`` old slot of each, per part) with the observed attention."""
-        if self.attention is not None:
-            index = torch.cat(kept, -1)  # (B, H, S') the old slot of each slot held now
-            self._set_attention(self.attention.gather(-1, index) if self.selection.accumulate else torch.zeros(index.shape, device=self.device))
+        if self.scoring.attention is not None:
+            self.scoring.moved(torch.cat(kept, -1), self.device)  # (B, H, S') the old slot of each slot held now
         return True
 
     def _settle(self) -> None:
@@ -307,37 +271,18 @@ class CompressedLayer(CacheLayerMixin):
         keys, values = self.window.keys_values()
         self.store.append(keys, values, take, None)
         window_index = self.window.compact(valid & ~take, in_place=True)  # (B, H, n') old window slot of each
-        if self.attention is not None:
-            self._moved_ragged(stored, before, take, window_index)
-
-    def _moved_ragged(self, stored: int, before: torch.Tensor, take: torch.Tensor, window_index: torch.Tensor) -> None:
-        """Follow a ragged settle with the observed attention: head ``h`` held ``before[h]`` of the ``stored``
-        store slots, and its window tokens ``take`` ``(B, H, n)`` went on after its own; ``window_index``: the
-        old window slot of each window slot now. A slot no token moved to (a shorter head's padding) gets 0."""
-        held = self.attention
-        held = torch.nn.functional.pad(held, (0, stored + take.shape[-1] + 1 - held.shape[-1]))  # last column: 0
-        nothing = held.shape[-1] - 1
-        slot = torch.arange(len(self.store), device=self.device)  # (S,) the store's slots now
-        moved, _ = compaction_index(take)  # (B, H, n) each head's taken window slots, in order
-        offset = slot - before  # (B, H, S) how far past the head's own earlier tokens
-        came = (offset >= 0) & (offset < take.sum(-1, keepdim=True))
-        from_window = stored + moved.gather(-1, offset.clamp(0, moved.shape[-1] - 1))
-        store_index = torch.where(slot < before, slot, torch.where(came, from_window, nothing))
-        window_valid = self.window.valid()
-        window_index = stored + window_index
-        if window_valid is not None:
-            window_index = window_index.masked_fill(~window_valid[..., : window_index.shape[-1]], nothing)
-        self._set_attention(held.gather(-1, torch.cat([store_index, window_index], -1)))
+        self.scoring.moved_ragged(stored, before, take, window_index, self.window.valid(), len(self.store))
 
     # ---- what the layer holds ---------------------------------------------------------------
 
-    STATE = ("seen", "positions", "attention", "queries", "query_positions", "held", "budget")  # see kvcompress.state
+    STATE = ("seen", "positions")  # see kvcompress.state; with the scoring's entries, unprefixed
 
     def state(self) -> dict[str, Value]:
         """Every entry the layer holds (see :mod:`kvcompress.state`), for saving."""
         if not self.is_initialized:
             return {"initialized": False}
-        out = {"initialized": True, "head_dim": self.head_dim, **state_of(self), **state_of(self.window, "window.")}
+        out = {"initialized": True, "head_dim": self.head_dim, **state_of(self), **state_of(self.scoring)}
+        out.update(state_of(self.window, "window."))
         if self.store is not None:
             out.update(state_of(self.store, "store."))
             if isinstance(self.store, RaggedStore):
@@ -351,6 +296,7 @@ class CompressedLayer(CacheLayerMixin):
         empty = torch.empty(1, 1, 0, state["head_dim"], dtype=dtype, device=device)
         self.lazy_initialization(empty, empty)
         restore(self, state)
+        restore(self.scoring, state)
         _restore_part(self.window, state, "window.")
         if self.store is not None:
             restore(self.store, state, "store.")
@@ -366,11 +312,6 @@ class CompressedLayer(CacheLayerMixin):
         """What attention reads of every part holding slots, in slot order."""
         return tuple(part.segment() for part in self._parts())
 
-    def set_scores(self, scores: torch.Tensor) -> None:
-        """Replace the ``(B, H, S)`` observed attention the selection scores with (a replay's peak scores),
-        and forget the held steps' queries (a replay's stand in for them)."""
-        self._set_attention(scores)
-        self.held = None
 
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""
@@ -399,19 +340,7 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
-        attention = None if self._in_room() else self.attention  # a view of the room occupies the room
-        return held + _nbytes(self.positions, self.room, attention, self.queries, self.query_positions, self.held, self.budget)
-
-    def _set_attention(self, attention: torch.Tensor | None) -> None:
-        """Keep ``attention`` as the observed attention; the room goes with the attention it held, unless
-        ``attention`` is its view (released now, not when the next step would replace it)."""
-        self.attention = attention
-        if self.room is not None and not self._in_room():
-            self.room = None
-
-    def _in_room(self) -> bool:
-        """Whether :attr:`attention` is a view of :attr:`room` (then the room is what it occupies)."""
-        return self.room is not None and self.attention is not None and self.attention.data_ptr() == self.room.data_ptr()
+        return held + _nbytes(self.positions) + self.scoring.nbytes
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -432,9 +361,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def trim(self) -> None:
         """Release capacity reserved for tokens to come: held slots stay as they are."""
-        if self._in_room():
-            self.attention = self.attention.clone()
-        self.room = None
+        self.scoring.trim()
         for part in self._parts():
             for obj in parts_of(part):
                 if hasattr(obj, "trim"):
@@ -460,9 +387,9 @@ class CompressedLayer(CacheLayerMixin):
             raise NotImplementedError("rows of a forked cache cannot be reordered (beam search): they share their context")
         for part in self._parts():
             part.map_batch(fn)
-        for name in ("attention", "positions", "queries", "query_positions", "held", "budget"):
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        self.scoring.map_batch(fn)
 
     def unshare(self) -> None:
         """Give each row its own pages (see :meth:`kvcompress.paged.PagedBuffer.unshare` and

@@ -236,7 +236,7 @@ class Selection:
     def replay_step(self, layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs, scaling: float) -> torch.Tensor:
         """One layer's step of a replay (``inputs.replay`` set, see :meth:`replay_context`): the ``(B, Hq, q, D)``
         attention output of the step's tokens over the ``layer``'s held slots, which it scores
-        (``layer.set_scores``) without storing the tokens (see :func:`kvcompress.methods.kvzip.replay_step`)."""
+        (``layer.scoring``) without storing the tokens (see :func:`kvcompress.methods.kvzip.replay_step`)."""
         raise NotImplementedError
 
     def allot(self, views: list[LayerView]) -> list[torch.Tensor | None]:

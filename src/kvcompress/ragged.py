@@ -216,8 +216,8 @@ class RaggedSegment:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the heads' page tables, once worked out (16 per page and head, and 16 per head)."""
-        tables = self.__dict__.get("_tables")
+        """Bytes of the heads' page tables (:attr:`tables`), once worked out (16 per page and head, and 16 per head)."""
+        tables = self.__dict__.get("tables")
         return sum(t.numel() * t.element_size() for t in tables[:4]) if tables else 0
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +254,7 @@ class RaggedSegment:
         kind = type(heads[0]) if heads else None
         if hasattr(kind, "attend_heads") and all(type(s) is kind for s in heads):
             return kind.attend_heads(heads, query, window, valid, self.length, scaling, observed)
-        tables = self._tables
+        tables = self.tables
         if tables is None or not dense_one_pass_applies(query, window):
             return None
         window_keys, window_values = kernel_pair(window.keys, window.values)
@@ -267,7 +267,7 @@ class RaggedSegment:
         return [s for row in self.rows for s in row]
 
     @functools.cached_property
-    def _tables(self) -> tuple | None:
+    def tables(self) -> tuple | None:
         """The heads' page tables as ``kvcompress::paged_attend`` reads them: ``(B * H, J)`` key and value
         page addresses (each head's own, padded to the longest with zeros, never read), ``(B * H,)`` pages
         and slots in the last page per head, and the page size; None unless every held head is float32

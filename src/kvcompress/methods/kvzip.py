@@ -188,7 +188,9 @@ def replay_step(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         scale = (contributed.flatten(1, 2), 1 / inputs.hidden_norm.float().clamp_min(1e-6))
     peak = attention.peak_attention(query, torch.cat([held_keys, keys], 2), torch.cat([read, mine], -1), scaling, scale)
     peak = peak[..., :held] * (read & (age >= start))  # (B, H, S) the chunk's slots only: the sinks' are not its
-    layer.set_scores(peak if layer.attention is None else torch.maximum(layer.attention, peak))
+    scoring = layer.scoring
+    scoring.set_attention(peak if scoring.attention is None else torch.maximum(scoring.attention, peak))
+    scoring.held = None  # the replay's queries stand in for the held context's own
     return output
 
 
