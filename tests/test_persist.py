@@ -42,6 +42,20 @@ def test_a_reloaded_cache_continues_exactly_and_its_file_is_its_bytes(row, smol,
     assert torch.equal(_continue(model, loaded, ids[:, -6:]), _continue(model, cache, ids[:, -6:]))
 
 
+def test_a_context_held_for_its_question_is_not_saved_half_compressed(tiny, tmp_path):
+    """A question-aware context (fed under ``deferred``) waits for the question's step to be compressed:
+    saving it then is refused, and saving after the question works."""
+    cache = kvcompress.make_cache("snapkv:budget=16,window=4", tiny)
+    with torch.no_grad(), kvcompress.attach(tiny, cache):
+        with cache.deferred():
+            tiny(torch.randint(3, 128, (1, 40)), **{cache_kwarg(tiny): cache}, use_cache=True)
+        with pytest.raises(RuntimeError, match="question-aware step that is not compressed yet"):
+            cache.save(tmp_path / "held.kvc")
+        tiny(torch.randint(3, 128, (1, 3)), **{cache_kwarg(tiny): cache}, use_cache=True)
+        assert all(layer.scoring.held is None for layer in cache.compressed_layers)  # compressed with the question
+        cache.save(tmp_path / "held.kvc")
+
+
 def test_a_damaged_or_foreign_file_is_refused_with_the_fix(smol, tiny, tmp_path):
     model, tokenizer = smol
     cache = kvcompress.compress(model, tokenizer, CONTEXT, "kivi:bits=4")

@@ -98,7 +98,7 @@ def save_cache(cache, path: str | Path, tokenizer=None) -> Path:
         RuntimeError: a forward is using the cache (save between steps).
         CacheFileError: ``path`` exists and is not a regular file (a folder, a FIFO, a device).
     """
-    if cache.attached_to is not None and any(getattr(l, "held", None) is not None for l in cache.layers):
+    if cache.attached_to is not None and any(l.scoring.held is not None for l in cache.compressed_layers):
         raise RuntimeError("the cache holds a question-aware step that is not compressed yet; save it after the question")
     tensors, scalars, seen_storage = {}, {}, set()
     for layer in cache.compressed_layers:
