@@ -137,9 +137,10 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
 
 def share_heads_bytes(groups, residual):
     def formula(tokens):
-        stored = max(0, tokens - residual)  # merged heads, 64 tokens reserved at a time
+        stored = max(0, tokens - residual)  # merged heads, in pages of 32 tokens of the `groups` merged heads
         grouping = KV_HEADS * 8 + groups * KV_HEADS * FP32  # int64 group of each head, fp32 (G, H) membership
-        return FP_TOKEN * (tokens - stored) + LAYERS * (2 * groups * _round_up(stored, CHUNK) * HEAD_DIM * FP32 + grouping)
+        pages = _pages(stored) * groups * (PAGE * 2 * HEAD_DIM * FP32 + 16)  # and two 8-byte addresses per page and head
+        return FP_TOKEN * (tokens - stored) + LAYERS * (pages + grouping)
 
     return formula
 

@@ -297,13 +297,13 @@ class CompressedLayer(CacheLayerMixin):
         self.lazy_initialization(empty, empty)
         restore(self, state)
         restore(self.scoring, state)
-        _restore_part(self.window, state, "window.")
+        restore(self.window, state, "window.")
         if self.store is not None:
             restore(self.store, state, "store.")
             if isinstance(self.store, RaggedStore):
                 self.store.device = device
                 for i, store in enumerate(s for row in self.store.rows for s in row):
-                    _restore_part(store, state, f"store.stores.{i}.")
+                    restore(store, state, f"store.stores.{i}.")
 
     def _parts(self):
         return [part for part in (*self.shared, self.store, self.window) if part is not None and len(part)]
@@ -412,15 +412,6 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
-
-
-def _restore_part(part, state: dict[str, Value], prefix: str) -> None:
-    """Fill a window or a ragged head's store from its entries: pages are written through their tables
-    (:meth:`PagedBuffer.restore`), other parts take their entries as they are."""
-    if isinstance(part, PagedBuffer):
-        part.restore(state, prefix)
-    else:
-        restore(part, state, prefix)
 
 
 class SharedPart:

@@ -33,7 +33,11 @@ def state_of(obj, prefix: str = "") -> dict[str, Value]:
 
 
 def restore(obj, state: dict[str, Value], prefix: str = "") -> None:
-    """Write entries read by :func:`state_of` back into ``obj`` (tensors are used as they are)."""
+    """Write entries read by :func:`state_of` back into ``obj`` (tensors are used as they are); an object
+    with its own ``restore`` (pages, written through their tables) reads its entries itself."""
+    if hasattr(obj, "restore"):
+        obj.restore(state, prefix)
+        return
     for name in type(obj).STATE:
         value = state[f"{prefix}{name}"]
         if isinstance(value, list):  # a dict of tensors

@@ -6,7 +6,10 @@ Per layer, heads are grouped by their calibration statistics (:mod:`kvcompress.c
 Ward's agglomerative clustering on the expected squared distance between heads' keys, plus the
 same for values (each normalised by the layer's total, so keys and values weigh alike), merging
 the closest pair until ``groups`` remain. A group stores the mean of its heads' keys and values,
-``(B, G, N, D)``; attention reads it back as ``(B, H, N, D)`` by indexing (no copy is kept). This is
+``(B, G, N, D)``, in pages of 32 tokens of its ``G`` merged heads (:class:`~kvcompress.paged.PagedBuffer`;
+or an inner storage's form, e.g. ``+kivi``); a decode step reads each head's group's pages in place through
+the page table (``kvcompress::paged_attend``: the ``G`` groups' page addresses indexed per head), and other
+paths read them back as ``(B, H, N, D)`` by indexing (transient). This is
 a training-free, post-hoc version of turning MHA/GQA into GQA with fewer KV heads: Ainslie et al.,
 "GQA", 2023 (https://arxiv.org/abs/2305.13245) mean-pools the heads of a group and uptrains;
 grouping heads by similarity follows Chen et al., "Optimised Grouped-Query Attention", 2024
@@ -27,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.buffer import FullPrecisionBuffer
 from kvcompress.calibration import load_or_build
+from kvcompress.kernels import dense_one_pass_applies, kernel_pair, page_mask, paged_attend
+from kvcompress.paged import PagedBuffer
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.protocols import Representation, Store
 from kvcompress.registry import SpecError, register
@@ -122,7 +126,7 @@ class ShareHeadsStorage:
         self.group_of, self.groups, self.inner, self.residual = group_of, groups, inner, residual
 
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> ShareHeadsStore:
-        inner = FullPrecisionBuffer() if self.inner is None else self.inner.new_store(layer_idx, head_dim, dtype)
+        inner = PagedBuffer(extents=True) if self.inner is None else self.inner.new_store(layer_idx, head_dim, dtype)
         return ShareHeadsStore(self.group_of[layer_idx], self.groups, inner)
 
 
@@ -165,7 +169,9 @@ class ShareHeadsStore:
         keys, values = self.inner.keys_values()  # (B, G, N, D)
         return keys[:, self.group_of], values[:, self.group_of]  # (B, H, N, D), transient
 
-    def segment(self) -> DenseSegment:
+    def segment(self) -> DenseSegment | MergedPagesSegment:
+        if isinstance(self.inner, PagedBuffer):
+            return MergedPagesSegment(self)
         return DenseSegment(*self.keys_values())
 
     def valid(self) -> torch.Tensor | None:
@@ -177,3 +183,53 @@ class ShareHeadsStore:
     def map_batch(self, fn) -> None:
         self.inner.map_batch(fn)
         self.slots.map_batch(fn)
+
+
+class MergedPagesSegment:
+    """What attention reads of a :class:`ShareHeadsStore` whose merged heads are in pages: each head reads its
+    group's pages in place (:meth:`attend_one`), or the merged keys and values gathered per head once per
+    step (:meth:`dense`, the other paths)."""
+
+    dense_only = True
+
+    def __init__(self, store: ShareHeadsStore):
+        self.store = store
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dense is None:
+            self._dense = self.store.keys_values()
+        return self._dense
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.dense()[0].transpose(-1, -2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights @ self.dense()[1]
+
+    def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
+                   observed: torch.Tensor) -> torch.Tensor | None:
+        """One decode query per row over ``[merged pages | window]`` in one ``kvcompress::paged_attend`` call:
+        ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output, each KV head reading the pages of its
+        group through the group's page table; adds the attention each slot received to ``observed`` unless it
+        is empty. None unless the pages and the window are float32 on the CPU (the caller then takes the
+        segment path)."""
+        inner = self.store.inner
+        if window is None or inner.pointers is None or not dense_one_pass_applies(query, window):
+            return None
+        _, dim, vdim, _ = inner.shape
+        if inner.dtype != torch.float32 or inner.device.type != "cpu" or not dim == vdim == query.shape[-1]:
+            return None
+        batch, heads = query.shape[:2]
+        per_head = lambda t: t.view(batch, -1, t.shape[-1])[:, self.store.group_of].flatten(0, 1)  # noqa: E731  (B * H, J)
+        keys, values = per_head(inner.pointers[0]), per_head(inner.pointers[1])
+        pages = torch.full((batch * heads,), keys.shape[1], dtype=torch.int64)
+        fills = torch.full((batch * heads,), inner.n - (keys.shape[1] - 1) * inner.page, dtype=torch.int64)
+        window_keys, window_values = kernel_pair(window.keys, window.values)
+        return paged_attend(
+            query.contiguous(), keys, values, pages, fills, inner.page, len(self), window_keys, window_values, page_mask(valid),
+            scaling, observed,
+        )
