@@ -149,13 +149,13 @@ def share_layers_bytes(residual, pairs=7, unpaired=16):
     """``share_layers:start=0.5,threshold=-1``: of 30 layers, 15..28 form 7 pairs that store one fp32
     direction per token for K and for V plus each layer's norm (2 + 2 values) and a bool retained flag
     (none is retained at threshold -1); the other 16 layers store their settled tokens as they are,
-    64 tokens reserved at a time; every layer keeps the ``residual`` newest in full precision."""
+    in pages with their page tables; every layer keeps the ``residual`` newest in full precision."""
 
     def formula(tokens):
         settled = max(0, tokens - residual)
         capacity = _round_up(settled, CHUNK)
         per_pair = KV_HEADS * (capacity * (2 * HEAD_DIM + 4) * FP32 + settled)
-        per_unpaired = KV_HEADS * capacity * 2 * HEAD_DIM * FP32
+        per_unpaired = _pages(settled) * PAGE_BYTES
         return FP_TOKEN * (tokens - settled) + pairs * per_pair + unpaired * per_unpaired
 
     return formula

@@ -68,6 +68,23 @@ def test_ragged_heads_and_window_in_one_pass_equal_the_segment_path_and_sdpa(obs
     _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
 
 
+@requires_kernels
+@pytest.mark.parametrize("observe", [0, 1])
+def test_a_store_in_pages_and_a_window_in_one_pass_equal_the_segment_path_and_sdpa(observe):
+    """A store held in pages of 8 slots (its last page partly filled, an evicted slot masked), then the
+    layer's window with a padded row (``share_layers``' unpaired layers), in one ``paged_attend`` call."""
+    torch.manual_seed(observe)
+    batch, heads, rep = 2, 3, 3
+    store = PagedBuffer(PagePool(page=8), extents=True)
+    store.append(torch.randn(batch, heads, 21, 64), torch.randn(batch, heads, 21, 64), None)
+    window_k, window_v = torch.randn(2, batch, heads, 5, 64)
+    valid = torch.ones(batch, heads, 21 + 5, dtype=torch.bool)
+    valid[0, :, 21] = False  # padding
+    valid[1, 1, 3] = False  # evicted, still held
+    operands = Operands((store.segment(), DenseSegment(window_k, window_v)), valid, heads, observe)
+    _assert_one_pass_equals_the_other_paths(torch.randn(batch, heads * rep, 1, 64), operands)
+
+
 @requires_kernels  # without the kernels every call declines
 def test_dense_one_pass_declines_other_dtypes_and_two_segments():
     keys = torch.randn(1, 3, 8, 64)

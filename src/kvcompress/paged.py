@@ -35,7 +35,17 @@ import torch
 
 from kvcompress import native
 from kvcompress.buffer import compaction_index
-from kvcompress.kernels import NO_MASK, NO_OBSERVATION, NO_WINDOW, paged_attend, paged_kernel_reads
+from kvcompress.kernels import (
+    NO_MASK,
+    NO_OBSERVATION,
+    NO_WINDOW,
+    dense_one_pass_applies,
+    kernel_pair,
+    page_mask,
+    paged_attend,
+    paged_kernel_reads,
+    paged_one_pass_applies,
+)
 from kvcompress.pages import PagePool
 
 HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
@@ -397,6 +407,20 @@ class PagedSegment:
 
     def mix(self, weights: torch.Tensor) -> torch.Tensor:
         return weights @ self.dense()[1]
+
+    def attend_one(self, query: torch.Tensor, window, valid: torch.Tensor | None, scaling: float,
+                   observed: torch.Tensor) -> torch.Tensor | None:
+        """One decode query per row over ``[these pages | window]`` (a store in pages, then a layer's
+        full-precision window) in one ``kvcompress::paged_attend`` call: ``(B, H, G, D)`` grouped queries ->
+        ``(B, H, G, D)`` output; adds the attention each slot received to ``observed`` unless it is empty.
+        None where the kernel does not read them (the caller then takes the segment path)."""
+        if window is None or not paged_one_pass_applies(query, self) or not dense_one_pass_applies(query, window):
+            return None
+        window_keys, window_values = kernel_pair(window.keys, window.values)
+        return paged_attend(
+            query.contiguous(), *self.pointers(), *self.page_counts(), self.page, len(self), window_keys, window_values,
+            page_mask(valid), scaling, observed,
+        )
 
     def page_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B * H,)`` int64 pages and slots in the last page of each (row, head), as the C kernel reads

@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 
 from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.paged import PagedBuffer
 from kvcompress.protocols import Representation
 from kvcompress.registry import register
 from kvcompress.step import DenseSegment
@@ -118,7 +119,7 @@ class ShareLayersStorage:
 
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype):
         if layer_idx not in self.partner:
-            return FullPrecisionBuffer()  # a shallow layer, or the last one of an odd count
+            return PagedBuffer(extents=True)  # a shallow layer, or the last one of an odd count: its tokens in pages
         first, which = self.partner[layer_idx]
         if which == 0:  # the first layer of a pair is initialised first: a fresh pair for it
             self.pairs[first] = MergedPair(self.t, self.threshold)
