@@ -193,7 +193,8 @@ def test_the_openai_client_sends_sampling_fields_and_a_refused_one_names_itself(
 def test_metrics_are_in_prometheus_text_format_and_json_on_request(server):
     parser = pytest.importorskip("prometheus_client.parser")
     url, _ = server
-    _chat(url, OPEN, max_tokens=1)
+    long_enough = [{"role": "system", "content": "Answer in verse, in one line, about the sea. " * 6}, *OPEN]  # > residual + group
+    _chat(url, long_enough, max_tokens=1)
     text = httpx.get(f"{url}/metrics")
     assert text.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in parser.text_string_to_metric_families(text.text)}
@@ -202,6 +203,9 @@ def test_metrics_are_in_prometheus_text_format_and_json_on_request(server):
     assert families["kvcompress_requests"].samples[0].value <= counts["requests"]
     assert families["kvcompress_kept_bytes"].samples[0].value == counts["kept_bytes"] > 0
     assert "kvcompress_store_budget" not in families  # no limit: no figure
+    pages = {sample.labels["tier"]: sample.value for sample in families["kvcompress_pages"].samples}
+    assert set(pages) == {"running", "memory", "disk"}
+    assert pages["memory"] == counts["kept_pages"] > 0 and pages["running"] == counts["active_pages"] == 0  # nothing runs
     assert httpx.get(f"{url}/metrics", params={"format": "xml"}).status_code == 400
 
 
@@ -209,10 +213,14 @@ def test_a_conversation_continues_from_the_context_an_earlier_server_saved(smol,
     """Contexts saved at shutdown are found by their prefixes after a restart: the next turn is continued."""
     model, tokenizer = smol
     chat = _city_chat("Lima")
+    chat[0]["content"] = "Be brief: answer in one word, with no sentence around it. " * 4  # a context that fills a page
     with _serving(create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)) as url:
         answer = _answers(_chat(url, chat))[0]
+        first = _metrics(url)
     turn = [*chat, {"role": "assistant", "content": answer}, {"role": "user", "content": "Spell it."}]
     with _serving(create_app(model, tokenizer, METHOD, name="smol", store=tmp_path)) as url:
+        found = _metrics(url)  # the saved contexts' pages, read from their files' headers
+        assert found["disk_pages"] == first["kept_pages"] + first["disk_pages"] > 0 and found["kept_pages"] == 0
         _chat(url, turn, max_tokens=2)
         metrics = _metrics(url)
     earlier = tokenizer(split_chat(tokenizer, chat)[0])["input_ids"]

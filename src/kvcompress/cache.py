@@ -338,6 +338,12 @@ class CompressedLayer(CacheLayerMixin):
         return sum(len(part) for part in self._parts())
 
     @property
+    def held_pages(self) -> int:
+        """Pages this layer's parts hold and did not borrow (full-precision, KIVI and ragged heads' pages)."""
+        parts = [obj for part in (self.window, self.store) if part is not None for obj in parts_of(part)]
+        return sum(obj.held_pages for obj in parts if hasattr(obj, "held_pages"))  # a ragged store's heads among them
+
+    @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
         return held + _nbytes(self.positions) + self.scoring.nbytes
@@ -662,6 +668,12 @@ class CompressedCache(Cache):
     def nbytes(self) -> int:
         """Exact bytes of every tensor the cache holds: codes, scales, zero points, masks, windows."""
         return sum(layer_nbytes(layer) for layer in self.layers)
+
+    @property
+    def held_pages(self) -> int:
+        """Pages the cache's layers hold (what a server reports per tier); tokens held outside pages (a
+        low-rank store, a window) are not counted."""
+        return sum(layer.held_pages for layer in self.compressed_layers)
 
     @property
     def fixed_nbytes(self) -> int:

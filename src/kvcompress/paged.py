@@ -117,6 +117,11 @@ class PagedBuffer:
         held = {s.data_ptr(): s.nbytes() for page in own for s in (t.untyped_storage() for t in self._kv(page))}
         return sum(held.values()) + extra  # an allocation is held whole while any page of it is
 
+    @property
+    def held_pages(self) -> int:
+        """Pages this buffer holds and did not borrow (a page shared by its rows counts once)."""
+        return len({page for table in self.tables for page in table if page not in self.borrowed})
+
     def _kv(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool.data[page]
 

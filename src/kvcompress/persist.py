@@ -125,6 +125,7 @@ def save_cache(cache, path: str | Path, tokenizer=None) -> Path:
         "tokenizer": json.dumps(tokenizer_fingerprint(tokenizer)) if tokenizer is not None else "",
         "dtype": str(next((l.dtype for l in cache.compressed_layers if l.is_initialized), "")),
         "seen": str(cache.get_seq_length()),
+        "pages": str(cache.held_pages),
         "scalars": json.dumps(scalars),
     }
     path = Path(path)

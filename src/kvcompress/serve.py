@@ -70,7 +70,7 @@ from kvcompress.batching import CacheBatch
 from kvcompress.cache import CompressedCache, load_cache, make_cache
 from kvcompress.generation import ContextTooLongError, asked_part, check_room, compressing, split_chat, split_prompt
 from kvcompress.models import cache_kwarg, model_identity, model_name, model_summary
-from kvcompress.persist import CacheFileError, context_tokens
+from kvcompress.persist import CacheFileError, context_tokens, read_header
 from kvcompress.prefixes import PrefixKeys
 from kvcompress.registry import parse_spec
 from kvcompress.sampling import MAX_TOP_LOGPROBS, Choice, Sampler, Sampling
@@ -101,19 +101,21 @@ class ContextStore:
     (None: no limit); a deleted context is compressed again when next asked for.
 
     Pure bookkeeping: ``save(cache, path)`` and ``load(path)`` do the file work, ``size(cache)`` gives
-    a context's bytes. Used by one thread (the server's worker).
+    a context's bytes and ``pages(cache)`` the pages it holds (a file holds the same pages: its header says
+    how many). Used by one thread (the server's worker).
     """
 
     def __init__(
         self, folder: Path, budget: int, save: Callable, load: Callable, size: Callable = lambda c: c.nbytes,
-        disk_budget: int | None = None,
+        disk_budget: int | None = None, pages: Callable = lambda c: getattr(c, "held_pages", 0),
     ):
         self.folder, self.budget, self.disk_budget = Path(folder), budget, disk_budget
-        self._save, self._load, self._size = save, load, size
+        self._save, self._load, self._size, self._pages = save, load, size, pages
         self.memory: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (cache, bytes), oldest first
         self.folder.mkdir(parents=True, exist_ok=True)
         found = sorted(self.folder.glob("*.kvc"), key=lambda p: p.stat().st_mtime)  # saved by an earlier run
         self.disk: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in found)  # key -> file bytes, oldest first
+        self.page_counts: dict[str, int] = {p.stem: _file_pages(p) for p in found}  # key -> pages, in memory or on disk
         self.evictions = self.deleted = 0
         self._trim_disk()
 
@@ -124,6 +126,16 @@ class ContextStore:
     @property
     def disk_bytes(self) -> int:
         return sum(self.disk.values())
+
+    @property
+    def kept_pages(self) -> int:
+        """Pages of the contexts held in memory."""
+        return sum(self.page_counts.get(key, 0) for key in list(self.memory))
+
+    @property
+    def disk_pages(self) -> int:
+        """Pages the store's files hold (as their headers say; 0 for a file saved before headers said it)."""
+        return sum(self.page_counts.get(key, 0) for key in list(self.disk))
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.kvc"
@@ -139,6 +151,7 @@ class ContextStore:
             except CacheFileError as err:  # damaged, or saved for another model: compress again
                 log.warning("dropping kept context %s: %s", key, err)
                 del self.disk[key]
+                self.page_counts.pop(key, None)
                 self.path(key).unlink(missing_ok=True)
                 return None, None
             self.disk.move_to_end(key)
@@ -158,6 +171,7 @@ class ContextStore:
         """Keep ``cache`` as the most recently used; move the least recently used to disk while over budget
         (a context larger than the whole budget goes straight to disk)."""
         self.memory[key] = (cache, self._size(cache))
+        self.page_counts[key] = self._pages(cache)
         self.memory.move_to_end(key)
         self.fit()
 
@@ -177,6 +191,8 @@ class ContextStore:
     def _trim_disk(self) -> None:
         while self.disk_budget is not None and self.disk and self.disk_bytes > self.disk_budget:
             old, _ = self.disk.popitem(last=False)
+            if old not in self.memory:
+                self.page_counts.pop(old, None)
             self.path(old).unlink(missing_ok=True)
             self.deleted += 1
 
@@ -186,6 +202,14 @@ class ContextStore:
         for key, (cache, _) in self.memory.items():
             self._spill(key, cache)
         return len(written)
+
+
+def _file_pages(path: Path) -> int:
+    """The pages a saved context holds, from its header (0 where it does not say, or cannot be read)."""
+    try:
+        return int(read_header(path).get("pages", 0))
+    except (CacheFileError, ValueError):
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -501,7 +525,7 @@ class Metrics:
 class _Exporter:
     """A ``prometheus_client`` collector of the server's figures, read from ``snapshot()`` (``/metrics``'
     JSON form) at each scrape: counts as counters (``kvcompress_<name>_total``, errors by HTTP status),
-    the rest as gauges."""
+    the rest as gauges, pages by tier (``kvcompress_pages{tier="running" | "memory" | "disk"}``)."""
 
     COUNTERS = {
         "requests": "requests accepted",
@@ -548,6 +572,13 @@ class _Exporter:
         for key, text in self.GAUGES.items():
             if values[key] is not None:
                 yield GaugeMetricFamily(f"kvcompress_{key}", text, value=values[key])
+        pages = GaugeMetricFamily(
+            "kvcompress_pages", "pages of KV held, by tier: running (contexts running requests read and their forks' "
+            "own pages), memory (idle contexts kept in memory), disk (the store's files)", labels=["tier"],
+        )
+        for tier, key in (("running", "active_pages"), ("memory", "kept_pages"), ("disk", "disk_pages")):
+            pages.add_metric([tier], values[key])
+        yield pages
         errors = CounterMetricFamily("kvcompress_errors", "requests refused or failed, by HTTP status", labels=["status"])
         for status, count in sorted(values["errors"].items()):
             errors.add_metric([status], count)
@@ -595,9 +626,10 @@ class Engine:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pinned: dict[str, list] = {}  # key -> [context, answers reading it, its bytes]: contexts in use
+        self.pinned: dict[str, list] = {}  # key -> [context, answers reading it, its bytes, its pages]: contexts in use
         self.context_token_bytes: int | None = None  # bytes per context token, learned from contexts compressed
         self.active = 0  # bytes of the pinned contexts, a context being compressed and the running forks (see _held)
+        self.active_pages = 0  # pages they hold (see _held_pages)
         self.lengths: dict[str, int] = {}  # key -> tokens of each context kept or in use (the prefixes to look up)
         self.scanned = False  # the store's files found at start are in lengths
         self.continues = parse_spec(method).selection is None  # a kept context can be continued: the method does not evict
@@ -793,7 +825,7 @@ class Engine:
 
     def _pin(self, key: str, context: CompressedCache) -> None:
         if key not in self.pinned:
-            self.pinned[key] = [context, 0, context.nbytes]
+            self.pinned[key] = [context, 0, context.nbytes, context.held_pages]
         self.pinned[key][1] += 1
 
     def _unpin(self, key: str) -> None:
@@ -859,6 +891,13 @@ class Engine:
                 seq.held += entry[2]  # its context goes idle with it
         return held
 
+    def _held_pages(self) -> int:
+        """Pages of the contexts running answers read, of a context being compressed, and of their forks (a
+        fork's own: those it wrote)."""
+        pages = sum(entry[3] for entry in self.pinned.values())
+        pages += sum(seq.request.context.held_pages for seq in self.scheduler.waiting if seq.request.prefill is not None)
+        return pages + sum(seq.request.fork.held_pages for seq in self.scheduler.running)
+
     def _account(self) -> None:
         """Bytes held by running answers; preempt the newest while they are over the budget."""
         held = self._held()
@@ -876,6 +915,7 @@ class Engine:
         """Recount the bytes running answers hold (unless ``held``, counted since nothing changed); idle kept
         contexts get what is left of the budget."""
         self.active = self._held() if held is None else held
+        self.active_pages = self._held_pages()
         if self.budget is not None:
             self.store.budget = max(0, self.budget - self.active)
             self.store.fit()
@@ -1206,6 +1246,9 @@ def create_app(
             "running": len(engine.scheduler.running),
             "waiting": len(engine.scheduler.waiting),
             "active_bytes": engine.active,
+            "active_pages": engine.active_pages,
+            "kept_pages": kept.kept_pages,
+            "disk_pages": kept.disk_pages,
         }
 
     registry = CollectorRegistry(auto_describe=False)

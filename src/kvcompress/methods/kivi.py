@@ -352,6 +352,12 @@ class KIVIStore:
         return sum(self.layout.count(run) for run in self.tables[0]) if self.tables else 0
 
     @property
+    def held_pages(self) -> int:
+        """Pages held by all rows (a run shared by rows counts once)."""
+        runs = {run.untyped_storage().data_ptr(): run for table in self.tables for run in table}
+        return sum(self.layout.count(run) for run in runs.values())
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the pages held (an allocation shared by rows once), the sinks, the mask and the page table."""
         held = {run.untyped_storage().data_ptr(): run.untyped_storage().nbytes() for table in self.tables for run in table}
