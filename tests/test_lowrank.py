@@ -102,8 +102,9 @@ def test_latent_attention_equals_attention_on_rebuilt_values(tiny, groups, sink)
 @pytest.mark.parametrize("groups", [1, 3])
 def test_logits_kernel_equals_rebuilt_rotated_keys(dim, groups):
     """``kvcompress::lowrank_logits`` (keys rebuilt and rotated token by token, never written) equals the
-    logits over keys rebuilt, rotated and multiplied in torch, for latents read through a strided view
-    (a buffer with spare room), scattered positions and 5 query rows per KV head (float32: atol 1e-4)."""
+    logits over keys rebuilt, rotated and multiplied in torch, for latents and positions read through
+    strided views (buffers with spare room), scattered positions and 5 query rows per KV head (float32:
+    atol 1e-4)."""
     from kvcompress.kernels import lowrank_logits
 
     torch.manual_seed(dim + groups)
@@ -113,7 +114,7 @@ def test_logits_kernel_equals_rebuilt_rotated_keys(dim, groups):
     latent = held[:, :, :n]
     basis = torch.linalg.qr(torch.randn(groups, width, rank))[0]  # (G, E, r)
     mean = torch.randn(groups, width)
-    positions = torch.randint(0, 300, (batch, heads, n), dtype=torch.int32)
+    positions = torch.randint(0, 300, (batch, heads, n + 27), dtype=torch.int32)[..., :n]  # room for 27 more
     angle = torch.arange(300)[:, None] * 10000 ** (-torch.arange(0, dim, 2) / dim)  # (P, D/2)
     cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (P, D)
     query = torch.randn(batch, heads, rows, dim)
@@ -155,7 +156,7 @@ def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
     latents = capacity * (8 + 24) * 4
     sinks = 2 * H * 4 * D * 4 + H * 4 * 8  # fp32 copies and their int64 slots
     groups = H * 8  # the int64 basis group of each head
-    assert store.nbytes == latents + H * 96 * 4 + sinks + groups  # + int32 positions
+    assert store.nbytes == latents + H * capacity * 4 + sinks + groups  # + int32 positions, as many reserved
     keep = torch.ones(1, H, 96, dtype=torch.bool)
     keep[:, 0, 50:60] = False  # head 0 drops 10 tokens, head 1 keeps them: the joint slot stays
     keep[:, :, 70:80] = False
@@ -169,7 +170,7 @@ def test_store_nbytes_is_exact_and_compaction_keeps_positions(tiny):
     store.compact(keep)
     assert store.sinks.slot.tolist() == [[[0, -1, 1, 2]] * H]  # sink 1 evicted, the others moved up
     # Latents in a capacity of 85 tokens rounded up to a chunk (128), int32 positions and the
-    # (1, H, 85) bool mask of head 0's holes, both exact.
+    # (1, H, 85) bool mask of head 0's holes, both exact (a compaction keeps no room for more).
     assert store.nbytes == 128 * 32 * 4 + H * 85 * 4 + H * 85 + sinks + groups
 
 
@@ -233,6 +234,26 @@ def test_calibration_round_trips_and_rejects_another_model(tiny, tmp_path):
         Calibration.load(tmp_path / "junk.safetensors", tiny)
 
 
+def test_decode_steps_write_positions_in_place(tiny, tmp_path):
+    """A low-rank store's positions grow in room reserved 64 slots at a time: over 100 decode steps their
+    buffer is replaced only when full (it was concatenated, a copy of every position, at each step)."""
+    from kvcompress.calibration import calibrate
+
+    path = calibrate(tiny, _Tokenizer(), "abcdefgh " * 60, tokens=512, progress=False).save(tmp_path / "c.safetensors")
+    cache = kvcompress.make_cache(f"lowrank:ratio=0.75,residual=8,calibration={path}", tiny)
+    ids = torch.randint(3, 128, (1, 40))
+    buffers = []
+    with torch.no_grad(), kvcompress.attach(tiny, cache):
+        out = tiny(ids, use_cache=True, **{cache_kwarg(tiny): cache})
+        for _ in range(100):
+            out = tiny(out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_kwarg(tiny): cache})
+            store = cache.compressed_layers[0].store
+            buffers.append(store._positions.data_ptr())
+            assert store.positions.shape[-1] == len(store)
+    assert len(store) == 40 + 100 - 8 and 1 <= len(set(buffers)) - 1 <= 2  # grown at 64 and 128 slots
+    assert torch.equal(store.positions[0, 0], torch.arange(len(store), dtype=torch.int32))
+
+
 def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
     from kvcompress.calibration import calibrate
 
@@ -246,10 +267,10 @@ def test_lowrank_with_kivi_on_tiny_model(tiny, tmp_path):
     layer = cache.compressed_layers[0]
     assert layer.residual == 8 and len(layer.window) == 22 and len(layer.store) == 48
     # Latents (G=1, E=64, r=16) as 4-bit KIVI: codes, key scale/min per channel per 16 tokens,
-    # value scale/min per token per 16 channels; plus int32 positions, 4 fp32 sinks with int64 slots
-    # and the int64 basis group of each head.
+    # value scale/min per token per 16 channels; plus int32 positions (64 reserved at a time), 4 fp32 sinks
+    # with int64 slots and the int64 basis group of each head.
     kivi = 2 * 48 * 16 * 4 // 8 + 2 * 3 * 16 * 2 + 2 * 48 * 1 * 2 + 3 * 16  # and KIVI's page table: 16 bytes per page (a group)
-    assert layer.store.nbytes == kivi + H * 48 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8 + H * 8
+    assert layer.store.nbytes == kivi + H * 64 * 4 + 2 * H * 4 * D * 4 + H * 4 * 8 + H * 8
     assert cache.fixed_nbytes == 2 * (2 * (64 + 64 * 16) * 4) + cache.storage.rotary.nbytes
 
 

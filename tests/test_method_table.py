@@ -114,7 +114,8 @@ def scored_bytes(ratio, block, scores, budgets=None, prompt=120, queries=False):
 def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
     """``lowrank`` with one joint basis per layer (``E = 192``) and key rank = value rank = ``rank``:
     a full-precision window plus its int32 positions; stored latents (full precision, 64 tokens
-    reserved at a time, or KIVI-quantized in blocks of ``group``), their int32 positions, and
+    reserved at a time, or KIVI-quantized in blocks of ``group``), their int32 positions (64 reserved at a
+    time), and
     full-precision copies of the first ``sink`` tokens, and the int64 basis group of each head. The
     window's capacity as in :func:`kivi_bytes`."""
 
@@ -129,7 +130,7 @@ def lowrank_bytes(rank, residual, sink=4, bits=None, group=None, prompt=120):
             latents = 2 * stored * rank * bits // 8 + 2 * (stored // group) * rank * 2 + 2 * stored * (rank // group) * 2
             latents += 16 * (stored // group)  # KIVI's page table: two 8-byte addresses per page (a group) of the one latent head
         sinks = (2 * KV_HEADS * sink * HEAD_DIM * FP32 + KV_HEADS * sink * 8) if stored else 0  # + int64 slots
-        per_layer = latents + KV_HEADS * stored * 4 + sinks + KV_HEADS * 8
+        per_layer = latents + KV_HEADS * _round_up(stored, CHUNK) * 4 + sinks + KV_HEADS * 8  # positions: 64 slots of room at a time
         return FP_TOKEN * capacity + LAYERS * (KV_HEADS * window * 4 + per_layer)
 
     return formula

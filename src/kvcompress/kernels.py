@@ -290,15 +290,19 @@ def lowrank_logits(
 ) -> torch.Tensor:
     """``(B, H, R, N)`` logits of ``(B, H, R, D)`` float32 queries over keys rebuilt from ``latent``
     ``(B, G, N, r)`` (last dim contiguous) as ``mean (G, E) + basis_t (G, r, E)ᵀ latent`` (``E = H / G * D``:
-    a group's heads side by side) and rotated (half-split RoPE) at ``positions`` ``(B, H, N)`` int32 by
-    the ``(P, D)`` tables ``cos``, ``sin``; ``csrc/lowrank.c``."""
+    a group's heads side by side) and rotated (half-split RoPE) at ``positions`` ``(B, H, N)`` int32 (a view
+    of a buffer with room for more qualifies, as :func:`kernel_rows`) by the ``(P, D)`` tables ``cos``,
+    ``sin``; ``csrc/lowrank.c``."""
     batch, heads, rows, dim = query.shape
     groups, n, rank = latent.shape[1], latent.shape[2], latent.shape[3]
     out = query.new_empty(batch, heads, rows, n)
     basis_t, mean, cos, sin = (t.contiguous() for t in (basis_t, mean, cos, sin))
+    if positions.stride(2) != 1 or (batch > 1 and positions.stride(0) != heads * positions.stride(1)):
+        positions = positions.contiguous()
     status = native.load("lowrank").lowrank_logits(
         native.data_pointer(query), native.data_pointer(latent), *map(ctypes.c_int64, latent.stride()[:3]),
         native.data_pointer(basis_t), native.data_pointer(mean), native.data_pointer(positions),
+        ctypes.c_int64(positions.stride(1) if n else 0),
         native.data_pointer(cos), native.data_pointer(sin), ctypes.c_int64(cos.shape[0]), native.data_pointer(out),
         *map(ctypes.c_int64, (batch, heads, groups, rows, n, rank, dim)),
     )

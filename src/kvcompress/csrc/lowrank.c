@@ -119,11 +119,12 @@ static inline int64_t clamp(int64_t p, int64_t P) { return p < 0 ? 0 : (p >= P ?
 
 /* q (B, H, R, D): R query rows per KV head. Latents: row b, group g, token s at z + b * zb + g * zg + s * zs
  * (r floats). ut (G, r, E), the groups' bases transposed (E = D H / G: a group's heads side by side);
- * mean (G, E). pos (B, H, N) int32 positions, clamped to the tables' P rows; cs, sn (P, D) rotary
+ * mean (G, E). pos: the int32 position of row b, head h, token s at pos[(b * H + h) * ps + s] (ps >= N: a view of
+ * a buffer with room for more), clamped to the tables' P rows; cs, sn (P, D) rotary
  * tables. Writes out (B, H, R, N). Tokens go in pairs, which share each load of the basis. Returns 1
  * when it cannot allocate its scratch rows. */
 int lowrank_logits(const float *restrict q, const float *restrict z, int64_t zb, int64_t zg, int64_t zs,
-                   const float *restrict ut, const float *restrict mean, const int32_t *restrict pos,
+                   const float *restrict ut, const float *restrict mean, const int32_t *restrict pos, int64_t ps,
                    const float *restrict cs, const float *restrict sn, int64_t P, float *restrict out, int64_t B,
                    int64_t H, int64_t G, int64_t R, int64_t N, int64_t r, int64_t D) {
     const int64_t per_group = H / G, E = per_group * D;
@@ -133,7 +134,7 @@ int lowrank_logits(const float *restrict q, const float *restrict z, int64_t zb,
         for (int64_t g = 0; g < G; ++g) {
             const float *ug = ut + g * r * E, *mg = mean + g * E;
             const int64_t bh = b * H + g * per_group; /* the group's first head */
-            const int32_t *pg = pos + bh * N;
+            const int32_t *pg = pos + bh * ps;
             const float *qg = q + bh * R * D;
             float *og = out + bh * R * N;
             for (int64_t s = 0; s < N; s += 2) {
@@ -142,7 +143,7 @@ int lowrank_logits(const float *restrict q, const float *restrict z, int64_t zb,
                 rebuild(c, pair ? c + zs : NULL, r, ug, E, mg, k, k + E);
                 for (int64_t t = 0; t <= pair; ++t)
                     for (int64_t j = 0; j < per_group; ++j) /* heads of a group may hold other positions */
-                        key_logits(k + t * E + j * D, clamp(pg[j * N + s + t], P), cs, sn, qg + j * R * D,
+                        key_logits(k + t * E + j * D, clamp(pg[j * ps + s + t], P), cs, sn, qg + j * R * D,
                                    og + j * R * N + s + t, R, N, D);
             }
         }

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.buffer import CHUNK, FullPrecisionBuffer
 from kvcompress.calibration import Rotary, load_or_build
 from kvcompress.kernels import lowrank_logits
 from kvcompress.methods.grouping import GroupedSlots
@@ -270,7 +270,8 @@ class LowRankStore:
     def __init__(self, basis: LayerBasis, rotary, inner: Store, sink: int, heads: int):
         self.basis, self.rotary, self.inner = basis, rotary, inner
         self.block = inner.block
-        self.positions: torch.Tensor | None = None  # (B, H, N) int32
+        self._positions: torch.Tensor | None = None  # (B, H, >= N) int32, room for CHUNK more at a time
+        self._held = 0  # positions held (N)
         device = next((t.device for t in (basis.key_mean, basis.value_mean) if t is not None), None)
         group_of = torch.arange(heads, device=device) // (heads // basis.groups)  # contiguous groups
         self.slots = GroupedSlots(group_of, basis.groups)  # per-head validity
@@ -281,8 +282,34 @@ class LowRankStore:
 
     @property
     def nbytes(self) -> int:
-        held = self.positions.numel() * self.positions.element_size() if self.positions is not None else 0
+        held = self._positions.numel() * self._positions.element_size() if self._positions is not None else 0
         return self.inner.nbytes + held + self.sinks.nbytes + self.slots.nbytes
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """``(B, H, N)`` int32 position of every slot (a view of a buffer with room for more)."""
+        return None if self._positions is None else self._positions[..., : self._held]
+
+    @positions.setter
+    def positions(self, positions: torch.Tensor | None) -> None:
+        self._positions, self._held = positions, 0 if positions is None else positions.shape[-1]
+
+    def _add_positions(self, positions: torch.Tensor) -> None:
+        """Write ``(B, H, n)`` positions after the held ones, in place; grow the buffer ``CHUNK`` slots at a
+        time (a decode step copies no position)."""
+        held, n = self._held, self._held + positions.shape[-1]
+        room = self._positions
+        if room is None or n > room.shape[-1] or room.shape[:2] != positions.shape[:2]:
+            room = positions.new_empty(*positions.shape[:2], -(-n // CHUNK) * CHUNK)
+            if held:
+                room[..., :held] = self._positions[..., :held]
+        room[..., held:n] = positions
+        self._positions, self._held = room, n
+
+    def trim(self) -> None:
+        """Release the positions' room for more (a context at rest holds what it stores)."""
+        if self._positions is not None and self._positions.shape[-1] != self._held:
+            self._positions = self.positions.clone()
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         batch, heads, n, dim = x.shape
@@ -315,8 +342,7 @@ class LowRankStore:
             z_v = self._project(values, valid, b.value_mean, b.value_basis)  # (B, G, n, r_v)
         group_valid = self.slots.append(valid, batch, heads, len(self.inner), n, keys.device)  # (B, G, n)
         self.inner.append(z_k, z_v, group_valid, None)
-        positions = positions.to(torch.int32)
-        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        self._add_positions(positions.to(torch.int32))
 
     def _rebuild(self, z: torch.Tensor, basis: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
         """``(B, H, N, D)`` vectors of one side from its ``(B, G, N, r)`` latents (a view of them when
@@ -332,8 +358,7 @@ class LowRankStore:
         if b.key_basis is None or not _logits_kernel_applies(query, z_k, self.rotary):
             return None
         cos, sin = self.rotary.table(int(self.positions.max()) + 1, torch.float32, z_k.device)
-        logits = lowrank_logits(query.contiguous(), z_k, b.key_basis.transpose(1, 2), b.key_mean,
-                                self.positions.contiguous(), cos, sin)
+        logits = lowrank_logits(query.contiguous(), z_k, b.key_basis.transpose(1, 2), b.key_mean, self.positions, cos, sin)
         if self.sinks.keys is not None:
             self.sinks.write_logits(logits, query)
         return logits
