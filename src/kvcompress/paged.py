@@ -47,6 +47,7 @@ from kvcompress.kernels import (
     paged_one_pass_applies,
 )
 from kvcompress.pages import PagePool
+from kvcompress.step import GatheredSegment
 
 HOLES = 2  # pages' worth of masked slots that make a layer compact its pages
 TRIM_BYTES = 1 << 20  # a compaction that frees this much hands the C heap's free memory back (native.trim_heap)
@@ -379,16 +380,13 @@ def _release_tables(pool: PagePool, held: list[list[list[int]]]) -> None:
         pool.release(table)
 
 
-class PagedSegment:
+class PagedSegment(GatheredSegment):
     """What attention reads of a :class:`PagedBuffer`: its pages through the rows' page tables
     (:meth:`pointers`, for :func:`kvcompress.kernels.paged_attend`) or gathered (:meth:`dense`, once per
     segment: a segment lives for one step)."""
 
-    dense_only = True
-
     def __init__(self, buffer: PagedBuffer):
         self.buffer = buffer
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.buffer.n
@@ -402,16 +400,8 @@ class PagedSegment:
         """Slots used in each row's last page."""
         return self.buffer._fill()
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._dense is None:
-            self._dense = self.buffer.keys_values()
-        return self._dense
-
-    def logits(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.dense()[0].transpose(-1, -2)
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights @ self.dense()[1]
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffer.keys_values()
 
     def attend_one(self, query: torch.Tensor, window, valid: torch.Tensor | None, scaling: float,
                    observed: torch.Tensor) -> torch.Tensor | None:

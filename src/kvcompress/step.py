@@ -120,6 +120,29 @@ class DenseSegment:
         return weights @ self.values
 
 
+class GatheredSegment:
+    """A segment held where a kernel reads it in place (pages), whose ``(B, H, S, D)`` keys and values other
+    paths (a prompt, the reference, scorers) read gathered: once per segment, which lives for one step.
+    A subclass says how to gather them (:meth:`gather`)."""
+
+    dense_only = True
+    _dense: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dense is None:
+            self._dense = self.gather()
+        return self._dense
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.dense()[0].transpose(-1, -2)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights @ self.dense()[1]
+
+
 @dataclass(frozen=True)
 class Operands:
     """What a layer hands attention for one step.

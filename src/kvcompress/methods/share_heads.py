@@ -36,7 +36,7 @@ from kvcompress.paged import PagedBuffer
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.protocols import Representation, Store
 from kvcompress.registry import SpecError, register
-from kvcompress.step import DenseSegment
+from kvcompress.step import DenseSegment, GatheredSegment
 
 
 def head_gram(mean: torch.Tensor, cov: torch.Tensor, heads: int) -> torch.Tensor:
@@ -185,30 +185,19 @@ class ShareHeadsStore:
         self.slots.map_batch(fn)
 
 
-class MergedPagesSegment:
+class MergedPagesSegment(GatheredSegment):
     """What attention reads of a :class:`ShareHeadsStore` whose merged heads are in pages: each head reads its
     group's pages in place (:meth:`attend_one`), or the merged keys and values gathered per head once per
     step (:meth:`dense`, the other paths)."""
 
-    dense_only = True
-
     def __init__(self, store: ShareHeadsStore):
         self.store = store
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._dense is None:
-            self._dense = self.store.keys_values()
-        return self._dense
-
-    def logits(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.dense()[0].transpose(-1, -2)
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights @ self.dense()[1]
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.keys_values()
 
     def attend_one(self, query: torch.Tensor, window: DenseSegment | None, valid: torch.Tensor | None, scaling: float,
                    observed: torch.Tensor) -> torch.Tensor | None:
