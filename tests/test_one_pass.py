@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention, kernels, native, ragged
-from kvcompress.methods import share_heads
+from kvcompress import attention, kernels, native, paged, ragged
 from kvcompress.pages import PagePool
 from kvcompress.paged import PagedBuffer
 from kvcompress.ragged import RaggedStore
@@ -129,7 +128,7 @@ def test_eviction_decodes_in_one_pass_and_matches_the_reference(smol, spec, monk
     model, tokenizer = smol
     calls = []
     one = kernels.paged_attend
-    for module in (attention, kernels, ragged, share_heads):  # pages alone, a window alone, ragged heads' or merged heads' pages and a window
+    for module in (attention, kernels, ragged, paged):  # pages alone, a window alone, ragged heads' or a store's pages and a window
         monkeypatch.setattr(module, "paged_attend", lambda *a, **k: calls.append(1) or one(*a, **k))
     caches = _generate_on_both_paths(smol, spec)
     assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step after the prompt, every layer

@@ -17,8 +17,14 @@ from kvcompress.step import DenseSegment
 CHUNK = 64  # default tokens of capacity reserved at a time
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (room reserved a chunk at a time)."""
     return -(-n // multiple) * multiple
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the given tensors' elements (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +75,7 @@ class FullPrecisionBuffer:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.k, self.v, self._valid) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(self.k, self.v, self._valid)
 
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, positions=None, exact: bool = False,
@@ -83,7 +88,7 @@ class FullPrecisionBuffer:
         """
         batch, heads, new, dim = keys.shape
         if self.k is None or self.n + new > self.k.shape[2]:
-            capacity = self.n + new if exact else max(_round_up(self.n + new, self.chunk), reserve)
+            capacity = self.n + new if exact else max(round_up(self.n + new, self.chunk), reserve)
             self._reserve(batch, heads, (dim, values.shape[3]), keys.dtype, keys.device, capacity)
         self.k[:, :, self.n : self.n + new] = keys
         self.v[:, :, self.n : self.n + new] = values
@@ -135,7 +140,7 @@ class FullPrecisionBuffer:
         index, valid = compaction_index(keep)  # (B, H, n)
         batch, heads, n = index.shape
         k, v = gather_slots(self.k[:, :, : self.n], index), gather_slots(self.v[:, :, : self.n], index)  # (B, H, n, D)
-        capacity = _round_up(n + room, self.chunk)
+        capacity = round_up(n + room, self.chunk)
         self.n = 0
         self._valid = None
         if not in_place or self.k.shape[:2] != (batch, heads) or capacity != self.k.shape[2]:
@@ -156,7 +161,7 @@ class FullPrecisionBuffer:
         """
         capacity = self.k.shape[2]
         kept = int(keep.sum(-1).max())
-        if _round_up(kept + headroom, self.chunk) < capacity or self.n + room > capacity:
+        if round_up(kept + headroom, self.chunk) < capacity or self.n + room > capacity:
             return self.compact(keep, in_place=True, room=headroom)
         if self._valid is None:
             self._valid = torch.ones(*self.k.shape[:3], dtype=torch.bool, device=self.k.device)

@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvcompress import attention
-from kvcompress.buffer import FullPrecisionBuffer
+from kvcompress.buffer import FullPrecisionBuffer, tensor_bytes
 from kvcompress.calibration import load_retrieval_heads, rotary_of
 from kvcompress.models import identity_differences, model_identity, model_name
 from kvcompress.pages import PagePool
@@ -45,10 +45,6 @@ from kvcompress.state import Value, load_sliding_state, parts_of, restore, slidi
 from kvcompress.step import ATTENTION, Attended, Operands, Replayed, Segment, StepInputs
 
 _UNKNOWN = object()  # a layer's validity not handed down: work it out
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -230,8 +226,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _moved(self, kept: list[torch.Tensor]) -> bool:
         """Follow the slots' moves (``(B, H, n)`` old slot of each, per part) with the observed attention."""
-        if self.scoring.attention is not None:
-            self.scoring.moved(torch.cat(kept, -1), self.device)  # (B, H, S') the old slot of each slot held now
+        self.scoring.moved(torch.cat(kept, -1), self.device)  # (B, H, S') the old slot of each slot held now
         return True
 
     def _settle(self) -> None:
@@ -312,7 +307,6 @@ class CompressedLayer(CacheLayerMixin):
         """What attention reads of every part holding slots, in slot order."""
         return tuple(part.segment() for part in self._parts())
 
-
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Transient full-precision ``(B, H, S, D)`` keys and values of every slot (for scorers)."""
         kvs = [part.segment().dense() for part in self._parts()]
@@ -346,7 +340,7 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         held = self.window.nbytes + (self.store.nbytes if self.store is not None else 0)
-        return held + _nbytes(self.positions) + self.scoring.nbytes
+        return held + tensor_bytes(self.positions) + self.scoring.nbytes
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -476,7 +470,7 @@ def layer_nbytes(layer) -> int:
     """Bytes of every tensor a cache layer holds (a compressed layer, or one of transformers' own)."""
     if isinstance(layer, CompressedLayer):
         return layer.nbytes
-    return _nbytes(layer.keys, layer.values)
+    return tensor_bytes(layer.keys, layer.values)
 
 
 class CompressedCache(Cache):

@@ -404,17 +404,20 @@ class PagedSegment(GatheredSegment):
         return self.buffer.keys_values()
 
     def attend_one(self, query: torch.Tensor, window, valid: torch.Tensor | None, scaling: float,
-                   observed: torch.Tensor) -> torch.Tensor | None:
+                   observed: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor | None:
         """One decode query per row over ``[these pages | window]`` (a store in pages, then a layer's
         full-precision window) in one ``kvcompress::paged_attend`` call: ``(B, H, G, D)`` grouped queries ->
         ``(B, H, G, D)`` output; adds the attention each slot received to ``observed`` unless it is empty.
-        None where the kernel does not read them (the caller then takes the segment path)."""
+        ``heads``: the ``(H,)`` stored head each of the query's KV heads reads (``share_heads``' groups), or
+        None for its own. None where the kernel does not read them (the caller then takes the segment path)."""
         if window is None or not paged_one_pass_applies(query, self) or not dense_one_pass_applies(query, window):
             return None
+        tables = (*self.pointers(), *self.page_counts())  # (B * stored heads, ...) each
+        if heads is not None:
+            tables = tuple(t.unflatten(0, (query.shape[0], -1))[:, heads].flatten(0, 1) for t in tables)
         window_keys, window_values = kernel_pair(window.keys, window.values)
         return paged_attend(
-            query.contiguous(), *self.pointers(), *self.page_counts(), self.page, len(self), window_keys, window_values,
-            page_mask(valid), scaling, observed,
+            query.contiguous(), *tables, self.page, len(self), window_keys, window_values, page_mask(valid), scaling, observed,
         )
 
     def page_counts(self) -> tuple[torch.Tensor, torch.Tensor]:

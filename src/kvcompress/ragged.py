@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from kvcompress.buffer import tensor_bytes
 from kvcompress.kernels import dense_one_pass_applies, kernel_pair, page_mask, paged_attend
 from kvcompress.paged import PagedSegment, page_addresses
 from kvcompress.state import state_of
@@ -218,7 +219,7 @@ class RaggedSegment:
     def nbytes(self) -> int:
         """Bytes of the heads' page tables (:attr:`tables`), once worked out (16 per page and head, and 16 per head)."""
         tables = self.__dict__.get("tables")
-        return sum(t.numel() * t.element_size() for t in tables[:4]) if tables else 0
+        return tensor_bytes(*tables[:4]) if tables else 0
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [[s.dense() if s is not None else None for s in row] for row in self.rows]

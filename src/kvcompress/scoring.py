@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.buffer import CHUNK, compaction_index
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+from kvcompress.buffer import CHUNK, compaction_index, round_up, tensor_bytes
 
 
 class Scoring:
@@ -54,7 +50,7 @@ class Scoring:
             room is None or held is None or held.data_ptr() != room.data_ptr() or room.shape[:2] != (batch, heads)
             or not held.shape[-1] <= slots <= room.shape[-1]
         ):
-            room = torch.zeros(batch, heads, -(-slots // CHUNK) * CHUNK, dtype=torch.float32, device=device)
+            room = torch.zeros(batch, heads, round_up(slots, CHUNK), dtype=torch.float32, device=device)
             if held is not None:
                 room[..., : held.shape[-1]] = held
             self.room = room
@@ -150,7 +146,7 @@ class Scoring:
     @property
     def nbytes(self) -> int:
         attention = None if self.in_room() else self.attention  # a view of the room occupies the room
-        return _nbytes(self.room, attention, self.queries, self.query_positions, self.held, self.budget)
+        return tensor_bytes(self.room, attention, self.queries, self.query_positions, self.held, self.budget)
 
     def trim(self) -> None:
         """Release the room kept for slots to come (the attention observed so far stays)."""

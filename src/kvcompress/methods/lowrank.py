@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress import native
-from kvcompress.buffer import CHUNK, FullPrecisionBuffer
+from kvcompress.buffer import CHUNK, FullPrecisionBuffer, round_up
 from kvcompress.calibration import Rotary, load_or_build
 from kvcompress.kernels import lowrank_logits
 from kvcompress.methods.grouping import GroupedSlots
@@ -300,7 +300,7 @@ class LowRankStore:
         held, n = self._held, self._held + positions.shape[-1]
         room = self._positions
         if room is None or n > room.shape[-1] or room.shape[:2] != positions.shape[:2]:
-            room = positions.new_empty(*positions.shape[:2], -(-n // CHUNK) * CHUNK)
+            room = positions.new_empty(*positions.shape[:2], round_up(n, CHUNK))
             if held:
                 room[..., :held] = self._positions[..., :held]
         room[..., held:n] = positions

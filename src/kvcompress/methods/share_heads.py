@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.calibration import load_or_build
-from kvcompress.kernels import dense_one_pass_applies, kernel_pair, page_mask, paged_attend
 from kvcompress.paged import PagedBuffer
 from kvcompress.methods.grouping import GroupedSlots
 from kvcompress.protocols import Representation, Store
@@ -204,21 +203,7 @@ class MergedPagesSegment(GatheredSegment):
         """One decode query per row over ``[merged pages | window]`` in one ``kvcompress::paged_attend`` call:
         ``(B, H, G, D)`` grouped queries -> ``(B, H, G, D)`` output, each KV head reading the pages of its
         group through the group's page table; adds the attention each slot received to ``observed`` unless it
-        is empty. None unless the pages and the window are float32 on the CPU (the caller then takes the
-        segment path)."""
-        inner = self.store.inner
-        if window is None or inner.pointers is None or not dense_one_pass_applies(query, window):
-            return None
-        _, dim, vdim, _ = inner.shape
-        if inner.dtype != torch.float32 or inner.device.type != "cpu" or not dim == vdim == query.shape[-1]:
-            return None
-        batch, heads = query.shape[:2]
-        per_head = lambda t: t.view(batch, -1, t.shape[-1])[:, self.store.group_of].flatten(0, 1)  # noqa: E731  (B * H, J)
-        keys, values = per_head(inner.pointers[0]), per_head(inner.pointers[1])
-        pages = torch.full((batch * heads,), keys.shape[1], dtype=torch.int64)
-        fills = torch.full((batch * heads,), inner.n - (keys.shape[1] - 1) * inner.page, dtype=torch.int64)
-        window_keys, window_values = kernel_pair(window.keys, window.values)
-        return paged_attend(
-            query.contiguous(), keys, values, pages, fills, inner.page, len(self), window_keys, window_values, page_mask(valid),
-            scaling, observed,
-        )
+        is empty (:meth:`PagedSegment.attend_one <kvcompress.paged.PagedSegment.attend_one>` with the heads'
+        groups). None unless the pages and the window are float32 on the CPU (the caller then takes the segment
+        path)."""
+        return self.store.inner.segment().attend_one(query, window, valid, scaling, observed, heads=self.store.group_of)
